@@ -1,0 +1,31 @@
+//! Tessera's model engine: everything that touches tensors. No actors, no HTTP.
+//!
+//! * [`gguf`], [`gguf_writer`], [`dequant`]: llama.cpp's GGUF files, read, written, dequantised.
+//! * [`model_config`], [`weights`], [`loader`]: a model path into weights on their devices.
+//! * [`tokenizer`], [`chat_template`]: text in and out.
+//! * [`model`], [`kv_cache`]: the tensor-parallel Llama decoder and its cache.
+//! * [`lora`], [`adapter_cache`]: PEFT adapters, applied per batch row without merging.
+//! * [`sampling`], [`sequence`], [`scheduler`], [`engine`]: continuous batching and streaming.
+
+pub mod adapter_cache;
+pub mod chat_template;
+pub mod dequant;
+pub mod engine;
+pub mod gguf;
+pub mod gguf_writer;
+pub mod kv_cache;
+pub mod loader;
+pub mod lora;
+pub mod model;
+pub mod model_config;
+pub mod sampling;
+pub mod scheduler;
+pub mod sequence;
+pub mod tokenizer;
+pub mod weights;
+
+pub use chat_template::ChatMessage;
+pub use engine::{Engine, EngineConfig, GenerateRequest, Generation, SubmitError};
+pub use loader::{load, LoadedModel};
+pub use sampling::SamplingParams;
+pub use sequence::{Event, FinishReason};

@@ -1,0 +1,136 @@
+//! Opens a model path — a Hugging Face directory or a GGUF file — into a [`Llama`] placed on its
+//! devices and the matching [`Tokenizer`]. Also picks the runtime dtype for a device.
+
+use std::path::{Path, PathBuf};
+
+use tch::{Device, Kind};
+
+use crate::gguf::{GgufError, GgufFile};
+use crate::model::{Llama, ModelError};
+use crate::model_config::{ConfigError, LlamaConfig};
+use crate::tokenizer::{Tokenizer, TokenizerError};
+use crate::weights::{WeightMap, WeightsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("model path {0} does not exist")]
+    NotFound(PathBuf),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a GGUF file and not a directory with config.json")]
+    UnknownFormat { path: PathBuf },
+    #[error("{path}: {source}")]
+    Config { path: PathBuf, source: ConfigError },
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+}
+
+/// What [`load`] returns.
+pub struct LoadedModel {
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    /// A short name for logs and `/v1/models` (the directory or file stem).
+    pub name: String,
+}
+
+/// The dtype Tessera runs on `device` with: float32 on the CPU (its bf16 GEMM is very slow),
+/// bfloat16 on CUDA.
+pub fn default_kind(device: Device) -> Kind {
+    match device {
+        Device::Cpu => Kind::Float,
+        _ => Kind::BFloat16,
+    }
+}
+
+/// Loads the model at `path` onto `devices` (tensor parallel over them) in `kind`
+/// (`None`: [`default_kind`] of the first device).
+pub fn load(path: &Path, devices: &[Device], kind: Option<Kind>) -> Result<LoadedModel, LoadError> {
+    if !path.exists() {
+        return Err(LoadError::NotFound(path.to_path_buf()));
+    }
+    let kind =
+        kind.unwrap_or_else(|| default_kind(devices.first().copied().unwrap_or(Device::Cpu)));
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let started = std::time::Instant::now();
+    let (weights, config, tokenizer) = if path.is_dir() {
+        let config_path = path.join("config.json");
+        if !config_path.exists() {
+            return Err(LoadError::UnknownFormat {
+                path: path.to_path_buf(),
+            });
+        }
+        let text = std::fs::read_to_string(&config_path).map_err(|source| LoadError::Io {
+            path: config_path.clone(),
+            source,
+        })?;
+        let config = LlamaConfig::from_hf_json(&text).map_err(|source| LoadError::Config {
+            path: config_path,
+            source,
+        })?;
+        let tokenizer = Tokenizer::from_hf_dir(path, &config.eos_token_ids)?;
+        (WeightMap::from_safetensors_dir(path)?, config, tokenizer)
+    } else if is_gguf(path)? {
+        let g = GgufFile::open(path)?;
+        let config = LlamaConfig::from_gguf(&g).map_err(|source| LoadError::Config {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let tokenizer = Tokenizer::from_gguf(&g)?;
+        (WeightMap::from_gguf(&g, &config)?, config, tokenizer)
+    } else {
+        return Err(LoadError::UnknownFormat {
+            path: path.to_path_buf(),
+        });
+    };
+    let model = Llama::load(weights, config, devices, kind)?;
+    tracing::info!(
+        model = %path.display(),
+        tp = devices.len(),
+        kind = ?kind,
+        layers = model.config().num_hidden_layers,
+        load_ms = started.elapsed().as_millis() as u64,
+        "model loaded"
+    );
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        name,
+    })
+}
+
+fn is_gguf(path: &Path) -> Result<bool, LoadError> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path).map_err(|source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(f.read_exact(&mut magic).is_ok() && &magic == b"GGUF")
+}
+
+/// Parses a device list such as `cpu`, `cpu,cpu`, `cuda:0,cuda:1`.
+pub fn parse_devices(spec: &str) -> Result<Vec<Device>, String> {
+    spec.split(',')
+        .map(|d| match d.trim() {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("unknown device `{other}` (use cpu, cuda or cuda:N)")),
+        })
+        .collect()
+}

@@ -1,0 +1,590 @@
+//! LoRA adapters in PEFT's on-disk format, and their unmerged, per-row application in a batch.
+//!
+//! * [`LoraAdapter::load`] reads `adapter_config.json` + `adapter_model.safetensors` (keys such as
+//!   `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`, A `[r, in]`, B `[out, r]`)
+//!   and rejects what it cannot apply faithfully (DoRA, trained biases, `modules_to_save`,
+//!   unknown targets, wrong shapes).
+//! * [`LoraAdapter::place`] shards it like the base model and folds the scaling into B.
+//! * [`LoraBatch`] is one decode step's view: for every (layer, projection, shard) the A and B of
+//!   the batch's adapters concatenated along the rank (`[R, in]`, `[out, R]`) plus a `[rows, 1, R]`
+//!   mask that keeps each row on its own adapter's slice. Each LoRA projection is then two GEMMs
+//!   for the whole batch, whatever mix of adapters (and rows with none) it holds.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::Deserialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::model_config::LlamaConfig;
+use crate::weights::{read_safetensors, WeightsError};
+
+/// The seven projections of a Llama block that LoRA may target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proj {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Proj {
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
+
+    /// PEFT's module name (`q_proj`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Proj::Q => "q_proj",
+            Proj::K => "k_proj",
+            Proj::V => "v_proj",
+            Proj::O => "o_proj",
+            Proj::Gate => "gate_proj",
+            Proj::Up => "up_proj",
+            Proj::Down => "down_proj",
+        }
+    }
+
+    /// The module path inside a decoder layer (`self_attn.q_proj`, `mlp.gate_proj`, ...).
+    pub fn module(self) -> &'static str {
+        match self {
+            Proj::Q => "self_attn.q_proj",
+            Proj::K => "self_attn.k_proj",
+            Proj::V => "self_attn.v_proj",
+            Proj::O => "self_attn.o_proj",
+            Proj::Gate => "mlp.gate_proj",
+            Proj::Up => "mlp.up_proj",
+            Proj::Down => "mlp.down_proj",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Proj> {
+        Proj::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// `(in_features, out_features)` in the full (unsharded) model.
+    pub fn dims(self, c: &LlamaConfig) -> (i64, i64) {
+        let h = c.hidden_size as i64;
+        let q = (c.num_attention_heads * c.head_dim) as i64;
+        let kv = (c.num_key_value_heads * c.head_dim) as i64;
+        let i = c.intermediate_size as i64;
+        match self {
+            Proj::Q => (h, q),
+            Proj::K | Proj::V => (h, kv),
+            Proj::O => (q, h),
+            Proj::Gate | Proj::Up => (h, i),
+            Proj::Down => (i, h),
+        }
+    }
+
+    /// Column-parallel projections split their output; row-parallel ones (o, down) their input.
+    fn splits_output(self) -> bool {
+        !matches!(self, Proj::O | Proj::Down)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoraError {
+    #[error("adapter {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("adapter {path}: invalid adapter_config.json: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error("adapter {path}: {feature} is not supported")]
+    Unsupported { path: PathBuf, feature: String },
+    #[error("adapter {path}: unknown target module `{module}` (supported: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")]
+    UnknownTarget { path: PathBuf, module: String },
+    #[error("adapter {path}: unexpected tensor `{key}`")]
+    UnexpectedKey { path: PathBuf, key: String },
+    #[error("adapter {path}: tensor `{key}` has shape {found:?}, expected {expected:?}")]
+    Shape {
+        path: PathBuf,
+        key: String,
+        expected: Vec<i64>,
+        found: Vec<i64>,
+    },
+    #[error("adapter {path}: `{key}` has no matching lora_{missing} tensor")]
+    Unpaired {
+        path: PathBuf,
+        key: String,
+        missing: &'static str,
+    },
+    #[error("adapter {path}: no LoRA weights found")]
+    Empty { path: PathBuf },
+    #[error("adapter {path}: {source}")]
+    Weights { path: PathBuf, source: WeightsError },
+}
+
+/// `adapter_config.json`: the fields that change what the adapter computes.
+#[derive(Debug, Clone, Deserialize)]
+struct PeftConfig {
+    #[serde(default)]
+    peft_type: Option<String>,
+    r: i64,
+    lora_alpha: f64,
+    target_modules: TargetModules,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    use_dora: bool,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    #[serde(default)]
+    bias: Option<String>,
+    #[serde(default)]
+    modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    rank_pattern: HashMap<String, serde_json::Value>,
+    #[serde(default)]
+    alpha_pattern: HashMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum TargetModules {
+    List(Vec<String>),
+    One(String),
+}
+
+/// Identifies one version of an adapter on disk: an overwritten adapter gets a new key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AdapterKey {
+    pub path: PathBuf,
+    pub modified: Option<SystemTime>,
+    pub len: u64,
+}
+
+impl AdapterKey {
+    /// The canonical path plus the modification times and sizes of the adapter's two files.
+    pub fn of(dir: &Path) -> Result<Self, LoraError> {
+        let io = |source| LoraError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let path = dir.canonicalize().map_err(io)?;
+        let mut modified = None;
+        let mut len = 0;
+        for file in ["adapter_config.json", "adapter_model.safetensors"] {
+            let meta = std::fs::metadata(path.join(file)).map_err(io)?;
+            len += meta.len();
+            modified = modified.max(meta.modified().ok());
+        }
+        Ok(Self {
+            path,
+            modified,
+            len,
+        })
+    }
+}
+
+/// A LoRA adapter as loaded from disk (CPU, float32).
+pub struct LoraAdapter {
+    pub key: AdapterKey,
+    pub rank: i64,
+    pub alpha: f64,
+    pub use_rslora: bool,
+    pub targets: Vec<Proj>,
+    /// `weights[layer][proj]` = (A `[r, in]`, B `[out, r]`).
+    weights: Vec<[Option<(Tensor, Tensor)>; 7]>,
+}
+
+impl std::fmt::Debug for LoraAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoraAdapter")
+            .field("path", &self.key.path)
+            .field("rank", &self.rank)
+            .field("alpha", &self.alpha)
+            .field("use_rslora", &self.use_rslora)
+            .field("targets", &self.targets)
+            .finish()
+    }
+}
+
+impl LoraAdapter {
+    /// Loads a PEFT adapter directory and checks it against the model's shapes.
+    pub fn load(dir: &Path, model: &LlamaConfig) -> Result<Self, LoraError> {
+        let key = AdapterKey::of(dir)?;
+        let path = key.path.clone();
+        let config_path = path.join("adapter_config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|source| LoraError::Io {
+            path: config_path.clone(),
+            source,
+        })?;
+        let cfg: PeftConfig = serde_json::from_str(&text).map_err(|e| LoraError::Config {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let unsupported = |feature: &str| LoraError::Unsupported {
+            path: path.clone(),
+            feature: feature.to_string(),
+        };
+        if let Some(t) = cfg.peft_type.as_deref().filter(|t| *t != "LORA") {
+            return Err(unsupported(&format!("peft_type `{t}`")));
+        }
+        if cfg.use_dora {
+            return Err(unsupported("DoRA (use_dora)"));
+        }
+        if cfg.fan_in_fan_out {
+            return Err(unsupported("fan_in_fan_out (Conv1D layers)"));
+        }
+        if let Some(b) = cfg.bias.as_deref().filter(|b| *b != "none") {
+            return Err(unsupported(&format!("bias training (bias = `{b}`)")));
+        }
+        if cfg.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+            return Err(unsupported("modules_to_save"));
+        }
+        if !cfg.rank_pattern.is_empty() || !cfg.alpha_pattern.is_empty() {
+            return Err(unsupported("rank_pattern / alpha_pattern"));
+        }
+        if cfg.r <= 0 {
+            return Err(LoraError::Config {
+                path,
+                message: format!("r must be positive, got {}", cfg.r),
+            });
+        }
+        let names = match &cfg.target_modules {
+            TargetModules::List(list) => list.clone(),
+            TargetModules::One(s) if s == "all-linear" => {
+                Proj::ALL.iter().map(|p| p.name().to_string()).collect()
+            }
+            TargetModules::One(s) => vec![s.clone()],
+        };
+        let mut targets = Vec::new();
+        for name in names {
+            let proj = Proj::from_name(&name).ok_or_else(|| LoraError::UnknownTarget {
+                path: path.clone(),
+                module: name.clone(),
+            })?;
+            targets.push(proj);
+        }
+
+        let file = path.join("adapter_model.safetensors");
+        if !file.exists() && path.join("adapter_model.bin").exists() {
+            return Err(unsupported(
+                "adapter_model.bin (pickle); save with safe_serialization=True",
+            ));
+        }
+        let tensors = read_safetensors(&file).map_err(|source| LoraError::Weights {
+            path: path.clone(),
+            source,
+        })?;
+        let mut weights: Vec<[Option<(Tensor, Tensor)>; 7]> = (0..model.num_hidden_layers)
+            .map(|_| Default::default())
+            .collect();
+        let mut halves: HashMap<(usize, Proj), (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+        for (name, tensor) in tensors {
+            let unexpected = || LoraError::UnexpectedKey {
+                path: path.clone(),
+                key: name.clone(),
+            };
+            let (layer, proj, is_a) = parse_key(&name).ok_or_else(unexpected)?;
+            if layer >= model.num_hidden_layers || !targets.contains(&proj) {
+                return Err(unexpected());
+            }
+            let (fan_in, fan_out) = proj.dims(model);
+            let expected = if is_a {
+                vec![cfg.r, fan_in]
+            } else {
+                vec![fan_out, cfg.r]
+            };
+            if tensor.size() != expected {
+                return Err(LoraError::Shape {
+                    path: path.clone(),
+                    key: name,
+                    expected,
+                    found: tensor.size(),
+                });
+            }
+            let slot = halves.entry((layer, proj)).or_default();
+            let t = tensor.to_kind(Kind::Float);
+            if is_a {
+                slot.0 = Some(t);
+            } else {
+                slot.1 = Some(t);
+            }
+        }
+        if halves.is_empty() {
+            return Err(LoraError::Empty { path });
+        }
+        for ((layer, proj), pair) in halves {
+            let key = format!("layers.{layer}.{}", proj.module());
+            match pair {
+                (Some(a), Some(b)) => weights[layer][proj.index()] = Some((a, b)),
+                (Some(_), None) => {
+                    return Err(LoraError::Unpaired {
+                        path,
+                        key,
+                        missing: "B",
+                    })
+                }
+                (None, _) => {
+                    return Err(LoraError::Unpaired {
+                        path,
+                        key,
+                        missing: "A",
+                    })
+                }
+            }
+        }
+        Ok(Self {
+            key,
+            rank: cfg.r,
+            alpha: cfg.lora_alpha,
+            use_rslora: cfg.use_rslora,
+            targets,
+            weights,
+        })
+    }
+
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
+
+    /// Shards the adapter like a model on `devices` and moves it there in `kind`, scaling folded
+    /// into B.
+    pub fn place(&self, devices: &[Device], kind: Kind) -> PlacedAdapter {
+        let tp = devices.len() as i64;
+        let scale = self.scale();
+        let mut bytes = 0i64;
+        let layers = self
+            .weights
+            .iter()
+            .map(|projs| {
+                std::array::from_fn(|p| {
+                    let (a, b) = projs[p].as_ref()?;
+                    let proj = Proj::ALL[p];
+                    let shards = devices
+                        .iter()
+                        .enumerate()
+                        .map(|(s, &dev)| {
+                            let s = s as i64;
+                            let (a_s, b_s) = if proj.splits_output() {
+                                let n = b.size()[0] / tp;
+                                (a.shallow_clone(), b.narrow(0, s * n, n))
+                            } else {
+                                let n = a.size()[1] / tp;
+                                (a.narrow(1, s * n, n), b.shallow_clone())
+                            };
+                            let place = |t: Tensor| t.to_kind(kind).to_device(dev).contiguous();
+                            let pair = (place(a_s), place(b_s * scale));
+                            bytes += (pair.0.numel() + pair.1.numel()) as i64
+                                * kind.elt_size_in_bytes() as i64;
+                            pair
+                        })
+                        .collect();
+                    Some(shards)
+                })
+            })
+            .collect();
+        PlacedAdapter {
+            key: self.key.clone(),
+            rank: self.rank,
+            layers,
+            bytes: bytes as u64,
+        }
+    }
+}
+
+/// `base_model.model.model.layers.{L}.{self_attn|mlp}.{proj}.lora_{A|B}.weight` → (L, proj, is_A).
+fn parse_key(key: &str) -> Option<(usize, Proj, bool)> {
+    let rest = key.strip_prefix("base_model.model.model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer = layer.parse().ok()?;
+    let (module, tail) = rest.rsplit_once(".lora_")?;
+    let is_a = match tail {
+        "A.weight" => true,
+        "B.weight" => false,
+        _ => return None,
+    };
+    let proj = Proj::ALL.into_iter().find(|p| p.module() == module)?;
+    Some((layer, proj, is_a))
+}
+
+/// (A, B × scale) of one projection, one pair per shard.
+type ShardedPair = Vec<(Tensor, Tensor)>;
+
+/// An adapter on the model's devices: `layers[layer][proj]` = per shard (A, B × scale).
+pub struct PlacedAdapter {
+    pub key: AdapterKey,
+    pub rank: i64,
+    layers: Vec<[Option<ShardedPair>; 7]>,
+    /// Device memory held.
+    pub bytes: u64,
+}
+
+// SAFETY: a placed adapter's tensors are written once, in `place`, and only read afterwards (as
+// matmul operands, or copied by `LoraBatch`); libtorch allows concurrent reads of a tensor. Sharing
+// is needed to hand the adapter from the loader thread to the engine thread inside an `Arc`.
+unsafe impl Sync for PlacedAdapter {}
+
+/// The LoRA computation of one projection for a whole batch.
+pub struct LoraSlice {
+    /// `[R, in]`: the A of every adapter in the batch that targets this projection, stacked.
+    a: Tensor,
+    /// `[out, R]`: their B × scale, side by side.
+    b: Tensor,
+    /// `[rows, 1, R]`: 1 where the rank column belongs to the row's adapter; `None` when every
+    /// row uses the single adapter present.
+    mask: Option<Tensor>,
+}
+
+impl LoraSlice {
+    /// `scale · (x·Aᵀ)·Bᵀ` per row, for `x` of shape `[rows, t, in]`.
+    pub fn apply(&self, x: &Tensor) -> Tensor {
+        let xa = x.linear::<Tensor>(&self.a, None);
+        let xa = match &self.mask {
+            Some(m) => xa * m,
+            None => xa,
+        };
+        xa.linear::<Tensor>(&self.b, None)
+    }
+}
+
+/// The LoRA view of one batch: which adapter each row uses, laid out per projection.
+pub struct LoraBatch {
+    shards: usize,
+    /// Indexed by `(layer * 7 + proj) * shards + shard`.
+    slices: Vec<Option<LoraSlice>>,
+}
+
+impl LoraBatch {
+    /// `rows[i]` is the index in `adapters` of row `i`'s adapter, or `None` for the base model.
+    /// Returns `None` when no row uses an adapter.
+    pub fn new(
+        adapters: &[Arc<PlacedAdapter>],
+        rows: &[Option<usize>],
+        layers: usize,
+        devices: &[Device],
+        kind: Kind,
+    ) -> Option<Self> {
+        if rows.iter().all(Option::is_none) {
+            return None;
+        }
+        let shards = devices.len();
+        let uniform = rows.iter().all(|r| *r == rows[0]);
+        let mut masks: HashMap<(Vec<(usize, i64)>, usize), Tensor> = HashMap::new();
+        let mut slices = Vec::with_capacity(layers * 7 * shards);
+        for layer in 0..layers {
+            for proj in Proj::ALL {
+                for (s, &device) in devices.iter().enumerate() {
+                    // The adapters that target this projection, in batch order, with their ranks.
+                    let present: Vec<(usize, &(Tensor, Tensor))> = adapters
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| rows.contains(&Some(*i)))
+                        .filter_map(|(i, a)| {
+                            a.layers[layer][proj.index()].as_ref().map(|v| (i, &v[s]))
+                        })
+                        .collect();
+                    if present.is_empty() {
+                        slices.push(None);
+                        continue;
+                    }
+                    let a = Tensor::cat(&present.iter().map(|(_, p)| &p.0).collect::<Vec<_>>(), 0);
+                    let b = Tensor::cat(&present.iter().map(|(_, p)| &p.1).collect::<Vec<_>>(), 1);
+                    let layout: Vec<(usize, i64)> =
+                        present.iter().map(|(i, p)| (*i, p.0.size()[0])).collect();
+                    let mask = if uniform && present.len() == 1 {
+                        None
+                    } else {
+                        Some(
+                            masks
+                                .entry((layout.clone(), s))
+                                .or_insert_with(|| row_mask(&layout, rows, device, kind))
+                                .shallow_clone(),
+                        )
+                    };
+                    slices.push(Some(LoraSlice { a, b, mask }));
+                }
+            }
+        }
+        Some(Self { shards, slices })
+    }
+
+    pub fn get(&self, layer: usize, proj: Proj, shard: usize) -> Option<&LoraSlice> {
+        self.slices[(layer * 7 + proj.index()) * self.shards + shard].as_ref()
+    }
+}
+
+/// `[rows, 1, R]` with ones where the rank column belongs to the row's adapter.
+fn row_mask(layout: &[(usize, i64)], rows: &[Option<usize>], device: Device, kind: Kind) -> Tensor {
+    let total: i64 = layout.iter().map(|(_, r)| r).sum();
+    let mut data = vec![0f32; rows.len() * total as usize];
+    for (row, adapter) in rows.iter().enumerate() {
+        let mut offset = 0i64;
+        for &(i, r) in layout {
+            if *adapter == Some(i) {
+                let start = row * total as usize + offset as usize;
+                data[start..start + r as usize].fill(1.0);
+            }
+            offset += r;
+        }
+    }
+    Tensor::from_slice(&data)
+        .view([rows.len() as i64, 1, total])
+        .to_kind(kind)
+        .to_device(device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peft_keys_parse() {
+        assert_eq!(
+            parse_key("base_model.model.model.layers.7.mlp.down_proj.lora_B.weight"),
+            Some((7, Proj::Down, false))
+        );
+        assert_eq!(
+            parse_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"),
+            Some((0, Proj::Q, true))
+        );
+        assert_eq!(
+            parse_key("model.layers.0.self_attn.q_proj.lora_A.weight"),
+            None
+        );
+        assert_eq!(
+            parse_key("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"),
+            None
+        );
+    }
+
+    #[test]
+    fn mask_selects_each_rows_slice() {
+        let m = row_mask(
+            &[(0, 2), (1, 3)],
+            &[Some(1), None, Some(0)],
+            Device::Cpu,
+            Kind::Float,
+        );
+        let v: Vec<f32> = Vec::try_from(m.reshape([-1])).unwrap();
+        assert_eq!(
+            v,
+            vec![0., 0., 1., 1., 1., 0., 0., 0., 0., 0., 1., 1., 0., 0., 0.]
+        );
+    }
+}

@@ -1,0 +1,207 @@
+//! One generation in flight: its tokens, sampler, streaming text with stop strings held back,
+//! finish rules, and the channel its events go out on.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::lora::PlacedAdapter;
+use crate::sampling::{Sampled, Sampler, SamplingParams};
+use crate::tokenizer::{IncrementalDecoder, Tokenizer};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// An end token or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// The client cancelled (or went away).
+    Cancelled,
+}
+
+/// What a sequence streams out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Event {
+    /// A generated token and the text it completes (possibly empty while a multi-byte character
+    /// or a possible stop string is held back).
+    Token { sampled: Sampled, text: String },
+    /// The end: the text still held back (if any), why it ended, and the counts.
+    Finished {
+        text: String,
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    /// The sequence failed (e.g. its adapter could not be loaded).
+    Error { message: String },
+}
+
+pub(crate) struct Sequence {
+    pub id: u64,
+    pub prompt: Vec<u32>,
+    pub generated: Vec<u32>,
+    pub sampler: Sampler,
+    pub adapter: Option<Arc<PlacedAdapter>>,
+    /// Tokens whose keys/values are in the cache.
+    pub cached: i64,
+    pub cancel: Arc<AtomicBool>,
+    pub events: UnboundedSender<Event>,
+    decoder: IncrementalDecoder,
+    /// Decoded text not yet sent (it might be the start of a stop string).
+    pending: String,
+    /// Ids that end generation.
+    stop_ids: Vec<u32>,
+}
+
+/// The outcome of adding one token.
+pub(crate) enum Progress {
+    Continue,
+    Finished(FinishReason),
+}
+
+impl Sequence {
+    pub fn new(
+        id: u64,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        tokenizer: &Tokenizer,
+        cancel: Arc<AtomicBool>,
+        events: UnboundedSender<Event>,
+    ) -> Self {
+        let mut stop_ids = params.stop_token_ids.clone();
+        if !params.ignore_eos {
+            stop_ids.extend_from_slice(tokenizer.stop_token_ids());
+        }
+        let decoder = IncrementalDecoder::new(&prompt, false);
+        Self {
+            id,
+            prompt,
+            generated: Vec::new(),
+            sampler: Sampler::new(params),
+            adapter: None,
+            cached: 0,
+            cancel,
+            events,
+            decoder,
+            pending: String::new(),
+            stop_ids,
+        }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        self.sampler.params()
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.events.is_closed()
+    }
+
+    /// Tokens of KV cache this sequence may come to need.
+    pub fn reserved_tokens(&self) -> i64 {
+        (self.prompt.len() + self.params().max_tokens) as i64
+    }
+
+    /// The token to feed next: the last generated one (after prefill there always is one).
+    pub fn last_token(&self) -> u32 {
+        *self
+            .generated
+            .last()
+            .expect("a sequence decodes after its first token")
+    }
+
+    /// Samples from `logits`, streams the result and says whether the sequence is done.
+    pub fn accept(&mut self, logits: &[f32], tokenizer: &Tokenizer) -> Progress {
+        let mut history = Vec::with_capacity(self.prompt.len() + self.generated.len());
+        if self.params().repetition_penalty != 1.0 {
+            history.extend_from_slice(&self.prompt);
+            history.extend_from_slice(&self.generated);
+        }
+        let sampled = self.sampler.sample(logits, &history);
+        let token = sampled.token;
+        self.generated.push(token);
+        if self.stop_ids.contains(&token) {
+            let _ = self.events.send(Event::Token {
+                sampled,
+                text: String::new(),
+            });
+            return Progress::Finished(FinishReason::Stop);
+        }
+        let piece = self.decoder.push(tokenizer, token).unwrap_or_default();
+        self.pending.push_str(&piece);
+        let stops = &self.sampler.params().stop;
+        if let Some(at) = stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
+            self.pending.truncate(at);
+            let text = std::mem::take(&mut self.pending);
+            let _ = self.events.send(Event::Token { sampled, text });
+            return Progress::Finished(FinishReason::Stop);
+        }
+        // Keep back the longest suffix that could still grow into a stop string.
+        let keep = stops
+            .iter()
+            .map(|s| longest_prefix_suffix(&self.pending, s))
+            .max()
+            .unwrap_or(0);
+        let text = self.pending[..self.pending.len() - keep].to_string();
+        self.pending.drain(..self.pending.len() - keep);
+        let _ = self.events.send(Event::Token { sampled, text });
+        if self.generated.len() >= self.params().max_tokens {
+            Progress::Finished(FinishReason::Length)
+        } else {
+            Progress::Continue
+        }
+    }
+
+    /// Sends the final event with whatever text is still held back.
+    pub fn finish(&mut self, reason: FinishReason, tokenizer: &Tokenizer) {
+        let mut text = std::mem::take(&mut self.pending);
+        if reason == FinishReason::Length {
+            text.push_str(&self.decoder.finish(tokenizer).unwrap_or_default());
+        }
+        let _ = self.events.send(Event::Finished {
+            text,
+            reason,
+            prompt_tokens: self.prompt.len(),
+            completion_tokens: self.generated.len(),
+        });
+    }
+
+    pub fn fail(&self, message: String) {
+        let _ = self.events.send(Event::Error { message });
+    }
+}
+
+/// Length in bytes of the longest suffix of `text` that is a proper prefix of `stop`.
+fn longest_prefix_suffix(text: &str, stop: &str) -> usize {
+    let max = stop.len().saturating_sub(1).min(text.len());
+    (1..=max)
+        .rev()
+        .find(|&n| {
+            text.is_char_boundary(text.len() - n) && stop.starts_with(&text[text.len() - n..])
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::longest_prefix_suffix;
+
+    #[test]
+    fn holds_back_only_what_could_become_a_stop_string() {
+        assert_eq!(longest_prefix_suffix("hello wor", "world"), 3);
+        assert_eq!(longest_prefix_suffix("hello", "world"), 0);
+        assert_eq!(longest_prefix_suffix("ab", "abc"), 2);
+        assert_eq!(
+            longest_prefix_suffix("abc", "abc"),
+            0,
+            "a full match is found, not held"
+        );
+        assert_eq!(longest_prefix_suffix("é", "éa"), "é".len());
+    }
+}

@@ -1,0 +1,243 @@
+//! Model weights by Hugging Face name, loaded on the CPU from a safetensors model directory (one
+//! file or shards with `model.safetensors.index.json`) or from a GGUF file (dequantised, with
+//! llama.cpp's Q/K row permutation undone), then taken one by one with their shape checked.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use tch::{Kind, Tensor};
+
+use crate::dequant::{dequantize, DequantError};
+use crate::gguf::{GgufError, GgufFile};
+use crate::model_config::LlamaConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid safetensors file: {message}")]
+    Safetensors { path: PathBuf, message: String },
+    #[error("{path}: invalid model.safetensors.index.json: {message}")]
+    Index { path: PathBuf, message: String },
+    #[error("{dir}: no model.safetensors and no model.safetensors.index.json")]
+    NoWeights { dir: PathBuf },
+    #[error("tensor `{name}` has unsupported dtype {dtype}")]
+    Dtype { name: String, dtype: String },
+    #[error("missing tensor `{name}`")]
+    Missing { name: String },
+    #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    Shape {
+        name: String,
+        expected: Vec<i64>,
+        found: Vec<i64>,
+    },
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Dequant(#[from] DequantError),
+}
+
+/// Tensors by Hugging Face name, on the CPU in their stored float type (GGUF: float32).
+pub struct WeightMap {
+    tensors: HashMap<String, Tensor>,
+}
+
+impl WeightMap {
+    pub fn new(tensors: HashMap<String, Tensor>) -> Self {
+        Self { tensors }
+    }
+
+    /// Loads `model.safetensors`, or every shard listed in `model.safetensors.index.json`.
+    pub fn from_safetensors_dir(dir: &Path) -> Result<Self, WeightsError> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if single.exists() {
+            vec![single]
+        } else if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|source| WeightsError::Io {
+                path: index.clone(),
+                source,
+            })?;
+            let bad = |message: String| WeightsError::Index {
+                path: index.clone(),
+                message,
+            };
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| bad("no `weight_map` object".into()))?;
+            let mut files: Vec<PathBuf> = map
+                .values()
+                .filter_map(|v| v.as_str())
+                .map(|f| dir.join(f))
+                .collect();
+            files.sort();
+            files.dedup();
+            files
+        } else {
+            return Err(WeightsError::NoWeights {
+                dir: dir.to_path_buf(),
+            });
+        };
+        let mut tensors = HashMap::new();
+        for file in files {
+            tensors.extend(read_safetensors(&file)?);
+        }
+        Ok(Self { tensors })
+    }
+
+    /// Dequantises every tensor of a GGUF file to float32 under its Hugging Face name.
+    pub fn from_gguf(g: &GgufFile, config: &LlamaConfig) -> Result<Self, WeightsError> {
+        let mut tensors = HashMap::new();
+        for info in &g.tensors {
+            let Some(name) = hf_name(&info.name) else {
+                tracing::debug!(tensor = %info.name, "GGUF tensor not used by the model");
+                continue;
+            };
+            let bytes = g.read_tensor_bytes(info)?;
+            let values = dequantize(&info.name, info.ggml_type, &bytes, info.numel())?;
+            let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+            let mut t = Tensor::from_slice(&values).reshape(&shape);
+            if name.ends_with("self_attn.q_proj.weight") {
+                t = unpermute_rope_rows(&t, config.num_attention_heads as i64);
+            } else if name.ends_with("self_attn.k_proj.weight") {
+                t = unpermute_rope_rows(&t, config.num_key_value_heads as i64);
+            }
+            tensors.insert(name, t);
+        }
+        Ok(Self { tensors })
+    }
+
+    /// Removes a tensor, checking its shape.
+    pub fn take(&mut self, name: &str, shape: &[i64]) -> Result<Tensor, WeightsError> {
+        let t = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| WeightsError::Missing {
+                name: name.to_string(),
+            })?;
+        if t.size() != shape {
+            return Err(WeightsError::Shape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: t.size(),
+            });
+        }
+        Ok(t)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+}
+
+/// Reads every tensor of a safetensors file onto the CPU (f32, f16 and bf16 are kept as they are).
+pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, WeightsError> {
+    let bytes = std::fs::read(path).map_err(|source| WeightsError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let st =
+        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| WeightsError::Safetensors {
+            path: path.to_path_buf(),
+            message: format!("{e:?}"),
+        })?;
+    let mut out = Vec::new();
+    for (name, view) in st.tensors() {
+        let kind = match view.dtype() {
+            safetensors::Dtype::F32 => Kind::Float,
+            safetensors::Dtype::F16 => Kind::Half,
+            safetensors::Dtype::BF16 => Kind::BFloat16,
+            other => {
+                return Err(WeightsError::Dtype {
+                    name,
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::from_data_size(view.data(), &shape, kind);
+        out.push((name, t));
+    }
+    Ok(out)
+}
+
+/// llama.cpp's converter reorders the rows of each Q/K head from HF's rotate-half layout to
+/// interleaved pairs; this puts them back: `[heads, 2, d/2] ← [heads, d/2, 2]` per head.
+fn unpermute_rope_rows(w: &Tensor, heads: i64) -> Tensor {
+    let size = w.size();
+    let (rows, cols) = (size[0], size[1]);
+    w.reshape([heads, rows / heads / 2, 2, cols])
+        .transpose(1, 2)
+        .reshape([rows, cols])
+}
+
+/// GGUF tensor name → Hugging Face name (`None` for tensors the model does not use).
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(name) = fixed {
+        return Some(name.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let hf = match part {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        // llama.cpp: w.reshape(heads, 2, d/2, cols).swapaxes(1, 2).reshape(rows, cols)
+        let (heads, d, cols) = (3i64, 8i64, 5i64);
+        let w = Tensor::arange(heads * d * cols, (Kind::Float, tch::Device::Cpu))
+            .reshape([heads * d, cols]);
+        let permuted = w
+            .reshape([heads, 2, d / 2, cols])
+            .transpose(1, 2)
+            .reshape([heads * d, cols]);
+        let back = unpermute_rope_rows(&permuted, heads);
+        assert!(back.equal(&w));
+    }
+
+    #[test]
+    fn gguf_names_map_to_hf_names() {
+        assert_eq!(
+            hf_name("blk.12.attn_q.weight").as_deref(),
+            Some("model.layers.12.self_attn.q_proj.weight")
+        );
+        assert_eq!(
+            hf_name("token_embd.weight").as_deref(),
+            Some("model.embed_tokens.weight")
+        );
+        assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+}

@@ -1,0 +1,40 @@
+//! Where the tests find the default model and the reference outputs.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The SmolLM2 GGUF: `$TESSERA_MODEL_PATH` (set by scripts/test.sh), else the models cache.
+pub fn smollm2_path() -> PathBuf {
+    let path = match std::env::var_os("TESSERA_MODEL_PATH") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => {
+            let cache = std::env::var_os("TESSERA_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/tessera")
+                });
+            cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        }
+    };
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-model.sh (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// `../shared/reference/smollm2` beside the checkout (CI has it there too), or `$TESSERA_REFERENCE_DIR`.
+pub fn reference_dir() -> PathBuf {
+    let dir = match std::env::var_os("TESSERA_REFERENCE_DIR") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/smollm2"),
+    };
+    assert!(
+        dir.join("expected.json").exists(),
+        "no reference outputs at {}",
+        dir.display()
+    );
+    dir
+}
+pub mod tiny;

@@ -1,0 +1,113 @@
+//! The command line: global options and one subcommand per role (clap derive).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tessera",
+    version,
+    about = "Serve and fine-tune LLMs on a cluster: a head node, worker nodes, one binary.",
+    long_about = None
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// A TOML file overriding any subset of config/default.toml.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Override one setting: `--set server.port=9000` (repeatable; wins over file and environment).
+    #[arg(long = "set", global = true, value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Log format: `json` (bunyan) for machines, `pretty` for humans.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormatArg>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormatArg {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a head node: the actor tree and the HTTP facade.
+    Head(HeadArgs),
+    /// Join this machine to a head as a worker node.
+    Worker(WorkerArgs),
+    /// Generate text with the engine, no server: one or more prompts as one continuous batch.
+    Generate(crate::generate::GenerateArgs),
+    /// Print what this machine has: torch, CUDA devices, CPU, RAM, the model, the config in effect.
+    Doctor,
+}
+
+#[derive(Debug, Args)]
+pub struct HeadArgs {
+    /// Address the HTTP facade binds to (server.bind).
+    #[arg(long)]
+    pub bind: Option<String>,
+    /// Port of the HTTP facade (server.port).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Model to serve: a GGUF file or a Hugging Face directory (model.path).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The head's cluster address, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub join: String,
+    /// Model this worker serves (model.path); by default the head's.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+impl Cli {
+    /// The CLI's settings as `section.key=value` overrides, in increasing precedence.
+    pub fn overrides(&self) -> Vec<String> {
+        let mut out = self.global.set.clone();
+        if let Some(f) = self.global.log_format {
+            let name = match f {
+                LogFormatArg::Json => "json",
+                LogFormatArg::Pretty => "pretty",
+            };
+            out.push(format!("log.format={name}"));
+        }
+        let quoted = |s: &str| toml_string(s);
+        match &self.command {
+            Command::Head(a) => {
+                if let Some(bind) = &a.bind {
+                    out.push(format!("server.bind={}", quoted(bind)));
+                }
+                if let Some(port) = a.port {
+                    out.push(format!("server.port={port}"));
+                }
+                if let Some(model) = &a.model {
+                    out.push(format!("model.path={}", quoted(&model.to_string_lossy())));
+                }
+            }
+            Command::Worker(a) => {
+                if let Some(model) = &a.model {
+                    out.push(format!("model.path={}", quoted(&model.to_string_lossy())));
+                }
+            }
+            Command::Doctor | Command::Generate(_) => {}
+        }
+        out
+    }
+}
+
+/// A TOML basic string literal.
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}

@@ -1,0 +1,477 @@
+//! Tessera's configuration: `config/default.toml` (compiled in) overlaid by an optional file, then
+//! `TESSERA_<SECTION>_<KEY>` environment variables, then CLI overrides; checked for unknown keys,
+//! types and ranges. Every error names the key and where its value came from.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The defaults, compiled into the binary so it needs no file beside it.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Environment variables with the `TESSERA_` prefix that the scripts and tests use and that are not
+/// settings. Any other `TESSERA_*` variable must name a setting.
+pub const NON_CONFIG_ENV: &[&str] = &["TESSERA_CACHE", "TESSERA_REFERENCE_DIR"];
+
+/// Name of the default model file, fetched by `scripts/fetch-model.sh` into the models cache.
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("unknown config key `{key}` (from {origin})")]
+    UnknownKey { key: String, origin: String },
+    #[error("config key `{key}` (from {origin}) must be {expected}")]
+    NotATable {
+        key: String,
+        origin: String,
+        expected: &'static str,
+    },
+    #[error("environment variable {var} does not name a setting (expected TESSERA_<SECTION>_<KEY>, e.g. TESSERA_SERVER_PORT)")]
+    UnknownEnv { var: String },
+    #[error("override `{text}` must look like section.key=value")]
+    BadOverride { text: String },
+    #[error("invalid value for config key `{key}`: {message}")]
+    BadValue { key: String, message: String },
+}
+
+/// Where a layer of settings came from; printed in errors.
+#[derive(Debug, Clone)]
+pub enum Origin {
+    Defaults,
+    File(PathBuf),
+    Env(String),
+    Cli,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Defaults => write!(f, "built-in defaults"),
+            Origin::File(p) => write!(f, "file {}", p.display()),
+            Origin::Env(var) => write!(f, "environment variable {var}"),
+            Origin::Cli => write!(f, "command line"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub log: LogConfig,
+    pub model: ModelConfig,
+    pub resources: ResourcesConfig,
+    pub batching: BatchingConfig,
+    pub adapters: AdaptersConfig,
+    pub training: TrainingConfig,
+    pub jobs: JobsConfig,
+    pub cluster: ClusterConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub bind: String,
+    pub port: u16,
+    pub auth_token: String,
+    pub max_body_bytes: u64,
+    pub request_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DtypeSetting {
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub path: String,
+    pub dtype: DtypeSetting,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ResourcesConfig {
+    pub inference_gpu_fraction: f64,
+    pub training_gpu_fraction: f64,
+    pub cpu_inference_slots: u32,
+    pub cpu_training_slots: u32,
+    pub tensor_parallel: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingConfig {
+    pub max_batch_size: u32,
+    pub max_kv_tokens: u64,
+    pub prefill_token_budget: u32,
+    pub max_waiting: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptersConfig {
+    pub root: String,
+    pub cache_size: u32,
+    pub cache_memory_mb: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    pub data_root: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    pub db_path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub port: u16,
+    pub cookie: String,
+    pub heartbeat_timeout_secs: u64,
+}
+
+/// The layers that make a configuration, lowest precedence first after the defaults.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    /// `--config PATH`.
+    pub file: Option<PathBuf>,
+    /// Environment variables (all of them; non-`TESSERA_` ones are skipped).
+    pub env: Vec<(String, String)>,
+    /// `section.key=value` overrides from the command line, in order.
+    pub cli: Vec<String>,
+}
+
+impl Sources {
+    /// The process environment plus the given file and CLI overrides.
+    pub fn from_process(file: Option<PathBuf>, cli: Vec<String>) -> Self {
+        Self {
+            file,
+            env: std::env::vars().collect(),
+            cli,
+        }
+    }
+}
+
+impl Config {
+    /// The built-in defaults alone.
+    pub fn defaults() -> Self {
+        Self::load(&Sources::default()).expect("config/default.toml is valid")
+    }
+
+    /// Builds the configuration from its layers and validates it.
+    pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
+        let mut table: toml::Table =
+            DEFAULT_TOML
+                .parse()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: PathBuf::from("config/default.toml"),
+                    message: e.to_string(),
+                })?;
+
+        if let Some(path) = &sources.file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let file: toml::Table =
+                text.parse()
+                    .map_err(|e: toml::de::Error| ConfigError::Parse {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    })?;
+            merge_file(&mut table, file, &Origin::File(path.clone()))?;
+        }
+
+        let mut env: Vec<_> = sources
+            .env
+            .iter()
+            .filter(|(k, _)| k.starts_with("TESSERA_") && !NON_CONFIG_ENV.contains(&k.as_str()))
+            .collect();
+        env.sort();
+        for (var, value) in env {
+            let (section, key) = split_env_var(&table, var)?;
+            set(&mut table, &section, &key, value, &Origin::Env(var.clone()))?;
+        }
+
+        for text in &sources.cli {
+            let (path, value) = text
+                .split_once('=')
+                .ok_or_else(|| ConfigError::BadOverride { text: text.clone() })?;
+            let (section, key) = path
+                .trim()
+                .split_once('.')
+                .ok_or_else(|| ConfigError::BadOverride { text: text.clone() })?;
+            set(&mut table, section, key, value, &Origin::Cli)?;
+        }
+
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                ConfigError::BadValue {
+                    key: e.path().to_string(),
+                    message: e.into_inner().to_string(),
+                }
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::BadValue {
+            key: key.to_string(),
+            message,
+        };
+        let r = &self.resources;
+        for (key, v) in [
+            ("resources.inference_gpu_fraction", r.inference_gpu_fraction),
+            ("resources.training_gpu_fraction", r.training_gpu_fraction),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(bad(key, format!("{v} is outside 0..=1")));
+            }
+        }
+        if r.inference_gpu_fraction + r.training_gpu_fraction > 1.0 + 1e-9 {
+            return Err(bad(
+                "resources.training_gpu_fraction",
+                format!(
+                    "inference ({}) + training ({}) fractions exceed 1",
+                    r.inference_gpu_fraction, r.training_gpu_fraction
+                ),
+            ));
+        }
+        if r.tensor_parallel == 0 {
+            return Err(bad(
+                "resources.tensor_parallel",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.server.bind.parse::<IpAddr>().is_err() {
+            return Err(bad(
+                "server.bind",
+                format!("`{}` is not an IP address", self.server.bind),
+            ));
+        }
+        let b = &self.batching;
+        for (key, v) in [
+            ("batching.max_batch_size", u64::from(b.max_batch_size)),
+            ("batching.max_kv_tokens", b.max_kv_tokens),
+            (
+                "batching.prefill_token_budget",
+                u64::from(b.prefill_token_budget),
+            ),
+        ] {
+            if v == 0 {
+                return Err(bad(key, "must be at least 1".into()));
+            }
+        }
+        if self.adapters.cache_size == 0 {
+            return Err(bad("adapters.cache_size", "must be at least 1".into()));
+        }
+        if self.cluster.cookie.is_empty() {
+            return Err(bad("cluster.cookie", "must not be empty".into()));
+        }
+        if self.cluster.heartbeat_timeout_secs == 0 {
+            return Err(bad(
+                "cluster.heartbeat_timeout_secs",
+                "must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML, for `tessera doctor`. The auth token and cookie are masked.
+    pub fn to_toml_masked(&self) -> String {
+        let mut shown = self.clone();
+        if !shown.server.auth_token.is_empty() {
+            shown.server.auth_token = "***".into();
+        }
+        shown.cluster.cookie = "***".into();
+        toml::to_string(&shown).expect("config serialises")
+    }
+
+    /// The engine limits of one inference replica.
+    pub fn engine_config(&self) -> tessera_engine::EngineConfig {
+        let b = &self.batching;
+        tessera_engine::EngineConfig {
+            scheduler: tessera_engine::scheduler::SchedulerConfig {
+                max_batch_size: b.max_batch_size as usize,
+                max_kv_tokens: b.max_kv_tokens as i64,
+                prefill_token_budget: b.prefill_token_budget as usize,
+                adapter_cache_size: self.adapters.cache_size as usize,
+                adapter_cache_bytes: self.adapters.cache_memory_mb << 20,
+            },
+            max_waiting: b.max_waiting as usize,
+        }
+    }
+
+    /// The model to serve: `model.path`, or the default GGUF in the models cache.
+    pub fn model_path(&self) -> PathBuf {
+        if self.model.path.is_empty() {
+            cache_dir().join("models").join(DEFAULT_MODEL_FILE)
+        } else {
+            expand_home(&self.model.path)
+        }
+    }
+}
+
+/// Tessera's cache directory: `$TESSERA_CACHE`, else `~/.cache/tessera` (the scripts agree).
+pub fn cache_dir() -> PathBuf {
+    match std::env::var_os("TESSERA_CACHE") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => home_dir().join(".cache").join("tessera"),
+    }
+}
+
+fn home_dir() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/"))
+}
+
+/// Expands a leading `~/` to `$HOME`.
+pub fn expand_home(path: &str) -> PathBuf {
+    match path.strip_prefix("~/") {
+        Some(rest) => home_dir().join(rest),
+        None if path == "~" => home_dir(),
+        None => Path::new(path).to_path_buf(),
+    }
+}
+
+/// Overlays a config file on the table; every section and key must already exist.
+fn merge_file(
+    table: &mut toml::Table,
+    file: toml::Table,
+    origin: &Origin,
+) -> Result<(), ConfigError> {
+    for (section, value) in file {
+        let toml::Value::Table(entries) = value else {
+            return Err(ConfigError::NotATable {
+                key: section,
+                origin: origin.to_string(),
+                expected: "a [section]",
+            });
+        };
+        for (key, v) in entries {
+            let slot = slot(table, &section, &key, origin)?;
+            *slot = v;
+        }
+    }
+    Ok(())
+}
+
+fn slot<'t>(
+    table: &'t mut toml::Table,
+    section: &str,
+    key: &str,
+    origin: &Origin,
+) -> Result<&'t mut toml::Value, ConfigError> {
+    let unknown = || ConfigError::UnknownKey {
+        key: format!("{section}.{key}"),
+        origin: origin.to_string(),
+    };
+    match table.get_mut(section) {
+        Some(toml::Value::Table(entries)) => entries.get_mut(key).ok_or_else(unknown),
+        _ => Err(unknown()),
+    }
+}
+
+/// Sets one value given as text: TOML syntax (`8000`, `0.5`, `true`, `"x"`) or a bare string.
+fn set(
+    table: &mut toml::Table,
+    section: &str,
+    key: &str,
+    text: &str,
+    origin: &Origin,
+) -> Result<(), ConfigError> {
+    let slot = slot(table, section.trim(), key.trim(), origin)?;
+    let text = text.trim();
+    let parsed = format!("v = {text}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"));
+    *slot = match parsed {
+        // A bare word where the default is a string is that string (TESSERA_LOG_FORMAT=pretty).
+        Some(v) => v,
+        None => toml::Value::String(text.to_string()),
+    };
+    Ok(())
+}
+
+/// `TESSERA_SERVER_MAX_BODY_BYTES` → (`server`, `max_body_bytes`), matched against known sections.
+fn split_env_var(table: &toml::Table, var: &str) -> Result<(String, String), ConfigError> {
+    let rest = var["TESSERA_".len()..].to_ascii_lowercase();
+    let sections: BTreeMap<&str, ()> = table.keys().map(|k| (k.as_str(), ())).collect();
+    for section in sections.keys() {
+        if let Some(key) = rest.strip_prefix(&format!("{section}_")) {
+            return Ok((section.to_string(), key.to_string()));
+        }
+    }
+    Err(ConfigError::UnknownEnv {
+        var: var.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load_and_match_the_documented_values() {
+        let c = Config::defaults();
+        assert_eq!(c.resources.inference_gpu_fraction, 0.6);
+        assert_eq!(c.resources.training_gpu_fraction, 0.4);
+        assert_eq!(c.server.port, 8000);
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn string_values_accept_bare_words() {
+        let c = Config::load(&Sources {
+            cli: vec!["log.format=pretty".into(), "model.dtype=bf16".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.log.format, LogFormat::Pretty);
+        assert_eq!(c.model.dtype, DtypeSetting::Bf16);
+    }
+
+    #[test]
+    fn expand_home_only_touches_a_leading_tilde() {
+        let home = home_dir();
+        assert_eq!(expand_home("~/x/y"), home.join("x/y"));
+        assert_eq!(expand_home("/a/~/b"), PathBuf::from("/a/~/b"));
+    }
+}

@@ -1,0 +1,8 @@
+//! The `tessera` binary's library half: CLI, configuration, logging and the commands, kept apart
+//! from `main` so tests drive them directly.
+
+pub mod cli;
+pub mod config;
+pub mod doctor;
+pub mod generate;
+pub mod logging;

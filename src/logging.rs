@@ -1,0 +1,28 @@
+//! Structured logs: bunyan-formatted JSON on stdout by default, or human-readable lines.
+//! `RUST_LOG` wins over the configured level.
+
+use tracing_bunyan_formatter::{BunyanFormattingLayer, JsonStorageLayer};
+use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
+
+use crate::config::LogFormat;
+
+/// Installs the global subscriber. Call once, early in `main`.
+pub fn init(format: LogFormat, level: &str) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .map_err(|e| anyhow::anyhow!("invalid log level `{level}` (log.level): {e}"))?;
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Json => registry
+            .with(JsonStorageLayer)
+            .with(BunyanFormattingLayer::new(
+                "tessera".into(),
+                std::io::stdout,
+            ))
+            .try_init()?,
+        LogFormat::Pretty => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .try_init()?,
+    }
+    Ok(())
+}

@@ -1,0 +1,42 @@
+//! The `tessera` binary: parses the command line, loads the configuration, starts logging and runs
+//! the chosen role.
+
+use anyhow::Context;
+use clap::Parser;
+
+use tessera::cli::{Cli, Command};
+use tessera::config::{Config, Sources};
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = Config::load(&Sources::from_process(
+        cli.global.config.clone(),
+        cli.overrides(),
+    ))
+    .context("configuration")?;
+    tessera::logging::init(config.log.format, &config.log.level)?;
+
+    match cli.command {
+        Command::Doctor => {
+            print!("{}", tessera::doctor::report(&config));
+            Ok(())
+        }
+        Command::Generate(args) => tessera::generate::run(args, &config),
+        Command::Head(_) => {
+            tracing::info!(
+                bind = %config.server.bind,
+                port = config.server.port,
+                model = %config.model_path().display(),
+                "tessera head: the actor tree and HTTP facade are not built yet (issue 5); nothing to serve"
+            );
+            Ok(())
+        }
+        Command::Worker(args) => {
+            tracing::info!(
+                join = %args.join,
+                "tessera worker: joining a head is not built yet (issue 6)"
+            );
+            Ok(())
+        }
+    }
+}

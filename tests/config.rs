@@ -1,0 +1,135 @@
+//! Configuration layering: file < environment < CLI, and unknown keys or bad values rejected with
+//! the key's name.
+
+use std::path::PathBuf;
+
+use tessera::config::{Config, ConfigError, Sources};
+
+fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tessera.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn file_overrides_defaults() {
+    let (_d, path) = file("[server]\nport = 9100\n[resources]\ntraining_gpu_fraction = 0.3\n");
+    let c = Config::load(&Sources {
+        file: Some(path),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(c.server.port, 9100);
+    assert_eq!(c.resources.training_gpu_fraction, 0.3);
+    assert_eq!(
+        c.resources.inference_gpu_fraction, 0.6,
+        "untouched keys keep their default"
+    );
+}
+
+#[test]
+fn env_wins_over_file_and_cli_wins_over_env() {
+    let (_d, path) =
+        file("[server]\nport = 9100\nbind = \"0.0.0.0\"\n[batching]\nmax_batch_size = 4\n");
+    let sources = Sources {
+        file: Some(path),
+        env: env(&[
+            ("TESSERA_SERVER_PORT", "9200"),
+            ("TESSERA_BATCHING_MAX_BATCH_SIZE", "8"),
+            ("TESSERA_CACHE", "/tmp/not-a-setting"),
+            ("PATH", "/usr/bin"),
+        ]),
+        cli: vec!["server.port=9300".into()],
+    };
+    let c = Config::load(&sources).unwrap();
+    assert_eq!(c.server.port, 9300, "CLI beats environment");
+    assert_eq!(c.batching.max_batch_size, 8, "environment beats file");
+    assert_eq!(c.server.bind, "0.0.0.0", "file beats defaults");
+}
+
+#[test]
+fn unknown_keys_are_rejected_by_name_wherever_they_come_from() {
+    let (_d, path) = file("[server]\nprot = 1\n");
+    let err = Config::load(&Sources {
+        file: Some(path.clone()),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(matches!(err, ConfigError::UnknownKey { ref key, .. } if key == "server.prot"));
+    let msg = err.to_string();
+    assert!(
+        msg.contains("server.prot") && msg.contains(&path.display().to_string()),
+        "{msg}"
+    );
+
+    let (_d, path) = file("[sever]\nport = 1\n");
+    let err = Config::load(&Sources {
+        file: Some(path),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("sever.port"), "{err}");
+
+    let err = Config::load(&Sources {
+        env: env(&[("TESSERA_SERVER_PROT", "1")]),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("server.prot"), "{err}");
+    assert!(err.to_string().contains("TESSERA_SERVER_PROT"), "{err}");
+
+    let err = Config::load(&Sources {
+        env: env(&[("TESSERA_NOSUCHSECTION_X", "1")]),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("TESSERA_NOSUCHSECTION_X"), "{err}");
+
+    let err = Config::load(&Sources {
+        cli: vec!["model.pth=/x".into()],
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("model.pth"), "{err}");
+}
+
+#[test]
+fn bad_values_name_the_key() {
+    let cases: &[(&str, &str)] = &[
+        ("server.port=not-a-port", "server.port"),
+        ("server.port=70000", "server.port"),
+        (
+            "resources.inference_gpu_fraction=1.5",
+            "resources.inference_gpu_fraction",
+        ),
+        (
+            "resources.training_gpu_fraction=0.5",
+            "resources.training_gpu_fraction",
+        ),
+        ("log.format=xml", "log.format"),
+        ("server.bind=localhost:80", "server.bind"),
+        ("batching.max_batch_size=0", "batching.max_batch_size"),
+    ];
+    for (text, key) in cases {
+        let err = Config::load(&Sources {
+            cli: vec![text.to_string()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains(key), "{text}: {err}");
+    }
+    let err = Config::load(&Sources {
+        cli: vec!["no-equals-sign".into()],
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(matches!(err, ConfigError::BadOverride { .. }), "{err}");
+}
