@@ -22,6 +22,7 @@ pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use chat_template::ChatMessage;

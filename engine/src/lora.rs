@@ -74,7 +74,7 @@ impl Proj {
         Proj::ALL.into_iter().find(|p| p.name() == name)
     }
 
-    fn index(self) -> usize {
+    pub fn index(self) -> usize {
         self as usize
     }
 
@@ -449,17 +449,34 @@ pub struct LoraSlice {
     /// `[rows, 1, R]`: 1 where the rank column belongs to the row's adapter; `None` when every
     /// row uses the single adapter present.
     mask: Option<Tensor>,
+    /// Dropout on the LoRA input and its seed (training only).
+    dropout: Option<(f64, u64)>,
 }
 
 impl LoraSlice {
     /// `scale · (x·Aᵀ)·Bᵀ` per row, for `x` of shape `[rows, t, in]`.
     pub fn apply(&self, x: &Tensor) -> Tensor {
-        let xa = x.linear::<Tensor>(&self.a, None);
+        // Training keeps LoRA in float32 under a bf16/f16 base: compute in A's type.
+        let input = if x.kind() == self.a.kind() {
+            x.shallow_clone()
+        } else {
+            x.to_kind(self.a.kind())
+        };
+        let input = match self.dropout {
+            Some((p, seed)) if p > 0.0 => hashed_dropout(&input, p, seed),
+            _ => input,
+        };
+        let xa = input.linear::<Tensor>(&self.a, None);
         let xa = match &self.mask {
             Some(m) => xa * m,
             None => xa,
         };
-        xa.linear::<Tensor>(&self.b, None)
+        let out = xa.linear::<Tensor>(&self.b, None);
+        if out.kind() == x.kind() {
+            out
+        } else {
+            out.to_kind(x.kind())
+        }
     }
 }
 
@@ -517,16 +534,69 @@ impl LoraBatch {
                                 .shallow_clone(),
                         )
                     };
-                    slices.push(Some(LoraSlice { a, b, mask }));
+                    slices.push(Some(LoraSlice {
+                        a,
+                        b,
+                        mask,
+                        dropout: None,
+                    }));
                 }
             }
         }
         Some(Self { shards, slices })
     }
 
+    /// A single-device batch where every row uses the same (trainable) adapter:
+    /// `weights[layer][proj]` = (A `[r, in]`, B `[out, r]` already multiplied by the scale).
+    /// Dropout masks derive from `seed` and the slice, so a recomputed forward repeats them.
+    pub fn for_training(
+        weights: &[[Option<(Tensor, Tensor)>; 7]],
+        dropout: f64,
+        seed: u64,
+    ) -> Self {
+        let slices = weights
+            .iter()
+            .flat_map(|layer| layer.iter())
+            .enumerate()
+            .map(|(i, w)| {
+                w.as_ref().map(|(a, b)| LoraSlice {
+                    a: a.shallow_clone(),
+                    b: b.shallow_clone(),
+                    mask: None,
+                    dropout: Some((
+                        dropout,
+                        seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    )),
+                })
+            })
+            .collect();
+        Self { shards: 1, slices }
+    }
+
     pub fn get(&self, layer: usize, proj: Proj, shard: usize) -> Option<&LoraSlice> {
         self.slices[(layer * 7 + proj.index()) * self.shards + shard].as_ref()
     }
+}
+
+/// Dropout whose mask is a hash of (seed, element index): reproducible, identical when a layer is
+/// recomputed, and free of torch's process-global RNG (which concurrent trainers would share).
+pub fn hashed_dropout(x: &Tensor, p: f64, seed: u64) -> Tensor {
+    const LOW: i64 = 0xffff_ffff;
+    let size = x.size();
+    let mut h = Tensor::arange(x.numel() as i64, (Kind::Int64, x.device())).view(size.as_slice());
+    h = (h + (seed & 0xffff_ffff) as i64).bitwise_and(LOW);
+    for round in 0..3 {
+        h = h.bitwise_xor_tensor(&h.bitwise_right_shift_tensor_scalar(16));
+        h = (h * 0x045d_9f3b_i64).bitwise_and(LOW);
+        if round == 0 {
+            h = h.bitwise_xor((seed >> 32) as i64);
+        }
+    }
+    h = h.bitwise_xor_tensor(&h.bitwise_right_shift_tensor_scalar(16));
+    let keep = (h.to_kind(Kind::Float) / 4_294_967_296.0)
+        .ge(p)
+        .to_kind(x.kind());
+    x * keep / (1.0 - p)
 }
 
 /// `[rows, 1, R]` with ones where the rank column belongs to the row's adapter.

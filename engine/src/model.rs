@@ -139,7 +139,7 @@ impl BlockShard {
         ctx: &StepCtx,
         shard: usize,
         rope: &Rope,
-        cache: &mut KvCache,
+        cache: Option<&mut KvCache>,
     ) -> Tensor {
         let (b, t, _) = x.size3().expect("hidden states are 3-d");
         let d = ctx.head_dim;
@@ -154,6 +154,21 @@ impl BlockShard {
         let q = rope.apply(&q, positions);
         let k = rope.apply(&k, positions).transpose(1, 2); // back to [b, t, kv_heads, d]
 
+        let Some(cache) = cache else {
+            // Training: the whole sequence at once, plain causal attention, no cache.
+            let out = Tensor::scaled_dot_product_attention::<Tensor>(
+                &q,
+                &k.transpose(1, 2),
+                &v.transpose(1, 2),
+                None,
+                0.0,
+                true,
+                None,
+                self.heads != self.kv_heads,
+            );
+            let out = out.transpose(1, 2).reshape([b, t, self.heads * d]);
+            return linear(&out, &self.o, ctx, Proj::O, shard);
+        };
         let kv = cache.layer(shard, ctx.layer);
         if t == 1 {
             let rows = Tensor::arange(b, (Kind::Int64, self.device));
@@ -415,7 +430,13 @@ impl Llama {
             };
             let h = block.input_norm.forward(&x);
             let attn = self.all_reduce(block, |s, shard| {
-                shard.attention(&h.to_device(shard.device), &ctx, s, &self.ropes[s], cache)
+                shard.attention(
+                    &h.to_device(shard.device),
+                    &ctx,
+                    s,
+                    &self.ropes[s],
+                    Some(cache),
+                )
             });
             x = &x + attn;
             let h = block.post_norm.forward(&x);
@@ -429,6 +450,68 @@ impl Llama {
             Logits::Last => x.narrow(1, t - 1, 1),
         };
         self.norm.forward(&x).linear::<Tensor>(&self.lm_head, None)
+    }
+
+    /// Token embeddings of `tokens` (`[batch, t]`) on the main device: the input of layer 0.
+    pub fn embed(&self, tokens: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed, &tokens.to_device(self.main), -1, false, false)
+    }
+
+    /// Decoder layer `layer` over whole sequences starting at position 0, without a cache (the
+    /// training path; causal attention, so right padding never reaches real tokens).
+    pub fn layer_forward(&self, layer: usize, x: &Tensor, lora: Option<&LoraBatch>) -> Tensor {
+        let (b, t, _) = x.size3().expect("hidden states are 3-d");
+        let positions_cpu = Tensor::arange(t, (Kind::Int64, Device::Cpu))
+            .unsqueeze(0)
+            .repeat([b, 1]);
+        let positions: Vec<Tensor> = self
+            .layouts
+            .iter()
+            .map(|l| positions_cpu.to_device(l.device))
+            .collect();
+        let masks: Vec<Option<Tensor>> = self.layouts.iter().map(|_| None).collect();
+        let starts = vec![0; b as usize];
+        let ctx = StepCtx {
+            layer,
+            positions: &positions,
+            masks: &masks,
+            starts: &starts,
+            keys: t,
+            head_dim: self.config.head_dim as i64,
+            lora,
+        };
+        let block = &self.blocks[layer];
+        let h = block.input_norm.forward(x);
+        let attn = self.all_reduce(block, |s, shard| {
+            shard.attention(&h.to_device(shard.device), &ctx, s, &self.ropes[s], None)
+        });
+        let x = x + attn;
+        let h = block.post_norm.forward(&x);
+        let mlp = self.all_reduce(block, |s, shard| {
+            shard.mlp(&h.to_device(shard.device), &ctx, s)
+        });
+        x + mlp
+    }
+
+    /// Final norm and `lm_head`: hidden states to logits.
+    pub fn head(&self, x: &Tensor) -> Tensor {
+        self.norm.forward(x).linear::<Tensor>(&self.lm_head, None)
+    }
+
+    /// Every base weight tensor (for checks that training leaves them untouched).
+    pub fn base_tensors(&self) -> Vec<Tensor> {
+        let mut out = vec![self.embed.shallow_clone(), self.lm_head.shallow_clone()];
+        out.push(self.norm.weight.shallow_clone());
+        for b in &self.blocks {
+            out.push(b.input_norm.weight.shallow_clone());
+            out.push(b.post_norm.weight.shallow_clone());
+            for s in &b.shards {
+                for w in [&s.q, &s.k, &s.v, &s.o, &s.gate, &s.up, &s.down] {
+                    out.push(w.shallow_clone());
+                }
+            }
+        }
+        out
     }
 
     /// Runs `f` on every shard and sums the partial results on the main device.

@@ -1,0 +1,481 @@
+//! The LoRA SFT loop: frozen base, trainable LoRA (float32), AdamW on LoRA only, warmup and decay,
+//! gradient accumulation normalised by the supervised tokens of the whole accumulated batch,
+//! global-norm clipping, optional recomputation of decoder layers in backward (gradient
+//! checkpointing), progress on every step, cancellation between steps, atomic checkpoints and exact
+//! resume. Randomness (data order, dropout) is a function of the seed, the step and the layer, so a
+//! resumed run repeats the uninterrupted one.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Reduction, Tensor};
+
+use crate::model::Llama;
+use crate::tokenizer::Tokenizer;
+use crate::train::dataset::{self, DatasetError, Example};
+use crate::train::hyperparams::{HyperparameterError, TrainJob};
+use crate::train::lora_params::{peft_config, LoraParams};
+use crate::train::optimizer::{clip_grad_norm, learning_rate, AdamW};
+
+/// What a trainer reports after every optimizer step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub step: usize,
+    pub total_steps: usize,
+    pub epoch: usize,
+    pub loss: f64,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+    pub eta_s: f64,
+    pub eval_loss: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSummary {
+    pub final_loss: f64,
+    pub eval_loss: Option<f64>,
+    pub steps: usize,
+    pub tokens: u64,
+    pub elapsed_s: f64,
+    pub examples: usize,
+    pub truncated: usize,
+    pub skipped_lines: Vec<usize>,
+    pub resumed_from_step: Option<usize>,
+    pub hyperparameters: crate::train::hyperparams::Hyperparameters,
+    pub base_model: String,
+}
+
+#[derive(Debug)]
+pub enum TrainOutcome {
+    Completed(Box<TrainSummary>),
+    /// Stopped by the cancel flag; the latest checkpoint (if any) is intact.
+    Cancelled {
+        step: usize,
+        last_checkpoint: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error(transparent)]
+    Hyperparameter(#[from] HyperparameterError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+    #[error("training runs on one device; this model is split over {0} (tensor parallel)")]
+    TensorParallel(usize),
+    #[error("tensor error: {0}")]
+    Tensor(#[from] tch::TchError),
+}
+
+/// How a run starts and stops.
+#[derive(Clone, Default)]
+pub struct TrainOptions {
+    /// Continue from the latest `checkpoint-<step>` under the output path, if there is one.
+    pub resume: bool,
+    pub cancel: Arc<AtomicBool>,
+    /// The base model's name or path, written into `adapter_config.json`.
+    pub base_model_name: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TrainerState {
+    step: usize,
+    total_steps: usize,
+    tokens: u64,
+    losses: Vec<f64>,
+    hyperparameters: crate::train::hyperparams::Hyperparameters,
+}
+
+/// Runs `job` on `model` (frozen) and writes the adapter under `job.output_path`.
+pub fn train(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    job: &TrainJob,
+    options: &TrainOptions,
+    mut on_progress: impl FnMut(&Progress),
+) -> Result<TrainOutcome, TrainError> {
+    let h = &job.hyperparameters;
+    h.validate()?;
+    if model.tensor_parallel() != 1 {
+        return Err(TrainError::TensorParallel(model.tensor_parallel()));
+    }
+    let device = model.main_device();
+    if h.fp16 && device == Device::Cpu {
+        tracing::info!("fp16 asked for: ignored on the CPU, training in float32");
+    }
+    let data = dataset::load(
+        &job.dataset_path,
+        tokenizer,
+        h.max_seq_length,
+        h.skip_invalid,
+    )?;
+    let (train_set, eval_set) = dataset::split_eval(data.examples.clone(), h.eval_fraction, h.seed);
+    let micro_per_epoch = train_set.len().div_ceil(h.batch_size);
+    let steps_per_epoch = micro_per_epoch.div_ceil(h.gradient_accumulation_steps);
+    let total_steps = steps_per_epoch * h.num_epochs;
+    let warmup = (total_steps as f64 * h.warmup_ratio).ceil() as usize;
+
+    let out = &job.output_path;
+    std::fs::create_dir_all(out).map_err(|source| TrainError::Io {
+        path: out.clone(),
+        source,
+    })?;
+    let mut lora = LoraParams::init(model.config(), h, device);
+    let mut opt = AdamW::new(&lora.tensors(), h.weight_decay);
+    let mut state = TrainerState {
+        step: 0,
+        total_steps,
+        tokens: 0,
+        losses: Vec::new(),
+        hyperparameters: h.clone(),
+    };
+    let mut resumed_from_step = None;
+    if options.resume {
+        if let Some(dir) = latest_checkpoint(out) {
+            state = restore(&dir, &mut lora, &mut opt, h)?;
+            resumed_from_step = Some(state.step);
+            tracing::info!(checkpoint = %dir.display(), step = state.step, "resuming");
+        }
+    }
+    let mut last_checkpoint = latest_checkpoint(out);
+    let started = Instant::now();
+    let start_step = state.step;
+    let mut epoch_order: Option<(usize, Vec<usize>)> = None;
+    while state.step < total_steps {
+        if options.cancel.load(Ordering::Relaxed) {
+            return Ok(TrainOutcome::Cancelled {
+                step: state.step,
+                last_checkpoint,
+            });
+        }
+        let step = state.step;
+        let epoch = step / steps_per_epoch;
+        if epoch_order.as_ref().map(|(e, _)| *e) != Some(epoch) {
+            let mut order: Vec<usize> = (0..train_set.len()).collect();
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(h.seed.wrapping_add(epoch as u64));
+            order.shuffle(&mut rng);
+            epoch_order = Some((epoch, order));
+        }
+        let order = &epoch_order.as_ref().expect("set above").1;
+        let first_micro = (step % steps_per_epoch) * h.gradient_accumulation_steps;
+        let micros: Vec<Vec<&Example>> = (first_micro
+            ..(first_micro + h.gradient_accumulation_steps).min(micro_per_epoch))
+            .map(|m| {
+                order[m * h.batch_size..((m + 1) * h.batch_size).min(order.len())]
+                    .iter()
+                    .map(|&i| &train_set[i])
+                    .collect()
+            })
+            .collect();
+        let supervised: usize = micros.iter().flatten().map(|e| e.supervised_tokens()).sum();
+        let lr = learning_rate(h.learning_rate, h.lr_scheduler, warmup, step, total_steps);
+        let mut loss_sum = 0.0;
+        for (m, examples) in micros.iter().enumerate() {
+            let seed = mix(h.seed, step as u64, m as u64);
+            // A fresh LoRA view per micro-batch: each backward walks its own `B × scale` nodes.
+            let batch = lora.batch(h.lora_dropout, seed);
+            loss_sum += micro_step(
+                model,
+                &batch,
+                examples,
+                supervised as f64,
+                h.gradient_checkpointing,
+            );
+            state.tokens += examples.iter().map(|e| e.ids.len() as u64).sum::<u64>();
+        }
+        let params = lora.tensors();
+        let grad_norm = clip_grad_norm(&params, h.max_grad_norm);
+        opt.step(&params, lr);
+        state.step += 1;
+        state.losses.push(loss_sum);
+        let elapsed = started.elapsed().as_secs_f64();
+        let done = (state.step - start_step) as f64;
+        let mut progress = Progress {
+            step: state.step,
+            total_steps,
+            epoch: epoch + 1,
+            loss: loss_sum,
+            learning_rate: lr,
+            grad_norm,
+            tokens_per_s: state.tokens as f64 / elapsed.max(1e-9),
+            eta_s: elapsed / done * (total_steps - state.step) as f64,
+            eval_loss: None,
+        };
+        let at_end = state.step == total_steps;
+        let save = at_end || (h.save_every_steps > 0 && state.step % h.save_every_steps == 0);
+        if save && !eval_set.is_empty() {
+            progress.eval_loss = Some(evaluate(model, &lora, &eval_set, h.batch_size));
+        }
+        if save {
+            last_checkpoint = Some(save_checkpoint(
+                out,
+                &lora,
+                &opt,
+                &state,
+                h,
+                &options.base_model_name,
+            )?);
+        }
+        on_progress(&progress);
+    }
+    // The adapter itself, beside the checkpoints, written atomically file by file.
+    write_adapter(out, &lora, h, &options.base_model_name)?;
+    let eval_loss = (!eval_set.is_empty()).then(|| evaluate(model, &lora, &eval_set, h.batch_size));
+    let summary = TrainSummary {
+        final_loss: state.losses.last().copied().unwrap_or(f64::NAN),
+        eval_loss,
+        steps: state.step,
+        tokens: state.tokens,
+        elapsed_s: started.elapsed().as_secs_f64(),
+        examples: train_set.len(),
+        truncated: data.truncated,
+        skipped_lines: data.skipped.iter().map(|(l, _)| *l).collect(),
+        resumed_from_step,
+        hyperparameters: h.clone(),
+        base_model: options.base_model_name.clone(),
+    };
+    write_json(
+        &out.join("training_summary.json"),
+        &serde_json::to_value(&summary).expect("serialisable"),
+    )?;
+    Ok(TrainOutcome::Completed(Box::new(summary)))
+}
+
+fn mix(seed: u64, step: u64, micro: u64) -> u64 {
+    let mut x =
+        seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ micro.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 31;
+    x.wrapping_mul(0x94D0_49BB_1331_11EB)
+}
+
+/// Right-padded ids `[b, T]` and targets `[b, T-1]` (-100 where not supervised or padding).
+fn collate(examples: &[&Example], device: Device) -> (Tensor, Tensor) {
+    let t = examples.iter().map(|e| e.ids.len()).max().unwrap_or(1);
+    let mut ids = vec![0i64; examples.len() * t];
+    let mut targets = vec![-100i64; examples.len() * (t - 1)];
+    for (r, e) in examples.iter().enumerate() {
+        for (i, &id) in e.ids.iter().enumerate() {
+            ids[r * t + i] = id as i64;
+            if i > 0 && e.supervised[i] {
+                targets[r * (t - 1) + i - 1] = id as i64;
+            }
+        }
+    }
+    let b = examples.len() as i64;
+    (
+        Tensor::from_slice(&ids)
+            .view([b, t as i64])
+            .to_device(device),
+        Tensor::from_slice(&targets)
+            .view([b, t as i64 - 1])
+            .to_device(device),
+    )
+}
+
+/// Summed token cross-entropy of the supervised targets.
+fn token_loss(logits: &Tensor, targets: &Tensor) -> Tensor {
+    let t = logits.size()[1];
+    let v = logits.size()[2];
+    logits
+        .narrow(1, 0, t - 1)
+        .to_kind(Kind::Float)
+        .reshape([-1, v])
+        .cross_entropy_loss::<Tensor>(&targets.reshape([-1]), None, Reduction::Sum, -100, 0.0)
+}
+
+/// Forward and backward of one micro-batch; returns its share of the step's loss.
+fn micro_step(
+    model: &Llama,
+    lora: &crate::lora::LoraBatch,
+    examples: &[&Example],
+    normaliser: f64,
+    checkpointing: bool,
+) -> f64 {
+    let (ids, targets) = collate(examples, model.main_device());
+    let layers = model.config().num_hidden_layers;
+    let x0 = tch::no_grad(|| model.embed(&ids));
+    if !checkpointing {
+        let mut x = x0;
+        for l in 0..layers {
+            x = model.layer_forward(l, &x, Some(lora));
+        }
+        let loss = token_loss(&model.head(&x), &targets) / normaliser;
+        loss.backward();
+        return loss.double_value(&[]);
+    }
+    // Recompute: keep only each layer's input, rebuild its graph in backward.
+    let mut inputs = Vec::with_capacity(layers);
+    let mut x = x0;
+    tch::no_grad(|| {
+        for l in 0..layers {
+            inputs.push(x.shallow_clone());
+            x = model.layer_forward(l, &x, Some(lora));
+        }
+    });
+    let top = x.detach().set_requires_grad(true);
+    let loss = token_loss(&model.head(&top), &targets) / normaliser;
+    loss.backward();
+    let mut grad = top.grad().detach();
+    for l in (0..layers).rev() {
+        let input = inputs[l].detach().set_requires_grad(l > 0);
+        let y = model.layer_forward(l, &input, Some(lora));
+        (y * &grad).sum(Kind::Float).backward();
+        if l > 0 {
+            grad = input.grad().detach();
+        }
+    }
+    loss.double_value(&[])
+}
+
+/// Mean token loss over `examples` with dropout off.
+fn evaluate(model: &Llama, lora: &LoraParams, examples: &[Example], batch_size: usize) -> f64 {
+    let batch = lora.batch(0.0, 0);
+    let (mut total, mut count) = (0.0, 0usize);
+    tch::no_grad(|| {
+        for chunk in examples.chunks(batch_size) {
+            let refs: Vec<&Example> = chunk.iter().collect();
+            let (ids, targets) = collate(&refs, model.main_device());
+            let mut x = model.embed(&ids);
+            for l in 0..model.config().num_hidden_layers {
+                x = model.layer_forward(l, &x, Some(&batch));
+            }
+            total += token_loss(&model.head(&x), &targets).double_value(&[]);
+            count += chunk.iter().map(Example::supervised_tokens).sum::<usize>();
+        }
+    });
+    total / count.max(1) as f64
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), TrainError> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(value).expect("json")).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// `adapter_config.json` + `adapter_model.safetensors` into `dir`.
+fn write_adapter(
+    dir: &Path,
+    lora: &LoraParams,
+    h: &crate::train::hyperparams::Hyperparameters,
+    base: &str,
+) -> Result<(), TrainError> {
+    let tmp = dir.join(".adapter.tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    lora.save_weights(&tmp)?;
+    write_json(&tmp.join("adapter_config.json"), &peft_config(h, base))?;
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        std::fs::rename(tmp.join(f), dir.join(f)).map_err(io(&dir.join(f)))?;
+    }
+    std::fs::remove_dir_all(&tmp).map_err(io(&tmp))
+}
+
+/// Writes `checkpoint-<step>/` via a temporary directory and a rename, so a crash never leaves a
+/// partial checkpoint behind.
+fn save_checkpoint(
+    out: &Path,
+    lora: &LoraParams,
+    opt: &AdamW,
+    state: &TrainerState,
+    h: &crate::train::hyperparams::Hyperparameters,
+    base: &str,
+) -> Result<PathBuf, TrainError> {
+    let dir = out.join(format!("checkpoint-{}", state.step));
+    let tmp = out.join(format!(".checkpoint-{}.tmp", state.step));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    lora.save_weights(&tmp)?;
+    write_json(&tmp.join("adapter_config.json"), &peft_config(h, base))?;
+    let mut moments: Vec<(String, Tensor)> = Vec::new();
+    for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
+        moments.push((format!("m.{i}"), m.to_device(Device::Cpu).contiguous()));
+        moments.push((format!("v.{i}"), v.to_device(Device::Cpu).contiguous()));
+    }
+    Tensor::write_safetensors(&moments, tmp.join("optimizer.safetensors"))?;
+    write_json(
+        &tmp.join("trainer_state.json"),
+        &serde_json::to_value(state).expect("json"),
+    )?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
+    Ok(dir)
+}
+
+/// The complete checkpoint with the highest step under `out`.
+pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(out)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step: usize = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path()
+                .join("trainer_state.json")
+                .exists()
+                .then(|| (step, e.path()))
+        })
+        .max_by_key(|(s, _)| *s)
+        .map(|(_, p)| p)
+}
+
+fn restore(
+    dir: &Path,
+    lora: &mut LoraParams,
+    opt: &mut AdamW,
+    h: &crate::train::hyperparams::Hyperparameters,
+) -> Result<TrainerState, TrainError> {
+    let bad = |message: String| TrainError::Checkpoint {
+        path: dir.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(dir.join("trainer_state.json")).map_err(io(dir))?;
+    let state: TrainerState = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    if state.hyperparameters != *h {
+        return Err(bad(
+            "its hyperparameters differ from this job's; resume needs the same ones".into(),
+        ));
+    }
+    lora.load_weights(dir).map_err(bad)?;
+    let saved: std::collections::HashMap<String, Tensor> =
+        crate::weights::read_safetensors(&dir.join("optimizer.safetensors"))
+            .map_err(|e| bad(e.to_string()))?
+            .into_iter()
+            .collect();
+    let device = lora.tensors()[0].device();
+    tch::no_grad(|| -> Result<(), TrainError> {
+        for i in 0..opt.m.len() {
+            for (name, dst) in [
+                (format!("m.{i}"), &mut opt.m[i]),
+                (format!("v.{i}"), &mut opt.v[i]),
+            ] {
+                let src = saved
+                    .get(&name)
+                    .ok_or_else(|| bad(format!("optimizer state lacks `{name}`")))?;
+                *dst = src.to_device(device);
+            }
+        }
+        Ok(())
+    })?;
+    opt.step = state.step as i64;
+    Ok(state)
+}
