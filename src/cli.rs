@@ -45,6 +45,8 @@ pub enum Command {
     Worker(WorkerArgs),
     /// Generate text with the engine, no server: one or more prompts as one continuous batch.
     Generate(crate::generate::GenerateArgs),
+    /// Fine-tune a LoRA adapter in the foreground (SFT on a JSONL dataset).
+    Train(crate::train::TrainArgs),
     /// Print what this machine has: torch, CUDA devices, CPU, RAM, the model, the config in effect.
     Doctor,
 }
@@ -101,7 +103,7 @@ impl Cli {
                     out.push(format!("model.path={}", quoted(&model.to_string_lossy())));
                 }
             }
-            Command::Doctor | Command::Generate(_) => {}
+            Command::Doctor | Command::Generate(_) | Command::Train(_) => {}
         }
         out
     }

@@ -6,3 +6,4 @@ pub mod config;
 pub mod doctor;
 pub mod generate;
 pub mod logging;
+pub mod train;

@@ -1,13 +1,15 @@
 //! Structured logs: bunyan-formatted JSON on stdout by default, or human-readable lines.
-//! `RUST_LOG` wins over the configured level.
+//! `RUST_LOG` wins over the configured level. Commands whose stdout is their output (`generate`,
+//! `train`) log to stderr instead.
 
 use tracing_bunyan_formatter::{BunyanFormattingLayer, JsonStorageLayer};
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
 
 use crate::config::LogFormat;
 
 /// Installs the global subscriber. Call once, early in `main`.
-pub fn init(format: LogFormat, level: &str) -> anyhow::Result<()> {
+pub fn init(format: LogFormat, level: &str, json_to_stderr: bool) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .map_err(|e| anyhow::anyhow!("invalid log level `{level}` (log.level): {e}"))?;
@@ -17,7 +19,11 @@ pub fn init(format: LogFormat, level: &str) -> anyhow::Result<()> {
             .with(JsonStorageLayer)
             .with(BunyanFormattingLayer::new(
                 "tessera".into(),
-                std::io::stdout,
+                if json_to_stderr {
+                    BoxMakeWriter::new(std::io::stderr)
+                } else {
+                    BoxMakeWriter::new(std::io::stdout)
+                },
             ))
             .try_init()?,
         LogFormat::Pretty => registry

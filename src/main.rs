@@ -14,7 +14,8 @@ fn main() -> anyhow::Result<()> {
         cli.overrides(),
     ))
     .context("configuration")?;
-    tessera::logging::init(config.log.format, &config.log.level)?;
+    let output_on_stdout = matches!(cli.command, Command::Generate(_) | Command::Train(_));
+    tessera::logging::init(config.log.format, &config.log.level, output_on_stdout)?;
 
     match cli.command {
         Command::Doctor => {
@@ -22,6 +23,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Generate(args) => tessera::generate::run(args, &config),
+        Command::Train(args) => tessera::train::run(args, &config),
         Command::Head(_) => {
             tracing::info!(
                 bind = %config.server.bind,
