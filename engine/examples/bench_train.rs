@@ -48,9 +48,15 @@ fn main() -> anyhow::Result<()> {
     };
     let mut marks = Vec::new();
     let start = Instant::now();
-    train(&loaded.model, &loaded.tokenizer, &job, &TrainOptions::default(), |p| {
-        marks.push((start.elapsed().as_secs_f64(), p.step));
-    })?;
+    train(
+        &loaded.model,
+        &loaded.tokenizer,
+        &job,
+        &TrainOptions::default(),
+        |p| {
+            marks.push((start.elapsed().as_secs_f64(), p.step));
+        },
+    )?;
     // Tokens of steps 2.. over their time (the first step warms up).
     let tokens_per_step = 4.0 * 256.0;
     let (t1, s1) = marks[0];
