@@ -329,9 +329,21 @@ fn spawn_loader(
             let _guard = tch::no_grad_guard();
             for key in rx {
                 let started = std::time::Instant::now();
-                let result = LoraAdapter::load(&key.path, &config)
-                    .map(|a| Arc::new(a.place(&devices, kind)))
-                    .map_err(|e| e.to_string());
+                // A panic inside tch must not kill the loader: the sequences waiting for this
+                // adapter would never hear back.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    LoraAdapter::load(&key.path, &config)
+                        .map(|a| Arc::new(a.place(&devices, kind)))
+                        .map_err(|e| e.to_string())
+                }))
+                .unwrap_or_else(|panic| {
+                    let what = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "unknown panic".into());
+                    Err(format!("adapter {}: loading failed: {what}", key.path.display()))
+                });
                 match &result {
                     Ok(a) => tracing::info!(
                         adapter = %key.path.display(),
