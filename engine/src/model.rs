@@ -50,8 +50,15 @@ impl RmsNorm {
     }
 }
 
-/// Precomputed cos/sin for every position, `[max_positions, head_dim]` (halves duplicated).
+/// Precomputed cos/sin for every position, `[max_positions, head_dim]` (halves duplicated). The
+/// sin table carries rotate-half's sign (`[-sin, sin]`), so rotating is one `roll`.
 struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// cos and signed sin gathered for a step's positions, `[batch, 1, tokens, head_dim]`.
+struct RopeAt {
     cos: Tensor,
     sin: Tensor,
 }
@@ -69,23 +76,29 @@ impl Rope {
         let t = Tensor::arange(positions, opts);
         let freqs = t.outer(&inv_freq);
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        let sin = freqs.sin();
         Self {
             cos: emb.cos().to_kind(kind).to_device(device),
-            sin: emb.sin().to_kind(kind).to_device(device),
+            sin: Tensor::cat(&[&sin.neg(), &sin], -1).to_kind(kind).to_device(device),
         }
     }
 
-    /// `x`: `[batch, heads, tokens, head_dim]`; `positions`: `[batch, tokens]`.
-    fn apply(&self, x: &Tensor, positions: &Tensor) -> Tensor {
+    /// The tables at `positions` (`[batch, tokens]`, on this rope's device).
+    fn at(&self, positions: &Tensor) -> RopeAt {
         let (b, t) = positions.size2().expect("positions are 2-d");
         let flat = positions.reshape([-1]);
-        let cos = self.cos.index_select(0, &flat).reshape([b, 1, t, -1]);
-        let sin = self.sin.index_select(0, &flat).reshape([b, 1, t, -1]);
+        RopeAt {
+            cos: self.cos.index_select(0, &flat).reshape([b, 1, t, -1]),
+            sin: self.sin.index_select(0, &flat).reshape([b, 1, t, -1]),
+        }
+    }
+}
+
+impl RopeAt {
+    /// `x`: `[batch, heads, tokens, head_dim]`. HF's `x·cos + rotate_half(x)·sin`.
+    fn apply(&self, x: &Tensor) -> Tensor {
         let half = x.size()[3] / 2;
-        let x1 = x.narrow(3, 0, half);
-        let x2 = x.narrow(3, half, half);
-        let rotated = Tensor::cat(&[&x2.neg(), &x1], 3);
-        x * cos + rotated * sin
+        x * &self.cos + x.roll([half], [3]) * &self.sin
     }
 }
 
@@ -112,8 +125,10 @@ struct Block {
 /// What a forward pass needs besides tokens, already on the devices.
 struct StepCtx<'a> {
     layer: usize,
-    /// `[batch, tokens]` absolute positions, per shard device.
-    positions: &'a [Tensor],
+    /// Rotary tables at this step's positions, per shard device.
+    rope: &'a [RopeAt],
+    /// Decode steps: (rows, positions) where the new key/value of each row goes, per shard.
+    write_at: &'a [Option<(Tensor, Tensor)>],
     /// `[batch, 1, tokens, keys]` boolean mask per shard device, or `None` when causal-only.
     masks: &'a [Option<Tensor>],
     /// Row start positions (tokens already cached).
@@ -138,7 +153,6 @@ impl BlockShard {
         x: &Tensor,
         ctx: &StepCtx,
         shard: usize,
-        rope: &Rope,
         cache: Option<&mut KvCache>,
     ) -> Tensor {
         let (b, t, _) = x.size3().expect("hidden states are 3-d");
@@ -150,9 +164,9 @@ impl BlockShard {
             .view([b, t, self.kv_heads, d])
             .transpose(1, 2);
         let v = linear(x, &self.v, ctx, Proj::V, shard).view([b, t, self.kv_heads, d]);
-        let positions = &ctx.positions[shard];
-        let q = rope.apply(&q, positions);
-        let k = rope.apply(&k, positions).transpose(1, 2); // back to [b, t, kv_heads, d]
+        let rope = &ctx.rope[shard];
+        let q = rope.apply(&q);
+        let k = rope.apply(&k).transpose(1, 2); // back to [b, t, kv_heads, d]
 
         let Some(cache) = cache else {
             // Training: the whole sequence at once, plain causal attention, no cache.
@@ -170,9 +184,7 @@ impl BlockShard {
             return linear(&out, &self.o, ctx, Proj::O, shard);
         };
         let kv = cache.layer(shard, ctx.layer);
-        if t == 1 {
-            let rows = Tensor::arange(b, (Kind::Int64, self.device));
-            let pos = Tensor::from_slice(ctx.starts).to_device(self.device);
+        if let Some((rows, pos)) = &ctx.write_at[shard] {
             let idx = [Some(rows), Some(pos)];
             let _ = kv.k.index_put_(&idx, &k.squeeze_dim(1), false);
             let _ = kv.v.index_put_(&idx, &v.squeeze_dim(1), false);
@@ -406,22 +418,36 @@ impl Llama {
             let key_idx = Tensor::arange(keys, (Kind::Int64, Device::Cpu)).view([1, 1, 1, keys]);
             key_idx.le_tensor(&positions_cpu.view([b, 1, t, 1]))
         });
-        let positions: Vec<Tensor> = self
+        let rope: Vec<RopeAt> = self
             .layouts
             .iter()
-            .map(|l| positions_cpu.to_device(l.device))
+            .zip(&self.ropes)
+            .map(|(l, r)| r.at(&positions_cpu.to_device(l.device)))
             .collect();
         let masks: Vec<Option<Tensor>> = self
             .layouts
             .iter()
             .map(|l| mask_cpu.as_ref().map(|m| m.to_device(l.device)))
             .collect();
+        let write_at: Vec<Option<(Tensor, Tensor)>> = self
+            .layouts
+            .iter()
+            .map(|l| {
+                (t == 1).then(|| {
+                    (
+                        Tensor::arange(b, (Kind::Int64, l.device)),
+                        Tensor::from_slice(starts).to_device(l.device),
+                    )
+                })
+            })
+            .collect();
 
         let mut x = Tensor::embedding(&self.embed, &tokens.to_device(self.main), -1, false, false);
         for (layer, block) in self.blocks.iter().enumerate() {
             let ctx = StepCtx {
                 layer,
-                positions: &positions,
+                rope: &rope,
+                write_at: &write_at,
                 masks: &masks,
                 starts,
                 keys,
@@ -430,13 +456,7 @@ impl Llama {
             };
             let h = block.input_norm.forward(&x);
             let attn = self.all_reduce(block, |s, shard| {
-                shard.attention(
-                    &h.to_device(shard.device),
-                    &ctx,
-                    s,
-                    &self.ropes[s],
-                    Some(cache),
-                )
+                shard.attention(&h.to_device(shard.device), &ctx, s, Some(cache))
             });
             x = &x + attn;
             let h = block.post_norm.forward(&x);
@@ -464,16 +484,19 @@ impl Llama {
         let positions_cpu = Tensor::arange(t, (Kind::Int64, Device::Cpu))
             .unsqueeze(0)
             .repeat([b, 1]);
-        let positions: Vec<Tensor> = self
+        let rope: Vec<RopeAt> = self
             .layouts
             .iter()
-            .map(|l| positions_cpu.to_device(l.device))
+            .zip(&self.ropes)
+            .map(|(l, r)| r.at(&positions_cpu.to_device(l.device)))
             .collect();
         let masks: Vec<Option<Tensor>> = self.layouts.iter().map(|_| None).collect();
+        let write_at: Vec<Option<(Tensor, Tensor)>> = self.layouts.iter().map(|_| None).collect();
         let starts = vec![0; b as usize];
         let ctx = StepCtx {
             layer,
-            positions: &positions,
+            rope: &rope,
+            write_at: &write_at,
             masks: &masks,
             starts: &starts,
             keys: t,
@@ -483,7 +506,7 @@ impl Llama {
         let block = &self.blocks[layer];
         let h = block.input_norm.forward(x);
         let attn = self.all_reduce(block, |s, shard| {
-            shard.attention(&h.to_device(shard.device), &ctx, s, &self.ropes[s], None)
+            shard.attention(&h.to_device(shard.device), &ctx, s, None)
         });
         let x = x + attn;
         let h = block.post_norm.forward(&x);
