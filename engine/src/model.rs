@@ -43,6 +43,11 @@ impl RmsNorm {
     /// As transformers' `LlamaRMSNorm`: normalise in float32, scale in the model's dtype.
     fn forward(&self, x: &Tensor) -> Tensor {
         let kind = x.kind();
+        if kind == Kind::Float {
+            // One fused op; in float32 it is the same computation.
+            let h = self.weight.size()[0];
+            return x.rms_norm([h], Some(&self.weight), self.eps);
+        }
         let xf = x.to_kind(Kind::Float);
         let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
         let normed = xf * (var + self.eps).rsqrt();
@@ -79,7 +84,9 @@ impl Rope {
         let sin = freqs.sin();
         Self {
             cos: emb.cos().to_kind(kind).to_device(device),
-            sin: Tensor::cat(&[&sin.neg(), &sin], -1).to_kind(kind).to_device(device),
+            sin: Tensor::cat(&[&sin.neg(), &sin], -1)
+                .to_kind(kind)
+                .to_device(device),
         }
     }
 
