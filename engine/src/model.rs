@@ -114,12 +114,11 @@ struct BlockShard {
     device: Device,
     heads: i64,
     kv_heads: i64,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
+    /// q, k and v stacked by rows: one matmul, split after.
+    qkv: Tensor,
     o: Tensor,
-    gate: Tensor,
-    up: Tensor,
+    /// gate and up stacked by rows.
+    gate_up: Tensor,
     down: Tensor,
 }
 
@@ -154,6 +153,27 @@ fn linear(x: &Tensor, w: &Tensor, ctx: &StepCtx, proj: Proj, shard: usize) -> Te
     }
 }
 
+/// One matmul for several projections of the same input, split by output size, each with its own
+/// LoRA delta.
+fn fused_linear<const N: usize>(
+    x: &Tensor,
+    w: &Tensor,
+    ctx: &StepCtx,
+    parts: [(Proj, i64); N],
+    shard: usize,
+) -> [Tensor; N] {
+    let y = x.linear::<Tensor>(w, None);
+    let sizes: Vec<i64> = parts.iter().map(|(_, n)| *n).collect();
+    let mut outs = y.split_with_sizes(sizes.as_slice(), -1).into_iter();
+    parts.map(|(proj, _)| {
+        let out = outs.next().expect("one output per part");
+        match ctx.lora.and_then(|l| l.get(ctx.layer, proj, shard)) {
+            Some(slice) => out + slice.apply(x),
+            None => out,
+        }
+    })
+}
+
 impl BlockShard {
     fn attention(
         &self,
@@ -164,13 +184,17 @@ impl BlockShard {
     ) -> Tensor {
         let (b, t, _) = x.size3().expect("hidden states are 3-d");
         let d = ctx.head_dim;
-        let q = linear(x, &self.q, ctx, Proj::Q, shard)
-            .view([b, t, self.heads, d])
-            .transpose(1, 2);
-        let k = linear(x, &self.k, ctx, Proj::K, shard)
-            .view([b, t, self.kv_heads, d])
-            .transpose(1, 2);
-        let v = linear(x, &self.v, ctx, Proj::V, shard).view([b, t, self.kv_heads, d]);
+        let (qd, kvd) = (self.heads * d, self.kv_heads * d);
+        let [q, k, v] = fused_linear(
+            x,
+            &self.qkv,
+            ctx,
+            [(Proj::Q, qd), (Proj::K, kvd), (Proj::V, kvd)],
+            shard,
+        );
+        let q = q.reshape([b, t, self.heads, d]).transpose(1, 2);
+        let k = k.reshape([b, t, self.kv_heads, d]).transpose(1, 2);
+        let v = v.reshape([b, t, self.kv_heads, d]);
         let rope = &ctx.rope[shard];
         let q = rope.apply(&q);
         let k = rope.apply(&k).transpose(1, 2); // back to [b, t, kv_heads, d]
@@ -236,8 +260,14 @@ impl BlockShard {
     }
 
     fn mlp(&self, x: &Tensor, ctx: &StepCtx, shard: usize) -> Tensor {
-        let gate = linear(x, &self.gate, ctx, Proj::Gate, shard);
-        let up = linear(x, &self.up, ctx, Proj::Up, shard);
+        let half = self.gate_up.size()[0] / 2;
+        let [gate, up] = fused_linear(
+            x,
+            &self.gate_up,
+            ctx,
+            [(Proj::Gate, half), (Proj::Up, half)],
+            shard,
+        );
         linear(&(gate.silu() * up), &self.down, ctx, Proj::Down, shard)
     }
 }
@@ -327,12 +357,22 @@ impl Llama {
                         device: dev,
                         heads: hl,
                         kv_heads: kvl,
-                        q: place(q.narrow(0, s * hl * d, hl * d), dev),
-                        k: place(k.narrow(0, s * kvl * d, kvl * d), dev),
-                        v: place(vw.narrow(0, s * kvl * d, kvl * d), dev),
+                        qkv: place(
+                            Tensor::cat(
+                                &[
+                                    q.narrow(0, s * hl * d, hl * d),
+                                    k.narrow(0, s * kvl * d, kvl * d),
+                                    vw.narrow(0, s * kvl * d, kvl * d),
+                                ],
+                                0,
+                            ),
+                            dev,
+                        ),
                         o: place(o.narrow(1, s * hl * d, hl * d), dev),
-                        gate: place(gate.narrow(0, s * il, il), dev),
-                        up: place(up.narrow(0, s * il, il), dev),
+                        gate_up: place(
+                            Tensor::cat(&[gate.narrow(0, s * il, il), up.narrow(0, s * il, il)], 0),
+                            dev,
+                        ),
                         down: place(down.narrow(1, s * il, il), dev),
                     }
                 })
@@ -536,7 +576,7 @@ impl Llama {
             out.push(b.input_norm.weight.shallow_clone());
             out.push(b.post_norm.weight.shallow_clone());
             for s in &b.shards {
-                for w in [&s.q, &s.k, &s.v, &s.o, &s.gate, &s.up, &s.down] {
+                for w in [&s.qkv, &s.o, &s.gate_up, &s.down] {
                     out.push(w.shallow_clone());
                 }
             }
