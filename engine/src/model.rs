@@ -128,6 +128,35 @@ struct Block {
     shards: Vec<BlockShard>,
 }
 
+/// The per-shard tensors a step builds once and every layer reads.
+struct StepTables {
+    rope: Vec<RopeAt>,
+    masks: Vec<Option<Tensor>>,
+    write_at: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl StepTables {
+    fn ctx<'a>(
+        &'a self,
+        layer: usize,
+        starts: &'a [i64],
+        keys: i64,
+        head_dim: i64,
+        lora: Option<&'a LoraBatch>,
+    ) -> StepCtx<'a> {
+        StepCtx {
+            layer,
+            rope: &self.rope,
+            write_at: &self.write_at,
+            masks: &self.masks,
+            starts,
+            keys,
+            head_dim,
+            lora,
+        }
+    }
+}
+
 /// What a forward pass needs besides tokens, already on the devices.
 struct StepCtx<'a> {
     layer: usize,
@@ -458,59 +487,22 @@ impl Llama {
 
         let offsets = Tensor::arange(t, (Kind::Int64, Device::Cpu));
         let positions_cpu = Tensor::from_slice(starts).unsqueeze(1) + offsets.unsqueeze(0); // [b, t]
-                                                                                            // A mask is needed when rows start at different places or attend to a cached prefix;
-                                                                                            // one fresh row is plain causal attention, one row of one token attends to everything.
+                                                                                            // A mask is needed when rows start at different places or attend to a cached prefix; one
+                                                                                            // fresh row is plain causal attention, one row of one token attends to everything.
         let needs_mask = !(b == 1 && (starts[0] == 0 || t == 1));
         let mask_cpu = needs_mask.then(|| {
             let key_idx = Tensor::arange(keys, (Kind::Int64, Device::Cpu)).view([1, 1, 1, keys]);
             key_idx.le_tensor(&positions_cpu.view([b, 1, t, 1]))
         });
-        let rope: Vec<RopeAt> = self
-            .layouts
-            .iter()
-            .zip(&self.ropes)
-            .map(|(l, r)| r.at(&positions_cpu.to_device(l.device)))
-            .collect();
-        let masks: Vec<Option<Tensor>> = self
-            .layouts
-            .iter()
-            .map(|l| mask_cpu.as_ref().map(|m| m.to_device(l.device)))
-            .collect();
-        let write_at: Vec<Option<(Tensor, Tensor)>> = self
-            .layouts
-            .iter()
-            .map(|l| {
-                (t == 1).then(|| {
-                    (
-                        Tensor::arange(b, (Kind::Int64, l.device)),
-                        Tensor::from_slice(starts).to_device(l.device),
-                    )
-                })
-            })
-            .collect();
-
-        let mut x = Tensor::embedding(&self.embed, &tokens.to_device(self.main), -1, false, false);
+        let tables = self.step_tables(
+            &positions_cpu,
+            mask_cpu.as_ref(),
+            (t == 1).then_some(starts),
+        );
+        let mut x = self.embed(tokens);
         for (layer, block) in self.blocks.iter().enumerate() {
-            let ctx = StepCtx {
-                layer,
-                rope: &rope,
-                write_at: &write_at,
-                masks: &masks,
-                starts,
-                keys,
-                head_dim: self.config.head_dim as i64,
-                lora,
-            };
-            let h = block.input_norm.forward(&x);
-            let attn = self.all_reduce(block, |s, shard| {
-                shard.attention(&h.to_device(shard.device), &ctx, s, Some(cache))
-            });
-            x = &x + attn;
-            let h = block.post_norm.forward(&x);
-            let mlp = self.all_reduce(block, |s, shard| {
-                shard.mlp(&h.to_device(shard.device), &ctx, s)
-            });
-            x = &x + mlp;
+            let ctx = tables.ctx(layer, starts, keys, self.config.head_dim as i64, lora);
+            x = self.block_forward(block, &x, &ctx, Some(&mut *cache));
         }
         let x = match logits {
             Logits::All => x,
@@ -531,34 +523,62 @@ impl Llama {
         let positions_cpu = Tensor::arange(t, (Kind::Int64, Device::Cpu))
             .unsqueeze(0)
             .repeat([b, 1]);
-        let rope: Vec<RopeAt> = self
-            .layouts
-            .iter()
-            .zip(&self.ropes)
-            .map(|(l, r)| r.at(&positions_cpu.to_device(l.device)))
-            .collect();
-        let masks: Vec<Option<Tensor>> = self.layouts.iter().map(|_| None).collect();
-        let write_at: Vec<Option<(Tensor, Tensor)>> = self.layouts.iter().map(|_| None).collect();
+        let tables = self.step_tables(&positions_cpu, None, None);
         let starts = vec![0; b as usize];
-        let ctx = StepCtx {
-            layer,
-            rope: &rope,
-            write_at: &write_at,
-            masks: &masks,
-            starts: &starts,
-            keys: t,
-            head_dim: self.config.head_dim as i64,
-            lora,
-        };
-        let block = &self.blocks[layer];
+        let ctx = tables.ctx(layer, &starts, t, self.config.head_dim as i64, lora);
+        self.block_forward(&self.blocks[layer], x, &ctx, None)
+    }
+
+    /// Per-shard tables of one step: rotary tables at `positions_cpu`, the attention mask, and
+    /// (decode steps, rows starting at `decode_starts`) where the new keys/values go.
+    fn step_tables(
+        &self,
+        positions_cpu: &Tensor,
+        mask_cpu: Option<&Tensor>,
+        decode_starts: Option<&[i64]>,
+    ) -> StepTables {
+        let rows = positions_cpu.size()[0];
+        let per_shard =
+            |f: &dyn Fn(Device) -> _| self.layouts.iter().map(|l| f(l.device)).collect();
+        StepTables {
+            rope: self
+                .layouts
+                .iter()
+                .zip(&self.ropes)
+                .map(|(l, r)| r.at(&positions_cpu.to_device(l.device)))
+                .collect(),
+            masks: per_shard(&|d| mask_cpu.map(|m| m.to_device(d))),
+            write_at: self
+                .layouts
+                .iter()
+                .map(|l| {
+                    decode_starts.map(|starts| {
+                        (
+                            Tensor::arange(rows, (Kind::Int64, l.device)),
+                            Tensor::from_slice(starts).to_device(l.device),
+                        )
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// One decoder block: attention and MLP with their residuals, shards summed on the main device.
+    fn block_forward(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        ctx: &StepCtx,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor {
         let h = block.input_norm.forward(x);
         let attn = self.all_reduce(block, |s, shard| {
-            shard.attention(&h.to_device(shard.device), &ctx, s, None)
+            shard.attention(&h.to_device(shard.device), ctx, s, cache.as_deref_mut())
         });
         let x = x + attn;
         let h = block.post_norm.forward(&x);
         let mlp = self.all_reduce(block, |s, shard| {
-            shard.mlp(&h.to_device(shard.device), &ctx, s)
+            shard.mlp(&h.to_device(shard.device), ctx, s)
         });
         x + mlp
     }
