@@ -15,10 +15,7 @@ if [ -z "$model" ] || [ "${model#--}" != "$model" ]; then
 else
     shift
 fi
-if ! python -c 'import transformers, peft, gguf; assert transformers.__version__.startswith("5.")' 2>/dev/null; then
-    echo "bench: installing transformers 5, peft and gguf into $VIRTUAL_ENV" >&2
-    python -m pip install --disable-pip-version-check -q "transformers>=5,<6" peft gguf
-fi
+. scripts/setup-reference.sh
 cargo build --release --locked -p tessera-engine --example bench_engine
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

@@ -7,10 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
 model="${1:-$(scripts/fetch-model.sh)}"
-if ! python -c 'import transformers, peft, gguf; assert transformers.__version__.startswith("5.")' 2>/dev/null; then
-    echo "bench: installing transformers 5, peft and gguf into $VIRTUAL_ENV" >&2
-    python -m pip install --disable-pip-version-check -q "transformers>=5,<6" peft gguf
-fi
+. scripts/setup-reference.sh
 cargo build --release --locked -p tessera-engine --example bench_train
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

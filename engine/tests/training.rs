@@ -78,6 +78,28 @@ fn setup() -> Setup {
     }
 }
 
+fn job(s: &Setup, dataset: PathBuf, out: &str, hyperparameters: Hyperparameters) -> TrainJob {
+    TrainJob {
+        dataset_path: dataset,
+        output_path: s.dir.path().join(out),
+        base_model: None,
+        hyperparameters,
+    }
+}
+
+/// A job that must fail before training: its error text.
+fn failure(s: &Setup, job: &TrainJob) -> String {
+    train(
+        &s.model,
+        &s.tokenizer,
+        job,
+        &TrainOptions::default(),
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string()
+}
+
 fn run(s: &Setup, job: &TrainJob, options: &TrainOptions) -> (TrainOutcome, Vec<Progress>) {
     let mut history = Vec::new();
     let outcome = train(&s.model, &s.tokenizer, job, options, |p| {
@@ -96,15 +118,11 @@ fn text_dataset(s: &Setup) -> PathBuf {
 fn loss_falls_below_a_tenth_and_the_base_is_untouched() {
     let s = setup();
     let before: Vec<tch::Tensor> = s.model.base_tensors().iter().map(|t| t.copy()).collect();
-    let job = TrainJob {
-        dataset_path: text_dataset(&s),
-        output_path: s.dir.path().join("out"),
-        base_model: None,
-        hyperparameters: Hyperparameters {
-            num_epochs: 40,
-            ..quick()
-        },
+    let h = Hyperparameters {
+        num_epochs: 40,
+        ..quick()
     };
+    let job = job(&s, text_dataset(&s), "out", h);
     let (outcome, history) = run(&s, &job, &TrainOptions::default());
     let TrainOutcome::Completed(summary) = outcome else {
         panic!("not completed")
@@ -194,21 +212,9 @@ fn bad_lines_are_reported_by_number_or_skipped() {
     let lines: Vec<usize> = data.skipped.iter().map(|(l, _)| *l).collect();
     assert_eq!(lines, vec![3, 4, 5]);
     // A job on it fails before training, naming the line.
-    let job = TrainJob {
-        dataset_path: path,
-        output_path: s.dir.path().join("out"),
-        base_model: None,
-        hyperparameters: quick(),
-    };
-    let err = train(
-        &s.model,
-        &s.tokenizer,
-        &job,
-        &TrainOptions::default(),
-        |_| {},
-    )
-    .unwrap_err();
-    assert!(err.to_string().contains("line 3"), "{err}");
+    let job = job(&s, path, "out", quick());
+    let err = failure(&s, &job);
+    assert!(err.contains("line 3"), "{err}");
     assert!(!job.output_path.join("adapter_model.safetensors").exists());
 }
 
@@ -226,12 +232,7 @@ fn resume_repeats_the_uninterrupted_loss_curve() {
         ..quick()
     };
     let data = text_dataset(&s);
-    let job = |name: &str| TrainJob {
-        dataset_path: data.clone(),
-        output_path: s.dir.path().join(name),
-        base_model: None,
-        hyperparameters: h.clone(),
-    };
+    let job = |name: &str| job(&s, data.clone(), name, h.clone());
     let (_, full) = run(&s, &job("full"), &TrainOptions::default());
     assert_eq!(full.len(), 12);
 
@@ -289,17 +290,13 @@ fn recomputing_layers_gives_the_same_training() {
     let s = setup();
     let data = text_dataset(&s);
     let go = |checkpointing: bool, name: &str| {
-        let job = TrainJob {
-            dataset_path: data.clone(),
-            output_path: s.dir.path().join(name),
-            base_model: None,
-            hyperparameters: Hyperparameters {
-                num_epochs: 1,
-                lora_dropout: 0.1,
-                gradient_checkpointing: checkpointing,
-                ..quick()
-            },
+        let h = Hyperparameters {
+            num_epochs: 1,
+            lora_dropout: 0.1,
+            gradient_checkpointing: checkpointing,
+            ..quick()
         };
+        let job = job(&s, data.clone(), name, h);
         let (_, history) = run(&s, &job, &TrainOptions::default());
         let adapter = tessera_engine::weights::read_safetensors(
             &job.output_path.join("adapter_model.safetensors"),
@@ -334,19 +331,9 @@ fn bad_hyperparameters_name_the_field() {
     let err = Hyperparameters::from_json(json!({"num_epochs": 0})).unwrap_err();
     assert_eq!(err.field, "num_epochs");
     let s = setup();
-    let job = TrainJob {
-        dataset_path: s.model_dir.join("missing.jsonl"),
-        output_path: s.dir.path().join("out"),
-        base_model: None,
-        hyperparameters: quick(),
-    };
-    let err = train(
-        &s.model,
-        &s.tokenizer,
-        &job,
-        &TrainOptions::default(),
-        |_| {},
-    )
-    .unwrap_err();
-    assert!(err.to_string().contains("missing.jsonl"), "{err}");
+    let err = failure(
+        &s,
+        &job(&s, s.model_dir.join("missing.jsonl"), "out", quick()),
+    );
+    assert!(err.contains("missing.jsonl"), "{err}");
 }
