@@ -47,6 +47,12 @@ pub enum Command {
     Generate(crate::generate::GenerateArgs),
     /// Fine-tune a LoRA adapter in the foreground (SFT on a JSONL dataset).
     Train(crate::train::TrainArgs),
+    /// Chat with a running head (POST /chat): tokens stream to stdout as they arrive.
+    Chat(crate::client::ChatArgs),
+    /// Submit a fine-tune job to a running head (POST /fine-tune) and print its id.
+    FineTune(crate::client::FineTuneArgs),
+    /// List a head's fine-tune jobs, show or cancel one, or follow its progress.
+    Jobs(crate::client::JobsArgs),
     /// Print what this machine has: torch, CUDA devices, CPU, RAM, the model, the config in effect.
     Doctor,
 }
@@ -103,7 +109,12 @@ impl Cli {
                     out.push(format!("model.path={}", quoted(&model.to_string_lossy())));
                 }
             }
-            Command::Doctor | Command::Generate(_) | Command::Train(_) => {}
+            Command::Doctor
+            | Command::Generate(_)
+            | Command::Train(_)
+            | Command::Chat(_)
+            | Command::FineTune(_)
+            | Command::Jobs(_) => {}
         }
         out
     }

@@ -13,7 +13,13 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 /// Environment variables with the `TESSERA_` prefix that the scripts and tests use and that are not
 /// settings. Any other `TESSERA_*` variable must name a setting.
-pub const NON_CONFIG_ENV: &[&str] = &["TESSERA_CACHE", "TESSERA_REFERENCE_DIR"];
+pub const NON_CONFIG_ENV: &[&str] = &[
+    "TESSERA_CACHE",
+    "TESSERA_REFERENCE_DIR",
+    "TESSERA_PYTHON",
+    "TESSERA_REQUIRE_OPENAI",
+    "TESSERA_TEST_HOOKS",
+];
 
 /// Name of the default model file, fetched by `scripts/fetch-model.sh` into the models cache.
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -74,6 +80,7 @@ pub struct Config {
     pub adapters: AdaptersConfig,
     pub training: TrainingConfig,
     pub jobs: JobsConfig,
+    pub supervision: tessera_actors::restart_policy::RestartPolicy,
     pub cluster: ClusterConfig,
 }
 
@@ -85,6 +92,8 @@ pub struct ServerConfig {
     pub auth_token: String,
     pub max_body_bytes: u64,
     pub request_timeout_secs: u64,
+    pub allow_unauthenticated: bool,
+    pub shutdown_grace_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -142,6 +151,7 @@ pub struct AdaptersConfig {
     pub root: String,
     pub cache_size: u32,
     pub cache_memory_mb: u64,
+    pub affinity_slack: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -299,6 +309,26 @@ impl Config {
         }
         if self.adapters.cache_size == 0 {
             return Err(bad("adapters.cache_size", "must be at least 1".into()));
+        }
+        if self.server.auth_token.is_empty() && !self.server.allow_unauthenticated {
+            let loopback = self
+                .server
+                .bind
+                .parse::<IpAddr>()
+                .map(|ip| ip.is_loopback())
+                .unwrap_or(false);
+            if !loopback {
+                return Err(bad(
+                    "server.auth_token",
+                    format!(
+                        "required when binding {} (not loopback); set one, or set server.allow_unauthenticated = true to serve without auth",
+                        self.server.bind
+                    ),
+                ));
+            }
+        }
+        if self.supervision.max_restarts == 0 {
+            return Err(bad("supervision.max_restarts", "must be at least 1".into()));
         }
         if self.cluster.cookie.is_empty() {
             return Err(bad("cluster.cookie", "must not be empty".into()));

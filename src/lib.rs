@@ -2,8 +2,11 @@
 //! from `main` so tests drive them directly.
 
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod doctor;
 pub mod generate;
+pub mod head;
+pub mod http;
 pub mod logging;
 pub mod train;

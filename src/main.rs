@@ -14,7 +14,14 @@ fn main() -> anyhow::Result<()> {
         cli.overrides(),
     ))
     .context("configuration")?;
-    let output_on_stdout = matches!(cli.command, Command::Generate(_) | Command::Train(_));
+    let output_on_stdout = matches!(
+        cli.command,
+        Command::Generate(_)
+            | Command::Train(_)
+            | Command::Chat(_)
+            | Command::FineTune(_)
+            | Command::Jobs(_)
+    );
     tessera::logging::init(config.log.format, &config.log.level, output_on_stdout)?;
 
     match cli.command {
@@ -24,15 +31,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Generate(args) => tessera::generate::run(args, &config),
         Command::Train(args) => tessera::train::run(args, &config),
-        Command::Head(_) => {
-            tracing::info!(
-                bind = %config.server.bind,
-                port = config.server.port,
-                model = %config.model_path().display(),
-                "tessera head: the actor tree and HTTP facade are not built yet (issue 5); nothing to serve"
-            );
-            Ok(())
-        }
+        Command::Chat(args) => tessera::client::chat(args, &config),
+        Command::FineTune(args) => tessera::client::fine_tune(args, &config),
+        Command::Jobs(args) => tessera::client::jobs(args, &config),
+        Command::Head(_) => tessera::head::run(&config),
         Command::Worker(args) => {
             tracing::info!(
                 join = %args.join,

@@ -117,6 +117,7 @@ pub fn run(args: TrainArgs, config: &Config) -> anyhow::Result<()> {
         resume: args.resume,
         cancel,
         base_model_name: model_path.display().to_string(),
+        checkpoint_on_cancel: Arc::new(AtomicBool::new(true)),
     };
     let terminal = std::io::stderr().is_terminal();
     let outcome = train(&loaded.model, &loaded.tokenizer, &job, &options, |p| {

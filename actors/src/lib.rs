@@ -1,4 +1,19 @@
-//! Tessera's actor side. For now: what a node has ([`inventory`]) and how its devices are split
-//! between inference and training. The supervision tree, inference and trainer actors come next.
+//! Tessera's actor tree (ractor). Per node: a [`supervisor`] with restart policies over the
+//! [`jobs`] manager, [`trainer`]s and [`inference`] replicas; the [`router`] that picks a replica
+//! per request; the [`inventory`] and its [`placement`] into actors; the [`node`] handle the HTTP
+//! facade drives. Every payload that may cross nodes is a serde type ([`messages`], [`jobs::types`]).
 
+pub mod directory;
+pub mod health;
+pub mod inference;
 pub mod inventory;
+pub mod jobs;
+pub mod messages;
+pub mod node;
+pub mod placement;
+pub mod restart_policy;
+pub mod router;
+pub mod supervisor;
+pub mod trainer;
+
+pub use node::{Node, NodeConfig};

@@ -88,6 +88,9 @@ pub struct TrainOptions {
     pub cancel: Arc<AtomicBool>,
     /// The base model's name or path, written into `adapter_config.json`.
     pub base_model_name: String,
+    /// On cancel, first save a checkpoint of the steps done since the last one (a head shutting
+    /// down keeps its jobs' work; a user's cancel does not need it). Read when the cancel is seen.
+    pub checkpoint_on_cancel: Arc<AtomicBool>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -156,6 +159,20 @@ pub fn train(
     let mut epoch_order: Option<(usize, Vec<usize>)> = None;
     while state.step < total_steps {
         if options.cancel.load(Ordering::Relaxed) {
+            let saved_step = last_checkpoint.as_deref().and_then(checkpoint_step);
+            if options.checkpoint_on_cancel.load(Ordering::Relaxed)
+                && state.step > 0
+                && saved_step != Some(state.step)
+            {
+                last_checkpoint = Some(save_checkpoint(
+                    out,
+                    &lora,
+                    &opt,
+                    &state,
+                    h,
+                    &options.base_model_name,
+                )?);
+            }
             return Ok(TrainOutcome::Cancelled {
                 step: state.step,
                 last_checkpoint,
@@ -422,6 +439,15 @@ fn save_checkpoint(
 }
 
 /// The complete checkpoint with the highest step under `out`.
+/// The step a `checkpoint-<step>` directory holds.
+pub fn checkpoint_step(dir: &Path) -> Option<usize> {
+    dir.file_name()?
+        .to_str()?
+        .strip_prefix("checkpoint-")?
+        .parse()
+        .ok()
+}
+
 pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
     std::fs::read_dir(out)
         .ok()?

@@ -1,0 +1,239 @@
+//! The inference actor: one per replica. It owns an [`Engine`] (model on the replica's devices,
+//! tensor parallel across them, its own OS thread and adapter cache) and is the replica's mailbox:
+//! [`ChatWork`] in, [`StreamEvent`]s out through a bounded channel (a slow client slows only its
+//! own stream; a client gone cancels its sequence).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tessera_engine::engine::SubmitError;
+use tessera_engine::scheduler::SchedulerStats;
+use tessera_engine::tokenizer::Tokenizer;
+use tessera_engine::{Engine, EngineConfig, Event, GenerateRequest};
+use tokio::sync::mpsc;
+
+use crate::messages::{
+    ChatWork, PromptInput, ServeError, ServeErrorKind, StreamEvent, TokenOut, TopLogprob,
+};
+use crate::router::Router;
+
+pub enum InferenceMsg {
+    Generate {
+        work: ChatWork,
+        sink: mpsc::Sender<StreamEvent>,
+    },
+    Stats(RpcReplyPort<SchedulerStats>),
+    /// Test hook: make the actor panic (only sent when test hooks are enabled).
+    Crash,
+}
+
+impl ractor::Message for InferenceMsg {}
+
+#[derive(Clone)]
+pub struct InferenceArgs {
+    pub name: String,
+    pub model_path: PathBuf,
+    pub devices: Vec<tch::Device>,
+    pub kind: Option<tch::Kind>,
+    pub engine: EngineConfig,
+    pub router: Router,
+}
+
+pub struct InferenceState {
+    engine: Engine,
+    name: String,
+}
+
+pub struct InferenceActor;
+
+impl Actor for InferenceActor {
+    type Msg = InferenceMsg;
+    type State = InferenceState;
+    type Arguments = InferenceArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: InferenceArgs,
+    ) -> Result<InferenceState, ActorProcessingErr> {
+        let path = args.model_path.clone();
+        let (devices, kind) = (args.devices.clone(), args.kind);
+        let started = std::time::Instant::now();
+        // Loading blocks for a while: never on the async runtime's threads.
+        let loaded =
+            tokio::task::spawn_blocking(move || tessera_engine::load(&path, &devices, kind))
+                .await?
+                .map_err(|e| format!("loading {}: {e}", args.model_path.display()))?;
+        tracing::info!(
+            replica = %args.name,
+            model = %loaded.name,
+            devices = ?args.devices,
+            seconds = started.elapsed().as_secs_f64(),
+            "inference replica loaded its model"
+        );
+        args.router.set_model_name(&args.name, &loaded.name);
+        let engine = Engine::start(loaded.model, loaded.tokenizer, args.engine);
+        Ok(InferenceState {
+            engine,
+            name: args.name,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: InferenceMsg,
+        state: &mut InferenceState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            InferenceMsg::Generate { work, sink } => {
+                let request_id = work.request_id.clone();
+                match submit(&state.engine, work) {
+                    Ok((generation, prompt_tokens)) => {
+                        let tokenizer = state.engine.tokenizer().clone();
+                        let replica = state.name.clone();
+                        tokio::spawn(forward(generation, tokenizer, sink, replica, prompt_tokens));
+                    }
+                    Err(Failure::Request(e)) => {
+                        let _ = sink.send(StreamEvent::Error(e)).await;
+                    }
+                    Err(Failure::EngineStopped) => {
+                        let e = ServeError::unavailable(format!(
+                            "replica {} stopped; it is being restarted, retry shortly",
+                            state.name
+                        ));
+                        let _ = sink.send(StreamEvent::Error(e)).await;
+                        // Broken: let the supervisor restart us with a fresh engine.
+                        return Err(format!("engine stopped (request {request_id})").into());
+                    }
+                }
+            }
+            InferenceMsg::Stats(reply) => {
+                let _ = reply.send(state.engine.stats());
+            }
+            InferenceMsg::Crash => panic!("test hook: replica {} told to crash", state.name),
+        }
+        Ok(())
+    }
+}
+
+enum Failure {
+    Request(ServeError),
+    EngineStopped,
+}
+
+/// Renders and encodes the prompt, then queues it on the engine.
+fn submit(engine: &Engine, work: ChatWork) -> Result<(tessera_engine::Generation, usize), Failure> {
+    let tokenizer = engine.tokenizer();
+    let internal = |what: &str, e: &dyn std::fmt::Display| {
+        Failure::Request(ServeError::new(
+            ServeErrorKind::Internal,
+            format!("{what}: {e}"),
+        ))
+    };
+    let prompt = match &work.input {
+        PromptInput::Raw(text) => tokenizer
+            .encode(text, true)
+            .map_err(|e| internal("tokenizing the prompt", &e))?,
+        PromptInput::Messages(messages) => {
+            let text = tokenizer
+                .apply_chat_template(messages, true)
+                .map_err(|e| Failure::Request(ServeError::invalid("messages", e.to_string())))?;
+            tokenizer
+                .encode(&text, false)
+                .map_err(|e| internal("tokenizing the prompt", &e))?
+        }
+    };
+    let prompt_tokens = prompt.len();
+    let mut params = work.params;
+    if work.clamp_max_tokens {
+        let context = engine.model_config().max_position_embeddings;
+        params.max_tokens = params
+            .max_tokens
+            .min(context.saturating_sub(prompt_tokens))
+            .max(1);
+    }
+    let request = GenerateRequest {
+        prompt,
+        params,
+        adapter: work.adapter,
+    };
+    match engine.submit(request) {
+        Ok(generation) => Ok((generation, prompt_tokens)),
+        Err(SubmitError::Invalid(e)) => {
+            Err(Failure::Request(ServeError::invalid(e.field, e.message)))
+        }
+        Err(SubmitError::Adapter(e)) => Err(Failure::Request(ServeError {
+            kind: ServeErrorKind::Adapter,
+            message: e.to_string(),
+            field: Some("adapter_path".into()),
+        })),
+        Err(e @ SubmitError::QueueFull(_)) => Err(Failure::Request(ServeError::new(
+            ServeErrorKind::Overloaded,
+            e.to_string(),
+        ))),
+        Err(SubmitError::Stopped) => Err(Failure::EngineStopped),
+    }
+}
+
+/// Moves a generation's events into the stream, waiting for the client when its buffer is full.
+/// Returns (dropping the generation, which cancels it) when the client is gone.
+async fn forward(
+    mut generation: tessera_engine::Generation,
+    tokenizer: Arc<Tokenizer>,
+    sink: mpsc::Sender<StreamEvent>,
+    replica: String,
+    prompt_tokens: usize,
+) {
+    if sink
+        .send(StreamEvent::Started {
+            replica,
+            prompt_tokens,
+        })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let piece = |id: u32| tokenizer.decode(&[id], false).unwrap_or_default();
+    while let Some(event) = generation.next().await {
+        let out = match event {
+            Event::Token { sampled, text } => StreamEvent::Token(TokenOut {
+                id: sampled.token,
+                token: piece(sampled.token),
+                text,
+                logprob: sampled.logprob,
+                top_logprobs: sampled
+                    .top_logprobs
+                    .iter()
+                    .map(|&(id, logprob)| TopLogprob {
+                        id,
+                        token: piece(id),
+                        logprob,
+                    })
+                    .collect(),
+            }),
+            Event::Finished {
+                text,
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => StreamEvent::Finished {
+                text,
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            },
+            // The engine fails a sequence only when its adapter cannot be loaded.
+            Event::Error { message } => StreamEvent::Error(ServeError {
+                kind: ServeErrorKind::Adapter,
+                message,
+                field: Some("adapter_path".into()),
+            }),
+        };
+        if sink.send(out).await.is_err() {
+            return;
+        }
+    }
+}

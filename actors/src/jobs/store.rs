@@ -1,0 +1,433 @@
+//! Fine-tune jobs in an embedded SQLite database: one row per job, one row per progress point,
+//! so a head that restarts (or crashes) loses no job and no history.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use tessera_engine::train::hyperparams::TrainJob;
+
+use super::types::{
+    JobError, JobPage, JobQuery, JobRecord, JobSpec, JobState, Priority, ProgressPoint,
+};
+use crate::health::now_s;
+
+pub struct JobStore {
+    conn: Connection,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    priority TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    trainer TEXT,
+    node TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    summary TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
+CREATE TABLE IF NOT EXISTS progress (
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    step INTEGER NOT NULL,
+    point TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS progress_job ON progress(job_id, step);
+";
+
+fn store_err(e: impl std::fmt::Display) -> JobError {
+    JobError::Store(e.to_string())
+}
+
+impl JobStore {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, JobError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| store_err(format!("{}: {e}", dir.display())))?;
+        }
+        let conn =
+            Connection::open(path).map_err(|e| store_err(format!("{}: {e}", path.display())))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(store_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(store_err)?;
+        conn.execute_batch(SCHEMA).map_err(store_err)?;
+        Ok(Self { conn })
+    }
+
+    pub fn insert(&self, id: &str, spec: &JobSpec) -> Result<JobRecord, JobError> {
+        let seq: i64 = self
+            .conn
+            .query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs", [], |r| {
+                r.get(0)
+            })
+            .map_err(store_err)?;
+        self.conn
+            .execute(
+                "INSERT INTO jobs (id, seq, status, priority, spec, created_at) VALUES (?1, ?2, 'queued', ?3, ?4, ?5)",
+                params![
+                    id,
+                    seq,
+                    spec.priority.as_str(),
+                    serde_json::to_string(&spec.train).map_err(store_err)?,
+                    now_s()
+                ],
+            )
+            .map_err(store_err)?;
+        self.get(id, false)
+    }
+
+    pub fn get(&self, id: &str, with_history: bool) -> Result<JobRecord, JobError> {
+        let mut record = self
+            .conn
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"),
+                [id],
+                row_to_record,
+            )
+            .optional()
+            .map_err(store_err)?
+            .ok_or_else(|| JobError::NotFound(id.to_string()))?;
+        record.progress = self.last_progress(id)?;
+        if with_history {
+            record.history = Some(self.history(id)?);
+        }
+        Ok(record)
+    }
+
+    pub fn spec(&self, id: &str) -> Result<JobSpec, JobError> {
+        let (spec, priority): (String, String) = self
+            .conn
+            .query_row("SELECT spec, priority FROM jobs WHERE id = ?1", [id], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+            .map_err(store_err)?
+            .ok_or_else(|| JobError::NotFound(id.to_string()))?;
+        Ok(JobSpec {
+            train: serde_json::from_str(&spec).map_err(store_err)?,
+            priority: Priority::parse(&priority).unwrap_or_default(),
+        })
+    }
+
+    pub fn list(&self, query: &JobQuery) -> Result<JobPage, JobError> {
+        let status = query.status.map(|s| s.as_str().to_string());
+        let total: i64 = self
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM jobs WHERE ?1 IS NULL OR status = ?1",
+                [&status],
+                |r| r.get(0),
+            )
+            .map_err(store_err)?;
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT {COLUMNS} FROM jobs WHERE ?1 IS NULL OR status = ?1 ORDER BY seq DESC LIMIT ?2 OFFSET ?3"
+            ))
+            .map_err(store_err)?;
+        let mut jobs = stmt
+            .query_map(
+                params![status, query.limit as i64, query.offset as i64],
+                row_to_record,
+            )
+            .map_err(store_err)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(store_err)?;
+        for job in &mut jobs {
+            job.progress = self.last_progress(&job.id)?;
+        }
+        Ok(JobPage {
+            jobs,
+            total: total as usize,
+            limit: query.limit,
+            offset: query.offset,
+        })
+    }
+
+    /// Queued jobs in the order they should run: priority, then submission.
+    pub fn queued(&self) -> Result<Vec<String>, JobError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id FROM jobs WHERE status = 'queued' ORDER BY
+                 CASE priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END, seq",
+            )
+            .map_err(store_err)?;
+        let ids = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(store_err)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(store_err)?;
+        Ok(ids)
+    }
+
+    pub fn with_status(&self, status: JobState) -> Result<Vec<String>, JobError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id FROM jobs WHERE status = ?1 ORDER BY seq")
+            .map_err(store_err)?;
+        let ids = stmt
+            .query_map([status.as_str()], |r| r.get::<_, String>(0))
+            .map_err(store_err)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(store_err)?;
+        Ok(ids)
+    }
+
+    pub fn counts(&self) -> Result<Vec<(JobState, usize)>, JobError> {
+        JobState::ALL
+            .into_iter()
+            .map(|s| {
+                self.conn
+                    .query_row(
+                        "SELECT COUNT(*) FROM jobs WHERE status = ?1",
+                        [s.as_str()],
+                        |r| r.get::<_, i64>(0),
+                    )
+                    .map(|n| (s, n as usize))
+                    .map_err(store_err)
+            })
+            .collect()
+    }
+
+    pub fn mark_running(&self, id: &str, trainer: &str, node: &str) -> Result<(), JobError> {
+        self.exec(
+            "UPDATE jobs SET status = 'running', trainer = ?2, node = ?3, attempts = attempts + 1,
+             started_at = COALESCE(started_at, ?4) WHERE id = ?1",
+            params![id, trainer, node, now_s()],
+        )
+    }
+
+    /// Back to the queue (a lost trainer, a head shutdown): it resumes from its checkpoint.
+    pub fn requeue(&self, id: &str) -> Result<(), JobError> {
+        self.exec(
+            "UPDATE jobs SET status = 'queued' WHERE id = ?1 AND status = 'running'",
+            params![id],
+        )
+    }
+
+    pub fn request_cancel(&self, id: &str) -> Result<(), JobError> {
+        self.exec(
+            "UPDATE jobs SET cancel_requested = 1 WHERE id = ?1",
+            params![id],
+        )
+    }
+
+    pub fn cancel_requested(&self, id: &str) -> Result<bool, JobError> {
+        self.conn
+            .query_row(
+                "SELECT cancel_requested FROM jobs WHERE id = ?1",
+                [id],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|v| v != 0)
+            .map_err(store_err)
+    }
+
+    pub fn finish(
+        &self,
+        id: &str,
+        status: JobState,
+        error: Option<&str>,
+        summary: Option<&serde_json::Value>,
+    ) -> Result<(), JobError> {
+        self.exec(
+            "UPDATE jobs SET status = ?2, error = ?3, summary = ?4, finished_at = ?5 WHERE id = ?1",
+            params![
+                id,
+                status.as_str(),
+                error,
+                summary.map(|s| s.to_string()),
+                now_s()
+            ],
+        )
+    }
+
+    pub fn add_progress(&self, id: &str, point: &ProgressPoint) -> Result<(), JobError> {
+        // A resumed run repeats the steps after its checkpoint: keep the newest of each step.
+        self.exec(
+            "DELETE FROM progress WHERE job_id = ?1 AND step >= ?2",
+            params![id, point.step as i64],
+        )?;
+        self.exec(
+            "INSERT INTO progress (job_id, step, point) VALUES (?1, ?2, ?3)",
+            params![
+                id,
+                point.step as i64,
+                serde_json::to_string(point).map_err(store_err)?
+            ],
+        )
+    }
+
+    pub fn history(&self, id: &str) -> Result<Vec<ProgressPoint>, JobError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT point FROM progress WHERE job_id = ?1 ORDER BY step")
+            .map_err(store_err)?;
+        let points = stmt
+            .query_map([id], |r| r.get::<_, String>(0))
+            .map_err(store_err)?
+            .map(|p| {
+                p.map_err(store_err)
+                    .and_then(|p| serde_json::from_str(&p).map_err(store_err))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(points)
+    }
+
+    fn last_progress(&self, id: &str) -> Result<Option<ProgressPoint>, JobError> {
+        let point: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT point FROM progress WHERE job_id = ?1 ORDER BY step DESC LIMIT 1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(store_err)?;
+        point
+            .map(|p| serde_json::from_str(&p).map_err(store_err))
+            .transpose()
+    }
+
+    fn exec(&self, sql: &str, params: impl rusqlite::Params) -> Result<(), JobError> {
+        self.conn
+            .execute(sql, params)
+            .map(|_| ())
+            .map_err(store_err)
+    }
+}
+
+const COLUMNS: &str = "id, status, priority, spec, created_at, started_at, finished_at, trainer, node, attempts, error, summary";
+
+fn row_to_record(r: &Row<'_>) -> rusqlite::Result<JobRecord> {
+    let bad = |i: usize, e: String| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.into())
+    };
+    let status: String = r.get(1)?;
+    let priority: String = r.get(2)?;
+    let spec: String = r.get(3)?;
+    let train: TrainJob = serde_json::from_str(&spec).map_err(|e| bad(3, e.to_string()))?;
+    let summary: Option<String> = r.get(11)?;
+    let summary: Option<serde_json::Value> = summary
+        .map(|s| serde_json::from_str(&s))
+        .transpose()
+        .map_err(|e| bad(11, e.to_string()))?;
+    let status = JobState::parse(&status).ok_or_else(|| bad(1, format!("status `{status}`")))?;
+    Ok(JobRecord {
+        id: r.get(0)?,
+        status,
+        priority: Priority::parse(&priority).unwrap_or_default(),
+        adapter_path: (status == JobState::Succeeded).then(|| train.output_path.clone()),
+        dataset_path: train.dataset_path,
+        output_path: train.output_path,
+        base_model: train.base_model,
+        hyperparameters: serde_json::to_value(&train.hyperparameters).unwrap_or_default(),
+        created_at: r.get(4)?,
+        started_at: r.get(5)?,
+        finished_at: r.get(6)?,
+        trainer: r.get(7)?,
+        node: r.get(8)?,
+        attempts: r.get::<_, i64>(9)? as u32,
+        progress: None,
+        error: r.get(10)?,
+        summary,
+        history: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_engine::train::hyperparams::Hyperparameters;
+
+    fn spec(priority: Priority) -> JobSpec {
+        JobSpec {
+            train: TrainJob {
+                dataset_path: "/data/d.jsonl".into(),
+                output_path: "/out/a".into(),
+                base_model: None,
+                hyperparameters: Hyperparameters::default(),
+            },
+            priority,
+        }
+    }
+
+    fn point(step: usize, loss: f64) -> ProgressPoint {
+        ProgressPoint {
+            step,
+            total_steps: 10,
+            epoch: 1,
+            loss,
+            learning_rate: 1e-4,
+            tokens_per_s: 100.0,
+            eval_loss: None,
+            at: 0.0,
+        }
+    }
+
+    #[test]
+    fn jobs_and_history_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.sqlite");
+        {
+            let store = JobStore::open(&path).unwrap();
+            store.insert("a", &spec(Priority::Normal)).unwrap();
+            store.mark_running("a", "trainer-0", "head").unwrap();
+            store.add_progress("a", &point(1, 2.0)).unwrap();
+            store.add_progress("a", &point(2, 1.5)).unwrap();
+        }
+        let store = JobStore::open(&path).unwrap();
+        let a = store.get("a", true).unwrap();
+        assert_eq!(a.status, JobState::Running);
+        assert_eq!(a.attempts, 1);
+        assert_eq!(a.progress.as_ref().unwrap().step, 2);
+        assert_eq!(a.history.as_ref().unwrap().len(), 2);
+        // A resume from step 1 replaces the points after it.
+        store.add_progress("a", &point(2, 1.4)).unwrap();
+        let h = store.history("a").unwrap();
+        assert_eq!(h.iter().map(|p| p.loss).collect::<Vec<_>>(), vec![2.0, 1.4]);
+        assert!(matches!(store.get("zz", false), Err(JobError::NotFound(_))));
+    }
+
+    #[test]
+    fn queue_order_is_priority_then_fifo_and_lists_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::open(&dir.path().join("j.sqlite")).unwrap();
+        for (id, p) in [
+            ("l1", Priority::Low),
+            ("n1", Priority::Normal),
+            ("h1", Priority::High),
+            ("n2", Priority::Normal),
+            ("h2", Priority::High),
+        ] {
+            store.insert(id, &spec(p)).unwrap();
+        }
+        assert_eq!(store.queued().unwrap(), vec!["h1", "h2", "n1", "n2", "l1"]);
+        store
+            .finish("n1", JobState::Failed, Some("boom"), None)
+            .unwrap();
+        let page = store
+            .list(&JobQuery {
+                status: Some(JobState::Queued),
+                limit: 2,
+                offset: 1,
+            })
+            .unwrap();
+        assert_eq!(page.total, 4);
+        let ids: Vec<_> = page.jobs.iter().map(|j| j.id.as_str()).collect();
+        assert_eq!(ids, vec!["n2", "h1"], "newest first, second page");
+        let failed = store.get("n1", false).unwrap();
+        assert_eq!(failed.error.as_deref(), Some("boom"));
+        let counts = store.counts().unwrap();
+        assert!(counts.contains(&(JobState::Queued, 4)));
+    }
+}

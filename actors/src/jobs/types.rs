@@ -1,0 +1,202 @@
+//! What a fine-tune job is: its spec, state, priority, progress history and outcome. Serde types,
+//! shared by the store, the actors, the HTTP facade and (issue 6) other nodes.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use tessera_engine::train::hyperparams::TrainJob;
+use tessera_engine::train::trainer::Progress;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 5] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+    Low,
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Priority::High, Priority::Normal, Priority::Low]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+    }
+
+    /// Sort key: lower runs first.
+    pub fn rank(self) -> i64 {
+        match self {
+            Priority::High => 0,
+            Priority::Normal => 1,
+            Priority::Low => 2,
+        }
+    }
+}
+
+/// A job to queue: what to train (paths already checked by the facade) and how urgently.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub train: TrainJob,
+    pub priority: Priority,
+}
+
+/// One point of a job's progress history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProgressPoint {
+    pub step: usize,
+    pub total_steps: usize,
+    pub epoch: usize,
+    pub loss: f64,
+    pub learning_rate: f64,
+    pub tokens_per_s: f64,
+    pub eval_loss: Option<f64>,
+    /// Seconds since the Unix epoch.
+    pub at: f64,
+}
+
+impl ProgressPoint {
+    pub fn from_progress(p: &Progress, at: f64) -> Self {
+        Self {
+            step: p.step,
+            total_steps: p.total_steps,
+            epoch: p.epoch,
+            loss: p.loss,
+            learning_rate: p.learning_rate,
+            tokens_per_s: p.tokens_per_s,
+            eval_loss: p.eval_loss,
+            at,
+        }
+    }
+}
+
+/// How a trainer's run of a job ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum RunResult {
+    /// The adapter is written; `summary` is `training_summary.json`'s content.
+    Succeeded {
+        summary: serde_json::Value,
+    },
+    Failed {
+        error: String,
+    },
+    /// Stopped by a cancel (the user's, or a shutdown's: the manager knows which).
+    Stopped {
+        step: usize,
+    },
+}
+
+/// A job as stored and as `GET /jobs/{id}` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub status: JobState,
+    pub priority: Priority,
+    pub dataset_path: PathBuf,
+    pub output_path: PathBuf,
+    pub base_model: Option<PathBuf>,
+    pub hyperparameters: serde_json::Value,
+    pub created_at: f64,
+    pub started_at: Option<f64>,
+    pub finished_at: Option<f64>,
+    /// The trainer (and node) running it, or that ran it last.
+    pub trainer: Option<String>,
+    pub node: Option<String>,
+    /// Times a trainer started it (more than one after a resume).
+    pub attempts: u32,
+    /// The latest progress point.
+    pub progress: Option<ProgressPoint>,
+    pub error: Option<String>,
+    /// The adapter directory, once succeeded (usable as `adapter_path` at once).
+    pub adapter_path: Option<PathBuf>,
+    pub summary: Option<serde_json::Value>,
+    /// Every progress point, oldest first (only in single-job views).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history: Option<Vec<ProgressPoint>>,
+}
+
+/// A filter and a page of `GET /jobs`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobQuery {
+    pub status: Option<JobState>,
+    pub limit: usize,
+    pub offset: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobPage {
+    pub jobs: Vec<JobRecord>,
+    pub total: usize,
+    pub limit: usize,
+    pub offset: usize,
+}
+
+/// What `GET /jobs/{id}/events` streams.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum JobEvent {
+    Progress(ProgressPoint),
+    /// The job changed state; the record as it is now.
+    State(Box<JobRecord>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum JobError {
+    #[error("no job with id `{0}`")]
+    NotFound(String),
+    #[error("job `{id}` is already {state}; only queued or running jobs can be cancelled")]
+    Final { id: String, state: &'static str },
+    #[error("job store: {0}")]
+    Store(String),
+    #[error("the job manager is not running; retry shortly")]
+    Unavailable,
+}

@@ -1,0 +1,135 @@
+//! The payloads that travel between the HTTP facade and the actors, and (issue 6) between nodes:
+//! chat work, token streams, errors with their HTTP meaning, and replica descriptions. All of them
+//! are plain serde types, so a node boundary only has to frame them; no tensor or handle inside.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use tessera_engine::sampling::SamplingParams;
+use tessera_engine::{ChatMessage, FinishReason};
+
+/// What to generate from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptInput {
+    /// Text fed to the model as it is (OpenAI `/v1/completions`, `/chat` with `raw`).
+    Raw(String),
+    /// A conversation rendered with the model's chat template, ending with the assistant's turn.
+    Messages(Vec<ChatMessage>),
+}
+
+/// One generation request, resolved and checked by the facade (paths already confined).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatWork {
+    pub request_id: String,
+    pub input: PromptInput,
+    pub params: SamplingParams,
+    /// `params.max_tokens` is a default, not the client's: lower it to what the context has left
+    /// after the prompt instead of refusing the request.
+    pub clamp_max_tokens: bool,
+    /// A PEFT adapter directory (canonical path), or `None` for the base model.
+    pub adapter: Option<PathBuf>,
+}
+
+/// One of the most likely tokens at a position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    pub id: u32,
+    /// The token's text as the tokenizer decodes it alone.
+    pub token: String,
+    pub logprob: f32,
+}
+
+/// A generated token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenOut {
+    pub id: u32,
+    /// The token alone, decoded (for logprobs).
+    pub token: String,
+    /// The text this token releases into the stream (may be empty while held back).
+    pub text: String,
+    pub logprob: f32,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// What a replica streams back for one [`ChatWork`], in order: `Started`, `Token`s, then one
+/// `Finished` or `Error`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum StreamEvent {
+    Started {
+        replica: String,
+        prompt_tokens: usize,
+    },
+    Token(TokenOut),
+    Finished {
+        /// Text held back until the end (a partial stop string that was not one).
+        text: String,
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Error(ServeError),
+}
+
+/// Why a request could not be served; `kind` decides the HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ServeError {
+    pub kind: ServeErrorKind,
+    pub message: String,
+    /// The request field at fault, when there is one.
+    pub field: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServeErrorKind {
+    /// The request is wrong (422/400).
+    Invalid,
+    /// The adapter could not be read or does not fit the model (400).
+    Adapter,
+    /// Too much work queued; retry later (503 + Retry-After).
+    Overloaded,
+    /// No replica can take it now (starting, restarting, lost) (503).
+    Unavailable,
+    /// A failure inside the server (500).
+    Internal,
+}
+
+impl ServeError {
+    pub fn new(kind: ServeErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            kind: ServeErrorKind::Invalid,
+            message: message.into(),
+            field: Some(field.into()),
+        }
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ServeErrorKind::Unavailable, message)
+    }
+}
+
+/// A replica as `/cluster` and the router see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    pub name: String,
+    pub node: String,
+    pub devices: Vec<String>,
+    pub tensor_parallel: usize,
+    pub state: String,
+    /// Requests sent to it and not finished.
+    pub in_flight: usize,
+    /// Adapters it has been asked for most recently (what its cache most likely holds).
+    pub adapters: Vec<PathBuf>,
+    pub model: Option<String>,
+}

@@ -1,0 +1,223 @@
+//! A node of the cluster: its inventory, placement and supervision tree, and the handle the HTTP
+//! facade uses (router, job manager calls, health, shutdown).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ractor::{Actor, ActorRef, RpcReplyPort};
+use tessera_engine::EngineConfig;
+
+use crate::directory::Directory;
+use crate::health::HealthBoard;
+use crate::inference::{InferenceArgs, InferenceMsg};
+use crate::inventory::{self, Device, Inventory};
+use crate::jobs::{JobError, JobMsg, JobStats};
+use crate::messages::ReplicaInfo;
+use crate::placement::{place, Placement, PlacementError};
+use crate::restart_policy::RestartPolicy;
+use crate::router::Router;
+use crate::supervisor::{ChildSpec, NodeSupervisor, SupervisorArgs, SupervisorMsg};
+use crate::trainer::TrainerArgs;
+
+/// Everything a node needs to start (the binary builds it from its config).
+#[derive(Clone)]
+pub struct NodeConfig {
+    pub node_name: String,
+    pub model_path: PathBuf,
+    /// `None`: float32 on the CPU, bfloat16 on CUDA.
+    pub kind: Option<tch::Kind>,
+    pub engine: EngineConfig,
+    pub inference_fraction: f64,
+    pub training_fraction: f64,
+    pub cpu_inference_slots: usize,
+    pub cpu_training_slots: usize,
+    pub tensor_parallel: usize,
+    pub db_path: PathBuf,
+    pub restart: RestartPolicy,
+    /// See [`Router::affinity_slack`].
+    pub affinity_slack: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
+    #[error("starting the supervisor: {0}")]
+    Spawn(String),
+}
+
+pub struct Node {
+    pub name: String,
+    pub inventory: Inventory,
+    pub placement: Placement,
+    pub router: Router,
+    pub directory: Directory,
+    pub health: HealthBoard,
+    supervisor: ActorRef<SupervisorMsg>,
+}
+
+fn torch_device(d: &Device) -> tch::Device {
+    match d {
+        Device::Cpu => tch::Device::Cpu,
+        Device::Cuda(i) => tch::Device::Cuda(*i),
+    }
+}
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Node {
+    /// Detects the devices, plans the actors and starts the supervision tree. Returns once every
+    /// child has been started once (replicas have loaded the model, or failed and will retry).
+    pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        let inventory = tokio::task::spawn_blocking(Inventory::detect)
+            .await
+            .map_err(|e| NodeError::Spawn(e.to_string()))?;
+        let split = inventory::split(
+            &inventory.devices(),
+            config.inference_fraction,
+            config.training_fraction,
+        );
+        let placement = place(
+            split,
+            config.tensor_parallel,
+            config.cpu_inference_slots,
+            config.cpu_training_slots,
+        )?;
+        tracing::info!(node = %config.node_name, placement = %serde_json::to_string(&placement).unwrap_or_default(), "placement");
+        let router = Router::new(
+            config.affinity_slack,
+            config.engine.scheduler.adapter_cache_size,
+        );
+        let directory = Directory::default();
+        let health = HealthBoard::default();
+        let mut children: Vec<(String, ChildSpec)> = Vec::new();
+        for t in &placement.trainers {
+            children.push((
+                t.name.clone(),
+                ChildSpec::Trainer(TrainerArgs {
+                    name: t.name.clone(),
+                    node: config.node_name.clone(),
+                    device: torch_device(&t.device),
+                    kind: config.kind,
+                    default_model: config.model_path.clone(),
+                    directory: directory.clone(),
+                }),
+            ));
+        }
+        children.push((
+            "job-manager".into(),
+            ChildSpec::JobManager {
+                db_path: config.db_path.clone(),
+                node: config.node_name.clone(),
+            },
+        ));
+        for r in &placement.replicas {
+            router.add_replica(ReplicaInfo {
+                name: r.name.clone(),
+                node: config.node_name.clone(),
+                devices: r.devices.iter().map(|d| d.to_string()).collect(),
+                tensor_parallel: r.devices.len(),
+                state: "starting".into(),
+                in_flight: 0,
+                adapters: Vec::new(),
+                model: None,
+            });
+            children.push((
+                r.name.clone(),
+                ChildSpec::Inference(InferenceArgs {
+                    name: r.name.clone(),
+                    model_path: config.model_path.clone(),
+                    devices: r.devices.iter().map(torch_device).collect(),
+                    kind: config.kind,
+                    engine: config.engine.clone(),
+                    router: router.clone(),
+                }),
+            ));
+        }
+        // Unnamed: ractor's registry is per process, and tests run several nodes in one.
+        let (supervisor, _) = Actor::spawn(
+            None,
+            NodeSupervisor,
+            SupervisorArgs {
+                children,
+                policy: config.restart.clone(),
+                health: health.clone(),
+                router: router.clone(),
+                directory: directory.clone(),
+            },
+        )
+        .await
+        .map_err(|e| NodeError::Spawn(e.to_string()))?;
+        Ok(Node {
+            name: config.node_name,
+            inventory,
+            placement,
+            router,
+            directory,
+            health,
+            supervisor,
+        })
+    }
+
+    /// Sends a request to the job manager and waits for its answer.
+    pub async fn jobs<T: Send + 'static>(
+        &self,
+        msg: impl FnOnce(RpcReplyPort<Result<T, JobError>>) -> JobMsg,
+    ) -> Result<T, JobError> {
+        let manager = self.directory.job_manager().ok_or(JobError::Unavailable)?;
+        match manager.call(msg, Some(CALL_TIMEOUT)).await {
+            Ok(ractor::rpc::CallResult::Success(r)) => r,
+            _ => Err(JobError::Unavailable),
+        }
+    }
+
+    pub async fn job_stats(&self) -> Option<JobStats> {
+        let manager = self.directory.job_manager()?;
+        match manager.call(JobMsg::Stats, Some(CALL_TIMEOUT)).await {
+            Ok(ractor::rpc::CallResult::Success(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Per-replica scheduler statistics (for `/metrics`).
+    pub async fn replica_stats(&self) -> Vec<(String, tessera_engine::scheduler::SchedulerStats)> {
+        let mut out = Vec::new();
+        for r in self.router.replicas() {
+            if let Some(actor) = self.router.actor(&r.name) {
+                if let Ok(ractor::rpc::CallResult::Success(s)) = actor
+                    .call(InferenceMsg::Stats, Some(Duration::from_secs(2)))
+                    .await
+                {
+                    out.push((r.name, s));
+                }
+            }
+        }
+        out
+    }
+
+    /// Test hook: makes a replica's actor panic.
+    pub fn crash_replica(&self, name: &str) -> bool {
+        self.router
+            .actor(name)
+            .is_some_and(|actor| actor.cast(InferenceMsg::Crash).is_ok())
+    }
+
+    /// Stops running jobs at a checkpoint (they resume on the next start), waits up to `grace`
+    /// for that, then stops every actor.
+    pub async fn shutdown(&self, grace: Duration) {
+        if let Some(manager) = self.directory.job_manager() {
+            tracing::info!("checkpointing running jobs");
+            let drained = manager.call(JobMsg::Shutdown, Some(grace)).await;
+            if !matches!(drained, Ok(ractor::rpc::CallResult::Success(()))) {
+                tracing::warn!(
+                    grace_s = grace.as_secs_f64(),
+                    "running jobs did not reach a checkpoint within the grace period; they resume from their last one"
+                );
+            }
+        }
+        let _ = self
+            .supervisor
+            .call(SupervisorMsg::Shutdown, Some(Duration::from_secs(30)))
+            .await;
+    }
+}

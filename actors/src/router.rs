@@ -1,0 +1,279 @@
+//! The router: the table of inference replicas (kept current by the supervisor across restarts)
+//! and the policy that picks one per request — least loaded, preferring a replica that already
+//! holds the request's adapter unless it is busier than the least-loaded one by more than a slack
+//! (adapter affinity, as Ray Serve multiplexing and LoRAX do).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use ractor::ActorRef;
+use tokio::sync::mpsc;
+
+use crate::inference::InferenceMsg;
+use crate::messages::{ChatWork, ReplicaInfo, ServeError, StreamEvent};
+
+/// Events buffered per stream before the replica waits for the client (flow control).
+pub const STREAM_BUFFER: usize = 64;
+
+/// One replica as the router knows it.
+struct Slot {
+    info: ReplicaInfo,
+    actor: Option<ActorRef<InferenceMsg>>,
+    in_flight: Arc<AtomicUsize>,
+    /// Most recently used last; bounded by `adapter_memory`.
+    adapters: Vec<PathBuf>,
+}
+
+/// What the policy sees of a replica.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub in_flight: usize,
+    pub has_adapter: bool,
+}
+
+/// Picks the index of the replica to use, or `None` when there is none.
+///
+/// Least loaded wins; a replica holding the adapter wins instead when its load is within `slack`
+/// of the least loaded. Ties go to the lowest index after `rotate` (spreads equal load).
+pub fn pick(candidates: &[Candidate], slack: usize, rotate: usize) -> Option<usize> {
+    let n = candidates.len();
+    let order = (0..n).map(|i| (i + rotate) % n);
+    let least = order.clone().min_by_key(|&i| candidates[i].in_flight)?;
+    let min_load = candidates[least].in_flight;
+    let holder = order
+        .filter(|&i| candidates[i].has_adapter)
+        .min_by_key(|&i| candidates[i].in_flight);
+    match holder {
+        Some(h) if candidates[h].in_flight <= min_load + slack => Some(h),
+        _ => Some(least),
+    }
+}
+
+/// Counts a request as in flight on its replica until dropped.
+pub struct Lease {
+    in_flight: Arc<AtomicUsize>,
+    pub replica: String,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A dispatched request: its events, and the lease that counts it as load.
+pub struct Dispatched {
+    pub events: mpsc::Receiver<StreamEvent>,
+    pub lease: Lease,
+}
+
+#[derive(Clone)]
+pub struct Router {
+    slots: Arc<RwLock<Vec<Slot>>>,
+    rotate: Arc<AtomicUsize>,
+    /// How many more in-flight requests a replica holding the adapter may have than the least
+    /// loaded one and still be preferred.
+    pub affinity_slack: usize,
+    /// Adapters remembered per replica (its cache size).
+    pub adapter_memory: usize,
+}
+
+impl Router {
+    pub fn new(affinity_slack: usize, adapter_memory: usize) -> Self {
+        Self {
+            slots: Arc::default(),
+            rotate: Arc::default(),
+            affinity_slack,
+            adapter_memory: adapter_memory.max(1),
+        }
+    }
+
+    /// Adds a replica (not yet serving) to the table.
+    pub fn add_replica(&self, info: ReplicaInfo) {
+        let mut slots = self.slots.write().expect("router");
+        slots.retain(|s| s.info.name != info.name);
+        slots.push(Slot {
+            info,
+            actor: None,
+            in_flight: Arc::default(),
+            adapters: Vec::new(),
+        });
+    }
+
+    /// The replica's actor is up (`Some`) or down (`None`), with its state for `/cluster`.
+    pub fn set_actor(&self, name: &str, actor: Option<ActorRef<InferenceMsg>>, state: &str) {
+        let mut slots = self.slots.write().expect("router");
+        if let Some(slot) = slots.iter_mut().find(|s| s.info.name == name) {
+            if actor.is_none() {
+                // A restarted replica has an empty adapter cache.
+                slot.adapters.clear();
+            }
+            slot.actor = actor;
+            slot.info.state = state.to_string();
+        }
+    }
+
+    pub fn set_model_name(&self, name: &str, model: &str) {
+        let mut slots = self.slots.write().expect("router");
+        if let Some(slot) = slots.iter_mut().find(|s| s.info.name == name) {
+            slot.info.model = Some(model.to_string());
+        }
+    }
+
+    pub fn replicas(&self) -> Vec<ReplicaInfo> {
+        self.slots
+            .read()
+            .expect("router")
+            .iter()
+            .map(|s| ReplicaInfo {
+                in_flight: s.in_flight.load(Ordering::Acquire),
+                adapters: s.adapters.clone(),
+                ..s.info.clone()
+            })
+            .collect()
+    }
+
+    /// The actor of a serving replica.
+    pub fn actor(&self, name: &str) -> Option<ActorRef<InferenceMsg>> {
+        self.slots
+            .read()
+            .expect("router")
+            .iter()
+            .find(|s| s.info.name == name)
+            .and_then(|s| s.actor.clone())
+    }
+
+    /// The served base model's name, once a replica has loaded it.
+    pub fn model_name(&self) -> Option<String> {
+        self.slots
+            .read()
+            .expect("router")
+            .iter()
+            .find_map(|s| s.info.model.clone())
+    }
+
+    /// True when at least one replica is serving.
+    pub fn ready(&self) -> bool {
+        self.slots
+            .read()
+            .expect("router")
+            .iter()
+            .any(|s| s.actor.is_some())
+    }
+
+    /// Sends `work` to the chosen replica; its events arrive on the returned receiver.
+    pub fn dispatch(&self, work: ChatWork) -> Result<Dispatched, ServeError> {
+        let mut work = Some(work);
+        let mut tried: Vec<String> = Vec::new();
+        loop {
+            let (actor, in_flight, name) = {
+                let mut slots = self.slots.write().expect("router");
+                let live: Vec<usize> = (0..slots.len())
+                    .filter(|&i| slots[i].actor.is_some() && !tried.contains(&slots[i].info.name))
+                    .collect();
+                let adapter = work.as_ref().and_then(|w| w.adapter.as_deref());
+                let candidates: Vec<Candidate> = live
+                    .iter()
+                    .map(|&i| Candidate {
+                        in_flight: slots[i].in_flight.load(Ordering::Acquire),
+                        has_adapter: adapter
+                            .is_some_and(|a| slots[i].adapters.iter().any(|x| x == a)),
+                    })
+                    .collect();
+                let rotate = self.rotate.fetch_add(1, Ordering::Relaxed);
+                let Some(choice) = pick(&candidates, self.affinity_slack, rotate) else {
+                    return Err(ServeError::unavailable(if slots.is_empty() {
+                        "this cluster has no inference replicas".to_string()
+                    } else {
+                        "no inference replica is ready (starting or restarting); retry shortly"
+                            .to_string()
+                    }));
+                };
+                let slot = &mut slots[live[choice]];
+                if let Some(a) = adapter {
+                    remember(&mut slot.adapters, a, self.adapter_memory);
+                }
+                slot.in_flight.fetch_add(1, Ordering::AcqRel);
+                (
+                    slot.actor.clone().expect("live"),
+                    slot.in_flight.clone(),
+                    slot.info.name.clone(),
+                )
+            };
+            let lease = Lease {
+                in_flight,
+                replica: name.clone(),
+            };
+            let (sink, events) = mpsc::channel(STREAM_BUFFER);
+            let msg = InferenceMsg::Generate {
+                work: work.take().expect("work"),
+                sink,
+            };
+            match actor.cast(msg) {
+                Ok(()) => return Ok(Dispatched { events, lease }),
+                Err(e) => {
+                    // The actor died between the table update and now: try another.
+                    tracing::warn!(replica = %name, error = %e, "replica unreachable; trying another");
+                    let ractor::MessagingErr::SendErr(InferenceMsg::Generate { work: w, .. }) = e
+                    else {
+                        return Err(ServeError::unavailable(format!("replica {name}: {e}")));
+                    };
+                    work = Some(w);
+                    tried.push(name);
+                }
+            }
+        }
+    }
+}
+
+fn remember(list: &mut Vec<PathBuf>, adapter: &Path, cap: usize) {
+    list.retain(|a| a != adapter);
+    list.push(adapter.to_path_buf());
+    if list.len() > cap {
+        list.remove(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(in_flight: usize, has_adapter: bool) -> Candidate {
+        Candidate {
+            in_flight,
+            has_adapter,
+        }
+    }
+
+    #[test]
+    fn least_loaded_wins_without_an_adapter() {
+        assert_eq!(
+            pick(&[c(3, false), c(1, false), c(2, false)], 4, 0),
+            Some(1)
+        );
+        assert_eq!(pick(&[], 4, 0), None);
+    }
+
+    #[test]
+    fn the_adapter_holder_wins_within_the_slack() {
+        assert_eq!(pick(&[c(0, false), c(3, true)], 4, 0), Some(1));
+        assert_eq!(pick(&[c(0, false), c(5, true)], 4, 0), Some(0));
+    }
+
+    #[test]
+    fn equal_load_is_spread_by_rotation() {
+        let cs = [c(0, false), c(0, false), c(0, false)];
+        let picks: Vec<_> = (0..3).map(|r| pick(&cs, 0, r).unwrap()).collect();
+        assert_eq!(picks, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn remembered_adapters_are_bounded_most_recent_last() {
+        let mut list = Vec::new();
+        for a in ["a", "b", "a", "c"] {
+            remember(&mut list, Path::new(a), 2);
+        }
+        assert_eq!(list, vec![PathBuf::from("a"), PathBuf::from("c")]);
+    }
+}

@@ -1,0 +1,302 @@
+//! The node's root supervisor: starts the job manager, the trainers and the inference replicas as
+//! linked children, restarts a child that fails (panics, returns an error, or stops unasked) after
+//! an exponential backoff, and escalates one that fails too often (it stays down and `/health`
+//! says so). Every restart updates the router and the directory, so nobody keeps a dead `ActorRef`.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+
+use crate::directory::{Directory, TrainerEntry};
+use crate::health::{ActorState, HealthBoard};
+use crate::inference::{InferenceActor, InferenceArgs};
+use crate::jobs::{JobManager, JobManagerArgs, JobMsg};
+use crate::restart_policy::{Decision, RestartPolicy, RestartTracker};
+use crate::router::Router;
+use crate::trainer::{TrainerActor, TrainerArgs};
+
+/// What a child is and how to start it again.
+#[derive(Clone)]
+pub enum ChildSpec {
+    JobManager {
+        db_path: std::path::PathBuf,
+        node: String,
+    },
+    Trainer(TrainerArgs),
+    Inference(InferenceArgs),
+}
+
+impl ChildSpec {
+    fn role(&self) -> &'static str {
+        match self {
+            ChildSpec::JobManager { .. } => "job_manager",
+            ChildSpec::Trainer(_) => "trainer",
+            ChildSpec::Inference(_) => "inference",
+        }
+    }
+}
+
+pub enum SupervisorMsg {
+    Restart(String),
+    /// Stop every child (no restarts), then the supervisor itself.
+    Shutdown(RpcReplyPort<()>),
+}
+
+impl ractor::Message for SupervisorMsg {}
+
+pub struct SupervisorArgs {
+    /// Children in start order (name, spec).
+    pub children: Vec<(String, ChildSpec)>,
+    pub policy: RestartPolicy,
+    pub health: HealthBoard,
+    pub router: Router,
+    pub directory: Directory,
+}
+
+struct Child {
+    spec: ChildSpec,
+    tracker: RestartTracker,
+    cell: Option<ActorCell>,
+}
+
+pub struct SupervisorState {
+    order: Vec<String>,
+    children: HashMap<String, Child>,
+    policy: RestartPolicy,
+    health: HealthBoard,
+    router: Router,
+    directory: Directory,
+    stopping: bool,
+}
+
+pub struct NodeSupervisor;
+
+impl Actor for NodeSupervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = SupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<SupervisorMsg>,
+        args: SupervisorArgs,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
+        for (name, spec) in &args.children {
+            args.health
+                .set(name, spec.role(), ActorState::Starting, None);
+        }
+        Ok(SupervisorState {
+            order: args.children.iter().map(|(n, _)| n.clone()).collect(),
+            children: args
+                .children
+                .into_iter()
+                .map(|(name, spec)| {
+                    (
+                        name,
+                        Child {
+                            spec,
+                            tracker: RestartTracker::default(),
+                            cell: None,
+                        },
+                    )
+                })
+                .collect(),
+            policy: args.policy,
+            health: args.health,
+            router: args.router,
+            directory: args.directory,
+            stopping: false,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        for name in state.order.clone() {
+            state.start(&myself, &name).await;
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        msg: SupervisorMsg,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupervisorMsg::Restart(name) => {
+                if !state.stopping {
+                    tracing::info!(actor = %name, "restarting");
+                    state.start(&myself, &name).await;
+                }
+            }
+            SupervisorMsg::Shutdown(reply) => {
+                state.stopping = true;
+                // Inference first (stop taking work), the job manager last.
+                for name in state.order.clone().iter().rev() {
+                    if let Some(cell) = state.children.get_mut(name).and_then(|c| c.cell.take()) {
+                        cell.stop_and_wait(Some("shutdown".into()), None).await.ok();
+                        state.health.set(name, "", ActorState::Stopped, None);
+                    }
+                }
+                let _ = reply.send(());
+                myself.stop(Some("shutdown".into()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        event: SupervisionEvent,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, cause) = match event {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, format!("failed: {err}")),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => (
+                cell,
+                format!(
+                    "stopped unexpectedly ({})",
+                    reason.unwrap_or_else(|| "no reason given".into())
+                ),
+            ),
+            _ => return Ok(()),
+        };
+        let Some(name) = state.name_of(&cell) else {
+            return Ok(());
+        };
+        if state.stopping {
+            return Ok(());
+        }
+        state.mark_down(&name);
+        let child = state.children.get_mut(&name).expect("known child");
+        child.cell = None;
+        let role = child.spec.role();
+        match child.tracker.on_failure(&state.policy, Instant::now()) {
+            Decision::RestartAfter(delay) => {
+                tracing::error!(actor = %name, role, cause = %cause, backoff_ms = delay.as_millis() as u64, "actor failed; restarting after backoff");
+                state
+                    .health
+                    .set(&name, role, ActorState::Restarting, Some(cause));
+                let n = name.clone();
+                myself.send_after(delay, move || SupervisorMsg::Restart(n));
+            }
+            Decision::Escalate => {
+                tracing::error!(actor = %name, role, cause = %cause, max_restarts = state.policy.max_restarts, window_secs = state.policy.window_secs, "actor failed too often; escalated, not restarted");
+                state
+                    .health
+                    .set(&name, role, ActorState::Failed, Some(cause));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SupervisorState {
+    fn name_of(&self, cell: &ActorCell) -> Option<String> {
+        self.children
+            .iter()
+            .find(|(_, c)| c.cell.as_ref().is_some_and(|x| x.get_id() == cell.get_id()))
+            .map(|(n, _)| n.clone())
+    }
+
+    /// Takes a dead child out of the router / directory.
+    fn mark_down(&mut self, name: &str) {
+        match &self.children[name].spec {
+            ChildSpec::Inference(_) => self.router.set_actor(name, None, "restarting"),
+            ChildSpec::Trainer(_) => {
+                self.directory.set_trainer(name, None);
+                if let Some(jm) = self.directory.job_manager() {
+                    let _ = jm.cast(JobMsg::TrainersChanged);
+                }
+            }
+            ChildSpec::JobManager { .. } => self.directory.set_job_manager(None),
+        }
+    }
+
+    async fn start(&mut self, myself: &ActorRef<SupervisorMsg>, name: &str) {
+        let Some(child) = self.children.get(name) else {
+            return;
+        };
+        let spec = child.spec.clone();
+        let role = spec.role();
+        self.health.set(name, role, ActorState::Starting, None);
+        let supervisor = myself.get_cell();
+        let spawned: Result<ActorCell, String> = match spec {
+            ChildSpec::JobManager { db_path, node } => JobManager::spawn_linked(
+                None,
+                JobManager,
+                JobManagerArgs {
+                    db_path,
+                    directory: self.directory.clone(),
+                    node,
+                },
+                supervisor,
+            )
+            .await
+            .map(|(actor, _)| {
+                self.directory.set_job_manager(Some(actor.clone()));
+                actor.get_cell()
+            })
+            .map_err(|e| e.to_string()),
+            ChildSpec::Trainer(args) => {
+                let entry_node = args.node.clone();
+                let device = args.device;
+                TrainerActor::spawn_linked(None, TrainerActor, args, supervisor)
+                    .await
+                    .map(|(actor, _)| {
+                        self.directory.set_trainer(
+                            name,
+                            Some(TrainerEntry {
+                                actor: actor.clone(),
+                                node: entry_node,
+                                device: format!("{device:?}"),
+                            }),
+                        );
+                        if let Some(jm) = self.directory.job_manager() {
+                            let _ = jm.cast(JobMsg::TrainersChanged);
+                        }
+                        actor.get_cell()
+                    })
+                    .map_err(|e| e.to_string())
+            }
+            ChildSpec::Inference(args) => {
+                InferenceActor::spawn_linked(None, InferenceActor, args, supervisor)
+                    .await
+                    .map(|(actor, _)| {
+                        self.router.set_actor(name, Some(actor.clone()), "running");
+                        actor.get_cell()
+                    })
+                    .map_err(|e| e.to_string())
+            }
+        };
+        match spawned {
+            Ok(cell) => {
+                self.children.get_mut(name).expect("child").cell = Some(cell);
+                self.health.set(name, role, ActorState::Running, None);
+                tracing::info!(actor = %name, role, "actor running");
+            }
+            Err(e) => {
+                // A start that fails counts as a failure of the child.
+                let child = self.children.get_mut(name).expect("child");
+                match child.tracker.on_failure(&self.policy, Instant::now()) {
+                    Decision::RestartAfter(delay) => {
+                        tracing::error!(actor = %name, role, error = %e, backoff_ms = delay.as_millis() as u64, "actor failed to start; retrying after backoff");
+                        self.health.set(name, role, ActorState::Restarting, Some(e));
+                        let n = name.to_string();
+                        myself.send_after(delay, move || SupervisorMsg::Restart(n));
+                    }
+                    Decision::Escalate => {
+                        tracing::error!(actor = %name, role, error = %e, "actor failed to start too often; escalated");
+                        self.health.set(name, role, ActorState::Failed, Some(e));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! `tessera head`: starts this node's actor tree and serves the HTTP facade until SIGTERM or
+//! Ctrl-C, then shuts down gracefully: stop accepting, let in-flight requests finish within the
+//! grace period, checkpoint running jobs, stop the actors.
+
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tessera_actors::{Node, NodeConfig};
+use tokio::net::TcpListener;
+
+use crate::config::{expand_home, Config, DtypeSetting};
+use crate::http::metrics::Metrics;
+use crate::http::paths::Roots;
+use crate::http::{app, AppState, Shared};
+
+/// The node configuration of this process's config.
+pub fn node_config(config: &Config, node_name: &str) -> NodeConfig {
+    let r = &config.resources;
+    NodeConfig {
+        node_name: node_name.to_string(),
+        model_path: config.model_path(),
+        kind: match config.model.dtype {
+            DtypeSetting::Auto => None,
+            DtypeSetting::F32 => Some(tch::Kind::Float),
+            DtypeSetting::F16 => Some(tch::Kind::Half),
+            DtypeSetting::Bf16 => Some(tch::Kind::BFloat16),
+        },
+        engine: config.engine_config(),
+        inference_fraction: r.inference_gpu_fraction,
+        training_fraction: r.training_gpu_fraction,
+        cpu_inference_slots: r.cpu_inference_slots as usize,
+        cpu_training_slots: r.cpu_training_slots as usize,
+        tensor_parallel: r.tensor_parallel as usize,
+        db_path: expand_home(&config.jobs.db_path),
+        restart: config.supervision.clone(),
+        affinity_slack: config.adapters.affinity_slack as usize,
+    }
+}
+
+/// Starts the node and builds the app state.
+pub async fn start(config: &Config) -> anyhow::Result<AppState> {
+    let model = config.model_path();
+    if !model.exists() {
+        anyhow::bail!(
+            "model.path: {} does not exist (run scripts/fetch-model.sh for the default model, or set model.path)",
+            model.display()
+        );
+    }
+    let roots = Roots::new(
+        &expand_home(&config.adapters.root),
+        &expand_home(&config.training.data_root),
+    )
+    .context("creating adapters.root / training.data_root")?;
+    let node = Node::start(node_config(config, "head"))
+        .await
+        .context("starting the actor tree")?;
+    let token = config.server.auth_token.clone();
+    Ok(AppState::new(Shared {
+        node: Arc::new(node),
+        roots,
+        auth_token: (!token.is_empty()).then_some(token),
+        request_timeout: Duration::from_secs(config.server.request_timeout_secs),
+        max_body_bytes: config.server.max_body_bytes as usize,
+        metrics: Metrics::new(),
+        test_hooks: std::env::var("TESSERA_TEST_HOOKS").is_ok_and(|v| v == "1"),
+        started: Instant::now(),
+    }))
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves, then drains and stops the node.
+pub async fn serve(
+    state: AppState,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let node = state.node.clone();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new connections; finishing in-flight requests");
+        let _ = stop_tx.send(());
+    });
+    let mut server = std::pin::pin!(server.into_future());
+    tokio::select! {
+        r = &mut server => r.context("HTTP server")?,
+        _ = stop_rx => {
+            // In-flight requests get the grace period; past it they are cut (their sequences
+            // are cancelled as their streams drop).
+            if tokio::time::timeout(grace, &mut server).await.is_err() {
+                tracing::warn!(grace_s = grace.as_secs_f64(), "in-flight requests still running after the grace period; cancelling them");
+            }
+        }
+    }
+    node.shutdown(grace).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn termination() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+pub fn run(config: &Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tessera-rt")
+        .build()?;
+    runtime.block_on(async {
+        let addr = format!("{}:{}", config.server.bind, config.server.port);
+        // Bind first: a taken port fails fast, before the model loads.
+        let listener = TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("server.bind/server.port: cannot listen on {addr}"))?;
+        let state = start(config).await?;
+        tracing::info!(
+            address = %listener.local_addr()?,
+            model = %config.model_path().display(),
+            replicas = state.node.placement.replicas.len(),
+            trainers = state.node.placement.trainers.len(),
+            auth = state.auth_token.is_some(),
+            "tessera head serving"
+        );
+        serve(
+            state,
+            listener,
+            termination(),
+            Duration::from_secs(config.server.shutdown_grace_secs),
+        )
+        .await
+    })
+}

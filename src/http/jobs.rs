@@ -1,0 +1,246 @@
+//! Fine-tune jobs over HTTP: `POST /fine-tune` (202 + job id), `GET /jobs` (filter and page),
+//! `GET /jobs/{id}` (state, progress, history, error, adapter), `DELETE /jobs/{id}` (cancel) and
+//! `GET /jobs/{id}/events` (SSE of progress and state changes until the job ends).
+
+use std::convert::Infallible;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+use tessera_actors::jobs::{
+    JobEvent, JobMsg, JobPage, JobQuery, JobRecord, JobSpec, JobState, Priority,
+};
+use tessera_engine::train::hyperparams::{Hyperparameters, TrainJob};
+use tokio::sync::mpsc;
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::{ApiJson, AppError};
+use super::{paths, AppState};
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FineTuneRequest {
+    /// JSONL dataset, relative to (and confined to) `training.data_root`.
+    pub dataset_path: String,
+    /// Where the adapter is written, relative to (and confined to) `adapters.root`; must not
+    /// exist yet or be empty, and no other live job may write there.
+    pub output_path: String,
+    /// A model path; default: the served model.
+    pub base_model: Option<String>,
+    /// `high`, `normal` (default) or `low`.
+    pub priority: Option<String>,
+    /// LoRA and optimiser settings (PEFT/TRL names); unknown names are refused.
+    #[schema(value_type = Object)]
+    #[serde(default)]
+    pub hyperparameters: serde_json::Value,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct FineTuneAccepted {
+    pub job_id: String,
+    pub status: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct ListParams {
+    /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
+    pub status: Option<String>,
+    /// Page size, 1..=500 (default 50).
+    pub limit: Option<usize>,
+    pub offset: Option<usize>,
+}
+
+#[utoipa::path(post, path = "/fine-tune", request_body = FineTuneRequest,
+    responses((status = 202, body = FineTuneAccepted), (status = 400, body = super::error::ErrorBody),
+              (status = 403, body = super::error::ErrorBody), (status = 409, body = super::error::ErrorBody),
+              (status = 422, body = super::error::ErrorBody)))]
+pub async fn fine_tune(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<FineTuneRequest>,
+) -> Result<Response, AppError> {
+    let dataset_path = paths::existing("dataset_path", &req.dataset_path, &state.roots.data)?;
+    if !dataset_path.is_file() {
+        return Err(AppError::bad_request(
+            "dataset_path",
+            format!("`{}` is not a file", req.dataset_path),
+        ));
+    }
+    let output_path = paths::creatable("output_path", &req.output_path, &state.roots.adapters)?;
+    if std::fs::read_dir(&output_path).is_ok_and(|mut d| d.next().is_some())
+        || output_path.is_file()
+    {
+        return Err(AppError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!(
+                "output_path: `{}` already exists and is not empty; choose a new directory",
+                req.output_path
+            ),
+        )
+        .with_field("output_path"));
+    }
+    let base_model = match req.base_model.as_deref() {
+        None | Some("") => None,
+        Some(raw) => {
+            let p = std::path::PathBuf::from(raw);
+            if !p.exists() {
+                return Err(AppError::bad_request(
+                    "base_model",
+                    format!("`{raw}` does not exist"),
+                ));
+            }
+            Some(p)
+        }
+    };
+    let priority = match req.priority.as_deref() {
+        None => Priority::Normal,
+        Some(p) => Priority::parse(p).ok_or_else(|| {
+            AppError::invalid("priority", format!("`{p}` is not one of high, normal, low"))
+        })?,
+    };
+    let hyperparameters = if req.hyperparameters.is_null() {
+        Hyperparameters::default()
+    } else {
+        Hyperparameters::from_json(req.hyperparameters)
+            .map_err(|e| AppError::invalid(format!("hyperparameters.{}", e.field), e.message))?
+    };
+    // No two live jobs may write one directory.
+    for status in [JobState::Queued, JobState::Running] {
+        let page = state
+            .node
+            .jobs(|r| {
+                JobMsg::List(
+                    JobQuery {
+                        status: Some(status),
+                        limit: 10_000,
+                        offset: 0,
+                    },
+                    r,
+                )
+            })
+            .await?;
+        if let Some(other) = page.jobs.iter().find(|j| j.output_path == output_path) {
+            return Err(AppError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!(
+                    "output_path: job {} ({}) already writes there",
+                    other.id,
+                    status.as_str()
+                ),
+            )
+            .with_field("output_path"));
+        }
+    }
+    let spec = JobSpec {
+        train: TrainJob {
+            dataset_path,
+            output_path,
+            base_model,
+            hyperparameters,
+        },
+        priority,
+    };
+    let record = state.node.jobs(|r| JobMsg::Submit(spec, r)).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(FineTuneAccepted {
+            job_id: record.id,
+            status: record.status.as_str().into(),
+        }),
+    )
+        .into_response())
+}
+
+#[utoipa::path(get, path = "/jobs", params(ListParams),
+    responses((status = 200, description = "A page of jobs, newest first", body = Object),
+              (status = 422, body = super::error::ErrorBody)))]
+pub async fn list(
+    State(state): State<AppState>,
+    Query(params): Query<ListParams>,
+) -> Result<Json<JobPage>, AppError> {
+    let status = params
+        .status
+        .as_deref()
+        .map(|s| {
+            JobState::parse(s).ok_or_else(|| {
+                AppError::invalid(
+                    "status",
+                    format!("`{s}` is not one of queued, running, succeeded, failed, cancelled"),
+                )
+            })
+        })
+        .transpose()?;
+    let limit = params.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(AppError::invalid("limit", "must be within 1..=500"));
+    }
+    let query = JobQuery {
+        status,
+        limit,
+        offset: params.offset.unwrap_or(0),
+    };
+    Ok(Json(state.node.jobs(|r| JobMsg::List(query, r)).await?))
+}
+
+#[utoipa::path(get, path = "/jobs/{id}", params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, description = "The job with its progress history", body = Object),
+              (status = 404, body = super::error::ErrorBody)))]
+pub async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobRecord>, AppError> {
+    Ok(Json(state.node.jobs(|r| JobMsg::Get(id, r)).await?))
+}
+
+#[utoipa::path(delete, path = "/jobs/{id}", params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, description = "Queued: cancelled now; running: cancelled after its current step", body = Object),
+              (status = 404, body = super::error::ErrorBody), (status = 409, body = super::error::ErrorBody)))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobRecord>, AppError> {
+    Ok(Json(state.node.jobs(|r| JobMsg::Cancel(id, r)).await?))
+}
+
+#[utoipa::path(get, path = "/jobs/{id}/events", params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, description = "SSE: `state` events (the job record) and `progress` events, until the job ends"),
+              (status = 404, body = super::error::ErrorBody)))]
+pub async fn events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, AppError> {
+    let (tx, rx) = mpsc::channel(256);
+    let record = state.node.jobs(|r| JobMsg::Subscribe(id, tx, r)).await?;
+    Ok(Sse::new(job_stream(record, rx))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+fn job_stream(
+    record: JobRecord,
+    mut rx: mpsc::Receiver<JobEvent>,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    async_stream::stream! {
+        let done = record.status.is_final();
+        yield Ok(SseEvent::default().event("state").json_data(&record).expect("json"));
+        if !done {
+            while let Some(event) = rx.recv().await {
+                match event {
+                    JobEvent::Progress(p) => {
+                        yield Ok(SseEvent::default().event("progress").json_data(&p).expect("json"));
+                    }
+                    JobEvent::State(r) => {
+                        let last = r.status.is_final();
+                        yield Ok(SseEvent::default().event("state").json_data(&r).expect("json"));
+                        if last { break; }
+                    }
+                }
+            }
+        }
+    }
+}

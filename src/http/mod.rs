@@ -1,0 +1,135 @@
+//! The HTTP facade (axum). Handlers parse, validate and map results; the actors do the work.
+//!
+//! * [`chat`]: `POST /chat` (JSON or SSE).
+//! * [`openai`]: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+//! * [`jobs`]: `POST /fine-tune`, `GET /jobs`, `GET|DELETE /jobs/{id}`, `GET /jobs/{id}/events`.
+//! * [`status`]: `/health`, `/ready`, `/cluster`, `/metrics`.
+//! * [`openapi`]: `/openapi.json`.
+//! * [`error`], [`paths`], [`generation`], [`metrics`]: what they share.
+
+pub mod chat;
+pub mod error;
+pub mod generation;
+pub mod jobs;
+pub mod metrics;
+pub mod openai;
+pub mod openapi;
+pub mod paths;
+pub mod status;
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tessera_actors::Node;
+
+use error::AppError;
+use metrics::Metrics;
+use paths::Roots;
+
+/// What every handler shares.
+pub struct Shared {
+    /// This node's actors: router, job manager, health.
+    pub node: Arc<Node>,
+    /// Where client paths may point.
+    pub roots: Roots,
+    /// Bearer token required on every route but `/health` and `/ready` (`None`: no auth).
+    pub auth_token: Option<String>,
+    /// A generation running longer than this ends with 504 (or an SSE error event).
+    pub request_timeout: Duration,
+    pub max_body_bytes: usize,
+    pub metrics: Metrics,
+    /// Enables `POST /_test/crash/{replica}` (set by TESSERA_TEST_HOOKS=1).
+    pub test_hooks: bool,
+    pub started: Instant,
+}
+
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// Every route, with auth, the body limit and metrics.
+pub fn app(state: AppState) -> Router {
+    let mut api = Router::new()
+        .route("/chat", post(chat::chat))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/models", get(openai::models))
+        .route("/fine-tune", post(jobs::fine_tune))
+        .route("/jobs", get(jobs::list))
+        .route("/jobs/{id}", get(jobs::get).delete(jobs::cancel))
+        .route("/jobs/{id}/events", get(jobs::events))
+        .route("/cluster", get(status::cluster))
+        .route("/metrics", get(status::metrics))
+        .route("/openapi.json", get(openapi::document));
+    if state.test_hooks {
+        api = api.route("/_test/crash/{replica}", post(status::crash));
+    }
+    let api = api.route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+    Router::new()
+        .route("/health", get(status::health))
+        .route("/ready", get(status::ready))
+        .merge(api)
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .with_state(state)
+}
+
+async fn not_found() -> AppError {
+    AppError::not_found("no such route; see /openapi.json")
+}
+
+/// Checks `Authorization: Bearer <token>` when a token is configured.
+async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if let Some(token) = &state.auth_token {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        // Compare in constant time: the token is a secret.
+        let ok = given.is_some_and(|g| {
+            g.len() == token.len()
+                && g.bytes()
+                    .zip(token.bytes())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0
+        });
+        if !ok {
+            let mut response = AppError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong bearer token (Authorization: Bearer <server.auth_token>)",
+            )
+            .into_response();
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            return response;
+        }
+    }
+    next.run(request).await
+}
