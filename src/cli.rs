@@ -48,11 +48,11 @@ pub enum Command {
     /// Fine-tune a LoRA adapter in the foreground (SFT on a JSONL dataset).
     Train(crate::train::TrainArgs),
     /// Chat with a running head (POST /chat): tokens stream to stdout as they arrive.
-    Chat(crate::client::ChatArgs),
+    Chat(ChatArgs),
     /// Submit a fine-tune job to a running head (POST /fine-tune) and print its id.
-    FineTune(crate::client::FineTuneArgs),
+    FineTune(FineTuneArgs),
     /// List a head's fine-tune jobs, show or cancel one, or follow its progress.
-    Jobs(crate::client::JobsArgs),
+    Jobs(JobsArgs),
     /// Print what this machine has: torch, CUDA devices, CPU, RAM, the model, the config in effect.
     Doctor,
 }
@@ -78,6 +78,98 @@ pub struct WorkerArgs {
     /// Model this worker serves (model.path); by default the head's.
     #[arg(long)]
     pub model: Option<PathBuf>,
+}
+
+/// Where the head is and how to authenticate (`chat`, `fine-tune`, `jobs`).
+#[derive(Debug, Clone, Args)]
+pub struct ConnArgs {
+    /// The head's base URL (default: http://{server.bind}:{server.port} of the config).
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    /// Bearer token (default: server.auth_token of the config).
+    #[arg(long)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    /// One user turn (rendered with the model's chat template); `-` reads it from stdin.
+    #[arg(conflicts_with = "messages")]
+    pub prompt: Option<String>,
+    /// A chat as JSON, `[{"role": "user", "content": "..."}]`.
+    #[arg(long, value_name = "JSON")]
+    pub messages: Option<String>,
+    /// A PEFT adapter directory, relative to the head's adapters.root.
+    #[arg(long, value_name = "PATH")]
+    pub adapter: Option<String>,
+    #[arg(long, value_name = "N")]
+    pub max_tokens: Option<usize>,
+    /// 0 is greedy (server default 1.0).
+    #[arg(long, value_name = "T")]
+    pub temperature: Option<f64>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Stop strings (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+    /// Wait for the whole answer instead of printing tokens as they arrive.
+    #[arg(long)]
+    pub no_stream: bool,
+    /// Print the final response object (id, text, finish_reason, usage, ...) as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct FineTuneArgs {
+    /// JSONL dataset, relative to the head's training.data_root.
+    #[arg(long, value_name = "PATH")]
+    pub dataset: String,
+    /// Adapter directory to write, relative to the head's adapters.root.
+    #[arg(long, value_name = "PATH")]
+    pub output: String,
+    /// Base model (default: the served model).
+    #[arg(long, value_name = "PATH")]
+    pub base_model: Option<String>,
+    /// Queue priority: high, normal (the server's default) or low.
+    #[arg(long, value_parser = ["high", "normal", "low"])]
+    pub priority: Option<String>,
+    /// Hyperparameters as a JSON object (PEFT/TRL names).
+    #[arg(long, value_name = "JSON")]
+    pub hyperparameters: Option<String>,
+    /// Follow the job until it ends (like `tessera jobs ID --watch`).
+    #[arg(long)]
+    pub watch: bool,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    /// A job id: print its record (no id: a table of jobs).
+    pub id: Option<String>,
+    /// Only jobs in this state: queued, running, succeeded, failed or cancelled.
+    #[arg(long, value_name = "S")]
+    pub status: Option<String>,
+    /// Page size of the table (1..=500).
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    pub limit: usize,
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub offset: usize,
+    /// Cancel the job (a running job stops after its current step).
+    #[arg(long, requires = "id")]
+    pub cancel: bool,
+    /// Follow the job's events until it ends; exit 0 only if it succeeded.
+    #[arg(long, requires = "id")]
+    pub watch: bool,
+    #[command(flatten)]
+    pub conn: ConnArgs,
 }
 
 impl Cli {

@@ -6,109 +6,21 @@ use std::net::IpAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use clap::{Args, ValueEnum};
 use serde_json::{json, Value};
 use ureq::http::Response;
 use ureq::{Agent, Body, RequestBuilder};
 
+use crate::cli::{ChatArgs, ConnArgs, FineTuneArgs, JobsArgs};
 use crate::config::Config;
 
-/// Where the head is and how to authenticate.
-#[derive(Debug, Clone, Args)]
-pub struct ConnArgs {
-    /// The head's base URL (default: http://{server.bind}:{server.port} of the config).
-    #[arg(long, value_name = "URL")]
-    pub url: Option<String>,
-    /// Bearer token (default: server.auth_token of the config).
-    #[arg(long)]
-    pub token: Option<String>,
-}
-
-#[derive(Debug, Args)]
-pub struct ChatArgs {
-    /// One user turn (rendered with the model's chat template); `-` reads it from stdin.
-    #[arg(conflicts_with = "messages")]
-    pub prompt: Option<String>,
-    /// A chat as JSON, `[{"role": "user", "content": "..."}]`.
-    #[arg(long, value_name = "JSON")]
-    pub messages: Option<String>,
-    /// A PEFT adapter directory, relative to the head's adapters.root.
-    #[arg(long, value_name = "PATH")]
-    pub adapter: Option<String>,
-    #[arg(long, value_name = "N")]
-    pub max_tokens: Option<usize>,
-    /// 0 is greedy (server default 1.0).
-    #[arg(long, value_name = "T")]
-    pub temperature: Option<f64>,
-    #[arg(long)]
-    pub top_p: Option<f64>,
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    /// Stop strings (repeatable).
-    #[arg(long)]
-    pub stop: Vec<String>,
-    #[arg(long, value_name = "S")]
-    pub seed: Option<u64>,
-    /// Wait for the whole answer instead of printing tokens as they arrive.
-    #[arg(long)]
-    pub no_stream: bool,
-    /// Print the final response object (id, text, finish_reason, usage, ...) as JSON.
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub conn: ConnArgs,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum PriorityArg {
-    High,
-    Normal,
-    Low,
-}
-
-#[derive(Debug, Args)]
-pub struct FineTuneArgs {
-    /// JSONL dataset, relative to the head's training.data_root.
-    #[arg(long, value_name = "PATH")]
-    pub dataset: String,
-    /// Adapter directory to write, relative to the head's adapters.root.
-    #[arg(long, value_name = "PATH")]
-    pub output: String,
-    /// Base model (default: the served model).
-    #[arg(long, value_name = "PATH")]
-    pub base_model: Option<String>,
-    #[arg(long, value_enum)]
-    pub priority: Option<PriorityArg>,
-    /// Hyperparameters as a JSON object (PEFT/TRL names).
-    #[arg(long, value_name = "JSON")]
-    pub hyperparameters: Option<String>,
-    /// Follow the job until it ends (like `tessera jobs ID --watch`).
-    #[arg(long)]
-    pub watch: bool,
-    #[command(flatten)]
-    pub conn: ConnArgs,
-}
-
-#[derive(Debug, Args)]
-pub struct JobsArgs {
-    /// A job id: print its record (no id: a table of jobs).
-    pub id: Option<String>,
-    /// Only jobs in this state: queued, running, succeeded, failed or cancelled.
-    #[arg(long, value_name = "S")]
-    pub status: Option<String>,
-    /// Page size of the table (1..=500).
-    #[arg(long, value_name = "N", default_value_t = 50)]
-    pub limit: usize,
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub offset: usize,
-    /// Cancel the job (a running job stops after its current step).
-    #[arg(long, requires = "id")]
-    pub cancel: bool,
-    /// Follow the job's events until it ends; exit 0 only if it succeeded.
-    #[arg(long, requires = "id")]
-    pub watch: bool,
-    #[command(flatten)]
-    pub conn: ConnArgs,
+/// A client's error on stderr as one line (`error: ...`, no backtrace), then exit status 1.
+pub fn exit_on_error(result: anyhow::Result<()>) -> anyhow::Result<()> {
+    if let Err(e) = result {
+        let _ = std::io::stdout().flush();
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 /// A connection to a head.
@@ -125,10 +37,9 @@ impl Client {
             .build()
             .into();
         let base = conn.url.clone().unwrap_or_else(|| default_url(config));
-        let base = if base.contains("://") {
-            base
-        } else {
-            format!("http://{base}")
+        let base = match base.contains("://") {
+            true => base,
+            false => format!("http://{base}"),
         };
         let token = conn
             .token
@@ -159,10 +70,7 @@ impl Client {
         let status = resp.status();
         if status.is_client_error() || status.is_server_error() {
             let text = resp.body_mut().read_to_string().unwrap_or_default();
-            let message = serde_json::from_str::<Value>(&text)
-                .ok()
-                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-                .unwrap_or(text);
+            let message = serde_json::from_str(&text).map_or(text, |v| error_message(&v));
             bail!("{message} (HTTP {})", status.as_u16());
         }
         Ok(resp)
@@ -192,8 +100,7 @@ pub fn default_url(config: &Config) -> String {
     }
 }
 
-fn json_body(resp: Response<Body>) -> anyhow::Result<Value> {
-    let mut resp = resp;
+fn json_body(mut resp: Response<Body>) -> anyhow::Result<Value> {
     resp.body_mut()
         .read_json()
         .context("the head answered with something that is not JSON")
@@ -345,13 +252,8 @@ pub fn fine_tune(args: FineTuneArgs, config: &Config) -> anyhow::Result<()> {
     if let Some(b) = &args.base_model {
         body["base_model"] = json!(b);
     }
-    if let Some(p) = args.priority {
-        let name = match p {
-            PriorityArg::High => "high",
-            PriorityArg::Normal => "normal",
-            PriorityArg::Low => "low",
-        };
-        body["priority"] = json!(name);
+    if let Some(p) = &args.priority {
+        body["priority"] = json!(p);
     }
     if let Some(h) = &args.hyperparameters {
         let v: Value =

@@ -31,9 +31,11 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Generate(args) => tessera::generate::run(args, &config),
         Command::Train(args) => tessera::train::run(args, &config),
-        Command::Chat(args) => tessera::client::chat(args, &config),
-        Command::FineTune(args) => tessera::client::fine_tune(args, &config),
-        Command::Jobs(args) => tessera::client::jobs(args, &config),
+        Command::Chat(args) => tessera::client::exit_on_error(tessera::client::chat(args, &config)),
+        Command::FineTune(args) => {
+            tessera::client::exit_on_error(tessera::client::fine_tune(args, &config))
+        }
+        Command::Jobs(args) => tessera::client::exit_on_error(tessera::client::jobs(args, &config)),
         Command::Head(_) => tessera::head::run(&config),
         Command::Worker(args) => {
             tracing::info!(
