@@ -38,7 +38,7 @@ fn file_overrides_defaults() {
 #[test]
 fn env_wins_over_file_and_cli_wins_over_env() {
     let (_d, path) =
-        file("[server]\nport = 9100\nbind = \"0.0.0.0\"\n[batching]\nmax_batch_size = 4\n");
+        file("[server]\nport = 9100\nbind = \"0.0.0.0\"\nauth_token = \"t\"\n[batching]\nmax_batch_size = 4\n");
     let sources = Sources {
         file: Some(path),
         env: env(&[
@@ -53,6 +53,25 @@ fn env_wins_over_file_and_cli_wins_over_env() {
     assert_eq!(c.server.port, 9300, "CLI beats environment");
     assert_eq!(c.batching.max_batch_size, 8, "environment beats file");
     assert_eq!(c.server.bind, "0.0.0.0", "file beats defaults");
+}
+
+#[test]
+fn a_non_loopback_bind_needs_a_token_unless_explicitly_open() {
+    let load = |cli: &[&str]| {
+        Config::load(&Sources {
+            cli: cli.iter().map(|s| s.to_string()).collect(),
+            ..Sources::default()
+        })
+    };
+    let e = load(&["server.bind=\"0.0.0.0\""]).unwrap_err();
+    assert!(e.to_string().contains("server.auth_token"), "{e}");
+    load(&["server.bind=\"0.0.0.0\"", "server.auth_token=\"x\""]).unwrap();
+    load(&[
+        "server.bind=\"0.0.0.0\"",
+        "server.allow_unauthenticated=true",
+    ])
+    .unwrap();
+    load(&["server.bind=\"127.0.0.1\""]).unwrap();
 }
 
 #[test]

@@ -25,7 +25,7 @@ pub struct Assignment {
 }
 
 pub enum TrainerMsg {
-    Run(Assignment),
+    Run(Box<Assignment>),
     /// Stop the job after its current step; `checkpoint` saves the steps done first.
     Cancel {
         job_id: String,
@@ -125,7 +125,7 @@ impl Actor for TrainerActor {
                 let args = state.args.clone();
                 std::thread::Builder::new()
                     .name(format!("tessera-{}", args.name))
-                    .spawn(move || run_job(args, assignment, cancel, checkpoint, myself))?;
+                    .spawn(move || run_job(args, *assignment, cancel, checkpoint, myself))?;
             }
             TrainerMsg::Cancel { job_id, checkpoint } => {
                 if let Some(r) = state.running.as_ref().filter(|r| r.job_id == job_id) {

@@ -4,7 +4,7 @@
 //! * [`openai`]: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
 //! * [`jobs`]: `POST /fine-tune`, `GET /jobs`, `GET|DELETE /jobs/{id}`, `GET /jobs/{id}/events`.
 //! * [`status`]: `/health`, `/ready`, `/cluster`, `/metrics`.
-//! * [`openapi`]: `/openapi.json`.
+//! * [`openapi`]: the document at `/openapi.json`.
 //! * [`error`], [`paths`], [`generation`], [`metrics`]: what they share.
 
 pub mod chat;

@@ -251,11 +251,11 @@ impl JobManagerState {
                 let attempts = self.store.get(&id, false)?.attempts;
                 trainer
                     .actor
-                    .cast(TrainerMsg::Run(Assignment {
+                    .cast(TrainerMsg::Run(Box::new(Assignment {
                         job_id: id.clone(),
                         job: spec.train,
                         resume: attempts > 0,
-                    }))
+                    })))
                     .map_err(|e| JobError::Store(format!("trainer {name}: {e}")))?;
                 self.store.mark_running(&id, &name, &trainer.node)
             })();
