@@ -11,7 +11,8 @@ use crate::config::LogFormat;
 /// Installs the global subscriber. Call once, early in `main`.
 pub fn init(format: LogFormat, level: &str, json_to_stderr: bool) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
+        // ractor logs every actor start and stop at info: keep those for RUST_LOG=ractor=info.
+        .or_else(|_| EnvFilter::try_new(format!("{level},ractor=warn")))
         .map_err(|e| anyhow::anyhow!("invalid log level `{level}` (log.level): {e}"))?;
     let registry = tracing_subscriber::registry().with(filter);
     match format {
