@@ -11,7 +11,7 @@ work=$(mktemp -d)
 port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 target/release/tessera head --model "$model" --port "$port" \
     --set "adapters.root=\"$work/adapters\"" --set "training.data_root=\"$work/data\"" \
-    --set "jobs.db_path=\"$work/jobs.sqlite\"" >"$work/head.log" 2>&1 &
+    --set "jobs.db_path=\"$work/jobs.sqlite\"" --set cluster.port=0 >"$work/head.log" 2>&1 &
 head_pid=$!
 trap 'kill $head_pid 2>/dev/null; wait $head_pid 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 300); do

@@ -169,6 +169,7 @@ pub struct JobsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
+    pub bind: String,
     pub port: u16,
     pub cookie: String,
     pub heartbeat_timeout_secs: u64,
@@ -329,6 +330,12 @@ impl Config {
         }
         if self.supervision.max_restarts == 0 {
             return Err(bad("supervision.max_restarts", "must be at least 1".into()));
+        }
+        if self.cluster.bind.parse::<IpAddr>().is_err() {
+            return Err(bad(
+                "cluster.bind",
+                format!("`{}` is not an IP address", self.cluster.bind),
+            ));
         }
         if self.cluster.cookie.is_empty() {
             return Err(bad("cluster.cookie", "must not be empty".into()));

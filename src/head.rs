@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use tessera_actors::cluster::head::HeadCluster;
 use tessera_actors::{Node, NodeConfig};
 use tokio::net::TcpListener;
 
@@ -36,6 +37,7 @@ pub fn node_config(config: &Config, node_name: &str) -> NodeConfig {
         db_path: expand_home(&config.jobs.db_path),
         restart: config.supervision.clone(),
         affinity_slack: config.adapters.affinity_slack as usize,
+        job_manager: true,
     }
 }
 
@@ -56,9 +58,20 @@ pub async fn start(config: &Config) -> anyhow::Result<AppState> {
     let node = Node::start(node_config(config, "head"))
         .await
         .context("starting the actor tree")?;
+    let cluster = HeadCluster::start(
+        config.cluster.bind.parse().context("cluster.bind")?,
+        config.cluster.port,
+        &config.cluster.cookie,
+        node.router.clone(),
+        node.directory.clone(),
+        Duration::from_secs(config.cluster.heartbeat_timeout_secs),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!(e))?;
     let token = config.server.auth_token.clone();
     Ok(AppState::new(Shared {
         node: Arc::new(node),
+        cluster: Some(cluster),
         roots,
         auth_token: (!token.is_empty()).then_some(token),
         request_timeout: Duration::from_secs(config.server.request_timeout_secs),
@@ -132,6 +145,7 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
             model = %config.model_path().display(),
             replicas = state.node.placement.replicas.len(),
             trainers = state.node.placement.trainers.len(),
+            cluster_port = state.cluster.as_ref().map(|c| c.port),
             auth = state.auth_token.is_some(),
             "tessera head serving"
         );

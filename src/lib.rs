@@ -10,3 +10,4 @@ pub mod head;
 pub mod http;
 pub mod logging;
 pub mod train;
+pub mod worker;

@@ -37,12 +37,6 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Jobs(args) => tessera::client::exit_on_error(tessera::client::jobs(args, &config)),
         Command::Head(_) => tessera::head::run(&config),
-        Command::Worker(args) => {
-            tracing::info!(
-                join = %args.join,
-                "tessera worker: joining a head is not built yet (issue 6)"
-            );
-            Ok(())
-        }
+        Command::Worker(args) => tessera::worker::run(args, &config),
     }
 }

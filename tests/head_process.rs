@@ -57,6 +57,7 @@ fn spawn_head(dir: &Path, model: &Path) -> Proc {
             &format!("jobs.db_path=\"{}\"", dir.join("jobs.sqlite").display()),
         ])
         .args(["--set", "batching.max_kv_tokens=8192"])
+        .args(["--set", "cluster.port=0"])
         .env_remove("LD_LIBRARY_PATH")
         .stdout(Stdio::null())
         .stderr(log)

@@ -1,24 +1,80 @@
 //! The node's directory: where actors find each other across restarts. The supervisor writes it
-//! (a restarted child gets a new `ActorRef`); the job manager and trainers read it.
+//! (a restarted child gets a new `ActorRef`), the cluster adds the trainers of other nodes; the job
+//! manager and trainers read it.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use ractor::ActorRef;
 
 use crate::jobs::JobMsg;
-use crate::trainer::TrainerMsg;
+use crate::trainer::{Assignment, TrainerMsg};
+
+/// A trainer on another node, reached through the cluster (issue 6).
+pub trait RemoteTrainer: Send + Sync {
+    fn run(&self, assignment: Assignment) -> Result<(), String>;
+    fn cancel(&self, job_id: &str, checkpoint: bool);
+    /// The job it runs, as last reported.
+    fn current(&self) -> Option<String>;
+}
+
+#[derive(Clone)]
+pub enum TrainerRef {
+    Local(ActorRef<TrainerMsg>),
+    Remote(Arc<dyn RemoteTrainer>),
+}
 
 #[derive(Clone)]
 pub struct TrainerEntry {
-    pub actor: ActorRef<TrainerMsg>,
+    pub actor: TrainerRef,
     pub node: String,
     pub device: String,
 }
 
+impl TrainerEntry {
+    pub fn run(&self, assignment: Assignment) -> Result<(), String> {
+        match &self.actor {
+            TrainerRef::Local(a) => a
+                .cast(TrainerMsg::Run(Box::new(assignment)))
+                .map_err(|e| e.to_string()),
+            TrainerRef::Remote(r) => r.run(assignment),
+        }
+    }
+
+    pub fn cancel(&self, job_id: &str, checkpoint: bool) {
+        match &self.actor {
+            TrainerRef::Local(a) => {
+                let _ = a.cast(TrainerMsg::Cancel {
+                    job_id: job_id.to_string(),
+                    checkpoint,
+                });
+            }
+            TrainerRef::Remote(r) => r.cancel(job_id, checkpoint),
+        }
+    }
+
+    pub async fn current(&self) -> Option<String> {
+        match &self.actor {
+            TrainerRef::Local(a) => match a
+                .call(TrainerMsg::Current, Some(Duration::from_secs(2)))
+                .await
+            {
+                Ok(ractor::rpc::CallResult::Success(job)) => job,
+                _ => None,
+            },
+            TrainerRef::Remote(r) => r.current(),
+        }
+    }
+}
+
+/// Where job reports go on a node without a job manager (a worker sends them to the head).
+pub type Reporter = Arc<dyn Fn(JobMsg) + Send + Sync>;
+
 #[derive(Default)]
 struct Entries {
     job_manager: Option<ActorRef<JobMsg>>,
+    reporter: Option<Reporter>,
     trainers: BTreeMap<String, TrainerEntry>,
 }
 
@@ -36,8 +92,39 @@ impl Directory {
         self.inner.write().expect("directory").job_manager = actor;
     }
 
+    pub fn set_reporter(&self, reporter: Option<Reporter>) {
+        self.inner.write().expect("directory").reporter = reporter;
+    }
+
+    /// Delivers a trainer's report to the job manager (local, or the head's through the cluster).
+    pub fn report(&self, msg: JobMsg) -> Result<(), String> {
+        let (manager, reporter) = {
+            let e = self.inner.read().expect("directory");
+            (e.job_manager.clone(), e.reporter.clone())
+        };
+        match (manager, reporter) {
+            (Some(m), _) => m.cast(msg).map_err(|e| e.to_string()),
+            (None, Some(r)) => {
+                r(msg);
+                Ok(())
+            }
+            (None, None) => Err("no job manager".into()),
+        }
+    }
+
     pub fn trainers(&self) -> BTreeMap<String, TrainerEntry> {
         self.inner.read().expect("directory").trainers.clone()
+    }
+
+    /// Trainers of this node only (the worker side).
+    pub fn local_trainer(&self, name: &str) -> Option<ActorRef<TrainerMsg>> {
+        match self.inner.read().expect("directory").trainers.get(name) {
+            Some(TrainerEntry {
+                actor: TrainerRef::Local(a),
+                ..
+            }) => Some(a.clone()),
+            _ => None,
+        }
     }
 
     pub fn set_trainer(&self, name: &str, entry: Option<TrainerEntry>) {
@@ -46,5 +133,13 @@ impl Directory {
             Some(t) => e.trainers.insert(name.to_string(), t),
             None => e.trainers.remove(name),
         };
+    }
+
+    /// Forgets every trainer of `node`; returns whether there were any.
+    pub fn remove_node(&self, node: &str) -> bool {
+        let mut e = self.inner.write().expect("directory");
+        let before = e.trainers.len();
+        e.trainers.retain(|_, t| t.node != node);
+        before != e.trainers.len()
     }
 }

@@ -36,6 +36,8 @@ pub struct NodeConfig {
     pub restart: RestartPolicy,
     /// See [`Router::affinity_slack`].
     pub affinity_slack: usize,
+    /// A head keeps the job manager; a worker's trainers report to the head's.
+    pub job_manager: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,13 +106,15 @@ impl Node {
                 }),
             ));
         }
-        children.push((
-            "job-manager".into(),
-            ChildSpec::JobManager {
-                db_path: config.db_path.clone(),
-                node: config.node_name.clone(),
-            },
-        ));
+        if config.job_manager {
+            children.push((
+                "job-manager".into(),
+                ChildSpec::JobManager {
+                    db_path: config.db_path.clone(),
+                    node: config.node_name.clone(),
+                },
+            ));
+        }
         for r in &placement.replicas {
             router.add_replica(ReplicaInfo {
                 name: r.name.clone(),

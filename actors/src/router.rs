@@ -16,10 +16,23 @@ use crate::messages::{ChatWork, ReplicaInfo, ServeError, StreamEvent};
 /// Events buffered per stream before the replica waits for the client (flow control).
 pub const STREAM_BUFFER: usize = 64;
 
+/// A replica on another node, reached through the cluster (issue 6).
+pub trait RemoteReplica: Send + Sync {
+    /// Sends `work` to the replica; its events arrive on `sink`. Fails when the node is gone.
+    fn generate(&self, work: ChatWork, sink: mpsc::Sender<StreamEvent>) -> Result<(), ServeError>;
+}
+
+/// How the router reaches a replica.
+#[derive(Clone)]
+pub enum ReplicaRef {
+    Local(ActorRef<InferenceMsg>),
+    Remote(Arc<dyn RemoteReplica>),
+}
+
 /// One replica as the router knows it.
 struct Slot {
     info: ReplicaInfo,
-    actor: Option<ActorRef<InferenceMsg>>,
+    actor: Option<ReplicaRef>,
     in_flight: Arc<AtomicUsize>,
     /// Most recently used last; bounded by `adapter_memory`.
     adapters: Vec<PathBuf>,
@@ -103,6 +116,10 @@ impl Router {
 
     /// The replica's actor is up (`Some`) or down (`None`), with its state for `/cluster`.
     pub fn set_actor(&self, name: &str, actor: Option<ActorRef<InferenceMsg>>, state: &str) {
+        self.set_ref(name, actor.map(ReplicaRef::Local), state)
+    }
+
+    pub fn set_ref(&self, name: &str, actor: Option<ReplicaRef>, state: &str) {
         let mut slots = self.slots.write().expect("router");
         if let Some(slot) = slots.iter_mut().find(|s| s.info.name == name) {
             if actor.is_none() {
@@ -112,6 +129,21 @@ impl Router {
             slot.actor = actor;
             slot.info.state = state.to_string();
         }
+    }
+
+    /// Adds (or replaces) a serving replica of another node.
+    pub fn add_remote(&self, info: ReplicaInfo, remote: Arc<dyn RemoteReplica>) {
+        let name = info.name.clone();
+        self.add_replica(info);
+        self.set_ref(&name, Some(ReplicaRef::Remote(remote)), "running");
+    }
+
+    /// Forgets every replica of `node` (it left or was evicted).
+    pub fn remove_node(&self, node: &str) {
+        self.slots
+            .write()
+            .expect("router")
+            .retain(|s| s.info.node != node);
     }
 
     pub fn set_model_name(&self, name: &str, model: &str) {
@@ -141,7 +173,10 @@ impl Router {
             .expect("router")
             .iter()
             .find(|s| s.info.name == name)
-            .and_then(|s| s.actor.clone())
+            .and_then(|s| match &s.actor {
+                Some(ReplicaRef::Local(a)) => Some(a.clone()),
+                _ => None,
+            })
     }
 
     /// The served base model's name, once a replica has loaded it.
@@ -206,19 +241,32 @@ impl Router {
                 replica: name.clone(),
             };
             let (sink, events) = mpsc::channel(STREAM_BUFFER);
-            let msg = InferenceMsg::Generate {
-                work: work.take().expect("work"),
-                sink,
+            let w = work.take().expect("work");
+            let failed = match actor {
+                ReplicaRef::Local(actor) => match actor
+                    .cast(InferenceMsg::Generate { work: w, sink })
+                {
+                    Ok(()) => None,
+                    Err(e) => {
+                        let ractor::MessagingErr::SendErr(InferenceMsg::Generate {
+                            work: w, ..
+                        }) = e
+                        else {
+                            return Err(ServeError::unavailable(format!("replica {name}: {e}")));
+                        };
+                        Some((w, "its actor is gone".to_string()))
+                    }
+                },
+                ReplicaRef::Remote(remote) => match remote.generate(w.clone(), sink) {
+                    Ok(()) => None,
+                    Err(e) => Some((w, e.message)),
+                },
             };
-            match actor.cast(msg) {
-                Ok(()) => return Ok(Dispatched { events, lease }),
-                Err(e) => {
-                    // The actor died between the table update and now: try another.
-                    tracing::warn!(replica = %name, error = %e, "replica unreachable; trying another");
-                    let ractor::MessagingErr::SendErr(InferenceMsg::Generate { work: w, .. }) = e
-                    else {
-                        return Err(ServeError::unavailable(format!("replica {name}: {e}")));
-                    };
+            match failed {
+                None => return Ok(Dispatched { events, lease }),
+                Some((w, why)) => {
+                    // The replica died between the table update and now: try another.
+                    tracing::warn!(replica = %name, %why, "replica unreachable; trying another");
                     work = Some(w);
                     tried.push(name);
                 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
-use crate::directory::{Directory, TrainerEntry};
+use crate::directory::{Directory, TrainerEntry, TrainerRef};
 use crate::health::{ActorState, HealthBoard};
 use crate::inference::{InferenceActor, InferenceArgs};
 use crate::jobs::{JobManager, JobManagerArgs, JobMsg};
@@ -253,7 +253,7 @@ impl SupervisorState {
                         self.directory.set_trainer(
                             name,
                             Some(TrainerEntry {
-                                actor: actor.clone(),
+                                actor: TrainerRef::Local(actor.clone()),
                                 node: entry_node,
                                 device: format!("{device:?}"),
                             }),

@@ -147,13 +147,8 @@ impl Actor for TrainerActor {
 }
 
 fn report(directory: &Directory, msg: JobMsg) {
-    match directory.job_manager() {
-        Some(manager) => {
-            if let Err(e) = manager.cast(msg) {
-                tracing::error!(error = %e, "the job manager is gone; a job report was lost");
-            }
-        }
-        None => tracing::error!("no job manager; a job report was lost"),
+    if let Err(e) = directory.report(msg) {
+        tracing::error!(error = %e, "a job report was lost");
     }
 }
 

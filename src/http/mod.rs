@@ -37,6 +37,8 @@ use paths::Roots;
 pub struct Shared {
     /// This node's actors: router, job manager, health.
     pub node: Arc<Node>,
+    /// The cluster endpoint: joined workers, the cluster port.
+    pub cluster: Option<tessera_actors::cluster::head::HeadCluster>,
     /// Where client paths may point.
     pub roots: Roots,
     /// Bearer token required on every route but `/health` and `/ready` (`None`: no auth).

@@ -99,7 +99,11 @@ pub struct TrainerView {
 
 #[derive(Serialize)]
 pub struct ClusterView {
+    /// The port workers join (`tessera worker --join HOST:PORT`).
+    pub cluster_port: Option<u16>,
     pub nodes: Vec<NodeView>,
+    /// Joined workers: devices, split, replicas, trainers, running jobs, last heartbeat.
+    pub workers: Vec<tessera_actors::cluster::head::WorkerView>,
     pub replicas: Vec<ReplicaInfo>,
     pub jobs: Option<JobStats>,
 }
@@ -128,6 +132,12 @@ pub async fn cluster(State(state): State<AppState>) -> Json<ClusterView> {
         })
         .collect();
     Json(ClusterView {
+        cluster_port: state.cluster.as_ref().map(|c| c.port),
+        workers: state
+            .cluster
+            .as_ref()
+            .map(|c| c.table.workers())
+            .unwrap_or_default(),
         nodes: vec![NodeView {
             name: node.name.clone(),
             role: "head",

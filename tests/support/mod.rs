@@ -42,6 +42,7 @@ pub fn start_in(dir: tempfile::TempDir, model: PathBuf, overrides: &[&str]) -> H
         format!("jobs.db_path={}", q(&dir.path().join("jobs.sqlite"))),
         "batching.max_kv_tokens=8192".to_string(),
         "supervision.backoff_initial_ms=50".to_string(),
+        "cluster.port=0".to_string(),
     ];
     cli.extend(overrides.iter().map(|s| s.to_string()));
     let config = Config::load(&Sources {

@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
@@ -16,7 +15,7 @@ use super::types::{
     JobError, JobEvent, JobPage, JobQuery, JobRecord, JobSpec, JobState, ProgressPoint, RunResult,
 };
 use crate::directory::Directory;
-use crate::trainer::{Assignment, TrainerMsg};
+use crate::trainer::Assignment;
 
 type Reply<T> = RpcReplyPort<Result<T, JobError>>;
 
@@ -92,11 +91,7 @@ impl Actor for JobManager {
         // Which jobs are really running? Ask the trainers (after a manager restart some are).
         let mut busy = HashMap::new();
         for (name, entry) in args.directory.trainers() {
-            let current = entry
-                .actor
-                .call(TrainerMsg::Current, Some(Duration::from_secs(2)))
-                .await;
-            if let Ok(ractor::rpc::CallResult::Success(Some(job))) = current {
+            if let Some(job) = entry.current().await {
                 busy.insert(name, job);
             }
         }
@@ -208,10 +203,7 @@ impl Actor for JobManager {
             JobMsg::Shutdown(reply) => {
                 for (trainer, job) in &state.busy {
                     if let Some(t) = state.directory.trainers().get(trainer) {
-                        let _ = t.actor.cast(TrainerMsg::Cancel {
-                            job_id: job.clone(),
-                            checkpoint: true,
-                        });
+                        t.cancel(job, true);
                     }
                 }
                 state.draining.get_or_insert_with(Vec::new).push(reply);
@@ -250,12 +242,11 @@ impl JobManagerState {
                 let spec = self.store.spec(&id)?;
                 let attempts = self.store.get(&id, false)?.attempts;
                 trainer
-                    .actor
-                    .cast(TrainerMsg::Run(Box::new(Assignment {
+                    .run(Assignment {
                         job_id: id.clone(),
                         job: spec.train,
                         resume: attempts > 0,
-                    })))
+                    })
                     .map_err(|e| JobError::Store(format!("trainer {name}: {e}")))?;
                 self.store.mark_running(&id, &name, &trainer.node)
             })();
@@ -283,10 +274,7 @@ impl JobManagerState {
                 self.store.request_cancel(id)?;
                 if let Some((trainer, _)) = self.busy.iter().find(|(_, j)| *j == id) {
                     if let Some(t) = self.directory.trainers().get(trainer) {
-                        let _ = t.actor.cast(TrainerMsg::Cancel {
-                            job_id: id.to_string(),
-                            checkpoint: false,
-                        });
+                        t.cancel(id, false);
                     }
                 }
                 tracing::info!(job = %id, "running job: cancel requested (takes effect after the current step)");

@@ -1,0 +1,394 @@
+//! The worker's side of the cluster: its own node (replicas and trainers, no job manager), a
+//! `WorkerAgent` actor the head reaches through pg, and the dial loop: connect to the head, keep
+//! the backoff across sessions until a session is authenticated, register, redial when the
+//! session drops; a session that closes before authenticating means a wrong cookie and stops the
+//! worker with a configuration error instead of a reconnect storm.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor_cluster::node::NodeServerSessionInformation;
+use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
+use tokio::sync::mpsc;
+
+use super::wire::{worker_group, HeadInbox, ToHead, ToWorker, WorkerInbox, WorkerInfo, HEAD_GROUP};
+use crate::jobs::JobMsg;
+use crate::messages::StreamEvent;
+use crate::node::Node;
+use crate::trainer::TrainerMsg;
+
+fn head() -> Option<ActorRef<HeadInbox>> {
+    ractor::pg::get_members(&HEAD_GROUP.to_string())
+        .into_iter()
+        .next()
+        .map(ActorRef::from)
+}
+
+fn to_head(msg: ToHead) -> bool {
+    match head() {
+        Some(h) => h.cast(HeadInbox(msg)).is_ok(),
+        None => false,
+    }
+}
+
+pub struct WorkerAgentArgs {
+    pub node: Arc<Node>,
+    pub hostname: String,
+}
+
+pub struct WorkerAgentState {
+    args: WorkerAgentArgs,
+    streams: HashMap<String, tokio::task::AbortHandle>,
+    finished: mpsc::UnboundedSender<String>,
+}
+
+pub struct WorkerAgent;
+
+impl WorkerAgent {
+    /// What the head needs to know of this worker.
+    pub async fn info(node: &Node, hostname: &str) -> WorkerInfo {
+        let mut running = Vec::new();
+        for (name, entry) in node.directory.trainers() {
+            if let Some(job) = entry.current().await {
+                running.push((name, job));
+            }
+        }
+        WorkerInfo {
+            node: node.name.clone(),
+            hostname: hostname.to_string(),
+            inventory: node.inventory.clone(),
+            placement: node.placement.clone(),
+            replicas: node.router.replicas(),
+            trainers: node
+                .placement
+                .trainers
+                .iter()
+                .map(|t| (t.name.clone(), t.device.to_string()))
+                .collect(),
+            running,
+        }
+    }
+}
+
+impl Actor for WorkerAgent {
+    type Msg = WorkerInbox;
+    type State = WorkerAgentState;
+    type Arguments = WorkerAgentArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<WorkerInbox>,
+        args: WorkerAgentArgs,
+    ) -> Result<WorkerAgentState, ActorProcessingErr> {
+        ractor::pg::join(worker_group(&args.node.name), vec![myself.get_cell()]);
+        let (finished, mut done) = mpsc::unbounded_channel::<String>();
+        let me = myself.clone();
+        // Streams that end remove themselves (through a local-only Cancel of a finished id).
+        tokio::spawn(async move {
+            while let Some(id) = done.recv().await {
+                if me
+                    .cast(WorkerInbox(ToWorker::Cancel { request_id: id }))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Ok(WorkerAgentState {
+            args,
+            streams: HashMap::new(),
+            finished,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<WorkerInbox>,
+        WorkerInbox(msg): WorkerInbox,
+        state: &mut WorkerAgentState,
+    ) -> Result<(), ActorProcessingErr> {
+        let node = state.args.node.clone();
+        match msg {
+            ToWorker::Ping { seq } => {
+                to_head(ToHead::Pong {
+                    node: node.name.clone(),
+                    seq,
+                });
+            }
+            ToWorker::Generate { work } => {
+                let request_id = work.request_id.clone();
+                let finished = state.finished.clone();
+                let id = request_id.clone();
+                let task = tokio::spawn(async move {
+                    match node.router.dispatch(work) {
+                        Err(e) => {
+                            to_head(ToHead::Stream {
+                                request_id: id.clone(),
+                                event: StreamEvent::Error(e),
+                            });
+                        }
+                        Ok(mut d) => {
+                            while let Some(event) = d.events.recv().await {
+                                let last = matches!(
+                                    event,
+                                    StreamEvent::Finished { .. } | StreamEvent::Error(_)
+                                );
+                                if !to_head(ToHead::Stream {
+                                    request_id: id.clone(),
+                                    event,
+                                }) || last
+                                {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = finished.send(id);
+                });
+                state.streams.insert(request_id, task.abort_handle());
+            }
+            ToWorker::Cancel { request_id } => {
+                // Aborting drops the stream's receiver, which cancels the sequence.
+                if let Some(task) = state.streams.remove(&request_id) {
+                    task.abort();
+                }
+            }
+            ToWorker::RunJob {
+                trainer,
+                assignment,
+            } => match node.directory.local_trainer(&trainer) {
+                Some(t) => {
+                    let _ = t.cast(TrainerMsg::Run(assignment));
+                }
+                None => {
+                    to_head(ToHead::JobFinished {
+                        node: node.name.clone(),
+                        trainer,
+                        job_id: assignment.job_id,
+                        result: crate::jobs::RunResult::Stopped { step: 0 },
+                    });
+                }
+            },
+            ToWorker::CancelJob {
+                trainer,
+                job_id,
+                checkpoint,
+            } => {
+                if let Some(t) = node.directory.local_trainer(&trainer) {
+                    let _ = t.cast(TrainerMsg::Cancel { job_id, checkpoint });
+                }
+            }
+            ToWorker::Evicted => {
+                // Our jobs were given to other trainers: stop them without writing a checkpoint.
+                tracing::error!("the head evicted this worker (missed heartbeats); stopping its jobs and registering again");
+                for (name, entry) in node.directory.trainers() {
+                    if let Some(job) = entry.current().await {
+                        entry.cancel(&job, false);
+                        tracing::warn!(trainer = %name, %job, "job stopped: it was re-queued on the head");
+                    }
+                }
+                let info = WorkerAgent::info(&node, &state.args.hostname).await;
+                to_head(ToHead::Register(Box::new(info)));
+            }
+            ToWorker::Reregister => {
+                let info = WorkerAgent::info(&node, &state.args.hostname).await;
+                to_head(ToHead::Register(Box::new(info)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Session events of the worker's node server, as a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SessionEvent {
+    Authenticated,
+    Disconnected { authenticated: bool },
+}
+
+struct Events {
+    tx: mpsc::UnboundedSender<SessionEvent>,
+    authenticated: Mutex<bool>,
+}
+
+impl NodeEventSubscription for Events {
+    fn node_session_opened(&self, _ses: NodeServerSessionInformation) {}
+
+    fn node_session_authenticated(&self, _ses: NodeServerSessionInformation) {
+        *self.authenticated.lock().expect("events") = true;
+        let _ = self.tx.send(SessionEvent::Authenticated);
+    }
+
+    fn node_session_disconnected(&self, _ses: NodeServerSessionInformation) {
+        let authenticated =
+            std::mem::replace(&mut *self.authenticated.lock().expect("events"), false);
+        let _ = self.tx.send(SessionEvent::Disconnected { authenticated });
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("the head at {0} refused this worker's cluster.cookie (it closed the session before authentication); set the same cluster.cookie on both")]
+    Cookie(String),
+    #[error("{0}")]
+    Start(String),
+}
+
+/// Joins the head at `head_addr` and serves until `stop` resolves (then leaves cleanly).
+pub async fn run(
+    node: Arc<Node>,
+    hostname: String,
+    head_addr: String,
+    cookie: String,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    let server = NodeServer::new(
+        0,
+        cookie,
+        node.name.clone(),
+        hostname.clone(),
+        None,
+        Some(ractor_cluster::node::NodeConnectionMode::Isolated),
+    );
+    let (server, _) = Actor::spawn(None, server, ())
+        .await
+        .map_err(|e| WorkerError::Start(format!("cluster node server: {e}")))?;
+    let (tx, mut events) = mpsc::unbounded_channel();
+    server
+        .cast(NodeServerMessage::SubscribeToEvents {
+            id: "tessera-worker".into(),
+            subscription: Box::new(Events {
+                tx,
+                authenticated: Mutex::new(false),
+            }),
+        })
+        .map_err(|e| WorkerError::Start(e.to_string()))?;
+    let (agent, _) = Actor::spawn(
+        None,
+        WorkerAgent,
+        WorkerAgentArgs {
+            node: node.clone(),
+            hostname: hostname.clone(),
+        },
+    )
+    .await
+    .map_err(|e| WorkerError::Start(format!("worker agent: {e}")))?;
+    let name = node.name.clone();
+    node.directory
+        .set_reporter(Some(Arc::new(move |msg: JobMsg| {
+            let msg = match msg {
+                JobMsg::Progress {
+                    job_id,
+                    trainer,
+                    point,
+                } => ToHead::JobProgress {
+                    node: name.clone(),
+                    trainer,
+                    job_id,
+                    point,
+                },
+                JobMsg::Finished {
+                    job_id,
+                    trainer,
+                    result,
+                } => ToHead::JobFinished {
+                    node: name.clone(),
+                    trainer,
+                    job_id,
+                    result,
+                },
+                _ => return,
+            };
+            if !to_head(msg) {
+                tracing::error!("the head is unreachable; a job report was lost");
+            }
+        })));
+    let mut stop = std::pin::pin!(stop);
+    // Join with replicas that serve: wait for them to load their model first.
+    let t0 = std::time::Instant::now();
+    while !node.placement.replicas.is_empty()
+        && node.router.replicas().iter().any(|r| r.state != "running")
+        && t0.elapsed() < Duration::from_secs(300)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut backoff = Duration::from_millis(250);
+    let max_backoff = Duration::from_secs(5);
+    let result = loop {
+        // Dial.
+        let connected = tokio::select! {
+            _ = &mut stop => break Ok(()),
+            r = ractor_cluster::client_connect(&server, head_addr.as_str()) => r,
+        };
+        if let Err(e) = connected {
+            tracing::warn!(head = %head_addr, error = %e, retry_in_ms = backoff.as_millis() as u64, "head not reachable; retrying");
+            tokio::select! {
+                _ = &mut stop => break Ok(()),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(max_backoff);
+            continue;
+        }
+        // Wait for authentication (or its failure).
+        let outcome = tokio::select! {
+            _ = &mut stop => break Ok(()),
+            e = events.recv() => e,
+            _ = tokio::time::sleep(Duration::from_secs(10)) => None,
+        };
+        match outcome {
+            Some(SessionEvent::Authenticated) => {}
+            Some(SessionEvent::Disconnected {
+                authenticated: false,
+            }) => {
+                break Err(WorkerError::Cookie(head_addr.clone()));
+            }
+            _ => {
+                tracing::warn!(head = %head_addr, "no authenticated session; redialling");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(max_backoff);
+                continue;
+            }
+        }
+        // Register once the head's actor is visible through pg.
+        let mut registered = false;
+        for _ in 0..100 {
+            if head().is_some() {
+                let info = WorkerAgent::info(&node, &hostname).await;
+                registered = to_head(ToHead::Register(Box::new(info)));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if registered {
+            tracing::info!(head = %head_addr, node = %node.name, "joined the cluster");
+            backoff = Duration::from_millis(250);
+        }
+        // Serve until the session drops.
+        tokio::select! {
+            _ = &mut stop => break Ok(()),
+            _ = async {
+                loop {
+                    match events.recv().await {
+                        Some(SessionEvent::Disconnected { .. }) | None => return,
+                        Some(_) => {}
+                    }
+                }
+            } => {}
+        }
+        tracing::warn!(head = %head_addr, retry_in_ms = backoff.as_millis() as u64, "lost the head; redialling");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(max_backoff);
+    };
+    if result.is_ok() {
+        to_head(ToHead::Leaving {
+            node: node.name.clone(),
+        });
+        // Let the message reach the head before the session closes.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    agent.stop(None);
+    server.stop(None);
+    result
+}

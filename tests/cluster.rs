@@ -1,0 +1,352 @@
+//! Several `tessera` processes on loopback as one cluster: a head and workers that join it over
+//! ractor_cluster. Chat answered by a worker, jobs on two workers at once, a worker killed during
+//! a job (the job resumes on the other from its checkpoint), a stopped worker evicted and back,
+//! a wrong cookie refused, a worker that starts before its head.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::{quick_hyperparameters, read_sse, Head};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+
+/// One cluster at a time: ports are picked free then released, and a parallel test's node server
+/// could take one in between.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn signal(&self, sig: &str) {
+        assert!(Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    model: PathBuf,
+    http: u16,
+    cluster: u16,
+}
+
+impl Cluster {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let model = support::tiny::write_model(&dir.path().join("model"), 5);
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
+        let lines: Vec<String> = (0..16)
+            .map(|i| json!({"text": format!("record {i} holds {}", i * 5)}).to_string())
+            .collect();
+        std::fs::write(dir.path().join("data/d.jsonl"), lines.join("\n")).unwrap();
+        Self {
+            dir,
+            model,
+            http: free_port(),
+            cluster: free_port(),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http)
+    }
+
+    fn spawn(&self, name: &str, args: &[String]) -> Proc {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let child = Command::new(BIN)
+            .args(args)
+            .env_remove("LD_LIBRARY_PATH")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Proc { child, log }
+    }
+
+    fn head(&self, local_slots: u32) -> Proc {
+        let d = self.dir.path();
+        let set = |kv: String| ["--set".to_string(), kv];
+        let mut args: Vec<String> = vec![
+            "--log-format".into(),
+            "pretty".into(),
+            "head".into(),
+            "--port".into(),
+            self.http.to_string(),
+            "--model".into(),
+            self.model.display().to_string(),
+        ];
+        for kv in [
+            format!("adapters.root=\"{}\"", d.join("adapters").display()),
+            format!("training.data_root=\"{}\"", d.join("data").display()),
+            format!("jobs.db_path=\"{}\"", d.join("jobs.sqlite").display()),
+            format!("cluster.port={}", self.cluster),
+            format!("resources.cpu_inference_slots={local_slots}"),
+            format!("resources.cpu_training_slots={local_slots}"),
+            "cluster.heartbeat_timeout_secs=3".into(),
+            "batching.max_kv_tokens=8192".into(),
+        ] {
+            args.extend(set(kv));
+        }
+        self.spawn("head", &args)
+    }
+
+    fn worker(&self, name: &str, extra: &[&str]) -> Proc {
+        let mut args: Vec<String> = vec![
+            "--log-format".into(),
+            "pretty".into(),
+            "worker".into(),
+            "--join".into(),
+            format!("127.0.0.1:{}", self.cluster),
+            "--model".into(),
+            self.model.display().to_string(),
+            "--set".into(),
+            "batching.max_kv_tokens=8192".into(),
+        ];
+        for e in extra {
+            args.extend(["--set".to_string(), e.to_string()]);
+        }
+        self.spawn(name, &args)
+    }
+
+    fn get(&self, path: &str) -> Value {
+        match Head::agent().get(format!("{}{path}", self.url())).call() {
+            Ok(mut r) => r.body_mut().read_json().unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        }
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let mut r = Head::agent()
+            .post(format!("{}{path}", self.url()))
+            .send_json(body)
+            .unwrap();
+        (
+            r.status().as_u16(),
+            r.body_mut().read_json().unwrap_or(Value::Null),
+        )
+    }
+
+    fn workers(&self) -> Vec<String> {
+        self.get("/cluster")["workers"]
+            .as_array()
+            .map(|ws| {
+                ws.iter()
+                    .map(|w| w["info"]["node"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn wait(&self, what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
+        let t0 = Instant::now();
+        while !check() {
+            assert!(
+                t0.elapsed() < timeout,
+                "timed out waiting for {what}; head log:\n{}",
+                std::fs::read_to_string(self.dir.path().join("head.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        t0.elapsed()
+    }
+
+    fn submit(&self, out: &str, epochs: usize) -> String {
+        let mut h = quick_hyperparameters(epochs);
+        h["save_every_steps"] = json!(4);
+        let (status, a) = self.post(
+            "/fine-tune",
+            &json!({"dataset_path": "d.jsonl", "output_path": out, "hyperparameters": h}),
+        );
+        assert_eq!(status, 202, "{a}");
+        a["job_id"].as_str().unwrap().to_string()
+    }
+
+    fn job(&self, id: &str) -> Value {
+        self.get(&format!("/jobs/{id}"))
+    }
+}
+
+fn chat(c: &Cluster) -> (u16, Value) {
+    c.post(
+        "/chat",
+        &json!({"prompt": "hello", "max_tokens": 6, "temperature": 0}),
+    )
+}
+
+#[test]
+fn two_workers_serve_chat_run_jobs_and_a_killed_one_hands_its_job_over() {
+    let _serial = serial();
+    let c = Cluster::new();
+    let _head = c.head(0);
+    let mut a = c.worker("worker-a", &[]);
+    let mut b = c.worker("worker-b", &[]);
+    c.wait("two workers", Duration::from_secs(60), || {
+        c.workers().len() == 2
+    });
+    let cluster = c.get("/cluster");
+    assert_eq!(
+        cluster["replicas"].as_array().unwrap().len(),
+        2,
+        "{cluster}"
+    );
+    assert_eq!(
+        cluster["nodes"][0]["placement"]["replicas"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+
+    // The head has no replica of its own: a worker answers.
+    let (status, r) = chat(&c);
+    assert_eq!(status, 200, "{r}");
+    let replica = r["replica"].as_str().unwrap();
+    assert!(
+        c.workers().iter().any(|w| replica.starts_with(w.as_str())),
+        "{replica}"
+    );
+    // Streaming flows back through the cluster too.
+    let resp = Head::agent()
+        .post(format!("{}/chat", c.url()))
+        .send_json(json!({"prompt": "hello", "max_tokens": 6, "temperature": 0, "stream": true}))
+        .unwrap();
+    let events = read_sse(resp.into_body().into_reader(), usize::MAX);
+    let done: Value = serde_json::from_str(&events.last().unwrap().1).unwrap();
+    assert_eq!(done["text"], r["text"]);
+
+    // Two jobs run at once, one per worker.
+    let j1 = c.submit("one", 60);
+    let j2 = c.submit("two", 60);
+    c.wait("both jobs running", Duration::from_secs(60), || {
+        c.job(&j1)["status"] == "running" && c.job(&j2)["status"] == "running"
+    });
+    let (n1, n2) = (c.job(&j1)["node"].clone(), c.job(&j2)["node"].clone());
+    assert_ne!(n1, n2, "one job per worker");
+
+    // Kill the worker of job 1 once it has a checkpoint; the job moves to the other worker.
+    c.wait("a checkpoint of job 1", Duration::from_secs(120), || {
+        c.job(&j1)["progress"]["step"].as_u64().unwrap_or(0) >= 5
+    });
+    let victim = if a.log().contains(n1.as_str().unwrap()) {
+        &mut a
+    } else {
+        &mut b
+    };
+    let _ = victim.child.kill();
+    let detected = c.wait("the dead worker to leave", Duration::from_secs(15), || {
+        c.workers().len() == 1
+    });
+    eprintln!("killed worker detected after {detected:?}");
+    let j1_done = {
+        c.wait("job 1 to finish", Duration::from_secs(300), || {
+            matches!(c.job(&j1)["status"].as_str(), Some("succeeded" | "failed"))
+        });
+        c.job(&j1)
+    };
+    assert_eq!(j1_done["status"], "succeeded", "{j1_done}");
+    assert_eq!(j1_done["node"], n2, "resumed on the surviving worker");
+    assert!(
+        j1_done["summary"]["resumed_from_step"].as_u64().unwrap() >= 4,
+        "{j1_done}"
+    );
+    c.wait("job 2 to finish", Duration::from_secs(300), || {
+        c.job(&j2)["status"] == "succeeded"
+    });
+    // The handed-over job's adapter is served by the surviving worker.
+    let (status, r) = c.post(
+        "/chat",
+        &json!({"prompt": "record 3", "max_tokens": 6, "temperature": 0, "adapter_path": "one"}),
+    );
+    assert_eq!(status, 200, "{r}");
+}
+
+#[test]
+fn a_stopped_worker_is_evicted_and_rejoins_when_continued() {
+    let _serial = serial();
+    let c = Cluster::new();
+    let _head = c.head(1);
+    let w = c.worker("worker", &[]);
+    c.wait("the worker", Duration::from_secs(60), || {
+        c.workers().len() == 1
+    });
+    w.signal("-STOP");
+    let evicted = c.wait("eviction", Duration::from_secs(10), || {
+        c.workers().is_empty()
+    });
+    eprintln!("stopped worker evicted after {evicted:?}");
+    // Requests go to the head's own replica meanwhile.
+    let (status, r) = chat(&c);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["replica"], "inference-0");
+    w.signal("-CONT");
+    c.wait("the worker to rejoin", Duration::from_secs(20), || {
+        c.workers().len() == 1
+    });
+}
+
+#[test]
+fn a_wrong_cookie_is_refused_and_a_worker_may_start_before_its_head() {
+    let _serial = serial();
+    let c = Cluster::new();
+    // Started first: it keeps redialling until the head is up.
+    let early = c.worker("early", &[]);
+    c.wait("the early worker to retry", Duration::from_secs(30), || {
+        early.log().matches("retrying").count() >= 2
+    });
+    let _head = c.head(0);
+    c.wait("the early worker to join", Duration::from_secs(60), || {
+        c.workers().len() == 1
+    });
+
+    let mut wrong = c.worker("wrong", &["cluster.cookie=\"not-the-cookie\""]);
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = wrong.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "a wrong cookie must stop the worker; log:\n{}",
+            wrong.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    assert!(wrong.log().contains("cluster.cookie"), "{}", wrong.log());
+    assert_eq!(c.workers().len(), 1, "the refused worker never joined");
+    let head_log = std::fs::read_to_string(c.dir.path().join("head.log")).unwrap();
+    assert!(head_log.contains("cookie"), "the head logs the refusal too");
+}
