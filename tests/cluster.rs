@@ -350,3 +350,240 @@ fn a_wrong_cookie_is_refused_and_a_worker_may_start_before_its_head() {
     let head_log = std::fs::read_to_string(c.dir.path().join("head.log")).unwrap();
     assert!(head_log.contains("cookie"), "the head logs the refusal too");
 }
+
+fn smollm2() -> PathBuf {
+    std::env::var_os("TESSERA_MODEL_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap())
+                .join(".cache/tessera/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        })
+}
+
+#[test]
+fn a_worker_killed_mid_stream_ends_the_stream_with_an_error_and_the_next_request_succeeds() {
+    let _serial = serial();
+    let mut c = Cluster::new();
+    c.model = smollm2();
+    assert!(
+        c.model.exists(),
+        "{} missing: run scripts/fetch-model.sh",
+        c.model.display()
+    );
+    let _head = c.head(0);
+    let mut a = c.worker("worker-a", &[]);
+    let mut b = c.worker("worker-b", &[]);
+    c.wait("two workers", Duration::from_secs(120), || {
+        c.workers().len() == 2
+    });
+    let resp = Head::agent()
+        .post(format!("{}/chat", c.url()))
+        .send_json(
+            json!({"prompt": "Write a long story about a dragon.", "max_tokens": 400,
+                          "temperature": 0, "stream": true}),
+        )
+        .unwrap();
+    let mut reader = std::io::BufReader::new(resp.into_body().into_reader());
+    // Read until the first token event, then kill the worker that serves the stream.
+    let mut line = String::new();
+    while !line.starts_with("event: token") {
+        line.clear();
+        std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+    }
+    let busy = c.get("/cluster")["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["in_flight"].as_u64() == Some(1))
+        .map(|r| r["node"].as_str().unwrap().to_string())
+        .expect("a replica serves the stream");
+    let victim = if a.log().contains(&busy) {
+        &mut a
+    } else {
+        &mut b
+    };
+    let _ = victim.child.kill();
+    let rest = read_sse(reader, usize::MAX);
+    let (last, data) = rest.last().expect("the stream ends with an event");
+    assert_eq!(last, "error", "{rest:?}");
+    let e: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(e["error"]["type"], "unavailable", "{e}");
+    // The next request goes to the surviving worker.
+    let (status, r) = chat(&c);
+    assert_eq!(status, 200, "{r}");
+    assert!(!r["replica"].as_str().unwrap().starts_with(&busy));
+}
+
+/// Runs `cmd` inside network namespace `ns`.
+fn in_ns(ns: &str, cmd: &mut Command) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns])
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    c
+}
+
+struct Namespaces(Vec<String>);
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+#[test]
+fn head_and_worker_in_separate_network_namespaces() {
+    let _serial = serial();
+    let ip = |args: &[&str]| {
+        Command::new("ip")
+            .args(args)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let id = std::process::id();
+    let (h, w) = (format!("tsh{id}"), format!("tsw{id}"));
+    if !ip(&["netns", "add", &h]) {
+        eprintln!("SKIPPED: `ip netns add` is not allowed here (needs root and iproute2)");
+        return;
+    }
+    let _guard = Namespaces(vec![h.clone(), w.clone()]);
+    let (vh, vw) = (format!("vh{id}"), format!("vw{id}"));
+    for args in [
+        vec!["netns", "add", w.as_str()],
+        vec![
+            "link",
+            "add",
+            vh.as_str(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            vw.as_str(),
+        ],
+        vec!["link", "set", vh.as_str(), "netns", h.as_str()],
+        vec!["link", "set", vw.as_str(), "netns", w.as_str()],
+        vec![
+            "-n",
+            h.as_str(),
+            "addr",
+            "add",
+            "10.213.0.1/24",
+            "dev",
+            vh.as_str(),
+        ],
+        vec![
+            "-n",
+            w.as_str(),
+            "addr",
+            "add",
+            "10.213.0.2/24",
+            "dev",
+            vw.as_str(),
+        ],
+        vec!["-n", h.as_str(), "link", "set", vh.as_str(), "up"],
+        vec!["-n", w.as_str(), "link", "set", vw.as_str(), "up"],
+        vec!["-n", h.as_str(), "link", "set", "lo", "up"],
+        vec!["-n", w.as_str(), "link", "set", "lo", "up"],
+    ] {
+        assert!(ip(&args), "ip {}", args.join(" "));
+    }
+    let c = Cluster::new();
+    let d = c.dir.path();
+    let log = |name: &str| std::fs::File::create(d.join(format!("{name}.log"))).unwrap();
+    let head = in_ns(
+        &h,
+        Command::new(BIN).args([
+            "--log-format",
+            "pretty",
+            "head",
+            "--port",
+            &c.http.to_string(),
+            "--model",
+            &c.model.display().to_string(),
+            "--set",
+            &format!("adapters.root=\"{}\"", d.join("adapters").display()),
+            "--set",
+            &format!("training.data_root=\"{}\"", d.join("data").display()),
+            "--set",
+            &format!("jobs.db_path=\"{}\"", d.join("jobs.sqlite").display()),
+            "--set",
+            "cluster.bind=\"10.213.0.1\"",
+            "--set",
+            &format!("cluster.port={}", c.cluster),
+            "--set",
+            "resources.cpu_inference_slots=0",
+            "--set",
+            "resources.cpu_training_slots=0",
+        ]),
+    )
+    .env_remove("LD_LIBRARY_PATH")
+    .stdout(Stdio::null())
+    .stderr(log("head"))
+    .spawn()
+    .unwrap();
+    let _head = Proc {
+        child: head,
+        log: d.join("head.log"),
+    };
+    let worker = in_ns(
+        &w,
+        Command::new(BIN).args([
+            "--log-format",
+            "pretty",
+            "worker",
+            "--join",
+            &format!("10.213.0.1:{}", c.cluster),
+            "--model",
+            &c.model.display().to_string(),
+        ]),
+    )
+    .env_remove("LD_LIBRARY_PATH")
+    .stdout(Stdio::null())
+    .stderr(log("worker"))
+    .spawn()
+    .unwrap();
+    let _worker = Proc {
+        child: worker,
+        log: d.join("worker.log"),
+    };
+    // The head's HTTP port is on its namespace's loopback: ask from inside.
+    let curl = |path: &str, body: Option<&str>| -> Value {
+        let mut cmd = Command::new("python3");
+        cmd.arg("-c").arg(
+            "import sys, urllib.request as u\n\
+             d = sys.argv[2].encode() if len(sys.argv) > 2 else None\n\
+             r = u.Request(sys.argv[1], data=d, headers={'content-type': 'application/json'})\n\
+             print(u.urlopen(r, timeout=30).read().decode())",
+        );
+        cmd.arg(format!("http://127.0.0.1:{}{path}", c.http));
+        if let Some(b) = body {
+            cmd.arg(b);
+        }
+        let out = in_ns(&h, &mut cmd).output().unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    let t0 = Instant::now();
+    while curl("/cluster", None)["workers"]
+        .as_array()
+        .map_or(0, |w| w.len())
+        != 1
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the worker did not join across namespaces; worker log:\n{}",
+            std::fs::read_to_string(d.join("worker.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = curl(
+        "/chat",
+        Some(r#"{"prompt": "hi", "max_tokens": 4, "temperature": 0}"#),
+    );
+    assert!(
+        r["replica"].as_str().unwrap().contains("/inference-0"),
+        "{r}"
+    );
+}
