@@ -246,6 +246,19 @@ fn two_workers_serve_chat_run_jobs_and_a_killed_one_hands_its_job_over() {
     let events = read_sse(resp.into_body().into_reader(), usize::MAX);
     let done: Value = serde_json::from_str(&events.last().unwrap().1).unwrap();
     assert_eq!(done["text"], r["text"]);
+    // A stream longer than the worker's credit window (64 events) flows as the head delivers.
+    let resp = Head::agent()
+        .post(format!("{}/chat", c.url()))
+        .send_json(json!({"prompt": "x", "raw": true, "max_tokens": 300, "temperature": 1.0,
+                          "seed": 3, "stream": true}))
+        .unwrap();
+    let events = read_sse(resp.into_body().into_reader(), usize::MAX);
+    let (last, data) = events.last().unwrap();
+    assert_eq!(last, "done", "{events:?}");
+    let done: Value = serde_json::from_str(data).unwrap();
+    let tokens = events.iter().filter(|(e, _)| e == "token").count() as u64;
+    assert_eq!(tokens, done["usage"]["completion_tokens"].as_u64().unwrap());
+    eprintln!("remote stream of {tokens} tokens delivered");
 
     // Two jobs run at once, one per worker.
     let j1 = c.submit("one", 60);
@@ -318,7 +331,7 @@ fn a_stopped_worker_is_evicted_and_rejoins_when_continued() {
 }
 
 #[test]
-fn a_wrong_cookie_is_refused_and_a_worker_may_start_before_its_head() {
+fn a_wrong_cookie_is_refused_a_worker_may_start_first_and_a_restarted_head_heals() {
     let _serial = serial();
     let c = Cluster::new();
     // Started first: it keeps redialling until the head is up.

@@ -14,7 +14,9 @@ use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::wire::{worker_group, HeadInbox, ToHead, ToWorker, WorkerInbox, WorkerInfo, HEAD_GROUP};
+use super::wire::{
+    worker_group, HeadInbox, ToHead, ToWorker, WorkerInbox, WorkerInfo, CREDIT_BATCH, HEAD_GROUP,
+};
 use crate::directory::{Directory, RemoteTrainer, TrainerEntry, TrainerRef};
 use crate::health::now_s;
 use crate::jobs::JobMsg;
@@ -100,6 +102,7 @@ impl RemoteReplica for RemoteReplicaHandle {
         let table = self.table.clone();
         let node = self.node.clone();
         tokio::spawn(async move {
+            let mut delivered = 0;
             while let Some(mut event) = rx.recv().await {
                 if let StreamEvent::Started { replica, .. } = &mut event {
                     *replica = format!("{node}/{replica}");
@@ -109,6 +112,16 @@ impl RemoteReplica for RemoteReplicaHandle {
                         request_id: request_id.clone(),
                     }));
                     break;
+                }
+                // Credit flows back only as the client takes events: a slow client holds the
+                // worker to STREAM_WINDOW events in flight.
+                delivered += 1;
+                if delivered == CREDIT_BATCH {
+                    delivered = 0;
+                    let _ = agent.cast(WorkerInbox(ToWorker::Credit {
+                        request_id: request_id.clone(),
+                        n: CREDIT_BATCH,
+                    }));
                 }
             }
             table

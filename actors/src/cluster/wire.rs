@@ -11,6 +11,12 @@ use crate::messages::{ChatWork, ReplicaInfo, StreamEvent};
 use crate::placement::Placement;
 use crate::trainer::Assignment;
 
+/// Events of one stream a worker may send ahead of the head's credit.
+pub const STREAM_WINDOW: u32 = 64;
+
+/// The head grants credit in batches of this many delivered events.
+pub const CREDIT_BATCH: u32 = 16;
+
 /// pg group of the head's cluster actor.
 pub const HEAD_GROUP: &str = "tessera.head";
 
@@ -82,6 +88,11 @@ pub enum ToWorker {
     },
     Cancel {
         request_id: String,
+    },
+    /// The head delivered `n` more events of this stream to its client: the worker may send `n` more.
+    Credit {
+        request_id: String,
+        n: u32,
     },
     RunJob {
         trainer: String,

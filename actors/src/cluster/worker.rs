@@ -13,7 +13,9 @@ use ractor_cluster::node::NodeServerSessionInformation;
 use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
 use tokio::sync::mpsc;
 
-use super::wire::{worker_group, HeadInbox, ToHead, ToWorker, WorkerInbox, WorkerInfo, HEAD_GROUP};
+use super::wire::{
+    worker_group, HeadInbox, ToHead, ToWorker, WorkerInbox, WorkerInfo, HEAD_GROUP, STREAM_WINDOW,
+};
 use crate::jobs::JobMsg;
 use crate::messages::StreamEvent;
 use crate::node::Node;
@@ -40,7 +42,8 @@ pub struct WorkerAgentArgs {
 
 pub struct WorkerAgentState {
     args: WorkerAgentArgs,
-    streams: HashMap<String, tokio::task::AbortHandle>,
+    /// Per stream: its task, and the credit the head has granted.
+    streams: HashMap<String, (tokio::task::AbortHandle, Arc<tokio::sync::Semaphore>)>,
     finished: mpsc::UnboundedSender<String>,
 }
 
@@ -121,6 +124,8 @@ impl Actor for WorkerAgent {
                 let request_id = work.request_id.clone();
                 let finished = state.finished.clone();
                 let id = request_id.clone();
+                let credit = Arc::new(tokio::sync::Semaphore::new(STREAM_WINDOW as usize));
+                let window = credit.clone();
                 let task = tokio::spawn(async move {
                     match node.router.dispatch(work) {
                         Err(e) => {
@@ -131,6 +136,11 @@ impl Actor for WorkerAgent {
                         }
                         Ok(mut d) => {
                             while let Some(event) = d.events.recv().await {
+                                // Wait for credit: the head has not delivered enough yet.
+                                match window.acquire().await {
+                                    Ok(permit) => permit.forget(),
+                                    Err(_) => break,
+                                }
                                 let last = matches!(
                                     event,
                                     StreamEvent::Finished { .. } | StreamEvent::Error(_)
@@ -147,12 +157,19 @@ impl Actor for WorkerAgent {
                     }
                     let _ = finished.send(id);
                 });
-                state.streams.insert(request_id, task.abort_handle());
+                state
+                    .streams
+                    .insert(request_id, (task.abort_handle(), credit));
             }
             ToWorker::Cancel { request_id } => {
                 // Aborting drops the stream's receiver, which cancels the sequence.
-                if let Some(task) = state.streams.remove(&request_id) {
+                if let Some((task, _)) = state.streams.remove(&request_id) {
                     task.abort();
+                }
+            }
+            ToWorker::Credit { request_id, n } => {
+                if let Some((_, credit)) = state.streams.get(&request_id) {
+                    credit.add_permits(n as usize);
                 }
             }
             ToWorker::RunJob {
