@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{quick_hyperparameters, read_sse, Head};
+use support::{free_port, quick_hyperparameters, read_sse, smollm2, Head};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 
@@ -46,14 +46,6 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 struct Cluster {
@@ -249,8 +241,10 @@ fn two_workers_serve_chat_run_jobs_and_a_killed_one_hands_its_job_over() {
     // A stream longer than the worker's credit window (64 events) flows as the head delivers.
     let resp = Head::agent()
         .post(format!("{}/chat", c.url()))
-        .send_json(json!({"prompt": "x", "raw": true, "max_tokens": 300, "temperature": 1.0,
-                          "seed": 3, "stream": true}))
+        .send_json(
+            json!({"prompt": "x", "raw": true, "max_tokens": 300, "temperature": 1.0,
+                          "seed": 3, "stream": true}),
+        )
         .unwrap();
     let events = read_sse(resp.into_body().into_reader(), usize::MAX);
     let (last, data) = events.last().unwrap();
@@ -362,15 +356,6 @@ fn a_wrong_cookie_is_refused_a_worker_may_start_first_and_a_restarted_head_heals
     assert_eq!(c.workers().len(), 1, "the refused worker never joined");
     let head_log = std::fs::read_to_string(c.dir.path().join("head.log")).unwrap();
     assert!(head_log.contains("cookie"), "the head logs the refusal too");
-}
-
-fn smollm2() -> PathBuf {
-    std::env::var_os("TESSERA_MODEL_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap())
-                .join(".cache/tessera/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        })
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{quick_hyperparameters, read_sse, Head};
+use support::{free_port, quick_hyperparameters, read_sse, smollm2, Head};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 
@@ -24,14 +24,6 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn spawn_head(dir: &Path, model: &Path) -> Proc {
@@ -197,15 +189,6 @@ fn a_killed_head_resumes_its_running_job_after_restart() {
         matches!(rec["status"].as_str(), Some("queued" | "running")),
         "{rec}"
     );
-}
-
-fn smollm2() -> PathBuf {
-    std::env::var_os("TESSERA_MODEL_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap())
-                .join(".cache/tessera/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        })
 }
 
 #[test]

@@ -166,11 +166,7 @@ fn run_job(
         execute(&args, &assignment, &cancel, &checkpoint)
     }))
     .unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "unknown panic".into());
+        let what = tessera_engine::engine::panic_message(panic.as_ref());
         RunResult::Failed {
             error: format!("the trainer panicked: {what}"),
         }

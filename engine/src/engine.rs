@@ -305,6 +305,15 @@ impl Drop for Generation {
     }
 }
 
+/// The text of a caught panic's payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
 struct ChannelLoader {
     tx: mpsc::Sender<AdapterKey>,
 }
@@ -337,11 +346,7 @@ fn spawn_loader(
                         .map_err(|e| e.to_string())
                 }))
                 .unwrap_or_else(|panic| {
-                    let what = panic
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_else(|| "unknown panic".into());
+                    let what = panic_message(panic.as_ref());
                     Err(format!("adapter {}: loading failed: {what}", key.path.display()))
                 });
                 match &result {

@@ -253,3 +253,22 @@ pub fn quick_hyperparameters(epochs: usize) -> Value {
         "lr_scheduler": "constant", "eval_fraction": 0.0
     })
 }
+
+/// A loopback port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The default SmolLM2 GGUF (`TESSERA_MODEL_PATH`, else the models cache).
+pub fn smollm2() -> PathBuf {
+    std::env::var_os("TESSERA_MODEL_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap())
+                .join(".cache/tessera/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        })
+}
