@@ -59,6 +59,7 @@ pub async fn start(config: &Config) -> anyhow::Result<AppState> {
         .await
         .context("starting the actor tree")?;
     let cluster = HeadCluster::start(
+        model,
         config.cluster.bind.parse().context("cluster.bind")?,
         config.cluster.port,
         &config.cluster.cookie,

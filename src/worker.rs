@@ -2,11 +2,11 @@
 //! own devices, its own model path) and joins the head's cluster; redials with backoff while the
 //! head is away; Ctrl-C or SIGTERM leaves cleanly.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context;
 use tessera_actors::cluster::worker;
-use tessera_actors::Node;
+use tessera_actors::{Node, NodeConfig};
 
 use crate::cli::WorkerArgs;
 use crate::config::Config;
@@ -29,13 +29,6 @@ fn unique_name(hostname: &str) -> String {
 }
 
 pub fn run(args: WorkerArgs, config: &Config) -> anyhow::Result<()> {
-    let model = config.model_path();
-    if !model.exists() {
-        anyhow::bail!(
-            "model.path: {} does not exist on this worker (run scripts/fetch-model.sh, or set model.path / --model)",
-            model.display()
-        );
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("tessera-rt")
@@ -43,26 +36,47 @@ pub fn run(args: WorkerArgs, config: &Config) -> anyhow::Result<()> {
     runtime.block_on(async {
         let hostname = sysinfo::System::host_name().unwrap_or_else(|| "worker".into());
         let name = unique_name(&hostname);
-        let mut node_config = node_config(config, &name);
-        node_config.job_manager = false;
-        let node = Arc::new(
-            Node::start(node_config)
-                .await
-                .context("starting the worker's actor tree")?,
-        );
-        tracing::info!(node = %name, head = %args.join, replicas = node.placement.replicas.len(), trainers = node.placement.trainers.len(), "tessera worker: joining");
-        let result = worker::run(
-            node.clone(),
-            hostname,
-            args.join.clone(),
-            config.cluster.cookie.clone(),
+        // A worker with no model of its own (`model.path` unset) serves the head's.
+        let model = (!config.model.path.is_empty()).then(|| config.model_path());
+        tracing::info!(node = %name, head = %args.join, model = ?model, "tessera worker: joining");
+        let node_config = {
+            let mut c = node_config(config, &name);
+            c.job_manager = false;
+            c
+        };
+        let start = |path: PathBuf| async move {
+            if !path.exists() {
+                return Err(format!(
+                    "model.path: {} does not exist on this worker (shared storage, or set model.path / --model)",
+                    path.display()
+                ));
+            }
+            let node = Node::start(NodeConfig {
+                model_path: path,
+                ..node_config
+            })
+            .await
+            .map_err(|e| format!("starting the worker's actor tree: {e}"))?;
+            Ok(Arc::new(node))
+        };
+        let (node, result) = worker::run(
+            worker::JoinOptions {
+                name,
+                hostname,
+                head_addr: args.join.clone(),
+                cookie: config.cluster.cookie.clone(),
+                model,
+            },
+            start,
             termination(),
         )
         .await;
-        node.shutdown(std::time::Duration::from_secs(
-            config.server.shutdown_grace_secs,
-        ))
-        .await;
-        result.map_err(|e| anyhow::anyhow!("cluster.cookie / --join: {e}"))
+        if let Some(node) = node {
+            node.shutdown(std::time::Duration::from_secs(
+                config.server.shutdown_grace_secs,
+            ))
+            .await;
+        }
+        result.map_err(|e| anyhow::anyhow!("{e}"))
     })
 }

@@ -81,6 +81,7 @@ impl Cluster {
         let child = Command::new(BIN)
             .args(args)
             .env_remove("LD_LIBRARY_PATH")
+            .env_remove("TESSERA_MODEL_PATH")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -116,17 +117,23 @@ impl Cluster {
     }
 
     fn worker(&self, name: &str, extra: &[&str]) -> Proc {
+        self.worker_with(name, Some(&self.model), extra)
+    }
+
+    /// A worker; `model: None` leaves `model.path` unset, so it loads the head's.
+    fn worker_with(&self, name: &str, model: Option<&PathBuf>, extra: &[&str]) -> Proc {
         let mut args: Vec<String> = vec![
             "--log-format".into(),
             "pretty".into(),
             "worker".into(),
             "--join".into(),
             format!("127.0.0.1:{}", self.cluster),
-            "--model".into(),
-            self.model.display().to_string(),
             "--set".into(),
             "batching.max_kv_tokens=8192".into(),
         ];
+        if let Some(m) = model {
+            args.extend(["--model".to_string(), m.display().to_string()]);
+        }
         for e in extra {
             args.extend(["--set".to_string(), e.to_string()]);
         }
@@ -328,8 +335,9 @@ fn a_stopped_worker_is_evicted_and_rejoins_when_continued() {
 fn a_wrong_cookie_is_refused_a_worker_may_start_first_and_a_restarted_head_heals() {
     let _serial = serial();
     let c = Cluster::new();
-    // Started first: it keeps redialling until the head is up.
-    let early = c.worker("early", &[]);
+    // Started first, with no model of its own: it keeps redialling until the head is up, then
+    // loads the head's model.
+    let early = c.worker_with("early", None, &[]);
     c.wait("the early worker to retry", Duration::from_secs(30), || {
         early.log().matches("retrying").count() >= 2
     });

@@ -187,6 +187,8 @@ impl RemoteTrainer for RemoteTrainerHandle {
 }
 
 pub struct ClusterHeadArgs {
+    /// The model the head serves: told to workers that have none configured.
+    pub model_path: std::path::PathBuf,
     pub router: Router,
     pub directory: Directory,
     pub table: ClusterTable,
@@ -301,6 +303,14 @@ impl Actor for ClusterHead {
                 }
             }
             ToHead::Leaving { node } => state.evict(&node, "left the cluster", false),
+            ToHead::WhichModel { node } => {
+                if let Some(agent) = agent_of(&node) {
+                    tracing::info!(%node, model = %state.args.model_path.display(), "worker asked which model to load");
+                    let _ = agent.cast(WorkerInbox(ToWorker::UseModel {
+                        path: state.args.model_path.clone(),
+                    }));
+                }
+            }
             ToHead::Tick => {
                 state.seq += 1;
                 let timeout = state.args.heartbeat_timeout;
@@ -510,7 +520,9 @@ pub struct HeadCluster {
 
 impl HeadCluster {
     /// Listens on `bind:port` (0: any free port) for workers presenting `cookie`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
+        model_path: std::path::PathBuf,
         bind: std::net::IpAddr,
         port: u16,
         cookie: &str,
@@ -547,6 +559,7 @@ impl HeadCluster {
             None,
             ClusterHead,
             ClusterHeadArgs {
+                model_path,
                 router,
                 directory,
                 table: table.clone(),

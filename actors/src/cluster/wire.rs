@@ -64,6 +64,10 @@ pub enum ToHead {
         job_id: String,
         result: RunResult,
     },
+    /// A worker with no model configured asks for the head's.
+    WhichModel {
+        node: String,
+    },
     /// The worker leaves on purpose (Ctrl-C): not a failure.
     Leaving {
         node: String,
@@ -107,6 +111,10 @@ pub enum ToWorker {
     Evicted,
     /// The head does not know this worker (it restarted): register again.
     Reregister,
+    /// The model path the head serves (answer to `WhichModel`).
+    UseModel {
+        path: std::path::PathBuf,
+    },
 }
 
 macro_rules! json_inbox {

@@ -5,6 +5,7 @@
 //! worker with a configuration error instead of a reconnect storm.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,8 +37,13 @@ fn to_head(msg: ToHead) -> bool {
 }
 
 pub struct WorkerAgentArgs {
-    pub node: Arc<Node>,
+    /// This worker's unique node name.
+    pub name: String,
+    /// Set once the node has started (a worker without a model asks the head first).
+    pub node: Arc<std::sync::OnceLock<Arc<Node>>>,
     pub hostname: String,
+    /// Where the head's answer to `WhichModel` goes.
+    pub model_reply: Arc<Mutex<Option<tokio::sync::oneshot::Sender<std::path::PathBuf>>>>,
 }
 
 pub struct WorkerAgentState {
@@ -85,7 +91,7 @@ impl Actor for WorkerAgent {
         myself: ActorRef<WorkerInbox>,
         args: WorkerAgentArgs,
     ) -> Result<WorkerAgentState, ActorProcessingErr> {
-        ractor::pg::join(worker_group(&args.node.name), vec![myself.get_cell()]);
+        ractor::pg::join(worker_group(&args.name), vec![myself.get_cell()]);
         let (finished, mut done) = mpsc::unbounded_channel::<String>();
         let me = myself.clone();
         // Streams that end remove themselves (through a local-only Cancel of a finished id).
@@ -112,8 +118,18 @@ impl Actor for WorkerAgent {
         WorkerInbox(msg): WorkerInbox,
         state: &mut WorkerAgentState,
     ) -> Result<(), ActorProcessingErr> {
-        let node = state.args.node.clone();
+        if let ToWorker::UseModel { path } = msg {
+            if let Some(reply) = state.args.model_reply.lock().expect("model reply").take() {
+                let _ = reply.send(path);
+            }
+            return Ok(());
+        }
+        let Some(node) = state.args.node.get().cloned() else {
+            // Not started yet: it registers (and only then gets work) once it has.
+            return Ok(());
+        };
         match msg {
+            ToWorker::UseModel { .. } => {}
             ToWorker::Ping { seq } => {
                 to_head(ToHead::Pong {
                     node: node.name.clone(),
@@ -253,18 +269,87 @@ pub enum WorkerError {
     Start(String),
 }
 
-/// Joins the head at `head_addr` and serves until `stop` resolves (then leaves cleanly).
-pub async fn run(
-    node: Arc<Node>,
-    hostname: String,
-    head_addr: String,
-    cookie: String,
+/// How a worker joins.
+pub struct JoinOptions {
+    /// Unique node name.
+    pub name: String,
+    pub hostname: String,
+    /// `HOST:PORT` of the head's cluster server.
+    pub head_addr: String,
+    pub cookie: String,
+    /// The model to load; `None` asks the head for the one it serves.
+    pub model: Option<PathBuf>,
+}
+
+fn reporter(name: String) -> crate::directory::Reporter {
+    Arc::new(move |msg: JobMsg| {
+        let msg = match msg {
+            JobMsg::Progress {
+                job_id,
+                trainer,
+                point,
+            } => ToHead::JobProgress {
+                node: name.clone(),
+                trainer,
+                job_id,
+                point,
+            },
+            JobMsg::Finished {
+                job_id,
+                trainer,
+                result,
+            } => ToHead::JobFinished {
+                node: name.clone(),
+                trainer,
+                job_id,
+                result,
+            },
+            _ => return,
+        };
+        if !to_head(msg) {
+            tracing::error!("the head is unreachable; a job report was lost");
+        }
+    })
+}
+
+/// Joins the head and serves until `stop` resolves (then leaves cleanly). `start_node` starts the
+/// worker's actor tree on a model path: the configured one, or the head's, asked for once the
+/// first session is up. Returns the node (if it started) so the caller can shut it down.
+pub async fn run<F, Fut>(
+    opts: JoinOptions,
+    start_node: F,
     stop: impl std::future::Future<Output = ()>,
-) -> Result<(), WorkerError> {
+) -> (Option<Arc<Node>>, Result<(), WorkerError>)
+where
+    F: FnOnce(PathBuf) -> Fut,
+    Fut: std::future::Future<Output = Result<Arc<Node>, String>>,
+{
+    let node_cell: Arc<std::sync::OnceLock<Arc<Node>>> = Arc::default();
+    let result = serve(opts, start_node, stop, node_cell.clone()).await;
+    (node_cell.get().cloned(), result)
+}
+
+async fn serve<F, Fut>(
+    opts: JoinOptions,
+    start_node: F,
+    stop: impl std::future::Future<Output = ()>,
+    node_cell: Arc<std::sync::OnceLock<Arc<Node>>>,
+) -> Result<(), WorkerError>
+where
+    F: FnOnce(PathBuf) -> Fut,
+    Fut: std::future::Future<Output = Result<Arc<Node>, String>>,
+{
+    let JoinOptions {
+        name,
+        hostname,
+        head_addr,
+        cookie,
+        model,
+    } = opts;
     let server = NodeServer::new(
         0,
         cookie,
-        node.name.clone(),
+        name.clone(),
         hostname.clone(),
         None,
         Some(ractor_cluster::node::NodeConnectionMode::Isolated),
@@ -282,55 +367,27 @@ pub async fn run(
             }),
         })
         .map_err(|e| WorkerError::Start(e.to_string()))?;
+    let model_reply = Arc::new(Mutex::new(None));
     let (agent, _) = Actor::spawn(
         None,
         WorkerAgent,
         WorkerAgentArgs {
-            node: node.clone(),
+            name: name.clone(),
+            node: node_cell.clone(),
             hostname: hostname.clone(),
+            model_reply: model_reply.clone(),
         },
     )
     .await
     .map_err(|e| WorkerError::Start(format!("worker agent: {e}")))?;
-    let name = node.name.clone();
-    node.directory
-        .set_reporter(Some(Arc::new(move |msg: JobMsg| {
-            let msg = match msg {
-                JobMsg::Progress {
-                    job_id,
-                    trainer,
-                    point,
-                } => ToHead::JobProgress {
-                    node: name.clone(),
-                    trainer,
-                    job_id,
-                    point,
-                },
-                JobMsg::Finished {
-                    job_id,
-                    trainer,
-                    result,
-                } => ToHead::JobFinished {
-                    node: name.clone(),
-                    trainer,
-                    job_id,
-                    result,
-                },
-                _ => return,
-            };
-            if !to_head(msg) {
-                tracing::error!("the head is unreachable; a job report was lost");
-            }
-        })));
-    let mut stop = std::pin::pin!(stop);
-    // Join with replicas that serve: wait for them to load their model first.
-    let t0 = std::time::Instant::now();
-    while !node.placement.replicas.is_empty()
-        && node.router.replicas().iter().any(|r| r.state != "running")
-        && t0.elapsed() < Duration::from_secs(300)
-    {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut start_node = Some(start_node);
+    // A configured model starts the node before the first dial: the worker serves as soon as it joins.
+    if let Some(path) = &model {
+        let start = start_node.take().expect("once");
+        let node = start(path.clone()).await.map_err(WorkerError::Start)?;
+        attach(&node_cell, node, &name).await;
     }
+    let mut stop = std::pin::pin!(stop);
     let mut backoff = Duration::from_millis(250);
     let max_backoff = Duration::from_secs(5);
     let result = loop {
@@ -368,18 +425,34 @@ pub async fn run(
                 continue;
             }
         }
-        // Register once the head's actor is visible through pg.
-        let mut registered = false;
+        // The head's actor becomes visible through pg shortly after authentication.
         for _ in 0..100 {
             if head().is_some() {
-                let info = WorkerAgent::info(&node, &hostname).await;
-                registered = to_head(ToHead::Register(Box::new(info)));
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if registered {
-            tracing::info!(head = %head_addr, node = %node.name, "joined the cluster");
+        if let Some(start) = start_node.take() {
+            // No model configured: load the head's (a path on shared storage).
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            *model_reply.lock().expect("model reply") = Some(reply);
+            to_head(ToHead::WhichModel { node: name.clone() });
+            let path = match tokio::time::timeout(Duration::from_secs(10), answer).await {
+                Ok(Ok(path)) => path,
+                _ => {
+                    tracing::warn!("the head did not say which model to load; asking again");
+                    start_node = Some(start);
+                    continue;
+                }
+            };
+            tracing::info!(model = %path.display(), "loading the head's model");
+            let node = start(path).await.map_err(WorkerError::Start)?;
+            attach(&node_cell, node, &name).await;
+        }
+        let node = node_cell.get().cloned().expect("started");
+        let info = WorkerAgent::info(&node, &hostname).await;
+        if to_head(ToHead::Register(Box::new(info))) {
+            tracing::info!(head = %head_addr, node = %name, "joined the cluster");
             backoff = Duration::from_millis(250);
         }
         // Serve until the session drops.
@@ -399,13 +472,26 @@ pub async fn run(
         backoff = (backoff * 2).min(max_backoff);
     };
     if result.is_ok() {
-        to_head(ToHead::Leaving {
-            node: node.name.clone(),
-        });
+        to_head(ToHead::Leaving { node: name.clone() });
         // Let the message reach the head before the session closes.
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     agent.stop(None);
     server.stop(None);
     result
+}
+
+/// Makes a started node the agent's, routes its job reports to the head, and waits until its
+/// replicas have loaded their model (so it joins ready to serve).
+async fn attach(cell: &std::sync::OnceLock<Arc<Node>>, node: Arc<Node>, name: &str) {
+    node.directory
+        .set_reporter(Some(reporter(name.to_string())));
+    let t0 = std::time::Instant::now();
+    while !node.placement.replicas.is_empty()
+        && node.router.replicas().iter().any(|r| r.state != "running")
+        && t0.elapsed() < Duration::from_secs(300)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = cell.set(node);
 }
