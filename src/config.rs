@@ -134,6 +134,7 @@ pub struct ResourcesConfig {
     pub cpu_inference_slots: u32,
     pub cpu_training_slots: u32,
     pub tensor_parallel: u32,
+    pub cpu_threads_per_replica: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -143,6 +144,8 @@ pub struct BatchingConfig {
     pub max_kv_tokens: u64,
     pub prefill_token_budget: u32,
     pub max_waiting: u32,
+    pub prefix_cache: bool,
+    pub prefix_cache_tokens: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -369,8 +372,17 @@ impl Config {
                 prefill_token_budget: b.prefill_token_budget as usize,
                 adapter_cache_size: self.adapters.cache_size as usize,
                 adapter_cache_bytes: self.adapters.cache_memory_mb << 20,
+                prefix_cache_tokens: if b.prefix_cache {
+                    b.prefix_cache_tokens as usize
+                } else {
+                    0
+                },
             },
             max_waiting: b.max_waiting as usize,
+            threads: match self.resources.cpu_threads_per_replica {
+                0 => None,
+                n => Some(n as usize),
+            },
         }
     }
 

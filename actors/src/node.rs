@@ -67,6 +67,27 @@ fn torch_device(d: &Device) -> tch::Device {
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The engine settings of one replica: on the CPU, unless configured, its intra-op threads are
+/// the node's cores shared among the CPU replicas (so replicas do not spin on each other's cores).
+fn replica_engine_config(
+    base: &EngineConfig,
+    devices: &[Device],
+    inventory: &Inventory,
+    placement: &Placement,
+) -> EngineConfig {
+    let mut config = base.clone();
+    if config.threads.is_none() && devices.iter().all(|d| matches!(d, Device::Cpu)) {
+        let cpu_replicas = placement
+            .replicas
+            .iter()
+            .filter(|r| r.devices.iter().all(|d| matches!(d, Device::Cpu)))
+            .count()
+            .max(1);
+        config.threads = Some((inventory.host.cpu_cores / cpu_replicas).max(1));
+    }
+    config
+}
+
 impl Node {
     /// Detects the devices, plans the actors and starts the supervision tree. Returns once every
     /// child has been started once (replicas have loaded the model, or failed and will retry).
@@ -133,7 +154,12 @@ impl Node {
                     model_path: config.model_path.clone(),
                     devices: r.devices.iter().map(torch_device).collect(),
                     kind: config.kind,
-                    engine: config.engine.clone(),
+                    engine: replica_engine_config(
+                        &config.engine,
+                        &r.devices,
+                        &inventory,
+                        &placement,
+                    ),
                     router: router.clone(),
                 }),
             ));

@@ -26,6 +26,8 @@ pub struct EngineConfig {
     pub scheduler: SchedulerConfig,
     /// Requests waiting for admission beyond this are refused ([`SubmitError::QueueFull`]).
     pub max_waiting: usize,
+    /// Intra-op threads of the engine thread's torch pool (`None`: torch's default).
+    pub threads: Option<usize>,
 }
 
 impl Default for EngineConfig {
@@ -33,6 +35,7 @@ impl Default for EngineConfig {
         Self {
             scheduler: SchedulerConfig::default(),
             max_waiting: 256,
+            threads: None,
         }
     }
 }
@@ -61,6 +64,8 @@ pub enum SubmitError {
 enum Command {
     Submit(Box<Waiting>),
     AdapterLoaded(AdapterKey, Result<Arc<PlacedAdapter>, String>),
+    /// Tests: make the next step panic inside, as a model fault would.
+    FailNextStep,
     /// The last handle is gone: stop now (open generations end with an error).
     Shutdown,
 }
@@ -116,9 +121,16 @@ impl Engine {
             queued.clone(),
         );
         let thread_stats = stats.clone();
+        let threads = config.threads;
         let thread = std::thread::Builder::new()
             .name("tessera-engine".into())
-            .spawn(move || run(scheduler, rx, loader, thread_stats))
+            .spawn(move || {
+                if let Some(n) = threads {
+                    // OpenMP's thread count is per calling thread: this sets the engine's pool.
+                    tch::set_num_threads(n.max(1) as i32);
+                }
+                run(scheduler, rx, loader, thread_stats)
+            })
             .expect("spawn engine thread");
         Self {
             inner: Arc::new(Inner {
@@ -152,6 +164,15 @@ impl Engine {
         self.inner.stats.lock().expect("stats").clone()
     }
 
+    /// Makes the engine's next step panic inside, as a fault in the model would (for tests of the
+    /// engine surviving one: the step's sequences fail, the engine goes on).
+    #[doc(hidden)]
+    pub fn inject_step_failure(&self) {
+        if let Some(tx) = self.inner.tx.lock().expect("engine mailbox").as_ref() {
+            let _ = tx.send(Command::FailNextStep);
+        }
+    }
+
     /// Validates and queues a request. Errors name the offending field or limit.
     pub fn submit(&self, request: GenerateRequest) -> Result<Generation, SubmitError> {
         let inner = &self.inner;
@@ -168,8 +189,13 @@ impl Engine {
                 format!("token id {bad} is outside the vocabulary ({vocab})"),
             ));
         }
-        let total = request.prompt.len() + params.max_tokens;
         let context = inner.model_config.max_position_embeddings;
+        // Checked: a max_tokens near usize::MAX must not wrap past the context check.
+        let total = request
+            .prompt
+            .len()
+            .checked_add(params.max_tokens)
+            .unwrap_or(usize::MAX);
         if total > context {
             return Err(invalid(
                 "max_tokens",
@@ -181,7 +207,7 @@ impl Engine {
             ));
         }
         let kv = inner.config.scheduler.max_kv_tokens;
-        if total as i64 > kv {
+        if i64::try_from(total).map_or(true, |t| t > kv) {
             return Err(invalid(
                 "max_tokens",
                 format!("prompt + max_tokens ({total}) exceeds the KV cache budget of {kv} tokens"),
@@ -383,6 +409,10 @@ fn run(
         }
         Command::AdapterLoaded(key, result) => {
             scheduler.adapter_loaded(key, result);
+            true
+        }
+        Command::FailNextStep => {
+            scheduler.fail_next_step();
             true
         }
         Command::Shutdown => false,

@@ -1,8 +1,10 @@
-//! Key/value caches. A [`KvCache`] holds, for every tensor-parallel shard and layer, keys and
-//! values laid out `[rows, capacity, kv_heads_of_shard, head_dim]`. Row `i` belongs to one
-//! sequence; a batch always uses rows `0..batch`, so the scheduler keeps running sequences packed
-//! at the front ([`KvCache::move_row`]). Capacity grows on demand, so memory follows the longest
-//! running sequence rather than the model's context length.
+//! The key/value pool of one engine. For every tensor-parallel shard and layer it holds keys and
+//! values laid out `[slots, kv_heads_of_shard, capacity, head_dim]` (the layout attention reads
+//! without a copy). A sequence owns one slot from admission to retirement: its prefill writes
+//! straight into the slot, decode steps append to it, and nothing is ever moved between slots.
+//! Slots are handed out lowest first ([`SlotAllocator`]), so the slots in use stay dense at the front.
+//! Capacity (tokens per slot) grows on demand in steps of [`GROW_STEP`], so memory follows the
+//! longest running sequence rather than the model's context length; growing is the only copy.
 
 use tch::{Device, Kind, Tensor};
 
@@ -13,7 +15,7 @@ pub struct ShardLayout {
     pub kv_heads: i64,
 }
 
-/// One layer of one shard.
+/// One layer of one shard: `[slots, kv_heads, capacity, head_dim]` each.
 pub struct LayerKv {
     pub k: Tensor,
     pub v: Tensor,
@@ -29,7 +31,8 @@ pub struct KvCache {
     kind: Kind,
 }
 
-const GROW_STEP: i64 = 128;
+/// Capacity grows in multiples of this many tokens.
+pub const GROW_STEP: i64 = 128;
 
 impl KvCache {
     pub fn new(
@@ -45,7 +48,7 @@ impl KvCache {
             .map(|l| {
                 (0..layers)
                     .map(|_| {
-                        let shape = [rows, capacity, l.kv_heads, head_dim];
+                        let shape = [rows, l.kv_heads, capacity, head_dim];
                         LayerKv {
                             k: Tensor::zeros(shape, (kind, l.device)),
                             v: Tensor::zeros(shape, (kind, l.device)),
@@ -64,6 +67,7 @@ impl KvCache {
         }
     }
 
+    /// Number of slots.
     pub fn rows(&self) -> i64 {
         self.rows
     }
@@ -72,11 +76,15 @@ impl KvCache {
         self.capacity
     }
 
+    pub fn layers(&self) -> usize {
+        self.shards.first().map_or(0, Vec::len)
+    }
+
     pub fn layer(&mut self, shard: usize, layer: usize) -> &mut LayerKv {
         &mut self.shards[shard][layer]
     }
 
-    /// Makes room for at least `rows` rows of `len` tokens, keeping what is stored.
+    /// Makes room for at least `rows` slots of `len` tokens, keeping what is stored.
     pub fn ensure(&mut self, rows: i64, len: i64) {
         if rows <= self.rows && len <= self.capacity {
             return;
@@ -91,9 +99,11 @@ impl KvCache {
         for (shard, layout) in self.shards.iter_mut().zip(&self.layouts) {
             for kv in shard.iter_mut() {
                 for t in [&mut kv.k, &mut kv.v] {
-                    let shape = [new_rows, new_cap, layout.kv_heads, self.head_dim];
+                    let shape = [new_rows, layout.kv_heads, new_cap, self.head_dim];
                     let grown = Tensor::zeros(shape, (self.kind, layout.device));
-                    grown.narrow(0, 0, old_rows).narrow(1, 0, old_cap).copy_(t);
+                    if old_rows > 0 && old_cap > 0 {
+                        grown.narrow(0, 0, old_rows).narrow(2, 0, old_cap).copy_(t);
+                    }
                     *t = grown;
                 }
             }
@@ -102,34 +112,22 @@ impl KvCache {
         self.capacity = new_cap;
     }
 
-    /// Copies the first `len` positions of row `from` to row `to` (used to keep rows packed).
-    pub fn move_row(&mut self, from: i64, to: i64, len: i64) {
-        if from == to || len == 0 {
-            return;
-        }
-        for shard in &mut self.shards {
-            for kv in shard.iter_mut() {
-                for t in [&kv.k, &kv.v] {
-                    let src = t.narrow(0, from, 1).narrow(1, 0, len).copy();
-                    t.narrow(0, to, 1).narrow(1, 0, len).copy_(&src);
-                }
-            }
-        }
+    /// Positions `[start, start + len)` of `slot`, per shard and layer: `[kv_heads, len, d]` views.
+    pub fn span(
+        &self,
+        shard: usize,
+        layer: usize,
+        slot: i64,
+        start: i64,
+        len: i64,
+    ) -> (Tensor, Tensor) {
+        let kv = &self.shards[shard][layer];
+        let view = |t: &Tensor| t.select(0, slot).narrow(1, start, len);
+        (view(&kv.k), view(&kv.v))
     }
 
-    /// Copies the first `len` positions of row 0 of `src` (a prefill cache) into row `to`.
-    pub fn copy_row_from(&mut self, src: &KvCache, to: i64, len: i64) {
-        self.ensure(to + 1, len);
-        for (dst_shard, src_shard) in self.shards.iter_mut().zip(&src.shards) {
-            for (d, s) in dst_shard.iter_mut().zip(src_shard) {
-                d.k.narrow(0, to, 1)
-                    .narrow(1, 0, len)
-                    .copy_(&s.k.narrow(0, 0, 1).narrow(1, 0, len));
-                d.v.narrow(0, to, 1)
-                    .narrow(1, 0, len)
-                    .copy_(&s.v.narrow(0, 0, 1).narrow(1, 0, len));
-            }
-        }
+    pub fn layouts(&self) -> &[ShardLayout] {
+        &self.layouts
     }
 
     /// Bytes held by the cache.
@@ -138,7 +136,7 @@ impl KvCache {
         self.layouts
             .iter()
             .map(|l| {
-                2 * self.shards[0].len() as i64
+                2 * self.layers() as i64
                     * self.rows
                     * self.capacity
                     * l.kv_heads
@@ -149,33 +147,66 @@ impl KvCache {
     }
 }
 
+/// Hands out slot numbers, lowest free first.
+#[derive(Debug, Default)]
+pub struct SlotAllocator {
+    used: Vec<bool>,
+}
+
+impl SlotAllocator {
+    pub fn new(slots: usize) -> Self {
+        Self {
+            used: vec![false; slots],
+        }
+    }
+
+    pub fn take(&mut self) -> Option<i64> {
+        let i = self.used.iter().position(|u| !u)?;
+        self.used[i] = true;
+        Some(i as i64)
+    }
+
+    pub fn free(&mut self, slot: i64) {
+        self.used[slot as usize] = false;
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.used.iter().filter(|u| **u).count()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn grow_keeps_contents_and_move_row_copies_prefix() {
+    fn grow_keeps_contents() {
         let layout = [ShardLayout {
             device: Device::Cpu,
             kv_heads: 2,
         }];
         let mut c = KvCache::new(&layout, 1, 2, 4, 3, Kind::Float);
-        let marker = Tensor::ones([1, 4, 2, 3], (Kind::Float, Device::Cpu));
+        let marker = Tensor::ones([1, 2, 4, 3], (Kind::Float, Device::Cpu));
         c.layer(0, 0).k.narrow(0, 1, 1).copy_(&marker);
         c.ensure(5, 300);
         assert_eq!(c.capacity(), 384);
         assert_eq!(c.rows(), 5);
+        let (k, _) = c.span(0, 0, 1, 0, 4);
+        assert_eq!(k.sum(Kind::Float).double_value(&[]), 24.0);
         let k = &c.layer(0, 0).k;
+        assert_eq!(k.narrow(2, 4, 380).sum(Kind::Float).double_value(&[]), 0.0);
+    }
+
+    #[test]
+    fn slots_are_handed_out_lowest_first() {
+        let mut a = SlotAllocator::new(3);
         assert_eq!(
-            k.narrow(0, 1, 1)
-                .narrow(1, 0, 4)
-                .sum(Kind::Float)
-                .double_value(&[]),
-            24.0
+            (a.take(), a.take(), a.take(), a.take()),
+            (Some(0), Some(1), Some(2), None)
         );
-        assert_eq!(k.narrow(1, 4, 380).sum(Kind::Float).double_value(&[]), 0.0);
-        c.move_row(1, 3, 4);
-        let k = &c.layer(0, 0).k;
-        assert_eq!(k.narrow(0, 3, 1).sum(Kind::Float).double_value(&[]), 24.0);
+        a.free(1);
+        a.free(0);
+        assert_eq!(a.take(), Some(0));
+        assert_eq!(a.in_use(), 2);
     }
 }

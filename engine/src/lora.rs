@@ -12,7 +12,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::Deserialize;
@@ -20,6 +19,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::model_config::LlamaConfig;
 use crate::weights::{read_safetensors, WeightsError};
+
+pub use crate::lora_bank::{LoraBatch, LoraSlice};
 
 /// The seven projections of a Llama block that LoRA may target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -430,7 +431,7 @@ type ShardedPair = Vec<(Tensor, Tensor)>;
 pub struct PlacedAdapter {
     pub key: AdapterKey,
     pub rank: i64,
-    layers: Vec<[Option<ShardedPair>; 7]>,
+    pub(crate) layers: Vec<[Option<ShardedPair>; 7]>,
     /// Device memory held.
     pub bytes: u64,
 }
@@ -439,144 +440,6 @@ pub struct PlacedAdapter {
 // matmul operands, or copied by `LoraBatch`); libtorch allows concurrent reads of a tensor. Sharing
 // is needed to hand the adapter from the loader thread to the engine thread inside an `Arc`.
 unsafe impl Sync for PlacedAdapter {}
-
-/// The LoRA computation of one projection for a whole batch.
-pub struct LoraSlice {
-    /// `[R, in]`: the A of every adapter in the batch that targets this projection, stacked.
-    a: Tensor,
-    /// `[out, R]`: their B × scale, side by side.
-    b: Tensor,
-    /// `[rows, 1, R]`: 1 where the rank column belongs to the row's adapter; `None` when every
-    /// row uses the single adapter present.
-    mask: Option<Tensor>,
-    /// Dropout on the LoRA input and its seed (training only).
-    dropout: Option<(f64, u64)>,
-}
-
-impl LoraSlice {
-    /// `scale · (x·Aᵀ)·Bᵀ` per row, for `x` of shape `[rows, t, in]`.
-    pub fn apply(&self, x: &Tensor) -> Tensor {
-        // Training keeps LoRA in float32 under a bf16/f16 base: compute in A's type.
-        let input = if x.kind() == self.a.kind() {
-            x.shallow_clone()
-        } else {
-            x.to_kind(self.a.kind())
-        };
-        let input = match self.dropout {
-            Some((p, seed)) if p > 0.0 => hashed_dropout(&input, p, seed),
-            _ => input,
-        };
-        let xa = input.linear::<Tensor>(&self.a, None);
-        let xa = match &self.mask {
-            Some(m) => xa * m,
-            None => xa,
-        };
-        let out = xa.linear::<Tensor>(&self.b, None);
-        if out.kind() == x.kind() {
-            out
-        } else {
-            out.to_kind(x.kind())
-        }
-    }
-}
-
-/// The LoRA view of one batch: which adapter each row uses, laid out per projection.
-pub struct LoraBatch {
-    shards: usize,
-    /// Indexed by `(layer * 7 + proj) * shards + shard`.
-    slices: Vec<Option<LoraSlice>>,
-}
-
-impl LoraBatch {
-    /// `rows[i]` is the index in `adapters` of row `i`'s adapter, or `None` for the base model.
-    /// Returns `None` when no row uses an adapter.
-    pub fn new(
-        adapters: &[Arc<PlacedAdapter>],
-        rows: &[Option<usize>],
-        layers: usize,
-        devices: &[Device],
-        kind: Kind,
-    ) -> Option<Self> {
-        if rows.iter().all(Option::is_none) {
-            return None;
-        }
-        let shards = devices.len();
-        let uniform = rows.iter().all(|r| *r == rows[0]);
-        let mut masks: HashMap<(Vec<(usize, i64)>, usize), Tensor> = HashMap::new();
-        let mut slices = Vec::with_capacity(layers * 7 * shards);
-        for layer in 0..layers {
-            for proj in Proj::ALL {
-                for (s, &device) in devices.iter().enumerate() {
-                    // The adapters that target this projection, in batch order, with their ranks.
-                    let present: Vec<(usize, &(Tensor, Tensor))> = adapters
-                        .iter()
-                        .enumerate()
-                        .filter(|(i, _)| rows.contains(&Some(*i)))
-                        .filter_map(|(i, a)| {
-                            a.layers[layer][proj.index()].as_ref().map(|v| (i, &v[s]))
-                        })
-                        .collect();
-                    if present.is_empty() {
-                        slices.push(None);
-                        continue;
-                    }
-                    let a = Tensor::cat(&present.iter().map(|(_, p)| &p.0).collect::<Vec<_>>(), 0);
-                    let b = Tensor::cat(&present.iter().map(|(_, p)| &p.1).collect::<Vec<_>>(), 1);
-                    let layout: Vec<(usize, i64)> =
-                        present.iter().map(|(i, p)| (*i, p.0.size()[0])).collect();
-                    let mask = if uniform && present.len() == 1 {
-                        None
-                    } else {
-                        Some(
-                            masks
-                                .entry((layout.clone(), s))
-                                .or_insert_with(|| row_mask(&layout, rows, device, kind))
-                                .shallow_clone(),
-                        )
-                    };
-                    slices.push(Some(LoraSlice {
-                        a,
-                        b,
-                        mask,
-                        dropout: None,
-                    }));
-                }
-            }
-        }
-        Some(Self { shards, slices })
-    }
-
-    /// A single-device batch where every row uses the same (trainable) adapter:
-    /// `weights[layer][proj]` = (A `[r, in]`, B `[out, r]` already multiplied by the scale).
-    /// Dropout masks derive from `seed` and the slice, so a recomputed forward repeats them.
-    pub fn for_training(
-        weights: &[[Option<(Tensor, Tensor)>; 7]],
-        dropout: f64,
-        seed: u64,
-    ) -> Self {
-        let slices = weights
-            .iter()
-            .flat_map(|layer| layer.iter())
-            .enumerate()
-            .map(|(i, w)| {
-                w.as_ref().map(|(a, b)| LoraSlice {
-                    a: a.shallow_clone(),
-                    b: b.shallow_clone(),
-                    mask: None,
-                    dropout: Some((
-                        dropout,
-                        seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                    )),
-                })
-            })
-            .collect();
-        Self { shards: 1, slices }
-    }
-
-    pub fn get(&self, layer: usize, proj: Proj, shard: usize) -> Option<&LoraSlice> {
-        self.slices[(layer * 7 + proj.index()) * self.shards + shard].as_ref()
-    }
-}
 
 /// Dropout whose mask is a hash of (seed, element index): reproducible, identical when a layer is
 /// recomputed, and free of torch's process-global RNG (which concurrent trainers would share).
@@ -597,26 +460,6 @@ pub fn hashed_dropout(x: &Tensor, p: f64, seed: u64) -> Tensor {
         .ge(p)
         .to_kind(x.kind());
     x * keep / (1.0 - p)
-}
-
-/// `[rows, 1, R]` with ones where the rank column belongs to the row's adapter.
-fn row_mask(layout: &[(usize, i64)], rows: &[Option<usize>], device: Device, kind: Kind) -> Tensor {
-    let total: i64 = layout.iter().map(|(_, r)| r).sum();
-    let mut data = vec![0f32; rows.len() * total as usize];
-    for (row, adapter) in rows.iter().enumerate() {
-        let mut offset = 0i64;
-        for &(i, r) in layout {
-            if *adapter == Some(i) {
-                let start = row * total as usize + offset as usize;
-                data[start..start + r as usize].fill(1.0);
-            }
-            offset += r;
-        }
-    }
-    Tensor::from_slice(&data)
-        .view([rows.len() as i64, 1, total])
-        .to_kind(kind)
-        .to_device(device)
 }
 
 #[cfg(test)]
@@ -640,21 +483,6 @@ mod tests {
         assert_eq!(
             parse_key("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"),
             None
-        );
-    }
-
-    #[test]
-    fn mask_selects_each_rows_slice() {
-        let m = row_mask(
-            &[(0, 2), (1, 3)],
-            &[Some(1), None, Some(0)],
-            Device::Cpu,
-            Kind::Float,
-        );
-        let v: Vec<f32> = Vec::try_from(m.reshape([-1])).unwrap();
-        assert_eq!(
-            v,
-            vec![0., 0., 1., 1., 1., 0., 0., 0., 0., 0., 1., 1., 0., 0., 0.]
         );
     }
 }

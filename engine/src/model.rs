@@ -9,6 +9,7 @@ use tch::{Device, Kind, Tensor};
 use crate::kv_cache::{KvCache, ShardLayout};
 use crate::lora::{LoraBatch, Proj};
 use crate::model_config::LlamaConfig;
+use crate::step::{LogitRows, Segment, StepBatch};
 use crate::weights::{WeightMap, WeightsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +63,8 @@ struct Rope {
     sin: Tensor,
 }
 
-/// cos and signed sin gathered for a step's positions, `[batch, 1, tokens, head_dim]`.
+/// cos and signed sin gathered for a step's positions, shaped to broadcast over the heads axis:
+/// `[tokens, 1, head_dim]` for a packed step, `[batch, t, 1, head_dim]` for training.
 struct RopeAt {
     cos: Tensor,
     sin: Tensor,
@@ -90,22 +92,24 @@ impl Rope {
         }
     }
 
-    /// The tables at `positions` (`[batch, tokens]`, on this rope's device).
+    /// The tables at `positions` (any shape, on this rope's device), with a heads axis of 1
+    /// inserted before `head_dim`.
     fn at(&self, positions: &Tensor) -> RopeAt {
-        let (b, t) = positions.size2().expect("positions are 2-d");
+        let mut shape = positions.size();
         let flat = positions.reshape([-1]);
+        shape.extend([1, -1]);
         RopeAt {
-            cos: self.cos.index_select(0, &flat).reshape([b, 1, t, -1]),
-            sin: self.sin.index_select(0, &flat).reshape([b, 1, t, -1]),
+            cos: self.cos.index_select(0, &flat).reshape(shape.as_slice()),
+            sin: self.sin.index_select(0, &flat).reshape(shape.as_slice()),
         }
     }
 }
 
 impl RopeAt {
-    /// `x`: `[batch, heads, tokens, head_dim]`. HF's `x·cos + rotate_half(x)·sin`.
+    /// `x`: `[..., heads, head_dim]`. HF's `x·cos + rotate_half(x)·sin`.
     fn apply(&self, x: &Tensor) -> Tensor {
-        let half = x.size()[3] / 2;
-        x * &self.cos + x.roll([half], [3]) * &self.sin
+        let half = x.size()[x.dim() - 1] / 2;
+        x * &self.cos + x.roll([half], [-1]) * &self.sin
     }
 }
 
@@ -128,48 +132,42 @@ struct Block {
     shards: Vec<BlockShard>,
 }
 
+/// The decode rows of a step, attended as one batch: slots `lo .. lo + span` of the pool, the
+/// rows' queries scattered there when the slots are not exactly the decode rows in order.
+struct DecodeAttention {
+    lo: i64,
+    span: i64,
+    rows: i64,
+    /// `[rows]`: each decode row's slot − `lo`, when the slots are not `0..rows` in order.
+    scatter: Option<Tensor>,
+    /// Keys every slot of the span attends over (the longest row's).
+    keys: i64,
+    /// `[span, 1, 1, keys]`: which keys each slot sees.
+    mask: Tensor,
+}
+
+/// One prompt chunk, attended on its own against its slot.
+struct ChunkAttention {
+    slot: i64,
+    start: i64,
+    len: i64,
+    /// `[group·len, start + len]`: causal over the chunk, everything before it.
+    mask: Tensor,
+}
+
 /// The per-shard tensors a step builds once and every layer reads.
-struct StepTables {
-    rope: Vec<RopeAt>,
-    masks: Vec<Option<Tensor>>,
-    write_at: Vec<Option<(Tensor, Tensor)>>,
+struct ShardTables {
+    rope: RopeAt,
+    /// `(slot, position)` of every token: where its key/value is written.
+    write_at: Option<(Tensor, Tensor)>,
+    decode: Option<DecodeAttention>,
+    chunks: Vec<ChunkAttention>,
 }
 
-impl StepTables {
-    fn ctx<'a>(
-        &'a self,
-        layer: usize,
-        starts: &'a [i64],
-        keys: i64,
-        head_dim: i64,
-        lora: Option<&'a LoraBatch>,
-    ) -> StepCtx<'a> {
-        StepCtx {
-            layer,
-            rope: &self.rope,
-            write_at: &self.write_at,
-            masks: &self.masks,
-            starts,
-            keys,
-            head_dim,
-            lora,
-        }
-    }
-}
-
-/// What a forward pass needs besides tokens, already on the devices.
+/// What one layer's forward needs besides its input.
 struct StepCtx<'a> {
     layer: usize,
-    /// Rotary tables at this step's positions, per shard device.
-    rope: &'a [RopeAt],
-    /// Decode steps: (rows, positions) where the new key/value of each row goes, per shard.
-    write_at: &'a [Option<(Tensor, Tensor)>],
-    /// `[batch, 1, tokens, keys]` boolean mask per shard device, or `None` when causal-only.
-    masks: &'a [Option<Tensor>],
-    /// Row start positions (tokens already cached).
-    starts: &'a [i64],
-    /// Keys each row attends to after this step: `max(starts) + tokens`.
-    keys: i64,
+    tables: &'a [ShardTables],
     head_dim: i64,
     lora: Option<&'a LoraBatch>,
 }
@@ -182,121 +180,186 @@ fn linear(x: &Tensor, w: &Tensor, ctx: &StepCtx, proj: Proj, shard: usize) -> Te
     }
 }
 
-/// One matmul for several projections of the same input, split by output size, each with its own
-/// LoRA delta.
-fn fused_linear<const N: usize>(
+/// One matmul for several projections of the same input (stacked by rows in `w`), each with its
+/// own LoRA delta added to its part of the output.
+fn fused_linear(
     x: &Tensor,
     w: &Tensor,
     ctx: &StepCtx,
-    parts: [(Proj, i64); N],
+    parts: &[(Proj, i64)],
     shard: usize,
-) -> [Tensor; N] {
+) -> Tensor {
     let y = x.linear::<Tensor>(w, None);
+    let Some(lora) = ctx.lora else {
+        return y;
+    };
+    let slices: Vec<_> = parts
+        .iter()
+        .map(|(p, _)| lora.get(ctx.layer, *p, shard))
+        .collect();
+    if slices.iter().all(Option::is_none) {
+        return y;
+    }
     let sizes: Vec<i64> = parts.iter().map(|(_, n)| *n).collect();
-    let mut outs = y.split_with_sizes(sizes.as_slice(), -1).into_iter();
-    parts.map(|(proj, _)| {
-        let out = outs.next().expect("one output per part");
-        match ctx.lora.and_then(|l| l.get(ctx.layer, proj, shard)) {
-            Some(slice) => out + slice.apply(x),
+    let outs: Vec<Tensor> = y
+        .split_with_sizes(sizes.as_slice(), -1)
+        .into_iter()
+        .zip(slices)
+        .map(|(out, slice)| match slice {
+            Some(s) => out + s.apply(x),
             None => out,
-        }
-    })
+        })
+        .collect();
+    Tensor::cat(&outs, -1)
 }
 
 impl BlockShard {
-    fn attention(
+    /// q·k·v with RoPE applied to the q|k part: `(q, k, v)` shaped `[..., heads, d]`.
+    fn qkv(
+        &self,
+        x: &Tensor,
+        ctx: &StepCtx,
+        rope: &RopeAt,
+        shard: usize,
+    ) -> (Tensor, Tensor, Tensor) {
+        let d = ctx.head_dim;
+        let (qd, kvd) = (self.heads * d, self.kv_heads * d);
+        let y = fused_linear(
+            x,
+            &self.qkv,
+            ctx,
+            &[(Proj::Q, qd), (Proj::K, kvd), (Proj::V, kvd)],
+            shard,
+        );
+        let lead = &x.size()[..x.dim() - 1];
+        let shape = |heads: i64| [lead, &[heads, d]].concat();
+        let qk = rope.apply(
+            &y.narrow(-1, 0, qd + kvd)
+                .reshape(shape(self.heads + self.kv_heads).as_slice()),
+        );
+        let q = qk.narrow(-2, 0, self.heads);
+        let k = qk.narrow(-2, self.heads, self.kv_heads);
+        let v = y
+            .narrow(-1, qd + kvd, kvd)
+            .reshape(shape(self.kv_heads).as_slice());
+        (q, k, v)
+    }
+
+    /// Attention of a packed step (`x`: `[tokens, hidden]`), reading and writing the pool.
+    fn attention_step(
         &self,
         x: &Tensor,
         ctx: &StepCtx,
         shard: usize,
-        cache: Option<&mut KvCache>,
+        pool: &mut KvCache,
     ) -> Tensor {
-        let (b, t, _) = x.size3().expect("hidden states are 3-d");
+        let t = &ctx.tables[shard];
+        let (q, k, v) = self.qkv(x, ctx, &t.rope, shard);
         let d = ctx.head_dim;
-        let (qd, kvd) = (self.heads * d, self.kv_heads * d);
-        let [q, k, v] = fused_linear(
-            x,
-            &self.qkv,
-            ctx,
-            [(Proj::Q, qd), (Proj::K, kvd), (Proj::V, kvd)],
-            shard,
-        );
-        let q = q.reshape([b, t, self.heads, d]).transpose(1, 2);
-        let k = k.reshape([b, t, self.kv_heads, d]).transpose(1, 2);
-        let v = v.reshape([b, t, self.kv_heads, d]);
-        let rope = &ctx.rope[shard];
-        let q = rope.apply(&q);
-        let k = rope.apply(&k).transpose(1, 2); // back to [b, t, kv_heads, d]
-
-        let Some(cache) = cache else {
-            // Training: the whole sequence at once, plain causal attention, no cache.
-            let out = Tensor::scaled_dot_product_attention::<Tensor>(
-                &q,
-                &k.transpose(1, 2),
-                &v.transpose(1, 2),
-                None,
-                0.0,
-                true,
-                None,
-                self.heads != self.kv_heads,
-            );
-            let out = out.transpose(1, 2).reshape([b, t, self.heads * d]);
-            return linear(&out, &self.o, ctx, Proj::O, shard);
-        };
-        let kv = cache.layer(shard, ctx.layer);
-        if let Some((rows, pos)) = &ctx.write_at[shard] {
-            let idx = [Some(rows), Some(pos)];
-            let _ = kv.k.index_put_(&idx, &k.squeeze_dim(1), false);
-            let _ = kv.v.index_put_(&idx, &v.squeeze_dim(1), false);
-        } else {
-            for (row, &start) in ctx.starts.iter().enumerate() {
-                let row = row as i64;
-                kv.k.narrow(0, row, 1)
-                    .narrow(1, start, t)
-                    .copy_(&k.narrow(0, row, 1));
-                kv.v.narrow(0, row, 1)
-                    .narrow(1, start, t)
-                    .copy_(&v.narrow(0, row, 1));
-            }
+        let group = self.heads / self.kv_heads;
+        let kv = pool.layer(shard, ctx.layer);
+        if let Some((slots, pos)) = &t.write_at {
+            let idx = [Some(slots), None, Some(pos)];
+            let _ = kv.k.index_put_(&idx, &k, false);
+            let _ = kv.v.index_put_(&idx, &v, false);
         }
-        let keys = kv.k.narrow(0, 0, b).narrow(1, 0, ctx.keys).transpose(1, 2);
-        let values = kv.v.narrow(0, 0, b).narrow(1, 0, ctx.keys).transpose(1, 2);
-        let gqa = self.heads != self.kv_heads;
-        let out = match &ctx.masks[shard] {
-            Some(mask) => Tensor::scaled_dot_product_attention(
+        let mut outs = Vec::with_capacity(1 + t.chunks.len());
+        if let Some(dec) = &t.decode {
+            // GQA folded into the query: [rows, kv_heads, group, d] against unexpanded K/V.
+            let q = q
+                .narrow(0, 0, dec.rows)
+                .reshape([dec.rows, self.kv_heads, group, d]);
+            let q = match &dec.scatter {
+                None => q,
+                Some(at) => {
+                    Tensor::zeros([dec.span, self.kv_heads, group, d], (q.kind(), q.device()))
+                        .index_copy(0, at, &q)
+                }
+            };
+            let keys = kv.k.narrow(0, dec.lo, dec.span).narrow(2, 0, dec.keys);
+            let values = kv.v.narrow(0, dec.lo, dec.span).narrow(2, 0, dec.keys);
+            let out = Tensor::scaled_dot_product_attention(
                 &q,
                 &keys,
                 &values,
-                Some(mask),
+                Some(&dec.mask),
                 0.0,
                 false,
                 None,
-                gqa,
-            ),
-            None => Tensor::scaled_dot_product_attention::<Tensor>(
+                false,
+            );
+            let out = match &dec.scatter {
+                None => out,
+                Some(at) => out.index_select(0, at),
+            };
+            outs.push(out.reshape([dec.rows, self.heads * d]));
+        }
+        let mut offset = t.decode.as_ref().map_or(0, |d| d.rows);
+        for c in &t.chunks {
+            let q = q
+                .narrow(0, offset, c.len)
+                .reshape([c.len, self.kv_heads, group, d])
+                .permute([1, 2, 0, 3])
+                .reshape([1, self.kv_heads, group * c.len, d]);
+            let keys = kv.k.narrow(0, c.slot, 1).narrow(2, 0, c.start + c.len);
+            let values = kv.v.narrow(0, c.slot, 1).narrow(2, 0, c.start + c.len);
+            let out = Tensor::scaled_dot_product_attention(
                 &q,
                 &keys,
                 &values,
-                None,
+                Some(&c.mask),
                 0.0,
-                t > 1,
+                false,
                 None,
-                gqa,
-            ),
+                false,
+            );
+            outs.push(
+                out.reshape([self.kv_heads, group, c.len, d])
+                    .permute([2, 0, 1, 3])
+                    .reshape([c.len, self.heads * d]),
+            );
+            offset += c.len;
+        }
+        let out = if outs.len() == 1 {
+            outs.pop().expect("one part")
+        } else {
+            Tensor::cat(&outs, 0)
         };
-        let out = out.transpose(1, 2).reshape([b, t, self.heads * d]);
+        linear(&out, &self.o, ctx, Proj::O, shard)
+    }
+
+    /// Attention over whole sequences from position 0 without a cache (`x`: `[batch, t, hidden]`;
+    /// the training path: plain causal attention, so right padding never reaches real tokens).
+    fn attention_train(&self, x: &Tensor, ctx: &StepCtx, shard: usize) -> Tensor {
+        let (b, t, _) = x.size3().expect("hidden states are 3-d");
+        let (q, k, v) = self.qkv(x, ctx, &ctx.tables[shard].rope, shard);
+        let out = Tensor::scaled_dot_product_attention::<Tensor>(
+            &q.transpose(1, 2),
+            &k.transpose(1, 2),
+            &v.transpose(1, 2),
+            None,
+            0.0,
+            true,
+            None,
+            self.heads != self.kv_heads,
+        );
+        let out = out
+            .transpose(1, 2)
+            .reshape([b, t, self.heads * ctx.head_dim]);
         linear(&out, &self.o, ctx, Proj::O, shard)
     }
 
     fn mlp(&self, x: &Tensor, ctx: &StepCtx, shard: usize) -> Tensor {
         let half = self.gate_up.size()[0] / 2;
-        let [gate, up] = fused_linear(
+        let gu = fused_linear(
             x,
             &self.gate_up,
             ctx,
-            [(Proj::Gate, half), (Proj::Up, half)],
+            &[(Proj::Gate, half), (Proj::Up, half)],
             shard,
         );
+        let gate = gu.narrow(-1, 0, half);
+        let up = gu.narrow(-1, half, half);
         linear(&(gate.silu() * up), &self.down, ctx, Proj::Down, shard)
     }
 }
@@ -457,7 +520,7 @@ impl Llama {
         self.layouts.len()
     }
 
-    /// An empty cache for `rows` sequences of up to `capacity` tokens (it grows on demand).
+    /// An empty cache of `rows` slots of up to `capacity` tokens (it grows on demand).
     pub fn new_cache(&self, rows: i64, capacity: i64) -> KvCache {
         KvCache::new(
             &self.layouts,
@@ -469,9 +532,10 @@ impl Llama {
         )
     }
 
-    /// Runs `tokens` (`[batch, t]`, int64) through the model. Row `i` uses cache row `i`, already
-    /// holding `starts[i]` tokens; the new keys/values are written after them. Either every row
-    /// has one token (a decode step) or there may be several rows of `t` tokens each.
+    /// Runs `tokens` (`[batch, t]`, int64) through the model: row `i` uses slot `i` of `cache`,
+    /// already holding `starts[i]` tokens; the new keys/values are written after them. Returns
+    /// `[batch, t, vocab]` logits ([`Logits::All`]) or `[batch, 1, vocab]` ([`Logits::Last`]).
+    /// A convenience over [`Llama::forward_step`] for equal-length rows.
     pub fn forward(
         &self,
         tokens: &Tensor,
@@ -482,33 +546,65 @@ impl Llama {
     ) -> Tensor {
         let (b, t) = tokens.size2().expect("tokens are [batch, t]");
         assert_eq!(b as usize, starts.len(), "one start position per row");
-        let keys = starts.iter().copied().max().unwrap_or(0) + t;
-        cache.ensure(b, keys);
-
-        let offsets = Tensor::arange(t, (Kind::Int64, Device::Cpu));
-        let positions_cpu = Tensor::from_slice(starts).unsqueeze(1) + offsets.unsqueeze(0); // [b, t]
-                                                                                            // A mask is needed when rows start at different places or attend to a cached prefix; one
-                                                                                            // fresh row is plain causal attention, one row of one token attends to everything.
-        let needs_mask = !(b == 1 && (starts[0] == 0 || t == 1));
-        let mask_cpu = needs_mask.then(|| {
-            let key_idx = Tensor::arange(keys, (Kind::Int64, Device::Cpu)).view([1, 1, 1, keys]);
-            key_idx.le_tensor(&positions_cpu.view([b, 1, t, 1]))
-        });
-        let tables = self.step_tables(
-            &positions_cpu,
-            mask_cpu.as_ref(),
-            (t == 1).then_some(starts),
-        );
-        let mut x = self.embed(tokens);
-        for (layer, block) in self.blocks.iter().enumerate() {
-            let ctx = tables.ctx(layer, starts, keys, self.config.head_dim as i64, lora);
-            x = self.block_forward(block, &x, &ctx, Some(&mut *cache));
-        }
-        let x = match logits {
-            Logits::All => x,
-            Logits::Last => x.narrow(1, t - 1, 1),
+        let ids: Vec<i64> =
+            Vec::try_from(tokens.to_device(Device::Cpu).reshape([-1])).expect("int64 token ids");
+        let segments = starts
+            .iter()
+            .enumerate()
+            .map(|(row, &start)| Segment {
+                slot: row as i64,
+                start,
+                len: t,
+            })
+            .collect();
+        let rows = match logits {
+            Logits::All => LogitRows::All,
+            Logits::Last => LogitRows::Last,
         };
-        self.norm.forward(&x).linear::<Tensor>(&self.lm_head, None)
+        let step = StepBatch::new(ids, segments, rows);
+        let per_token = lora.map(|l| l.repeat_rows(t));
+        let out = self.forward_step(&step, cache, per_token.as_ref());
+        match logits {
+            Logits::All => out.reshape([b, t, -1]),
+            Logits::Last => out.reshape([b, 1, -1]),
+        }
+    }
+
+    /// One packed step: every segment's tokens through the model in one forward, keys and values
+    /// written into the segments' slots. `lora`, when given, has one row per token. Returns the
+    /// logits of the step's logit rows, `[rows, vocab]`, on the main device.
+    pub fn forward_step(
+        &self,
+        step: &StepBatch,
+        cache: &mut KvCache,
+        lora: Option<&LoraBatch>,
+    ) -> Tensor {
+        cache.ensure(step.slots_needed(), step.max_keys());
+        let tables = self.step_tables(step);
+        let tokens = Tensor::from_slice(&step.tokens);
+        let mut x = Tensor::embedding(&self.embed, &tokens.to_device(self.main), -1, false, false);
+        let d = self.config.head_dim as i64;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let ctx = StepCtx {
+                layer,
+                tables: &tables,
+                head_dim: d,
+                lora,
+            };
+            x = self.block_forward(
+                block,
+                &x,
+                |s, shard, h| shard.attention_step(h, &ctx, s, cache),
+                &ctx,
+            );
+        }
+        let rows = step.logit_rows();
+        let x = if rows.len() as i64 == step.num_tokens() {
+            x
+        } else {
+            x.index_select(0, &Tensor::from_slice(&rows).to_device(self.main))
+        };
+        self.head(&x)
     }
 
     /// Token embeddings of `tokens` (`[batch, t]`) on the main device: the input of layer 0.
@@ -520,60 +616,117 @@ impl Llama {
     /// training path; causal attention, so right padding never reaches real tokens).
     pub fn layer_forward(&self, layer: usize, x: &Tensor, lora: Option<&LoraBatch>) -> Tensor {
         let (b, t, _) = x.size3().expect("hidden states are 3-d");
-        let positions_cpu = Tensor::arange(t, (Kind::Int64, Device::Cpu))
+        let positions = Tensor::arange(t, (Kind::Int64, Device::Cpu))
             .unsqueeze(0)
             .repeat([b, 1]);
-        let tables = self.step_tables(&positions_cpu, None, None);
-        let starts = vec![0; b as usize];
-        let ctx = tables.ctx(layer, &starts, t, self.config.head_dim as i64, lora);
-        self.block_forward(&self.blocks[layer], x, &ctx, None)
+        let tables: Vec<ShardTables> = self
+            .layouts
+            .iter()
+            .zip(&self.ropes)
+            .map(|(l, r)| ShardTables {
+                rope: r.at(&positions.to_device(l.device)),
+                write_at: None,
+                decode: None,
+                chunks: Vec::new(),
+            })
+            .collect();
+        let ctx = StepCtx {
+            layer,
+            tables: &tables,
+            head_dim: self.config.head_dim as i64,
+            lora,
+        };
+        self.block_forward(
+            &self.blocks[layer],
+            x,
+            |s, shard, h| shard.attention_train(h, &ctx, s),
+            &ctx,
+        )
     }
 
-    /// Per-shard tables of one step: rotary tables at `positions_cpu`, the attention mask, and
-    /// (decode steps, rows starting at `decode_starts`) where the new keys/values go.
-    fn step_tables(
-        &self,
-        positions_cpu: &Tensor,
-        mask_cpu: Option<&Tensor>,
-        decode_starts: Option<&[i64]>,
-    ) -> StepTables {
-        let rows = positions_cpu.size()[0];
-        let per_shard =
-            |f: &dyn Fn(Device) -> _| self.layouts.iter().map(|l| f(l.device)).collect();
-        StepTables {
-            rope: self
-                .layouts
+    /// Per-shard tables of one step, built once and read by every layer: rotary tables at the
+    /// tokens' positions, where each token's key/value goes, and the attention masks.
+    fn step_tables(&self, step: &StepBatch) -> Vec<ShardTables> {
+        let positions = Tensor::from_slice(&step.positions());
+        let slots = Tensor::from_slice(&step.token_slots());
+        let group = (self.config.num_attention_heads / self.config.num_key_value_heads) as i64;
+        let decode = &step.segments[..step.decode];
+        let decode_cpu = (!decode.is_empty()).then(|| {
+            let lo = decode.iter().map(|s| s.slot).min().expect("rows");
+            let hi = decode.iter().map(|s| s.slot).max().expect("rows") + 1;
+            let keys = decode.iter().map(|s| s.start + 1).max().expect("rows");
+            let dense = decode
                 .iter()
-                .zip(&self.ropes)
-                .map(|(l, r)| r.at(&positions_cpu.to_device(l.device)))
-                .collect(),
-            masks: per_shard(&|d| mask_cpu.map(|m| m.to_device(d))),
-            write_at: self
-                .layouts
-                .iter()
-                .map(|l| {
-                    decode_starts.map(|starts| {
-                        (
-                            Tensor::arange(rows, (Kind::Int64, l.device)),
-                            Tensor::from_slice(starts).to_device(l.device),
-                        )
-                    })
-                })
-                .collect(),
-        }
+                .enumerate()
+                .all(|(i, s)| s.slot == lo + i as i64);
+            // Slots of the span without a decode row see key 0 only (their output is dropped;
+            // a fully masked row would be NaN).
+            let mut lens = vec![1i64; (hi - lo) as usize];
+            for s in decode {
+                lens[(s.slot - lo) as usize] = s.start + 1;
+            }
+            let mask = Tensor::arange(keys, (Kind::Int64, Device::Cpu))
+                .view([1, 1, 1, keys])
+                .lt_tensor(&Tensor::from_slice(&lens).view([-1, 1, 1, 1]));
+            let scatter = (!dense).then(|| {
+                Tensor::from_slice(&decode.iter().map(|s| s.slot - lo).collect::<Vec<_>>())
+            });
+            (lo, hi - lo, keys, mask, scatter)
+        });
+        let chunk_masks: Vec<(Segment, Tensor)> = step.segments[step.decode..]
+            .iter()
+            .map(|s| {
+                // Query row (g, i) is token start + i: it sees keys 0 ..= start + i.
+                let q_pos =
+                    Tensor::arange(s.len, (Kind::Int64, Device::Cpu)).repeat([group]) + s.start;
+                let keys = Tensor::arange(s.start + s.len, (Kind::Int64, Device::Cpu));
+                (*s, keys.unsqueeze(0).le_tensor(&q_pos.unsqueeze(1)))
+            })
+            .collect();
+        self.layouts
+            .iter()
+            .zip(&self.ropes)
+            .map(|(l, rope)| {
+                let dev = l.device;
+                ShardTables {
+                    rope: rope.at(&positions.to_device(dev)),
+                    write_at: Some((slots.to_device(dev), positions.to_device(dev))),
+                    decode: decode_cpu.as_ref().map(|(lo, span, keys, mask, scatter)| {
+                        DecodeAttention {
+                            lo: *lo,
+                            span: *span,
+                            rows: decode.len() as i64,
+                            scatter: scatter.as_ref().map(|s| s.to_device(dev)),
+                            keys: *keys,
+                            mask: mask.to_device(dev),
+                        }
+                    }),
+                    chunks: chunk_masks
+                        .iter()
+                        .map(|(s, m)| ChunkAttention {
+                            slot: s.slot,
+                            start: s.start,
+                            len: s.len,
+                            mask: m.to_device(dev),
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
     }
 
-    /// One decoder block: attention and MLP with their residuals, shards summed on the main device.
+    /// One decoder block: attention (`attend`, per shard) and MLP with their residuals, shards
+    /// summed on the main device.
     fn block_forward(
         &self,
         block: &Block,
         x: &Tensor,
+        mut attend: impl FnMut(usize, &BlockShard, &Tensor) -> Tensor,
         ctx: &StepCtx,
-        mut cache: Option<&mut KvCache>,
     ) -> Tensor {
         let h = block.input_norm.forward(x);
         let attn = self.all_reduce(block, |s, shard| {
-            shard.attention(&h.to_device(shard.device), ctx, s, cache.as_deref_mut())
+            attend(s, shard, &h.to_device(shard.device))
         });
         let x = x + attn;
         let h = block.post_norm.forward(&x);

@@ -5,6 +5,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
 
 /// How a sequence is generated. Every field has the default vLLM and OpenAI users expect.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -125,108 +126,157 @@ impl Sampler {
         &self.params
     }
 
-    /// Picks the next token. `history` is the prompt plus what was generated so far.
+    /// Picks the next token from one row of logits (on the host). `history` is the prompt plus
+    /// what was generated so far. The engine samples on the device with [`sample_batch`]; this is
+    /// the same rule, kept for callers that hold a single row.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Sampled {
-        let logprobs = log_softmax(logits);
-        let mut scores = logits.to_vec();
-        if self.params.repetition_penalty != 1.0 {
-            let p = self.params.repetition_penalty as f32;
-            let mut seen = history.to_vec();
-            seen.sort_unstable();
-            seen.dedup();
-            for &t in &seen {
-                if let Some(s) = scores.get_mut(t as usize) {
-                    *s = if *s > 0.0 { *s / p } else { *s * p };
-                }
-            }
-        }
-        let token = if self.params.temperature == 0.0 {
-            argmax(&scores)
-        } else {
-            self.draw(&mut scores)
-        };
-        let top = if self.params.top_logprobs > 0 {
-            top_k_indices(&logprobs, self.params.top_logprobs)
-                .into_iter()
-                .map(|i| (i as u32, logprobs[i]))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        Sampled {
-            token: token as u32,
-            logprob: logprobs[token],
-            top_logprobs: top,
-        }
+        let row = Tensor::from_slice(logits).unsqueeze(0);
+        let mut rows = [RowSampling {
+            sampler: self,
+            history,
+        }];
+        sample_batch(&row, &mut rows).pop().expect("one row")
     }
 
-    fn draw(&mut self, scores: &mut [f32]) -> usize {
-        let t = self.params.temperature as f32;
-        let k = match self.params.top_k {
-            0 => scores.len(),
-            k => k.min(scores.len()),
-        };
-        let mut candidates = top_k_indices(scores, k);
-        let max = scores[candidates[0]];
-        let mut probs: Vec<f32> = candidates
+    /// The uniform draw of this step (from the sequence's seeded generator).
+    fn uniform(&mut self) -> f64 {
+        self.rng.gen::<f64>()
+    }
+}
+
+/// One row of a batch to sample: its sampler and, when a repetition penalty applies, the tokens
+/// seen so far (prompt and generated).
+pub struct RowSampling<'a> {
+    pub sampler: &'a mut Sampler,
+    pub history: &'a [u32],
+}
+
+/// Samples one token for every row of `logits` (`[rows, vocab]`, on the model's device) in
+/// batched tensor ops: greedy rows take one batched `argmax`; rows with a temperature draw by
+/// inverse CDF over their (top-k, top-p) candidates with a uniform number from the row's seeded
+/// generator, so seeds stay reproducible. Only ids and log-probabilities come back to the host
+/// (and the top log-probabilities of the rows that ask for them).
+pub fn sample_batch(logits: &Tensor, rows: &mut [RowSampling]) -> Vec<Sampled> {
+    let logits = if logits.kind() == Kind::Float {
+        logits.shallow_clone()
+    } else {
+        logits.to_kind(Kind::Float)
+    };
+    let plain_greedy = |r: &RowSampling| {
+        let p = r.sampler.params();
+        p.temperature == 0.0 && p.repetition_penalty == 1.0
+    };
+    let chosen = if rows.iter().all(plain_greedy) {
+        logits.argmax(1, false)
+    } else {
+        let batch_argmax = rows
             .iter()
-            .map(|&i| ((scores[i] - max) / t).exp())
-            .collect();
-        let total: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
-        if self.params.top_p < 1.0 {
-            let mut cumulative = 0.0;
-            let mut keep = probs.len();
-            for (n, p) in probs.iter().enumerate() {
-                cumulative += p;
-                if cumulative >= self.params.top_p as f32 {
-                    keep = n + 1;
-                    break;
+            .any(plain_greedy)
+            .then(|| logits.argmax(1, false));
+        let picks: Vec<Tensor> = rows
+            .iter_mut()
+            .enumerate()
+            .map(|(i, r)| {
+                if let Some(greedy) = batch_argmax.as_ref().filter(|_| plain_greedy(r)) {
+                    return greedy.narrow(0, i as i64, 1);
                 }
+                let scores = penalised(&logits.get(i as i64), r);
+                let params = r.sampler.params().clone();
+                if params.temperature == 0.0 {
+                    scores.argmax(0, true)
+                } else {
+                    let u = r.sampler.uniform();
+                    draw(&scores, &params, u)
+                }
+            })
+            .collect();
+        Tensor::cat(&picks, 0)
+    };
+    let chosen = chosen.to_kind(Kind::Int64);
+    let lse = logits.logsumexp([1], false);
+    let logprob = logits.gather(1, &chosen.unsqueeze(1), false).squeeze_dim(1) - &lse;
+    let ids: Vec<i64> = Vec::try_from(chosen.to_device(Device::Cpu)).expect("int64 ids");
+    let lps: Vec<f32> = Vec::try_from(logprob.to_device(Device::Cpu)).expect("float logprobs");
+    rows.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let k = r.sampler.params().top_logprobs as i64;
+            let top_logprobs = if k > 0 {
+                let (vals, idx) = logits.get(i as i64).topk(k, 0, true, true);
+                let vals: Vec<f32> =
+                    Vec::try_from((vals - lse.get(i as i64)).to_device(Device::Cpu))
+                        .expect("float logprobs");
+                let idx: Vec<i64> = Vec::try_from(idx.to_device(Device::Cpu)).expect("int64 ids");
+                idx.into_iter().map(|t| t as u32).zip(vals).collect()
+            } else {
+                Vec::new()
+            };
+            Sampled {
+                token: ids[i] as u32,
+                logprob: lps[i],
+                top_logprobs,
             }
-            candidates.truncate(keep);
-            probs.truncate(keep);
-            let total: f32 = probs.iter().sum();
-            probs.iter_mut().for_each(|p| *p /= total);
-        }
-        let mut u: f32 = self.rng.gen();
-        for (i, p) in candidates.iter().zip(&probs) {
-            if u < *p {
-                return *i;
-            }
-            u -= p;
-        }
-        *candidates.last().expect("at least one candidate")
-    }
+        })
+        .collect()
 }
 
-fn argmax(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
+/// The row's scores after the repetition penalty (CTRL / HF: divide positive scores, multiply
+/// negative ones, for every token seen).
+fn penalised(row: &Tensor, r: &RowSampling) -> Tensor {
+    let p = r.sampler.params().repetition_penalty;
+    if p == 1.0 || r.history.is_empty() {
+        return row.shallow_clone();
     }
-    best
+    let vocab = row.size()[0];
+    let mut seen: Vec<i64> = r
+        .history
+        .iter()
+        .map(|&t| i64::from(t))
+        .filter(|&t| t < vocab)
+        .collect();
+    seen.sort_unstable();
+    seen.dedup();
+    let ids = Tensor::from_slice(&seen).to_device(row.device());
+    let vals = row.index_select(0, &ids);
+    let penalised = (&vals / p).where_self(&vals.gt(0.0), &(&vals * p));
+    row.copy().index_copy(0, &ids, &penalised)
 }
 
-/// Indices of the `k` largest values, largest first (ties: lower index first).
-fn top_k_indices(v: &[f32], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..v.len()).collect();
-    let cmp = |a: &usize, b: &usize| v[*b].total_cmp(&v[*a]).then(a.cmp(b));
-    if k < idx.len() {
-        idx.select_nth_unstable_by(k - 1, cmp);
-        idx.truncate(k);
-    }
-    idx.sort_unstable_by(cmp);
-    idx
-}
-
-fn log_softmax(v: &[f32]) -> Vec<f32> {
-    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = v.iter().map(|x| f64::from(x - max).exp()).sum();
-    let log_sum = sum.ln() as f32 + max;
-    v.iter().map(|x| x - log_sum).collect()
+/// Inverse-CDF draw from `scores` (`[vocab]`) with temperature, top-k and top-p, using `u` in
+/// [0, 1). Candidates are taken largest first when a cut needs an order (top-k, top-p), in
+/// vocabulary order otherwise (no sort for plain temperature sampling).
+fn draw(scores: &Tensor, params: &SamplingParams, u: f64) -> Tensor {
+    let vocab = scores.size()[0];
+    let k = if params.top_k > 0 {
+        (params.top_k as i64).min(vocab)
+    } else {
+        vocab
+    };
+    let (vals, idx) = if k < vocab || params.top_p < 1.0 {
+        // Stable: among equal scores the lower token id comes first.
+        let (vals, idx) = scores.sort_stable(true, 0, true);
+        (vals.narrow(0, 0, k), idx.narrow(0, 0, k))
+    } else {
+        (
+            scores.shallow_clone(),
+            Tensor::arange(vocab, (Kind::Int64, scores.device())),
+        )
+    };
+    let probs = (vals / params.temperature).softmax(0, Kind::Float);
+    let probs = if params.top_p < 1.0 {
+        // Keep the smallest prefix whose mass reaches top_p: element i stays while the mass
+        // before it is below top_p.
+        let before = probs.cumsum(0, Kind::Float) - &probs;
+        probs.where_self(&before.lt(params.top_p), &probs.zeros_like())
+    } else {
+        probs
+    };
+    let cum = probs.cumsum(0, Kind::Float);
+    let target = (cum.get(-1) * u).unsqueeze(0);
+    let at = target.searchsorted(&cum, false, true, "right", None::<Tensor>);
+    // Never past the last candidate with mass (u·total can round up to the total).
+    let last = probs.gt(0.0).sum(Kind::Int64) - 1;
+    idx.index_select(0, &at.minimum(&last.unsqueeze(0)))
 }
 
 #[cfg(test)]

@@ -1,25 +1,34 @@
 //! Continuous batching (iteration-level scheduling, as in Orca and vLLM). Each [`Scheduler::step`]:
 //!
-//! 1. drops cancelled sequences wherever they are, freeing their cache rows at once;
-//! 2. admits waiting sequences in arrival order while the batch has room and their worst-case KV
-//!    need (`prompt + max_tokens`) fits the token budget (no preemption is ever needed); one whose
-//!    adapter is not loaded yet waits aside while the loader thread reads it, so nobody stalls;
-//! 3. prefills admitted prompts in chunks, at most `prefill_token_budget` tokens per step, so the
-//!    running batch never stalls longer than that; a finished prefill joins the batch;
-//! 4. runs one decode step for the whole running batch (each row with its own adapter or none)
-//!    and retires finished rows, keeping the rows packed.
+//! 1. drops cancelled sequences wherever they are, freeing their KV slots at once;
+//! 2. admits waiting sequences in arrival order while a slot is free and their worst-case KV need
+//!    (`prompt + max_tokens`) fits the token budget (no preemption is ever needed); one whose
+//!    adapter is not loaded yet waits aside while the loader thread reads it, so nobody stalls.
+//!    An admitted sequence copies the longest cached prefix of its prompt into its slot
+//!    (`prefix_cache.rs`) and prefills only the rest;
+//! 3. packs one forward ([`StepBatch`]): a token for every decoding sequence plus prompt chunks
+//!    of prefilling ones, at most `prefill_token_budget` prompt tokens per step, so the running
+//!    batch never stalls longer than that. Each row's adapter is a column range of a LoRA bank
+//!    kept across steps;
+//! 4. samples every row that needs a token on the device in one batched call and streams it;
+//!    finished sequences leave at once and their slot is free for the next step.
 
 use std::collections::{HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
 use crate::adapter_cache::AdapterCache;
-use crate::kv_cache::KvCache;
-use crate::lora::{AdapterKey, LoraBatch, PlacedAdapter};
-use crate::model::{Llama, Logits};
+use crate::kv_cache::{KvCache, SlotAllocator};
+use crate::lora::{AdapterKey, PlacedAdapter};
+use crate::lora_bank::LoraBank;
+use crate::model::Llama;
+use crate::prefix_cache::{AdapterTag, PrefixCache};
+use crate::sampling::{sample_batch, RowSampling};
 use crate::sequence::{FinishReason, Progress, Sequence};
+use crate::step::{LogitRows, Segment, StepBatch};
 use crate::tokenizer::Tokenizer;
 
 /// Limits of one engine's batch.
@@ -30,6 +39,8 @@ pub struct SchedulerConfig {
     pub prefill_token_budget: usize,
     pub adapter_cache_size: usize,
     pub adapter_cache_bytes: u64,
+    /// Tokens of prompt prefixes kept for reuse (0 turns the prefix cache off).
+    pub prefix_cache_tokens: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -40,6 +51,7 @@ impl Default for SchedulerConfig {
             prefill_token_budget: 512,
             adapter_cache_size: 16,
             adapter_cache_bytes: 1 << 30,
+            prefix_cache_tokens: 4096,
         }
     }
 }
@@ -50,10 +62,16 @@ pub(crate) struct Waiting {
     pub adapter: Option<AdapterKey>,
 }
 
-struct Prefill {
+/// An admitted sequence and the KV slot it owns until it leaves.
+struct Active {
     seq: Sequence,
-    cache: KvCache,
-    done: usize,
+    slot: i64,
+}
+
+impl Active {
+    fn prefilling(&self) -> bool {
+        (self.seq.cached as usize) < self.seq.prompt.len()
+    }
 }
 
 /// A snapshot of the scheduler, for metrics and tests.
@@ -70,6 +88,12 @@ pub struct SchedulerStats {
     pub adapter_loads: u64,
     pub decode_steps: u64,
     pub generated_tokens: u64,
+    /// Prompt tokens looked up in the prefix cache, and those found there.
+    pub prefix_queried_tokens: u64,
+    pub prefix_hit_tokens: u64,
+    pub prefix_cached_blocks: usize,
+    /// Steps that failed (a panic inside the model); their sequences got an error.
+    pub failed_steps: u64,
 }
 
 pub(crate) struct Scheduler {
@@ -79,23 +103,35 @@ pub(crate) struct Scheduler {
     waiting: VecDeque<Waiting>,
     awaiting_adapter: Vec<Waiting>,
     loads_in_flight: HashSet<AdapterKey>,
-    prefilling: VecDeque<Prefill>,
-    /// Row `i` of `cache` belongs to `running[i]`.
-    running: Vec<Sequence>,
+    /// Admitted sequences, in admission order (prefill chunks go in this order).
+    active: Vec<Active>,
     cache: KvCache,
+    slots: SlotAllocator,
+    prefix: Option<PrefixCache>,
     reserved: i64,
     adapters: AdapterCache,
-    /// The LoRA view of the running batch, rebuilt only when its adapter rows change.
-    decode_lora: Option<(Vec<Option<AdapterKey>>, Option<LoraBatch>)>,
+    /// The adapters of recent steps, stacked; rebuilt only when a step needs one it lacks.
+    bank: Option<LoraBank>,
     /// Sequences submitted but not admitted yet (shared with the submitting side for 503s).
     queued: Arc<AtomicUsize>,
     decode_steps: u64,
     generated_tokens: u64,
+    failed_steps: u64,
+    /// Tests: the next step panics.
+    fail_next: bool,
 }
 
 /// What the scheduler asks of the outside world.
 pub(crate) trait AdapterLoader {
     fn request(&mut self, key: AdapterKey);
+}
+
+fn adapter_tag(seq: &Sequence) -> AdapterTag {
+    seq.adapter.as_ref().map(|a| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        a.key.hash(&mut h);
+        h.finish()
+    })
 }
 
 impl Scheduler {
@@ -105,7 +141,17 @@ impl Scheduler {
         config: SchedulerConfig,
         queued: Arc<AtomicUsize>,
     ) -> Self {
-        let cache = model.new_cache(0, 0);
+        let slots = config.max_batch_size.max(1);
+        let cache = model.new_cache(slots as i64, 0);
+        let prefix = (config.prefix_cache_tokens > 0).then(|| {
+            PrefixCache::new(
+                cache.layouts(),
+                model.config().num_hidden_layers,
+                config.prefix_cache_tokens,
+                model.config().head_dim as i64,
+                model.kind(),
+            )
+        });
         let adapters = AdapterCache::new(config.adapter_cache_size, config.adapter_cache_bytes);
         Self {
             model,
@@ -114,15 +160,18 @@ impl Scheduler {
             waiting: VecDeque::new(),
             awaiting_adapter: Vec::new(),
             loads_in_flight: HashSet::new(),
-            prefilling: VecDeque::new(),
-            running: Vec::new(),
+            active: Vec::new(),
             cache,
+            slots: SlotAllocator::new(slots),
+            prefix,
             reserved: 0,
             adapters,
-            decode_lora: None,
+            bank: None,
             queued,
             decode_steps: 0,
             generated_tokens: 0,
+            failed_steps: 0,
+            fail_next: false,
         }
     }
 
@@ -132,22 +181,32 @@ impl Scheduler {
 
     /// Whether a step would do anything (otherwise the engine may block on its mailbox).
     pub fn has_work(&self) -> bool {
-        !self.running.is_empty() || !self.prefilling.is_empty() || !self.waiting.is_empty()
+        !self.active.is_empty() || !self.waiting.is_empty()
     }
 
     pub fn stats(&self) -> SchedulerStats {
+        let prefilling = self.active.iter().filter(|a| a.prefilling()).count();
+        let prefix = self
+            .prefix
+            .as_ref()
+            .map(PrefixCache::stats)
+            .unwrap_or_default();
         SchedulerStats {
             waiting: self.waiting.len() + self.awaiting_adapter.len(),
-            prefilling: self.prefilling.len(),
-            running: self.running.len(),
+            prefilling,
+            running: self.active.len() - prefilling,
             kv_reserved_tokens: self.reserved,
-            kv_cache_rows: self.cache.rows(),
+            kv_cache_rows: self.slots.in_use() as i64,
             adapters_loaded: self.adapters.len(),
             adapter_hits: self.adapters.hits,
             adapter_misses: self.adapters.misses,
             adapter_loads: self.adapters.loads,
             decode_steps: self.decode_steps,
             generated_tokens: self.generated_tokens,
+            prefix_queried_tokens: prefix.queried_tokens,
+            prefix_hit_tokens: prefix.hit_tokens,
+            prefix_cached_blocks: prefix.blocks,
+            failed_steps: self.failed_steps,
         }
     }
 
@@ -176,12 +235,33 @@ impl Scheduler {
         }
     }
 
-    /// One iteration: cancel, admit, prefill within budget, decode the batch.
+    /// One iteration: cancel, admit, one packed forward, sample.
     pub fn step(&mut self, loader: &mut dyn AdapterLoader) {
         self.drop_cancelled();
         self.admit(loader);
-        self.prefill();
-        self.decode();
+        if self.active.is_empty() {
+            return;
+        }
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_step()));
+        if let Err(panic) = result {
+            self.step_failed(&crate::engine::panic_message(panic.as_ref()));
+        }
+    }
+
+    /// A step panicked inside the model: every sequence that took part gets an error and leaves
+    /// (their KV slots may hold partial writes); waiting sequences are untouched and the engine
+    /// goes on with the next step.
+    fn step_failed(&mut self, what: &str) {
+        self.failed_steps += 1;
+        tracing::error!(error = %what, sequences = self.active.len(), "engine step failed; its sequences are failed, the engine continues");
+        self.bank = None;
+        for a in std::mem::take(&mut self.active) {
+            a.seq.fail(format!(
+                "the engine failed while running this request: {what}"
+            ));
+            self.slots.free(a.slot);
+            self.reserved -= a.seq.reserved_tokens();
+        }
     }
 
     fn drop_cancelled(&mut self) {
@@ -197,25 +277,17 @@ impl Scheduler {
         };
         self.waiting.retain_mut(keep_live);
         self.awaiting_adapter.retain_mut(keep_live);
-        let mut released = 0;
-        self.prefilling.retain_mut(|p| {
-            let keep = !p.seq.is_cancelled();
-            if !keep {
-                p.seq.finish(FinishReason::Cancelled, &tokenizer);
-                released += p.seq.reserved_tokens();
-            }
-            keep
-        });
-        self.reserved -= released;
-        let cancelled: Vec<usize> = (0..self.running.len())
-            .filter(|&i| self.running[i].is_cancelled())
+        let cancelled: Vec<usize> = (0..self.active.len())
+            .filter(|&i| self.active[i].seq.is_cancelled())
             .collect();
-        self.retire(cancelled, FinishReason::Cancelled);
+        for i in cancelled.into_iter().rev() {
+            self.retire(i, FinishReason::Cancelled);
+        }
     }
 
     fn admit(&mut self, loader: &mut dyn AdapterLoader) {
         while let Some(front) = self.waiting.front_mut() {
-            if self.running.len() + self.prefilling.len() >= self.config.max_batch_size {
+            if self.active.len() >= self.config.max_batch_size {
                 break;
             }
             if let Some(key) = front.adapter.clone() {
@@ -238,170 +310,200 @@ impl Scheduler {
             if self.reserved + need > self.config.max_kv_tokens {
                 break;
             }
-            let w = self.waiting.pop_front().expect("front exists");
+            let Some(slot) = self.slots.take() else {
+                break;
+            };
+            let mut w = self.waiting.pop_front().expect("front exists");
             self.queued.fetch_sub(1, Ordering::Relaxed);
             self.reserved += need;
-            let cache = self.model.new_cache(1, w.seq.prompt.len() as i64);
-            self.prefilling.push_back(Prefill {
-                seq: w.seq,
-                cache,
-                done: 0,
-            });
+            if let Some(prefix) = &mut self.prefix {
+                let tag = adapter_tag(&w.seq);
+                let hit = prefix.load_into(tag, &w.seq.prompt, &mut self.cache, slot);
+                w.seq.cached = hit as i64;
+            }
+            self.active.push(Active { seq: w.seq, slot });
         }
     }
 
-    fn prefill(&mut self) {
-        let mut budget = self.config.prefill_token_budget;
-        while budget > 0 {
-            let Some(p) = self.prefilling.front_mut() else {
+    pub fn fail_next_step(&mut self) {
+        self.fail_next = true;
+    }
+
+    /// Builds the step, runs the forward, samples and streams.
+    fn run_step(&mut self) {
+        if std::mem::take(&mut self.fail_next) {
+            panic!("injected step failure");
+        }
+        // Decode rows first, in slot order (dense slots need no scatter); then prompt chunks in
+        // admission order within the budget.
+        let mut decode: Vec<usize> = (0..self.active.len())
+            .filter(|&i| !self.active[i].prefilling())
+            .collect();
+        decode.sort_by_key(|&i| self.active[i].slot);
+        let mut order: Vec<(usize, i64)> = decode.iter().map(|&i| (i, 1)).collect();
+        let mut budget = self.config.prefill_token_budget.max(1);
+        for (i, a) in self.active.iter().enumerate() {
+            if budget == 0 {
                 break;
-            };
-            let total = p.seq.prompt.len();
-            let chunk = (total - p.done).min(budget);
-            let ids: Vec<i64> = p.seq.prompt[p.done..p.done + chunk]
-                .iter()
-                .map(|&t| i64::from(t))
-                .collect();
-            let tokens = Tensor::from_slice(&ids).view([1, chunk as i64]);
-            let lora = p.seq.adapter.as_ref().and_then(|a| {
-                LoraBatch::new(
-                    std::slice::from_ref(a),
-                    &[Some(0)],
-                    self.model.config().num_hidden_layers,
-                    &self.model.devices(),
-                    self.model.kind(),
-                )
-            });
-            let logits = self.model.forward(
-                &tokens,
-                &[p.done as i64],
-                &mut p.cache,
-                lora.as_ref(),
-                Logits::Last,
-            );
-            p.done += chunk;
-            budget -= chunk;
-            if p.done < total {
-                continue;
             }
-            let mut p = self.prefilling.pop_front().expect("front exists");
-            p.seq.cached = total as i64;
-            let row = self.running.len() as i64;
-            self.cache.copy_row_from(&p.cache, row, total as i64);
-            let logits = logits_rows(&logits);
+            if a.prefilling() {
+                let left = a.seq.prompt.len() - a.seq.cached as usize;
+                let chunk = left.min(budget);
+                budget -= chunk;
+                order.push((i, chunk as i64));
+            }
+        }
+        let mut tokens = Vec::new();
+        let mut segments = Vec::with_capacity(order.len());
+        for &(i, len) in &order {
+            let a = &self.active[i];
+            let start = a.seq.cached;
+            if a.prefilling() {
+                let from = start as usize;
+                tokens.extend(
+                    a.seq.prompt[from..from + len as usize]
+                        .iter()
+                        .map(|&t| i64::from(t)),
+                );
+            } else {
+                tokens.push(i64::from(a.seq.last_token()));
+            }
+            segments.push(Segment {
+                slot: a.slot,
+                start,
+                len,
+            });
+        }
+        let step = StepBatch::new(tokens, segments, LogitRows::Last);
+        let lora = self.step_lora(&order);
+        let logits = self
+            .model
+            .forward_step(&step, &mut self.cache, lora.as_ref());
+        self.decode_steps += 1;
+
+        // Rows that produce a token: decode rows and chunks that end their prompt.
+        let mut rows = Vec::new();
+        for (n, &(i, len)) in order.iter().enumerate() {
+            let a = &mut self.active[i];
+            a.seq.cached += len;
+            if !a.prefilling() {
+                rows.push((n as i64, i));
+            }
+        }
+        if rows.is_empty() {
+            return;
+        }
+        // Sample in sequence order, so the samplers can be borrowed in one pass.
+        rows.sort_by_key(|&(_, i)| i);
+        let at: Vec<i64> = rows.iter().map(|(n, _)| *n).collect();
+        let logits =
+            if at.len() == order.len() && at.iter().enumerate().all(|(k, &n)| n == k as i64) {
+                logits
+            } else {
+                logits.index_select(0, &Tensor::from_slice(&at).to_device(logits.device()))
+            };
+        let histories: Vec<Vec<u32>> = rows
+            .iter()
+            .map(|&(_, i)| self.active[i].seq.penalty_history())
+            .collect();
+        let sampled = {
+            let mut wanted = vec![false; self.active.len()];
+            for &(_, i) in &rows {
+                wanted[i] = true;
+            }
+            let mut batch: Vec<RowSampling> = self
+                .active
+                .iter_mut()
+                .zip(&wanted)
+                .filter(|(_, w)| **w)
+                .zip(&histories)
+                .map(|((a, _), history)| RowSampling {
+                    sampler: &mut a.seq.sampler,
+                    history,
+                })
+                .collect();
+            sample_batch(&logits, &mut batch)
+        };
+        let mut finished = Vec::new();
+        for (&(_, i), s) in rows.iter().zip(sampled) {
             self.generated_tokens += 1;
-            match p.seq.accept(&logits[0], &self.tokenizer) {
-                Progress::Continue => self.running.push(p.seq),
-                Progress::Finished(reason) => {
-                    p.seq.finish(reason, &self.tokenizer);
-                    self.reserved -= p.seq.reserved_tokens();
+            let a = &mut self.active[i];
+            let first = a.seq.generated.is_empty();
+            match a.seq.accept(s, &self.tokenizer) {
+                Progress::Continue => {
+                    if first {
+                        self.cache_prefix(i);
+                    }
+                }
+                Progress::Finished(reason) => finished.push((i, reason)),
+            }
+        }
+        finished.sort_by_key(|&(i, _)| std::cmp::Reverse(i));
+        for (i, reason) in finished {
+            self.retire(i, reason);
+        }
+    }
+
+    /// Adds the keys/values in sequence `i`'s slot to the prefix cache.
+    fn cache_prefix(&mut self, i: usize) {
+        if let Some(prefix) = &mut self.prefix {
+            let a = &self.active[i];
+            let tag = adapter_tag(&a.seq);
+            prefix.insert_from(tag, &a.seq.cached_tokens(), &mut self.cache, a.slot);
+        }
+    }
+
+    /// The LoRA view of a step whose rows are `order` (sequence index, tokens), keeping the bank
+    /// of adapters unless a row needs one it lacks (or it holds twice the rank in use).
+    fn step_lora(&mut self, order: &[(usize, i64)]) -> Option<crate::lora::LoraBatch> {
+        let mut used: Vec<Arc<PlacedAdapter>> = Vec::new();
+        for &(i, _) in order {
+            if let Some(a) = &self.active[i].seq.adapter {
+                if !used.iter().any(|u| u.key == a.key) {
+                    used.push(a.clone());
                 }
             }
         }
+        if used.is_empty() {
+            return None;
+        }
+        let used_rank: i64 = used.iter().map(|a| a.rank).sum();
+        let fits = self.bank.as_ref().is_some_and(|b| {
+            used.iter().all(|a| b.index_of(&a.key).is_some()) && b.total_rank() <= 2 * used_rank
+        });
+        if !fits {
+            self.bank = Some(LoraBank::new(
+                used,
+                self.model.config().num_hidden_layers,
+                self.model.tensor_parallel(),
+            ));
+        }
+        let bank = self.bank.as_ref().expect("bank built");
+        let mut rows = Vec::new();
+        for &(i, len) in order {
+            let slot = self.active[i].seq.adapter.as_ref().map(|a| {
+                bank.index_of(&a.key)
+                    .expect("bank holds every used adapter")
+            });
+            rows.extend(std::iter::repeat_n(slot, len as usize));
+        }
+        bank.batch(&rows, &self.model.devices(), self.model.kind())
     }
 
-    fn decode(&mut self) {
-        if self.running.is_empty() {
-            return;
+    /// Finishes sequence `i` and frees its slot (after offering its keys/values to the prefix
+    /// cache when it ended normally).
+    fn retire(&mut self, i: usize, reason: FinishReason) {
+        if reason != FinishReason::Cancelled && !self.active[i].prefilling() {
+            self.cache_prefix(i);
         }
-        let ids: Vec<i64> = self
-            .running
-            .iter()
-            .map(|s| i64::from(s.last_token()))
-            .collect();
-        let starts: Vec<i64> = self.running.iter().map(|s| s.cached).collect();
-        let tokens = Tensor::from_slice(&ids).view([ids.len() as i64, 1]);
-        self.refresh_decode_lora();
-        let lora = self.decode_lora.as_ref().and_then(|(_, l)| l.as_ref());
-        let logits = self
-            .model
-            .forward(&tokens, &starts, &mut self.cache, lora, Logits::Last);
-        let rows = logits_rows(&logits);
-        self.decode_steps += 1;
-        let mut finished = Vec::new();
-        for (i, (seq, row)) in self.running.iter_mut().zip(&rows).enumerate() {
-            seq.cached += 1;
-            self.generated_tokens += 1;
-            if let Progress::Finished(reason) = seq.accept(row, &self.tokenizer) {
-                finished.push((i, reason));
-            }
-        }
-        for (i, reason) in finished.into_iter().rev() {
-            self.running[i].finish(reason, &self.tokenizer);
-            self.remove_row(i);
-        }
-    }
-
-    /// Finishes the given rows (ascending indices) and removes them.
-    fn retire(&mut self, rows: Vec<usize>, reason: FinishReason) {
-        for i in rows.into_iter().rev() {
-            self.running[i].finish(reason, &self.tokenizer);
-            self.remove_row(i);
-        }
-    }
-
-    /// Frees row `i`: the last row moves into its place so rows stay packed.
-    fn remove_row(&mut self, i: usize) {
-        let last = self.running.len() - 1;
-        if i != last {
-            let len = self.running[last].cached;
-            self.cache.move_row(last as i64, i as i64, len);
-        }
-        let seq = self.running.swap_remove(i);
-        self.reserved -= seq.reserved_tokens();
+        let mut a = self.active.remove(i);
+        a.seq.finish(reason, &self.tokenizer);
+        self.slots.free(a.slot);
+        self.reserved -= a.seq.reserved_tokens();
         tracing::debug!(
-            sequence = seq.id,
-            tokens = seq.generated.len(),
+            sequence = a.seq.id,
+            tokens = a.seq.generated.len(),
             "sequence left the batch"
         );
     }
-
-    fn refresh_decode_lora(&mut self) {
-        let keys: Vec<Option<AdapterKey>> = self
-            .running
-            .iter()
-            .map(|s| s.adapter.as_ref().map(|a| a.key.clone()))
-            .collect();
-        if matches!(&self.decode_lora, Some((k, _)) if *k == keys) {
-            return;
-        }
-        let mut adapters: Vec<Arc<PlacedAdapter>> = Vec::new();
-        let rows: Vec<Option<usize>> = self
-            .running
-            .iter()
-            .map(|s| {
-                s.adapter
-                    .as_ref()
-                    .map(|a| match adapters.iter().position(|b| b.key == a.key) {
-                        Some(i) => i,
-                        None => {
-                            adapters.push(a.clone());
-                            adapters.len() - 1
-                        }
-                    })
-            })
-            .collect();
-        let batch = LoraBatch::new(
-            &adapters,
-            &rows,
-            self.model.config().num_hidden_layers,
-            &self.model.devices(),
-            self.model.kind(),
-        );
-        self.decode_lora = Some((keys, batch));
-    }
-}
-
-/// `[rows, 1, vocab]` logits → one float32 vector per row, on the CPU.
-fn logits_rows(logits: &Tensor) -> Vec<Vec<f32>> {
-    let (rows, _, vocab) = logits.size3().expect("logits are [rows, 1, vocab]");
-    let flat: Vec<f32> = logits
-        .to_device(Device::Cpu)
-        .to_kind(Kind::Float)
-        .reshape([-1])
-        .try_into()
-        .expect("float logits");
-    (0..rows as usize)
-        .map(|r| flat[r * vocab as usize..(r + 1) * vocab as usize].to_vec())
-        .collect()
 }

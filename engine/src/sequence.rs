@@ -101,7 +101,8 @@ impl Sequence {
 
     /// Tokens of KV cache this sequence may come to need.
     pub fn reserved_tokens(&self) -> i64 {
-        (self.prompt.len() + self.params().max_tokens) as i64
+        // Submission checked that this sum fits the context, so it cannot overflow here.
+        self.prompt.len().saturating_add(self.params().max_tokens) as i64
     }
 
     /// The token to feed next: the last generated one (after prefill there always is one).
@@ -112,14 +113,29 @@ impl Sequence {
             .expect("a sequence decodes after its first token")
     }
 
-    /// Samples from `logits`, streams the result and says whether the sequence is done.
-    pub fn accept(&mut self, logits: &[f32], tokenizer: &Tokenizer) -> Progress {
-        let mut history = Vec::with_capacity(self.prompt.len() + self.generated.len());
-        if self.params().repetition_penalty != 1.0 {
-            history.extend_from_slice(&self.prompt);
-            history.extend_from_slice(&self.generated);
+    /// The tokens a repetition penalty looks at (prompt and generated), or none without one.
+    pub fn penalty_history(&self) -> Vec<u32> {
+        if self.params().repetition_penalty == 1.0 {
+            return Vec::new();
         }
-        let sampled = self.sampler.sample(logits, &history);
+        let mut history = Vec::with_capacity(self.prompt.len() + self.generated.len());
+        history.extend_from_slice(&self.prompt);
+        history.extend_from_slice(&self.generated);
+        history
+    }
+
+    /// Every token whose key/value is in the cache, in order (prompt, then generated).
+    pub fn cached_tokens(&self) -> Vec<u32> {
+        self.prompt
+            .iter()
+            .chain(&self.generated)
+            .take(self.cached as usize)
+            .copied()
+            .collect()
+    }
+
+    /// Takes the sampled token, streams the result and says whether the sequence is done.
+    pub fn accept(&mut self, sampled: Sampled, tokenizer: &Tokenizer) -> Progress {
         let token = sampled.token;
         self.generated.push(token);
         if self.stop_ids.contains(&token) {

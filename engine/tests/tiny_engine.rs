@@ -353,6 +353,7 @@ fn the_waiting_queue_is_bounded() {
             ..SchedulerConfig::default()
         },
         max_waiting: 2,
+        ..EngineConfig::default()
     };
     let e = engine(&m.model, &[Device::Cpu], config);
     let running = e.submit(request(&e, "a", greedy(480), None)).unwrap();
@@ -507,4 +508,98 @@ fn streamed_text_never_splits_a_character() {
         )
         .unwrap();
     assert_eq!(chat, "<|user|>hi</s><|assistant|>");
+}
+
+#[test]
+fn a_max_tokens_near_the_integer_limit_is_refused_not_wrapped() {
+    let m = models();
+    let e = engine(&m.model, &[Device::Cpu], EngineConfig::default());
+    for max_tokens in [usize::MAX, usize::MAX - 3, u64::MAX as usize / 2 + 1] {
+        let params = SamplingParams {
+            max_tokens,
+            ..greedy(1)
+        };
+        match e.submit(request(&e, PROMPTS[0], params, None)) {
+            Err(SubmitError::Invalid(err)) => assert_eq!(err.field, "max_tokens", "{err}"),
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("max_tokens {max_tokens} was accepted"),
+        }
+    }
+    let done = e
+        .submit(request(&e, PROMPTS[0], greedy(4), None))
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(done.completion_tokens, 4, "the engine still serves");
+}
+
+#[test]
+fn a_failing_step_fails_its_sequences_and_the_engine_goes_on() {
+    let m = models();
+    let e = engine(&m.model, &[Device::Cpu], EngineConfig::default());
+    let mut running = e
+        .submit(request(&e, PROMPTS[1], greedy(400), None))
+        .unwrap();
+    assert!(matches!(running.blocking_next(), Some(Event::Token { .. })));
+    e.inject_step_failure();
+    let mut last = None;
+    while let Some(ev) = running.blocking_next() {
+        last = Some(ev);
+    }
+    match last {
+        Some(Event::Error { message }) => {
+            assert!(message.contains("engine failed"), "{message}")
+        }
+        other => panic!("expected an error event, got {other:?}"),
+    }
+    eventually("the failed sequence's slot to be freed", || {
+        let s = e.stats();
+        s.running == 0 && s.kv_reserved_tokens == 0 && s.failed_steps == 1
+    });
+    let after = e
+        .submit(request(&e, PROMPTS[2], greedy(5), None))
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(after.completion_tokens, 5, "the engine thread survived");
+}
+
+#[test]
+fn a_cached_prefix_gives_the_tokens_of_a_full_prefill() {
+    let m = models();
+    let with_cache = engine(&m.model, &[Device::Cpu], EngineConfig::default());
+    let without = engine(
+        &m.model,
+        &[Device::Cpu],
+        EngineConfig {
+            scheduler: SchedulerConfig {
+                prefix_cache_tokens: 0,
+                ..SchedulerConfig::default()
+            },
+            ..EngineConfig::default()
+        },
+    );
+    let system = PROMPTS.join(" ").repeat(3);
+    let turns = [
+        format!("{system} first question"),
+        format!("{system} a second, different question"),
+    ];
+    for adapter in [None, Some(m.adapter_b.as_path())] {
+        for turn in &turns {
+            let run = |e: &Engine| {
+                ids(&e
+                    .submit(request(e, turn, greedy(12), adapter))
+                    .unwrap()
+                    .wait()
+                    .unwrap())
+            };
+            assert_eq!(run(&with_cache), run(&without), "{turn} with {adapter:?}");
+        }
+    }
+    let s = with_cache.stats();
+    assert!(
+        s.prefix_hit_tokens >= 32,
+        "the second turn reused the shared prefix: {s:?}"
+    );
+    assert_eq!(without.stats().prefix_hit_tokens, 0);
 }

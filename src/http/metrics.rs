@@ -27,6 +27,7 @@ pub struct Metrics {
     batch_size: IntGaugeVec,
     adapter_events: IntCounterVec,
     engine_tokens: IntCounterVec,
+    prefix_cache: IntCounterVec,
     jobs: IntGaugeVec,
     training_tokens_per_s: Gauge,
     /// Last adapter counters seen per (replica, event), to turn engine totals into increments.
@@ -96,6 +97,14 @@ impl Metrics {
             &["replica"],
         )
         .expect("metric");
+        let prefix_cache = IntCounterVec::new(
+            Opts::new(
+                "prefix_cache_tokens_total",
+                "Prompt tokens looked up in the prefix cache (`queried`) and found there (`hit`), per replica",
+            ),
+            &["replica", "event"],
+        )
+        .expect("metric");
         let jobs = IntGaugeVec::new(Opts::new("jobs", "Fine-tune jobs by state"), &["state"])
             .expect("metric");
         let training_tokens_per_s = Gauge::new(
@@ -112,6 +121,7 @@ impl Metrics {
             Box::new(batch_size.clone()),
             Box::new(adapter_events.clone()),
             Box::new(engine_tokens.clone()),
+            Box::new(prefix_cache.clone()),
             Box::new(jobs.clone()),
             Box::new(training_tokens_per_s.clone()),
         ] {
@@ -127,6 +137,7 @@ impl Metrics {
             batch_size,
             adapter_events,
             engine_tokens,
+            prefix_cache,
             jobs,
             training_tokens_per_s,
             seen: Mutex::default(),
@@ -148,6 +159,8 @@ impl Metrics {
                 ("miss", s.adapter_misses),
                 ("load", s.adapter_loads),
                 ("tokens", s.generated_tokens),
+                ("prefix_queried", s.prefix_queried_tokens),
+                ("prefix_hit", s.prefix_hit_tokens),
             ] {
                 let last = seen.insert((replica.clone(), event), total).unwrap_or(0);
                 // A restarted replica starts again from zero.
@@ -155,6 +168,10 @@ impl Metrics {
                 if event == "tokens" {
                     self.engine_tokens
                         .with_label_values(&[&replica])
+                        .inc_by(delta);
+                } else if let Some(kind) = event.strip_prefix("prefix_") {
+                    self.prefix_cache
+                        .with_label_values(&[&replica, kind])
                         .inc_by(delta);
                 } else {
                     self.adapter_events
