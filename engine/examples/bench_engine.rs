@@ -43,6 +43,7 @@ fn main() -> anyhow::Result<()> {
             ..SchedulerConfig::default()
         },
         max_waiting: 1024,
+        ..EngineConfig::default()
     };
     let engine = Engine::start(loaded.model, loaded.tokenizer, engine_config);
     let adapters: Vec<PathBuf> = (0..ADAPTERS)
