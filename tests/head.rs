@@ -558,3 +558,25 @@ fn auth_metrics_health_and_openapi() {
     }
     assert!(paths["/jobs/{id}"].get("delete").is_some());
 }
+
+#[test]
+fn a_huge_max_tokens_is_refused_and_the_replica_keeps_serving() {
+    let head = start(&[]);
+    let (_, models) = head.get("/v1/models");
+    let base = models["data"][0]["id"].as_str().unwrap().to_string();
+    // Values that once wrapped `prompt + max_tokens` past the context check and panicked the
+    // engine thread (six of them used to leave the replica down for good).
+    for max_tokens in [u64::MAX, u64::MAX - 1, u64::MAX / 2 + 1, 1 << 63] {
+        let (status, e) = head.post("/chat", &json!({"prompt": "x", "max_tokens": max_tokens}));
+        assert_eq!(status, 422, "{max_tokens}: {e}");
+        assert_eq!(e["error"]["field"], "max_tokens", "{e}");
+        let (status, e) = head.post(
+            "/v1/completions",
+            &json!({"model": base, "prompt": "x", "max_tokens": max_tokens}),
+        );
+        assert!(status == 400 || status == 422, "{max_tokens}: {status} {e}");
+    }
+    let (status, body) = head.post("/chat", &greedy("still here", 3));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 3, "{body}");
+}

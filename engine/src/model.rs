@@ -4,6 +4,9 @@
 //! rows for o/down); the partial outputs are copied to the main device and added. With one device
 //! there is one shard and no copy. LoRA deltas come in through [`LoraBatch`], per batch row.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
 use tch::{Device, Kind, Tensor};
 
 use crate::kv_cache::{KvCache, ShardLayout};
@@ -252,9 +255,11 @@ impl BlockShard {
         ctx: &StepCtx,
         shard: usize,
         pool: &mut KvCache,
+        timer: &AtomicU64,
     ) -> Tensor {
         let t = &ctx.tables[shard];
         let (q, k, v) = self.qkv(x, ctx, &t.rope, shard);
+        let started = Instant::now();
         let d = ctx.head_dim;
         let group = self.heads / self.kv_heads;
         let kv = pool.layer(shard, ctx.layer);
@@ -325,6 +330,7 @@ impl BlockShard {
         } else {
             Tensor::cat(&outs, 0)
         };
+        timer.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         linear(&out, &self.o, ctx, Proj::O, shard)
     }
 
@@ -375,6 +381,8 @@ pub struct Llama {
     blocks: Vec<Block>,
     ropes: Vec<Rope>,
     layouts: Vec<ShardLayout>,
+    /// Time spent in attention by packed steps, in nanoseconds (for the step breakdown).
+    attention_ns: AtomicU64,
 }
 
 impl Llama {
@@ -496,7 +504,13 @@ impl Llama {
             blocks,
             ropes,
             layouts,
+            attention_ns: AtomicU64::new(0),
         })
+    }
+
+    /// Time spent in attention (KV writes, SDPA, output gather) by packed steps so far.
+    pub fn attention_ns(&self) -> u64 {
+        self.attention_ns.load(Ordering::Relaxed)
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -594,7 +608,7 @@ impl Llama {
             x = self.block_forward(
                 block,
                 &x,
-                |s, shard, h| shard.attention_step(h, &ctx, s, cache),
+                |s, shard, h| shard.attention_step(h, &ctx, s, cache, &self.attention_ns),
                 &ctx,
             );
         }

@@ -17,6 +17,7 @@ use std::collections::{HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use tch::Tensor;
 
@@ -94,6 +95,25 @@ pub struct SchedulerStats {
     pub prefix_cached_blocks: usize,
     /// Steps that failed (a panic inside the model); their sequences got an error.
     pub failed_steps: u64,
+    /// Where the steps' time went, summed over all steps.
+    pub time: StepTimes,
+}
+
+/// Wall time of the scheduler's steps by phase, in nanoseconds, summed over all steps. On a
+/// GPU the forward is asynchronous: its time lands in `sample`, where the first copy to the host
+/// waits for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepTimes {
+    /// Admission, prefix-cache copies, packing the step and the LoRA view.
+    pub build_ns: u64,
+    /// The forward (all layers, logits), attention included.
+    pub forward_ns: u64,
+    /// Attention alone (KV writes, SDPA, output gather), inside `forward_ns`.
+    pub attention_ns: u64,
+    /// Batched sampling and the copy of ids and log-probabilities to the host.
+    pub sample_ns: u64,
+    /// Streaming tokens, stop checks, retiring and prefix-cache inserts.
+    pub stream_ns: u64,
 }
 
 pub(crate) struct Scheduler {
@@ -119,6 +139,7 @@ pub(crate) struct Scheduler {
     failed_steps: u64,
     /// Tests: the next step panics.
     fail_next: bool,
+    time: StepTimes,
 }
 
 /// What the scheduler asks of the outside world.
@@ -172,6 +193,7 @@ impl Scheduler {
             generated_tokens: 0,
             failed_steps: 0,
             fail_next: false,
+            time: StepTimes::default(),
         }
     }
 
@@ -207,6 +229,10 @@ impl Scheduler {
             prefix_hit_tokens: prefix.hit_tokens,
             prefix_cached_blocks: prefix.blocks,
             failed_steps: self.failed_steps,
+            time: StepTimes {
+                attention_ns: self.model.attention_ns(),
+                ..self.time
+            },
         }
     }
 
@@ -237,8 +263,10 @@ impl Scheduler {
 
     /// One iteration: cancel, admit, one packed forward, sample.
     pub fn step(&mut self, loader: &mut dyn AdapterLoader) {
+        let started = Instant::now();
         self.drop_cancelled();
         self.admit(loader);
+        self.time.build_ns += elapsed_ns(started);
         if self.active.is_empty() {
             return;
         }
@@ -334,6 +362,7 @@ impl Scheduler {
         if std::mem::take(&mut self.fail_next) {
             panic!("injected step failure");
         }
+        let started = Instant::now();
         // Decode rows first, in slot order (dense slots need no scatter); then prompt chunks in
         // admission order within the budget.
         let mut decode: Vec<usize> = (0..self.active.len())
@@ -424,6 +453,8 @@ impl Scheduler {
                 .collect();
             sample_batch(&logits, &mut batch)
         };
+        self.time.sample_ns += elapsed_ns(started);
+        let started = Instant::now();
         let mut finished = Vec::new();
         for (&(_, i), s) in rows.iter().zip(sampled) {
             self.generated_tokens += 1;
@@ -442,6 +473,7 @@ impl Scheduler {
         for (i, reason) in finished {
             self.retire(i, reason);
         }
+        self.time.stream_ns += elapsed_ns(started);
     }
 
     /// Adds the keys/values in sequence `i`'s slot to the prefix cache.
@@ -506,4 +538,8 @@ impl Scheduler {
             "sequence left the batch"
         );
     }
+}
+
+fn elapsed_ns(since: Instant) -> u64 {
+    since.elapsed().as_nanos() as u64
 }
