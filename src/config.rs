@@ -176,6 +176,30 @@ pub struct ClusterConfig {
     pub port: u16,
     pub cookie: String,
     pub heartbeat_timeout_secs: u64,
+    /// Accept to authenticated session (TLS handshake and cookie check), at most.
+    pub handshake_timeout_secs: u64,
+    /// Open cluster connections on the head at most (authenticated or not).
+    pub max_connections: u32,
+    /// This node's certificate chain (PEM); with `tls_key` and `tls_ca`, mutual TLS.
+    pub tls_cert: String,
+    /// This node's private key (PEM).
+    pub tls_key: String,
+    /// The CA that signs every node's certificate (PEM).
+    pub tls_ca: String,
+}
+
+/// The cookie of `config/default.toml`: fine on loopback, refused on any other address.
+pub const DEFAULT_COOKIE: &str = "tessera-dev-cookie";
+
+impl ClusterConfig {
+    /// The TLS files, if all three are set.
+    pub fn tls(&self) -> Option<tessera_actors::cluster::tls::TlsFiles> {
+        (!self.tls_cert.is_empty()).then(|| tessera_actors::cluster::tls::TlsFiles {
+            cert: expand_home(&self.tls_cert),
+            key: expand_home(&self.tls_key),
+            ca: expand_home(&self.tls_ca),
+        })
+    }
 }
 
 /// The layers that make a configuration, lowest precedence first after the defaults.
@@ -342,6 +366,42 @@ impl Config {
         }
         if self.cluster.cookie.is_empty() {
             return Err(bad("cluster.cookie", "must not be empty".into()));
+        }
+        let cluster_loopback = self
+            .cluster
+            .bind
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+        if !cluster_loopback && self.cluster.cookie == DEFAULT_COOKIE {
+            return Err(bad(
+                "cluster.cookie",
+                format!(
+                    "the default cookie is refused when cluster.bind is {} (not loopback); set a secret one on every node",
+                    self.cluster.bind
+                ),
+            ));
+        }
+        if self.cluster.handshake_timeout_secs == 0 {
+            return Err(bad(
+                "cluster.handshake_timeout_secs",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.cluster.max_connections == 0 {
+            return Err(bad("cluster.max_connections", "must be at least 1".into()));
+        }
+        let tls = [
+            ("cluster.tls_cert", &self.cluster.tls_cert),
+            ("cluster.tls_key", &self.cluster.tls_key),
+            ("cluster.tls_ca", &self.cluster.tls_ca),
+        ];
+        if tls.iter().any(|(_, v)| !v.is_empty()) {
+            if let Some((key, _)) = tls.iter().find(|(_, v)| v.is_empty()) {
+                return Err(bad(
+                    key,
+                    "TLS needs all of cluster.tls_cert, cluster.tls_key and cluster.tls_ca".into(),
+                ));
+            }
         }
         if self.cluster.heartbeat_timeout_secs == 0 {
             return Err(bad(

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tessera_actors::cluster::head::HeadCluster;
+use tessera_actors::cluster::head::{HeadCluster, HeadClusterOptions};
 use tessera_actors::{Node, NodeConfig};
 use tokio::net::TcpListener;
 
@@ -58,14 +58,20 @@ pub async fn start(config: &Config) -> anyhow::Result<AppState> {
     let node = Node::start(node_config(config, "head"))
         .await
         .context("starting the actor tree")?;
+    let c = &config.cluster;
     let cluster = HeadCluster::start(
-        model,
-        config.cluster.bind.parse().context("cluster.bind")?,
-        config.cluster.port,
-        &config.cluster.cookie,
+        HeadClusterOptions {
+            model_path: model,
+            bind: c.bind.parse().context("cluster.bind")?,
+            port: c.port,
+            cookie: c.cookie.clone(),
+            heartbeat_timeout: Duration::from_secs(c.heartbeat_timeout_secs),
+            handshake_timeout: Duration::from_secs(c.handshake_timeout_secs),
+            max_connections: c.max_connections as usize,
+            tls: c.tls(),
+        },
         node.router.clone(),
         node.directory.clone(),
-        Duration::from_secs(config.cluster.heartbeat_timeout_secs),
     )
     .await
     .map_err(|e| anyhow::anyhow!(e))?;

@@ -66,6 +66,12 @@ pub fn run(args: WorkerArgs, config: &Config) -> anyhow::Result<()> {
                 head_addr: args.join.clone(),
                 cookie: config.cluster.cookie.clone(),
                 model,
+                bind: config
+                    .cluster
+                    .bind
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("cluster.bind: {e}"))?,
+                tls: config.cluster.tls(),
             },
             start,
             termination(),

@@ -5,198 +5,12 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{free_port, quick_hyperparameters, read_sse, smollm2, Head};
-
-const BIN: &str = env!("CARGO_BIN_EXE_tessera");
-
-/// One cluster at a time: ports are picked free then released, and a parallel test's node server
-/// could take one in between.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn signal(&self, sig: &str) {
-        assert!(Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Cluster {
-    dir: tempfile::TempDir,
-    model: PathBuf,
-    http: u16,
-    cluster: u16,
-}
-
-impl Cluster {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let model = support::tiny::write_model(&dir.path().join("model"), 5);
-        std::fs::create_dir_all(dir.path().join("data")).unwrap();
-        let lines: Vec<String> = (0..16)
-            .map(|i| json!({"text": format!("record {i} holds {}", i * 5)}).to_string())
-            .collect();
-        std::fs::write(dir.path().join("data/d.jsonl"), lines.join("\n")).unwrap();
-        Self {
-            dir,
-            model,
-            http: free_port(),
-            cluster: free_port(),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.http)
-    }
-
-    fn spawn(&self, name: &str, args: &[String]) -> Proc {
-        let log = self.dir.path().join(format!("{name}.log"));
-        let child = Command::new(BIN)
-            .args(args)
-            .env_remove("LD_LIBRARY_PATH")
-            .env_remove("TESSERA_MODEL_PATH")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Proc { child, log }
-    }
-
-    fn head(&self, local_slots: u32) -> Proc {
-        let d = self.dir.path();
-        let set = |kv: String| ["--set".to_string(), kv];
-        let mut args: Vec<String> = vec![
-            "--log-format".into(),
-            "pretty".into(),
-            "head".into(),
-            "--port".into(),
-            self.http.to_string(),
-            "--model".into(),
-            self.model.display().to_string(),
-        ];
-        for kv in [
-            format!("adapters.root=\"{}\"", d.join("adapters").display()),
-            format!("training.data_root=\"{}\"", d.join("data").display()),
-            format!("jobs.db_path=\"{}\"", d.join("jobs.sqlite").display()),
-            format!("cluster.port={}", self.cluster),
-            format!("resources.cpu_inference_slots={local_slots}"),
-            format!("resources.cpu_training_slots={local_slots}"),
-            "cluster.heartbeat_timeout_secs=3".into(),
-            "batching.max_kv_tokens=8192".into(),
-        ] {
-            args.extend(set(kv));
-        }
-        self.spawn("head", &args)
-    }
-
-    fn worker(&self, name: &str, extra: &[&str]) -> Proc {
-        self.worker_with(name, Some(&self.model), extra)
-    }
-
-    /// A worker; `model: None` leaves `model.path` unset, so it loads the head's.
-    fn worker_with(&self, name: &str, model: Option<&PathBuf>, extra: &[&str]) -> Proc {
-        let mut args: Vec<String> = vec![
-            "--log-format".into(),
-            "pretty".into(),
-            "worker".into(),
-            "--join".into(),
-            format!("127.0.0.1:{}", self.cluster),
-            "--set".into(),
-            "batching.max_kv_tokens=8192".into(),
-        ];
-        if let Some(m) = model {
-            args.extend(["--model".to_string(), m.display().to_string()]);
-        }
-        for e in extra {
-            args.extend(["--set".to_string(), e.to_string()]);
-        }
-        self.spawn(name, &args)
-    }
-
-    fn get(&self, path: &str) -> Value {
-        match Head::agent().get(format!("{}{path}", self.url())).call() {
-            Ok(mut r) => r.body_mut().read_json().unwrap_or(Value::Null),
-            Err(_) => Value::Null,
-        }
-    }
-
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let mut r = Head::agent()
-            .post(format!("{}{path}", self.url()))
-            .send_json(body)
-            .unwrap();
-        (
-            r.status().as_u16(),
-            r.body_mut().read_json().unwrap_or(Value::Null),
-        )
-    }
-
-    fn workers(&self) -> Vec<String> {
-        self.get("/cluster")["workers"]
-            .as_array()
-            .map(|ws| {
-                ws.iter()
-                    .map(|w| w["info"]["node"].as_str().unwrap().to_string())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    fn wait(&self, what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
-        let t0 = Instant::now();
-        while !check() {
-            assert!(
-                t0.elapsed() < timeout,
-                "timed out waiting for {what}; head log:\n{}",
-                std::fs::read_to_string(self.dir.path().join("head.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        t0.elapsed()
-    }
-
-    fn submit(&self, out: &str, epochs: usize) -> String {
-        let mut h = quick_hyperparameters(epochs);
-        h["save_every_steps"] = json!(4);
-        let (status, a) = self.post(
-            "/fine-tune",
-            &json!({"dataset_path": "d.jsonl", "output_path": out, "hyperparameters": h}),
-        );
-        assert_eq!(status, 202, "{a}");
-        a["job_id"].as_str().unwrap().to_string()
-    }
-
-    fn job(&self, id: &str) -> Value {
-        self.get(&format!("/jobs/{id}"))
-    }
-}
+use support::cluster::{serial, Cluster, Proc, BIN};
+use support::{read_sse, smollm2, Head};
 
 fn chat(c: &Cluster) -> (u16, Value) {
     c.post(
@@ -518,6 +332,8 @@ fn head_and_worker_in_separate_network_namespaces() {
             "--set",
             "cluster.bind=\"10.213.0.1\"",
             "--set",
+            "cluster.cookie=\"netns-secret\"",
+            "--set",
             &format!("cluster.port={}", c.cluster),
             "--set",
             "resources.cpu_inference_slots=0",
@@ -544,6 +360,8 @@ fn head_and_worker_in_separate_network_namespaces() {
             &format!("10.213.0.1:{}", c.cluster),
             "--model",
             &c.model.display().to_string(),
+            "--set",
+            "cluster.cookie=\"netns-secret\"",
         ]),
     )
     .env_remove("LD_LIBRARY_PATH")

@@ -75,6 +75,29 @@ fn a_non_loopback_bind_needs_a_token_unless_explicitly_open() {
 }
 
 #[test]
+fn the_default_cookie_is_refused_off_loopback_and_tls_needs_all_three_files() {
+    let load = |cli: &[&str]| {
+        Config::load(&Sources {
+            cli: cli.iter().map(|s| s.to_string()).collect(),
+            ..Sources::default()
+        })
+    };
+    let e = load(&["cluster.bind=\"0.0.0.0\""]).unwrap_err();
+    assert!(e.to_string().contains("cluster.cookie"), "{e}");
+    load(&["cluster.bind=\"0.0.0.0\"", "cluster.cookie=\"s3cret\""]).unwrap();
+    load(&["cluster.bind=\"127.0.0.1\""]).unwrap();
+    let e = load(&["cluster.tls_cert=\"a.crt\"", "cluster.tls_ca=\"ca.crt\""]).unwrap_err();
+    assert!(e.to_string().contains("cluster.tls_key"), "{e}");
+    let e = load(&["cluster.handshake_timeout_secs=0"]).unwrap_err();
+    assert!(
+        e.to_string().contains("cluster.handshake_timeout_secs"),
+        "{e}"
+    );
+    let e = load(&["cluster.max_connections=0"]).unwrap_err();
+    assert!(e.to_string().contains("cluster.max_connections"), "{e}");
+}
+
+#[test]
 fn unknown_keys_are_rejected_by_name_wherever_they_come_from() {
     let (_d, path) = file("[server]\nprot = 1\n");
     let err = Config::load(&Sources {

@@ -13,6 +13,8 @@ use tessera::config::{Config, Sources};
 #[path = "../../engine/tests/common/tiny.rs"]
 pub mod tiny;
 
+pub mod cluster;
+
 pub struct Head {
     pub url: String,
     pub dir: tempfile::TempDir,

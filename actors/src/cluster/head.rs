@@ -1,5 +1,6 @@
-//! The head's side of the cluster: a `ractor_cluster` node server (star topology: workers dial in,
-//! cookie-authenticated), and the `ClusterHead` actor that registers workers, puts their replicas in
+//! The head's side of the cluster: our accept loop ([`gate`]) in front of a `ractor_cluster` node
+//! server (star topology: workers dial in; cookie, and mutual TLS when configured), and the
+//! `ClusterHead` actor that registers workers, puts their replicas in
 //! the router and their trainers in the directory, carries token streams and job reports back,
 //! pings every worker each second and evicts one that misses `heartbeat_timeout` (a crashed worker
 //! is seen at once from its closed session; a hung or stopped one by the heartbeat).
@@ -8,15 +9,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::net::IpAddr;
+
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use ractor_cluster::node::NodeServerSessionInformation;
-use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
+use ractor_cluster::{NodeServer, NodeServerMessage};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::wire::{
-    worker_group, HeadInbox, ToHead, ToWorker, WorkerInbox, WorkerInfo, CREDIT_BATCH, HEAD_GROUP,
-};
+use super::gate::{self, Conns, GateConfig};
+use super::sessions::{HeadPort, SessionEvents, Sessions};
+use super::tls::TlsFiles;
+use super::wire::{HeadFrame, HeadInbox, ToHead, ToWorker, WorkerInbox, WorkerInfo, CREDIT_BATCH};
 use crate::directory::{Directory, RemoteTrainer, TrainerEntry, TrainerRef};
 use crate::health::now_s;
 use crate::jobs::JobMsg;
@@ -87,7 +90,10 @@ impl RemoteReplica for RemoteReplicaHandle {
             .expect("cluster")
             .streams
             .insert(request_id.clone(), (self.node.clone(), tx));
-        if let Err(e) = self.agent.cast(WorkerInbox(ToWorker::Generate { work })) {
+        if let Err(e) = self
+            .agent
+            .cast(WorkerInbox::Frame(ToWorker::Generate { work }))
+        {
             self.table
                 .inner
                 .lock()
@@ -108,7 +114,7 @@ impl RemoteReplica for RemoteReplicaHandle {
                     *replica = format!("{node}/{replica}");
                 }
                 if sink.send(event).await.is_err() {
-                    let _ = agent.cast(WorkerInbox(ToWorker::Cancel {
+                    let _ = agent.cast(WorkerInbox::Frame(ToWorker::Cancel {
                         request_id: request_id.clone(),
                     }));
                     break;
@@ -118,7 +124,7 @@ impl RemoteReplica for RemoteReplicaHandle {
                 delivered += 1;
                 if delivered == CREDIT_BATCH {
                     delivered = 0;
-                    let _ = agent.cast(WorkerInbox(ToWorker::Credit {
+                    let _ = agent.cast(WorkerInbox::Frame(ToWorker::Credit {
                         request_id: request_id.clone(),
                         n: CREDIT_BATCH,
                     }));
@@ -150,24 +156,31 @@ impl RemoteTrainerHandle {
 
 impl RemoteTrainer for RemoteTrainerHandle {
     fn run(&self, assignment: Assignment) -> Result<(), String> {
-        let job = assignment.job_id.clone();
-        self.agent
-            .cast(WorkerInbox(ToWorker::RunJob {
-                trainer: self.trainer.clone(),
-                assignment: Box::new(assignment),
-            }))
-            .map_err(|e| format!("node {}: {e}", self.node))?;
-        self.table
+        // Recorded before the cast: the worker's report must find it.
+        let previous = self
+            .table
             .inner
             .lock()
             .expect("cluster")
             .trainer_jobs
-            .insert(self.key(), Some(job));
+            .insert(self.key(), Some(assignment.job_id.clone()));
+        let sent = self.agent.cast(WorkerInbox::Frame(ToWorker::RunJob {
+            trainer: self.trainer.clone(),
+            assignment: Box::new(assignment),
+        }));
+        if let Err(e) = sent {
+            let mut t = self.table.inner.lock().expect("cluster");
+            match previous {
+                Some(p) => t.trainer_jobs.insert(self.key(), p),
+                None => t.trainer_jobs.remove(&self.key()),
+            };
+            return Err(format!("node {}: {e}", self.node));
+        }
         Ok(())
     }
 
     fn cancel(&self, job_id: &str, checkpoint: bool) {
-        let _ = self.agent.cast(WorkerInbox(ToWorker::CancelJob {
+        let _ = self.agent.cast(WorkerInbox::Frame(ToWorker::CancelJob {
             trainer: self.trainer.clone(),
             job_id: job_id.to_string(),
             checkpoint,
@@ -195,45 +208,130 @@ pub struct ClusterHeadArgs {
     pub heartbeat_timeout: Duration,
 }
 
+/// The `ClusterHead`'s messages: frames from workers (decoded and handed over by the exported
+/// [`HeadPort`](super::sessions::HeadPort)) and the head's own events, which never come from the
+/// socket (this type is not serialisable, so no peer can send it).
+#[derive(Debug)]
+pub enum HeadMsg {
+    Peer(HeadFrame),
+    /// The heartbeat timer.
+    Tick,
+    /// Session `id` passed the cookie check; its peer calls itself `peer`.
+    SessionUp {
+        id: u64,
+        peer: String,
+    },
+    /// Session `id` closed (`authenticated`: it had passed the cookie check).
+    SessionClosed {
+        id: u64,
+        label: String,
+        authenticated: bool,
+    },
+}
+
+impl ractor::Message for HeadMsg {}
+
 pub struct ClusterHeadState {
     args: ClusterHeadArgs,
     seq: u64,
     /// When each unknown node was last asked to register again (one ask per few seconds).
     asked: HashMap<String, Instant>,
+    /// Which session speaks for which node.
+    sessions: Sessions,
+    /// When a frame with a bad key was last logged (one line per few seconds).
+    last_refusal: Option<Instant>,
 }
 
 pub struct ClusterHead;
 
 impl Actor for ClusterHead {
-    type Msg = HeadInbox;
+    type Msg = HeadMsg;
     type State = ClusterHeadState;
     type Arguments = ClusterHeadArgs;
 
     async fn pre_start(
         &self,
-        myself: ActorRef<HeadInbox>,
+        myself: ActorRef<HeadMsg>,
         args: ClusterHeadArgs,
     ) -> Result<ClusterHeadState, ActorProcessingErr> {
-        ractor::pg::join(HEAD_GROUP.to_string(), vec![myself.get_cell()]);
-        myself.send_interval(Duration::from_secs(1), || HeadInbox(ToHead::Tick));
+        myself.send_interval(Duration::from_secs(1), || HeadMsg::Tick);
         Ok(ClusterHeadState {
             args,
             seq: 0,
             asked: HashMap::new(),
+            sessions: Sessions::default(),
+            last_refusal: None,
         })
     }
 
     async fn handle(
         &self,
-        _myself: ActorRef<HeadInbox>,
-        HeadInbox(msg): HeadInbox,
+        _myself: ActorRef<HeadMsg>,
+        msg: HeadMsg,
         state: &mut ClusterHeadState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ToHead::Register(info) => state.register(*info),
-            ToHead::Pong { node, .. } => {
+            HeadMsg::Peer(frame) => state.peer(frame),
+            HeadMsg::Tick => state.tick(),
+            HeadMsg::SessionUp { id, peer } => state.sessions.up(id, peer),
+            HeadMsg::SessionClosed {
+                id,
+                label,
+                authenticated,
+            } => {
+                if !authenticated {
+                    tracing::error!(%label, "a node disconnected before authenticating: its cluster.cookie differs from the head's (or, with TLS, its certificate is not trusted)");
+                } else if let Some(node) = state.sessions.closed(id) {
+                    let known = state
+                        .args
+                        .table
+                        .inner
+                        .lock()
+                        .expect("cluster")
+                        .workers
+                        .contains_key(&node);
+                    if known {
+                        state.evict(&node, "its connection closed", false);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ClusterHeadState {
+    /// A frame from a worker: `Hello` gets the node's session key sent to its agent on its own
+    /// session; anything else must carry that key, and then acts for that node only.
+    fn peer(&mut self, HeadFrame { node, key, msg }: HeadFrame) {
+        if let ToHead::Hello = msg {
+            if let Some((agent, key)) = self.sessions.hello(&node) {
+                let _ = agent.cast(WorkerInbox::Frame(ToWorker::Welcome { key }));
+            }
+            return;
+        }
+        if !self.sessions.check(&node, &key) {
+            if self
+                .last_refusal
+                .is_none_or(|t| t.elapsed() > Duration::from_secs(5))
+            {
+                self.last_refusal = Some(Instant::now());
+                tracing::warn!(%node, "cluster: a frame without this node's session key was dropped (a peer speaking for another node?)");
+            }
+            return;
+        }
+        match msg {
+            ToHead::Hello => {}
+            ToHead::Register(info) => {
+                if info.node == node {
+                    self.register(*info);
+                } else {
+                    tracing::warn!(%node, claimed = %info.node, "cluster: a registration for another node was dropped");
+                }
+            }
+            ToHead::Pong { .. } => {
                 let known = {
-                    let mut t = state.args.table.inner.lock().expect("cluster");
+                    let mut t = self.args.table.inner.lock().expect("cluster");
                     match t.workers.get_mut(&node) {
                         Some(w) => {
                             w.last_seen = Instant::now();
@@ -243,35 +341,40 @@ impl Actor for ClusterHead {
                         None => false,
                     }
                 };
-                let recently = state
+                let recently = self
                     .asked
                     .get(&node)
                     .is_some_and(|t| t.elapsed() < Duration::from_secs(3));
                 if !known && !recently {
-                    state.asked.insert(node.clone(), Instant::now());
+                    self.asked.insert(node.clone(), Instant::now());
                     // A worker we evicted (or from before a head restart): have it register again.
-                    if let Some(agent) = agent_of(&node) {
-                        let _ = agent.cast(WorkerInbox(ToWorker::Reregister));
+                    if let Some(agent) = self.sessions.agent(&node) {
+                        let _ = agent.cast(WorkerInbox::Frame(ToWorker::Reregister));
                     }
                 }
             }
             ToHead::Stream { request_id, event } => {
                 let last = matches!(event, StreamEvent::Finished { .. } | StreamEvent::Error(_));
-                let mut t = state.args.table.inner.lock().expect("cluster");
-                if let Some((_, tx)) = t.streams.get(&request_id) {
-                    let _ = tx.send(event);
-                }
-                if last {
+                let mut t = self.args.table.inner.lock().expect("cluster");
+                // Only the node serving the stream may feed it.
+                let ours = match t.streams.get(&request_id) {
+                    Some((n, tx)) if *n == node => {
+                        let _ = tx.send(event);
+                        true
+                    }
+                    _ => false,
+                };
+                if ours && last {
                     t.streams.remove(&request_id);
                 }
             }
             ToHead::JobProgress {
-                node,
                 trainer,
                 job_id,
                 point,
             } => {
-                if let Some(m) = state.args.directory.job_manager() {
+                // The job manager takes reports only from the trainer running the job.
+                if let Some(m) = self.args.directory.job_manager() {
                     let _ = m.cast(JobMsg::Progress {
                         job_id,
                         trainer: format!("{node}/{trainer}"),
@@ -280,21 +383,20 @@ impl Actor for ClusterHead {
                 }
             }
             ToHead::JobFinished {
-                node,
                 trainer,
                 job_id,
                 result,
             } => {
                 let key = format!("{node}/{trainer}");
-                state
-                    .args
-                    .table
-                    .inner
-                    .lock()
-                    .expect("cluster")
-                    .trainer_jobs
-                    .insert(key.clone(), None);
-                if let Some(m) = state.args.directory.job_manager() {
+                {
+                    let mut t = self.args.table.inner.lock().expect("cluster");
+                    if let Some(current) = t.trainer_jobs.get_mut(&key) {
+                        if current.as_deref() == Some(job_id.as_str()) {
+                            *current = None;
+                        }
+                    }
+                }
+                if let Some(m) = self.args.directory.job_manager() {
                     let _ = m.cast(JobMsg::Finished {
                         job_id,
                         trainer: key,
@@ -302,75 +404,47 @@ impl Actor for ClusterHead {
                     });
                 }
             }
-            ToHead::Leaving { node } => state.evict(&node, "left the cluster", false),
-            ToHead::WhichModel { node } => {
-                if let Some(agent) = agent_of(&node) {
-                    tracing::info!(%node, model = %state.args.model_path.display(), "worker asked which model to load");
-                    let _ = agent.cast(WorkerInbox(ToWorker::UseModel {
-                        path: state.args.model_path.clone(),
+            ToHead::Leaving => self.evict(&node, "left the cluster", false),
+            ToHead::WhichModel => {
+                if let Some(agent) = self.sessions.agent(&node) {
+                    tracing::info!(%node, model = %self.args.model_path.display(), "worker asked which model to load");
+                    let _ = agent.cast(WorkerInbox::Frame(ToWorker::UseModel {
+                        path: self.args.model_path.clone(),
                     }));
                 }
             }
-            ToHead::Tick => {
-                state.seq += 1;
-                let timeout = state.args.heartbeat_timeout;
-                let (late, live): (Vec<String>, Vec<ActorRef<WorkerInbox>>) = {
-                    let t = state.args.table.inner.lock().expect("cluster");
-                    let late = t
-                        .workers
-                        .iter()
-                        .filter(|(_, w)| w.last_seen.elapsed() > timeout)
-                        .map(|(n, _)| n.clone())
-                        .collect();
-                    let live = t.workers.values().map(|w| w.agent.clone()).collect();
-                    (late, live)
-                };
-                for node in late {
-                    state.evict(
-                        &node,
-                        &format!("no heartbeat for {} s", timeout.as_secs_f64()),
-                        true,
-                    );
-                }
-                for agent in live {
-                    let _ = agent.cast(WorkerInbox(ToWorker::Ping { seq: state.seq }));
-                }
-            }
-            ToHead::SessionClosed {
-                peer,
-                address,
-                authenticated,
-            } => {
-                if !authenticated {
-                    tracing::error!(%address, "a node disconnected before authenticating: its cluster.cookie differs from the head's");
-                } else if state
-                    .args
-                    .table
-                    .inner
-                    .lock()
-                    .expect("cluster")
-                    .workers
-                    .contains_key(&peer)
-                {
-                    state.evict(&peer, "its connection closed", false);
-                }
-            }
         }
-        Ok(())
     }
-}
 
-fn agent_of(node: &str) -> Option<ActorRef<WorkerInbox>> {
-    ractor::pg::get_members(&worker_group(node))
-        .into_iter()
-        .next()
-        .map(ActorRef::from)
-}
+    fn tick(&mut self) {
+        self.seq += 1;
+        let timeout = self.args.heartbeat_timeout;
+        let (late, live): (Vec<String>, Vec<ActorRef<WorkerInbox>>) = {
+            let t = self.args.table.inner.lock().expect("cluster");
+            let late = t
+                .workers
+                .iter()
+                .filter(|(_, w)| w.last_seen.elapsed() > timeout)
+                .map(|(n, _)| n.clone())
+                .collect();
+            let live = t.workers.values().map(|w| w.agent.clone()).collect();
+            (late, live)
+        };
+        for node in late {
+            self.evict(
+                &node,
+                &format!("no heartbeat for {} s", timeout.as_secs_f64()),
+                true,
+            );
+        }
+        for agent in live {
+            let _ = agent.cast(WorkerInbox::Frame(ToWorker::Ping { seq: self.seq }));
+        }
+    }
 
-impl ClusterHeadState {
     fn register(&mut self, info: WorkerInfo) {
         let node = info.node.clone();
-        let Some(agent) = agent_of(&node) else {
+        let Some(agent) = self.sessions.agent(&node) else {
             tracing::warn!(%node, "registration from a worker whose agent is not visible yet; it will retry");
             return;
         };
@@ -460,7 +534,7 @@ impl ClusterHeadState {
         };
         if tell_it {
             tracing::error!(%node, %why, failed_streams = streams, "worker evicted");
-            let _ = worker.agent.cast(WorkerInbox(ToWorker::Evicted));
+            let _ = worker.agent.cast(WorkerInbox::Frame(ToWorker::Evicted));
         } else {
             tracing::warn!(%node, %why, failed_streams = streams, "worker gone");
         }
@@ -473,84 +547,73 @@ impl ClusterHeadState {
     }
 }
 
-/// Forwards session events of the node server to the `ClusterHead` actor.
-struct SessionEvents {
-    head: ActorRef<HeadInbox>,
-    authenticated: Arc<Mutex<std::collections::HashSet<String>>>,
+/// How the head's cluster endpoint listens.
+#[derive(Clone)]
+pub struct HeadClusterOptions {
+    /// The model the head serves (told to workers without one).
+    pub model_path: std::path::PathBuf,
+    pub bind: IpAddr,
+    /// 0: any free port.
+    pub port: u16,
+    pub cookie: String,
+    pub heartbeat_timeout: Duration,
+    /// Accept to authenticated session (TLS and cookie), at most.
+    pub handshake_timeout: Duration,
+    /// Open cluster connections at most.
+    pub max_connections: usize,
+    /// Mutual TLS; `None`: plain TCP.
+    pub tls: Option<TlsFiles>,
 }
 
-fn peer_of(ses: &NodeServerSessionInformation) -> String {
-    ses.peer_name
-        .as_ref()
-        .map(|n| n.name.split('@').next().unwrap_or_default().to_string())
-        .unwrap_or_default()
-}
-
-impl NodeEventSubscription for SessionEvents {
-    fn node_session_opened(&self, _ses: NodeServerSessionInformation) {}
-
-    fn node_session_authenticated(&self, ses: NodeServerSessionInformation) {
-        self.authenticated
-            .lock()
-            .expect("sessions")
-            .insert(ses.peer_addr.clone());
-    }
-
-    fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
-        let authenticated = self
-            .authenticated
-            .lock()
-            .expect("sessions")
-            .remove(&ses.peer_addr);
-        let _ = self.head.cast(HeadInbox(ToHead::SessionClosed {
-            peer: peer_of(&ses),
-            address: ses.peer_addr.clone(),
-            authenticated,
-        }));
-    }
-}
-
-/// The head's cluster endpoint: node server + `ClusterHead`.
+/// The head's cluster endpoint: our accept loop, the node server behind it, `ClusterHead` and
+/// its exported `HeadPort`.
 pub struct HeadCluster {
     pub table: ClusterTable,
     pub port: u16,
     pub server: ActorRef<NodeServerMessage>,
-    pub actor: ActorRef<HeadInbox>,
+    pub actor: ActorRef<HeadMsg>,
+    pub head_port: ActorRef<HeadInbox>,
 }
 
 impl HeadCluster {
-    /// Listens on `bind:port` (0: any free port) for workers presenting `cookie`.
-    #[allow(clippy::too_many_arguments)]
+    /// Listens on `bind:port` for workers presenting `cookie` (and, with TLS, a certificate
+    /// signed by the CA).
     pub async fn start(
-        model_path: std::path::PathBuf,
-        bind: std::net::IpAddr,
-        port: u16,
-        cookie: &str,
+        opts: HeadClusterOptions,
         router: Router,
         directory: Directory,
-        heartbeat_timeout: Duration,
     ) -> Result<Self, String> {
-        // Pick the port ourselves so `/cluster` and the logs can tell it (port 0 = any free one).
-        let port = if port == 0 {
-            std::net::TcpListener::bind((bind, 0))
-                .and_then(|l| l.local_addr())
-                .map_err(|e| format!("cluster.port: {e}"))?
-                .port()
-        } else {
-            // Fail now, with the key's name, rather than inside the listener actor.
-            std::net::TcpListener::bind((bind, port))
-                .map_err(|e| format!("cluster.port: cannot listen on {bind}:{port}: {e}"))?;
-            port
-        };
-        let server = NodeServer::new(
+        let HeadClusterOptions {
+            model_path,
+            bind,
             port,
-            cookie.to_string(),
+            cookie,
+            heartbeat_timeout,
+            handshake_timeout,
+            max_connections,
+            tls,
+        } = opts;
+        let acceptor = tls.as_ref().map(TlsFiles::acceptor).transpose()?;
+        // Fail now, with the key's name; port 0 picks a free one, told in `/cluster` and the logs.
+        let listener = std::net::TcpListener::bind((bind, port))
+            .and_then(|l| l.set_nonblocking(true).map(|_| l))
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(|e| format!("cluster.port: cannot listen on {bind}:{port}: {e}"))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| format!("cluster.port: {e}"))?
+            .port();
+        // The node server's own listener is on loopback (an ephemeral port, told to nobody), and
+        // sessions that come through it are stopped: every peer enters through the gate.
+        let server = NodeServer::new(
+            0,
+            cookie,
             "head".into(),
             bind.to_string(),
             None,
             Some(ractor_cluster::node::NodeConnectionMode::Isolated),
         )
-        .with_listen_addr(bind);
+        .with_listen_addr(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
         let (server, _) = Actor::spawn(None, server, ())
             .await
             .map_err(|e| format!("cluster node server: {e}"))?;
@@ -568,21 +631,33 @@ impl HeadCluster {
         )
         .await
         .map_err(|e| format!("cluster head actor: {e}"))?;
+        let (head_port, _) = Actor::spawn(None, HeadPort, actor.clone())
+            .await
+            .map_err(|e| format!("cluster head port: {e}"))?;
+        let conns = Conns::default();
         server
             .cast(NodeServerMessage::SubscribeToEvents {
                 id: "tessera-head".into(),
-                subscription: Box::new(SessionEvents {
-                    head: actor.clone(),
-                    authenticated: Arc::default(),
-                }),
+                subscription: Box::new(SessionEvents::new(actor.clone(), conns.clone())),
             })
             .map_err(|e| e.to_string())?;
-        tracing::info!(%bind, port, "cluster: listening for workers");
+        gate::spawn(
+            listener,
+            server.clone(),
+            GateConfig {
+                max_connections,
+                handshake_timeout,
+                tls: acceptor,
+            },
+            conns,
+        );
+        tracing::info!(%bind, port, tls = tls.is_some(), max_connections, "cluster: listening for workers");
         Ok(Self {
             table,
             port,
             server,
             actor,
+            head_port,
         })
     }
 }

@@ -41,11 +41,15 @@ pub struct WorkerInfo {
     pub running: Vec<(String, String)>,
 }
 
+/// What a worker sends the head, inside a [`HeadFrame`] that names the sender. Local events of
+/// the head (its timer, session changes) are not here: they never come from the socket.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ToHead {
+    /// "Send my session key": the head answers `Welcome` to this node's agent on the node's own
+    /// session (the only frame accepted without a key).
+    Hello,
     Register(Box<WorkerInfo>),
     Pong {
-        node: String,
         seq: u64,
     },
     Stream {
@@ -53,33 +57,29 @@ pub enum ToHead {
         event: StreamEvent,
     },
     JobProgress {
-        node: String,
         trainer: String,
         job_id: String,
         point: ProgressPoint,
     },
     JobFinished {
-        node: String,
         trainer: String,
         job_id: String,
         result: RunResult,
     },
     /// A worker with no model configured asks for the head's.
-    WhichModel {
-        node: String,
-    },
+    WhichModel,
     /// The worker leaves on purpose (Ctrl-C): not a failure.
-    Leaving {
-        node: String,
-    },
-    /// Local only: the heartbeat timer.
-    Tick,
-    /// Local only: a cluster session closed (`authenticated`: it had passed the cookie check).
-    SessionClosed {
-        peer: String,
-        address: String,
-        authenticated: bool,
-    },
+    Leaving,
+}
+
+/// One message to the head: the sending node and the key the head gave that node's session. The
+/// head accepts it only when the key is the one it sent to `node`'s agent over `node`'s own
+/// session, so a peer cannot speak for another node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeadFrame {
+    pub node: String,
+    pub key: String,
+    pub msg: ToHead,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -115,27 +115,42 @@ pub enum ToWorker {
     UseModel {
         path: std::path::PathBuf,
     },
+    /// This session's key, to put in every `HeadFrame` (answer to `Hello`).
+    Welcome {
+        key: String,
+    },
 }
 
 macro_rules! json_inbox {
     ($name:ident, $inner:ty) => {
-        pub struct $name(pub $inner);
+        /// A frame as JSON bytes. Bytes that do not decode (a peer of another version, or a hostile
+        /// one) become `Undecodable` with the reason: the receiver logs and drops them.
+        #[derive(Debug)]
+        pub enum $name {
+            Frame($inner),
+            Undecodable(String),
+        }
 
         impl BytesConvertable for $name {
             fn into_bytes(self) -> Vec<u8> {
-                serde_json::to_vec(&self.0).expect("cluster messages serialise")
+                match self {
+                    Self::Frame(f) => serde_json::to_vec(&f).unwrap_or_default(),
+                    // Never sent: only ever built on receipt.
+                    Self::Undecodable(_) => Vec::new(),
+                }
             }
             fn from_bytes(bytes: Vec<u8>) -> Self {
-                // A peer of another version could send what we cannot read: make it visible.
-                Self(serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                    panic!(
-                        "undecodable cluster message ({e}); are head and worker the same version?"
-                    )
-                }))
+                match serde_json::from_slice(&bytes) {
+                    Ok(f) => Self::Frame(f),
+                    Err(e) => Self::Undecodable(format!(
+                        "{e} ({} bytes; are head and worker the same version?)",
+                        bytes.len()
+                    )),
+                }
             }
         }
     };
 }
 
-json_inbox!(HeadInbox, ToHead);
+json_inbox!(HeadInbox, HeadFrame);
 json_inbox!(WorkerInbox, ToWorker);

@@ -14,8 +14,10 @@ use ractor_cluster::node::NodeServerSessionInformation;
 use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
 use tokio::sync::mpsc;
 
+use super::tls::{self, TlsFiles};
 use super::wire::{
-    worker_group, HeadInbox, ToHead, ToWorker, WorkerInbox, WorkerInfo, HEAD_GROUP, STREAM_WINDOW,
+    worker_group, HeadFrame, HeadInbox, ToHead, ToWorker, WorkerInbox, WorkerInfo, HEAD_GROUP,
+    STREAM_WINDOW,
 };
 use crate::jobs::JobMsg;
 use crate::messages::StreamEvent;
@@ -29,10 +31,66 @@ fn head() -> Option<ActorRef<HeadInbox>> {
         .map(ActorRef::from)
 }
 
-fn to_head(msg: ToHead) -> bool {
-    match head() {
-        Some(h) => h.cast(HeadInbox(msg)).is_ok(),
-        None => false,
+/// This worker's way to the head: its node name and the key the head gave its current session.
+#[derive(Clone)]
+pub struct HeadLink {
+    name: String,
+    key: Arc<Mutex<Option<String>>>,
+    welcomed: Arc<tokio::sync::Notify>,
+}
+
+impl HeadLink {
+    fn new(name: String) -> Self {
+        Self {
+            name,
+            key: Arc::default(),
+            welcomed: Arc::default(),
+        }
+    }
+
+    fn frame(&self, msg: ToHead, key: String) -> bool {
+        match head() {
+            Some(h) => h
+                .cast(HeadInbox::Frame(HeadFrame {
+                    node: self.name.clone(),
+                    key,
+                    msg,
+                }))
+                .is_ok(),
+            None => false,
+        }
+    }
+
+    /// Sends `msg` signed with the session key; false without a session key or head.
+    fn send(&self, msg: ToHead) -> bool {
+        let key = self.key.lock().expect("key").clone();
+        match key {
+            Some(key) => self.frame(msg, key),
+            None => false,
+        }
+    }
+
+    fn welcome(&self, key: String) {
+        *self.key.lock().expect("key") = Some(key);
+        self.welcomed.notify_waiters();
+    }
+
+    fn forget(&self) {
+        *self.key.lock().expect("key") = None;
+    }
+
+    /// Asks the head for this session's key (again every half second) until it arrives.
+    async fn hello(&self, timeout: Duration) -> bool {
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < timeout {
+            let welcomed = self.welcomed.notified();
+            if self.key.lock().expect("key").is_some() {
+                return true;
+            }
+            self.frame(ToHead::Hello, String::new());
+            let _ = tokio::time::timeout(Duration::from_millis(500), welcomed).await;
+        }
+        self.key.lock().expect("key").is_some()
     }
 }
 
@@ -44,6 +102,7 @@ pub struct WorkerAgentArgs {
     pub hostname: String,
     /// Where the head's answer to `WhichModel` goes.
     pub model_reply: Arc<Mutex<Option<tokio::sync::oneshot::Sender<std::path::PathBuf>>>>,
+    pub link: HeadLink,
 }
 
 pub struct WorkerAgentState {
@@ -98,7 +157,7 @@ impl Actor for WorkerAgent {
         tokio::spawn(async move {
             while let Some(id) = done.recv().await {
                 if me
-                    .cast(WorkerInbox(ToWorker::Cancel { request_id: id }))
+                    .cast(WorkerInbox::Frame(ToWorker::Cancel { request_id: id }))
                     .is_err()
                 {
                     break;
@@ -115,26 +174,38 @@ impl Actor for WorkerAgent {
     async fn handle(
         &self,
         _myself: ActorRef<WorkerInbox>,
-        WorkerInbox(msg): WorkerInbox,
+        msg: WorkerInbox,
         state: &mut WorkerAgentState,
     ) -> Result<(), ActorProcessingErr> {
-        if let ToWorker::UseModel { path } = msg {
-            if let Some(reply) = state.args.model_reply.lock().expect("model reply").take() {
-                let _ = reply.send(path);
+        let msg = match msg {
+            WorkerInbox::Frame(m) => m,
+            WorkerInbox::Undecodable(why) => {
+                tracing::warn!(%why, "cluster: an undecodable frame from the head was dropped");
+                return Ok(());
             }
-            return Ok(());
-        }
+        };
+        let msg = match msg {
+            ToWorker::UseModel { path } => {
+                if let Some(reply) = state.args.model_reply.lock().expect("model reply").take() {
+                    let _ = reply.send(path);
+                }
+                return Ok(());
+            }
+            ToWorker::Welcome { key } => {
+                state.args.link.welcome(key);
+                return Ok(());
+            }
+            other => other,
+        };
+        let link = state.args.link.clone();
         let Some(node) = state.args.node.get().cloned() else {
             // Not started yet: it registers (and only then gets work) once it has.
             return Ok(());
         };
         match msg {
-            ToWorker::UseModel { .. } => {}
+            ToWorker::UseModel { .. } | ToWorker::Welcome { .. } => {}
             ToWorker::Ping { seq } => {
-                to_head(ToHead::Pong {
-                    node: node.name.clone(),
-                    seq,
-                });
+                link.send(ToHead::Pong { seq });
             }
             ToWorker::Generate { work } => {
                 let request_id = work.request_id.clone();
@@ -145,7 +216,7 @@ impl Actor for WorkerAgent {
                 let task = tokio::spawn(async move {
                     match node.router.dispatch(work) {
                         Err(e) => {
-                            to_head(ToHead::Stream {
+                            link.send(ToHead::Stream {
                                 request_id: id.clone(),
                                 event: StreamEvent::Error(e),
                             });
@@ -161,7 +232,7 @@ impl Actor for WorkerAgent {
                                     event,
                                     StreamEvent::Finished { .. } | StreamEvent::Error(_)
                                 );
-                                if !to_head(ToHead::Stream {
+                                if !link.send(ToHead::Stream {
                                     request_id: id.clone(),
                                     event,
                                 }) || last
@@ -196,8 +267,7 @@ impl Actor for WorkerAgent {
                     let _ = t.cast(TrainerMsg::Run(assignment));
                 }
                 None => {
-                    to_head(ToHead::JobFinished {
-                        node: node.name.clone(),
+                    link.send(ToHead::JobFinished {
                         trainer,
                         job_id: assignment.job_id,
                         result: crate::jobs::RunResult::Stopped { step: 0 },
@@ -223,50 +293,85 @@ impl Actor for WorkerAgent {
                     }
                 }
                 let info = WorkerAgent::info(&node, &state.args.hostname).await;
-                to_head(ToHead::Register(Box::new(info)));
+                link.send(ToHead::Register(Box::new(info)));
             }
             ToWorker::Reregister => {
                 let info = WorkerAgent::info(&node, &state.args.hostname).await;
-                to_head(ToHead::Register(Box::new(info)));
+                link.send(ToHead::Register(Box::new(info)));
             }
         }
         Ok(())
     }
 }
 
-/// Session events of the worker's node server, as a channel.
+/// Events of the worker's own (outgoing) sessions, as a channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SessionEvent {
-    Authenticated,
-    Disconnected { authenticated: bool },
+    Authenticated { id: u64 },
+    Disconnected { id: u64, authenticated: bool },
 }
 
+/// The worker dials the head and serves no one: an incoming session (a stranger on its node
+/// server's port) is stopped at once and never touches the state of the session to the head.
 struct Events {
     tx: mpsc::UnboundedSender<SessionEvent>,
-    authenticated: Mutex<bool>,
+    /// Outgoing sessions that passed the cookie check.
+    authenticated: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl NodeEventSubscription for Events {
-    fn node_session_opened(&self, _ses: NodeServerSessionInformation) {}
-
-    fn node_session_authenticated(&self, _ses: NodeServerSessionInformation) {
-        *self.authenticated.lock().expect("events") = true;
-        let _ = self.tx.send(SessionEvent::Authenticated);
+    fn node_session_opened(&self, ses: NodeServerSessionInformation) {
+        if ses.is_server {
+            tracing::warn!(peer = %ses.peer_addr, "cluster: an incoming connection to a worker was closed (workers only dial their head)");
+            ses.actor.stop(Some("workers accept no sessions".into()));
+        }
     }
 
-    fn node_session_disconnected(&self, _ses: NodeServerSessionInformation) {
-        let authenticated =
-            std::mem::replace(&mut *self.authenticated.lock().expect("events"), false);
-        let _ = self.tx.send(SessionEvent::Disconnected { authenticated });
+    fn node_session_authenticated(&self, ses: NodeServerSessionInformation) {
+        if ses.is_server {
+            return;
+        }
+        self.authenticated
+            .lock()
+            .expect("events")
+            .insert(ses.node_id);
+        let _ = self
+            .tx
+            .send(SessionEvent::Authenticated { id: ses.node_id });
+    }
+
+    fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
+        if ses.is_server {
+            return;
+        }
+        let authenticated = self
+            .authenticated
+            .lock()
+            .expect("events")
+            .remove(&ses.node_id);
+        let _ = self.tx.send(SessionEvent::Disconnected {
+            id: ses.node_id,
+            authenticated,
+        });
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("the head at {0} refused this worker's cluster.cookie (it closed the session before authentication); set the same cluster.cookie on both")]
+    #[error("the head at {0} refused this worker (it closed the session before authentication): set the same cluster.cookie on both, and with TLS a cluster.tls_cert signed by the head's cluster.tls_ca")]
     Cookie(String),
+    #[error("{0}: check cluster.tls_cert, cluster.tls_key and cluster.tls_ca (the head's certificate must be signed by cluster.tls_ca and valid for the host in --join)")]
+    Tls(String),
     #[error("{0}")]
     Start(String),
+}
+
+/// How waiting for a session's authentication ended.
+enum Wait {
+    Up(u64),
+    Refused,
+    Timeout,
+    Stop,
 }
 
 /// How a worker joins.
@@ -279,9 +384,13 @@ pub struct JoinOptions {
     pub cookie: String,
     /// The model to load; `None` asks the head for the one it serves.
     pub model: Option<PathBuf>,
+    /// Address of the worker's own node server listener (`cluster.bind`; it accepts no session).
+    pub bind: std::net::IpAddr,
+    /// Mutual TLS to the head; `None`: plain TCP.
+    pub tls: Option<TlsFiles>,
 }
 
-fn reporter(name: String) -> crate::directory::Reporter {
+fn reporter(link: HeadLink) -> crate::directory::Reporter {
     Arc::new(move |msg: JobMsg| {
         let msg = match msg {
             JobMsg::Progress {
@@ -289,7 +398,6 @@ fn reporter(name: String) -> crate::directory::Reporter {
                 trainer,
                 point,
             } => ToHead::JobProgress {
-                node: name.clone(),
                 trainer,
                 job_id,
                 point,
@@ -299,14 +407,13 @@ fn reporter(name: String) -> crate::directory::Reporter {
                 trainer,
                 result,
             } => ToHead::JobFinished {
-                node: name.clone(),
                 trainer,
                 job_id,
                 result,
             },
             _ => return,
         };
-        if !to_head(msg) {
+        if !link.send(msg) {
             tracing::error!("the head is unreachable; a job report was lost");
         }
     })
@@ -345,7 +452,16 @@ where
         head_addr,
         cookie,
         model,
+        bind,
+        tls,
     } = opts;
+    let connector = tls
+        .as_ref()
+        .map(TlsFiles::connector)
+        .transpose()
+        .map_err(WorkerError::Start)?;
+    // Its own listener (ractor_cluster always has one) on `cluster.bind` only; it accepts no
+    // session anyway.
     let server = NodeServer::new(
         0,
         cookie,
@@ -353,7 +469,8 @@ where
         hostname.clone(),
         None,
         Some(ractor_cluster::node::NodeConnectionMode::Isolated),
-    );
+    )
+    .with_listen_addr(bind);
     let (server, _) = Actor::spawn(None, server, ())
         .await
         .map_err(|e| WorkerError::Start(format!("cluster node server: {e}")))?;
@@ -363,11 +480,12 @@ where
             id: "tessera-worker".into(),
             subscription: Box::new(Events {
                 tx,
-                authenticated: Mutex::new(false),
+                authenticated: Mutex::default(),
             }),
         })
         .map_err(|e| WorkerError::Start(e.to_string()))?;
     let model_reply = Arc::new(Mutex::new(None));
+    let link = HeadLink::new(name.clone());
     let (agent, _) = Actor::spawn(
         None,
         WorkerAgent,
@@ -376,6 +494,7 @@ where
             node: node_cell.clone(),
             hostname: hostname.clone(),
             model_reply: model_reply.clone(),
+            link: link.clone(),
         },
     )
     .await
@@ -385,17 +504,21 @@ where
     if let Some(path) = &model {
         let start = start_node.take().expect("once");
         let node = start(path.clone()).await.map_err(WorkerError::Start)?;
-        attach(&node_cell, node, &name).await;
+        attach(&node_cell, node, &link).await;
     }
     let mut stop = std::pin::pin!(stop);
     let mut backoff = Duration::from_millis(250);
     let max_backoff = Duration::from_secs(5);
     let result = loop {
+        link.forget();
         // Dial.
         let connected = tokio::select! {
             _ = &mut stop => break Ok(()),
-            r = ractor_cluster::client_connect(&server, head_addr.as_str()) => r,
+            r = tls::dial(&server, &head_addr, connector.as_ref(), Duration::from_secs(10)) => r,
         };
+        if let Err(tls::DialError::Tls(e)) = connected {
+            break Err(WorkerError::Tls(e));
+        }
         if let Err(e) = connected {
             tracing::warn!(head = %head_addr, error = %e, retry_in_ms = backoff.as_millis() as u64, "head not reachable; retrying");
             tokio::select! {
@@ -405,38 +528,55 @@ where
             backoff = (backoff * 2).min(max_backoff);
             continue;
         }
-        // Wait for authentication (or its failure).
-        let outcome = tokio::select! {
-            _ = &mut stop => break Ok(()),
-            e = events.recv() => e,
-            _ = tokio::time::sleep(Duration::from_secs(10)) => None,
-        };
-        match outcome {
-            Some(SessionEvent::Authenticated) => {}
-            Some(SessionEvent::Disconnected {
-                authenticated: false,
-            }) => {
-                break Err(WorkerError::Cookie(head_addr.clone()));
+        // Wait for this session's authentication (or its failure); a late close of an earlier
+        // session is not this one's.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let session = loop {
+            let event = tokio::select! {
+                _ = &mut stop => break Wait::Stop,
+                e = events.recv() => e,
+                _ = tokio::time::sleep_until(deadline) => break Wait::Timeout,
+            };
+            match event {
+                Some(SessionEvent::Authenticated { id }) => break Wait::Up(id),
+                Some(SessionEvent::Disconnected {
+                    authenticated: false,
+                    ..
+                }) => break Wait::Refused,
+                Some(SessionEvent::Disconnected { .. }) => {}
+                None => break Wait::Timeout,
             }
-            _ => {
+        };
+        let session = match session {
+            Wait::Up(id) => id,
+            Wait::Refused => break Err(WorkerError::Cookie(head_addr.clone())),
+            Wait::Stop => break Ok(()),
+            Wait::Timeout => {
                 tracing::warn!(head = %head_addr, "no authenticated session; redialling");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(max_backoff);
                 continue;
             }
-        }
-        // The head's actor becomes visible through pg shortly after authentication.
+        };
+        // The head's port becomes visible through pg shortly after authentication; then it
+        // gives this session its key.
         for _ in 0..100 {
             if head().is_some() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        if !link.hello(Duration::from_secs(10)).await {
+            tracing::warn!(head = %head_addr, "the head gave this session no key; redialling");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(max_backoff);
+            continue;
+        }
         if let Some(start) = start_node.take() {
             // No model configured: load the head's (a path on shared storage).
             let (reply, answer) = tokio::sync::oneshot::channel();
             *model_reply.lock().expect("model reply") = Some(reply);
-            to_head(ToHead::WhichModel { node: name.clone() });
+            link.send(ToHead::WhichModel);
             let path = match tokio::time::timeout(Duration::from_secs(10), answer).await {
                 Ok(Ok(path)) => path,
                 _ => {
@@ -447,21 +587,22 @@ where
             };
             tracing::info!(model = %path.display(), "loading the head's model");
             let node = start(path).await.map_err(WorkerError::Start)?;
-            attach(&node_cell, node, &name).await;
+            attach(&node_cell, node, &link).await;
         }
         let node = node_cell.get().cloned().expect("started");
         let info = WorkerAgent::info(&node, &hostname).await;
-        if to_head(ToHead::Register(Box::new(info))) {
+        if link.send(ToHead::Register(Box::new(info))) {
             tracing::info!(head = %head_addr, node = %name, "joined the cluster");
             backoff = Duration::from_millis(250);
         }
-        // Serve until the session drops.
+        // Serve until this session drops.
         tokio::select! {
             _ = &mut stop => break Ok(()),
             _ = async {
                 loop {
                     match events.recv().await {
-                        Some(SessionEvent::Disconnected { .. }) | None => return,
+                        Some(SessionEvent::Disconnected { id, .. }) if id == session => return,
+                        None => return,
                         Some(_) => {}
                     }
                 }
@@ -472,7 +613,7 @@ where
         backoff = (backoff * 2).min(max_backoff);
     };
     if result.is_ok() {
-        to_head(ToHead::Leaving { node: name.clone() });
+        link.send(ToHead::Leaving);
         // Let the message reach the head before the session closes.
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -483,9 +624,8 @@ where
 
 /// Makes a started node the agent's, routes its job reports to the head, and waits until its
 /// replicas have loaded their model (so it joins ready to serve).
-async fn attach(cell: &std::sync::OnceLock<Arc<Node>>, node: Arc<Node>, name: &str) {
-    node.directory
-        .set_reporter(Some(reporter(name.to_string())));
+async fn attach(cell: &std::sync::OnceLock<Arc<Node>>, node: Arc<Node>, link: &HeadLink) {
+    node.directory.set_reporter(Some(reporter(link.clone())));
     let t0 = std::time::Instant::now();
     while !node.placement.replicas.is_empty()
         && node.router.replicas().iter().any(|r| r.state != "running")
