@@ -72,7 +72,7 @@ impl Actor for InferenceActor {
             seconds = started.elapsed().as_secs_f64(),
             "inference replica loaded its model"
         );
-        args.router.set_model_name(&args.name, &loaded.name);
+        args.router.set_model(&args.name, &loaded.name, &loaded.dtype);
         let engine = Engine::start(loaded.model, loaded.tokenizer, args.engine);
         Ok(InferenceState {
             engine,

@@ -132,4 +132,7 @@ pub struct ReplicaInfo {
     /// Adapters it has been asked for most recently (what its cache most likely holds).
     pub adapters: Vec<PathBuf>,
     pub model: Option<String>,
+    /// The dtype it serves in and how it was chosen (`auto` probes bf16 on CPUs).
+    #[serde(default)]
+    pub dtype: Option<String>,
 }

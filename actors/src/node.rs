@@ -146,6 +146,7 @@ impl Node {
                 in_flight: 0,
                 adapters: Vec::new(),
                 model: None,
+                dtype: None,
             });
             children.push((
                 r.name.clone(),

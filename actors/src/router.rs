@@ -146,10 +146,12 @@ impl Router {
             .retain(|s| s.info.node != node);
     }
 
-    pub fn set_model_name(&self, name: &str, model: &str) {
+    /// Records what replica `name` loaded: the model's name and its dtype (with how it was chosen).
+    pub fn set_model(&self, name: &str, model: &str, dtype: &str) {
         let mut slots = self.slots.write().expect("router");
         if let Some(slot) = slots.iter_mut().find(|s| s.info.name == name) {
             slot.info.model = Some(model.to_string());
+            slot.info.dtype = Some(dtype.to_string());
         }
     }
 
