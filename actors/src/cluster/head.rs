@@ -19,10 +19,9 @@ use super::wire::{
 };
 use crate::directory::{Directory, RemoteTrainer, TrainerEntry, TrainerRef};
 use crate::health::now_s;
-use crate::jobs::JobMsg;
+use crate::jobs::{Assignment, JobMsg};
 use crate::messages::{ChatWork, ReplicaInfo, ServeError, StreamEvent};
 use crate::router::{RemoteReplica, Router};
-use crate::trainer::Assignment;
 
 /// A joined worker, for `/cluster`.
 #[derive(Debug, Clone, Serialize)]
@@ -46,7 +45,7 @@ struct Table {
     /// request id → (node, the stream's sender).
     streams: HashMap<String, (String, mpsc::UnboundedSender<StreamEvent>)>,
     /// "node/trainer" → the job it runs.
-    trainer_jobs: HashMap<String, Option<String>>,
+    trainer_jobs: HashMap<String, Option<(String, u32)>>,
 }
 
 /// Shared between the `ClusterHead` actor and the remote replica / trainer handles.
@@ -150,7 +149,7 @@ impl RemoteTrainerHandle {
 
 impl RemoteTrainer for RemoteTrainerHandle {
     fn run(&self, assignment: Assignment) -> Result<(), String> {
-        let job = assignment.job_id.clone();
+        let job = (assignment.job_id.clone(), assignment.attempt);
         self.agent
             .cast(WorkerInbox(ToWorker::RunJob {
                 trainer: self.trainer.clone(),
@@ -171,10 +170,20 @@ impl RemoteTrainer for RemoteTrainerHandle {
             trainer: self.trainer.clone(),
             job_id: job_id.to_string(),
             checkpoint,
+            stale_attempt: None,
         }));
     }
 
-    fn current(&self) -> Option<String> {
+    fn fence(&self, job_id: &str, attempt: u32) {
+        let _ = self.agent.cast(WorkerInbox(ToWorker::CancelJob {
+            trainer: self.trainer.clone(),
+            job_id: job_id.to_string(),
+            checkpoint: false,
+            stale_attempt: Some(attempt),
+        }));
+    }
+
+    fn current(&self) -> Option<(String, u32)> {
         self.table
             .inner
             .lock()
@@ -269,12 +278,14 @@ impl Actor for ClusterHead {
                 node,
                 trainer,
                 job_id,
+                attempt,
                 point,
             } => {
                 if let Some(m) = state.args.directory.job_manager() {
                     let _ = m.cast(JobMsg::Progress {
                         job_id,
                         trainer: format!("{node}/{trainer}"),
+                        attempt,
                         point,
                     });
                 }
@@ -283,6 +294,7 @@ impl Actor for ClusterHead {
                 node,
                 trainer,
                 job_id,
+                attempt,
                 result,
             } => {
                 let key = format!("{node}/{trainer}");
@@ -298,6 +310,7 @@ impl Actor for ClusterHead {
                     let _ = m.cast(JobMsg::Finished {
                         job_id,
                         trainer: key,
+                        attempt,
                         result,
                     });
                 }
@@ -400,8 +413,8 @@ impl ClusterHeadState {
                 let running = info
                     .running
                     .iter()
-                    .find(|(t, _)| t == trainer)
-                    .map(|(_, j)| j.clone());
+                    .find(|(t, _, _)| t == trainer)
+                    .map(|(_, j, a)| (j.clone(), *a));
                 t.trainer_jobs.insert(format!("{node}/{trainer}"), running);
             }
         }
