@@ -339,9 +339,11 @@ fn a_stopped_worker_is_evicted_and_rejoins_when_continued() {
     } else {
         (b, a, "a")
     };
-    c.wait("a checkpoint of the worker's job", Duration::from_secs(120), || {
-        c.job(&moved)["progress"]["step"].as_u64().unwrap_or(0) >= 5
-    });
+    c.wait(
+        "a checkpoint of the worker's job",
+        Duration::from_secs(120),
+        || c.job(&moved)["progress"]["step"].as_u64().unwrap_or(0) >= 5,
+    );
     w.signal("-STOP");
     let evicted = c.wait("eviction", Duration::from_secs(10), || {
         c.workers().is_empty()
@@ -363,7 +365,10 @@ fn a_stopped_worker_is_evicted_and_rejoins_when_continued() {
         c.workers().len() == 1
     });
     c.wait("the moved job to finish", Duration::from_secs(300), || {
-        matches!(c.job(&moved)["status"].as_str(), Some("succeeded" | "failed"))
+        matches!(
+            c.job(&moved)["status"].as_str(),
+            Some("succeeded" | "failed")
+        )
     });
     let done = c.job(&moved);
     assert_eq!(done["status"], "succeeded", "{done}");

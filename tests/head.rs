@@ -593,7 +593,12 @@ fn live_outputs_never_overlap_and_one_database_serves_one_head() {
     let (status, q) = submit("later/deep/x", 1);
     assert_eq!(status, 202, "{q}");
     // Inside a live job's output (its checkpoints would be pruned away), or around one: refused.
-    for out in ["race/a/checkpoint-100", "later", "later/deep", "later/deep/x/y"] {
+    for out in [
+        "race/a/checkpoint-100",
+        "later",
+        "later/deep",
+        "later/deep/x/y",
+    ] {
         let (status, e) = submit(out, 1);
         assert_eq!(status, 409, "{out}: {e}");
         assert_eq!(e["error"]["field"], "output_path", "{e}");
@@ -601,8 +606,12 @@ fn live_outputs_never_overlap_and_one_database_serves_one_head() {
         assert!(message.starts_with("output_path:"), "{message}");
     }
     // Siblings are fine.
-    let (status, e) = submit("later/deep/z", 1);
-    assert_eq!(status, 202, "{e}");
+    let (status, z) = submit("later/deep/z", 1);
+    assert_eq!(status, 202, "{z}");
+    for queued in [&q, &z] {
+        let (status, c) = head.delete(&format!("/jobs/{}", queued["job_id"].as_str().unwrap()));
+        assert_eq!(status, 200, "{c}");
+    }
 
     // A second head on the same job database stops at start, naming the setting.
     let q = |p: &std::path::Path| format!("\"{}\"", p.display());
@@ -629,4 +638,5 @@ fn live_outputs_never_overlap_and_one_database_serves_one_head() {
     );
     let (status, _) = head.delete(&format!("/jobs/{long}"));
     assert_eq!(status, 200);
+    head.wait_job(&long, Duration::from_secs(60));
 }

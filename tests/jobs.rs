@@ -33,14 +33,14 @@ fn train_job(dir: &Path, out: &str, epochs: usize) -> TrainJob {
     }
 }
 
-/// A job whose steps take a while (hundreds of micro-batches each).
+/// A job whose steps take a while (twenty micro-batches each).
 fn slow_job(dir: &Path, out: &str) -> TrainJob {
-    let lines: Vec<String> = (0..1200)
+    let lines: Vec<String> = (0..80)
         .map(|i| json!({"text": format!("slow line {i} with words {}", i * 7)}).to_string())
         .collect();
     std::fs::write(dir.join("slow.jsonl"), lines.join("\n")).unwrap();
     let mut h = support::quick_hyperparameters(50);
-    h["gradient_accumulation_steps"] = json!(300);
+    h["gradient_accumulation_steps"] = json!(20);
     TrainJob {
         dataset_path: dir.join("slow.jsonl"),
         output_path: dir.join(out),
@@ -154,13 +154,16 @@ fn a_busy_trainer_does_not_spin_its_stale_job_is_fenced_and_stale_reports_are_ig
         // The orphan's next progress report is stale: its trainer stops it without writing.
         wait_for!(
             "the orphan to stop",
-            Duration::from_secs(60),
+            Duration::from_secs(180),
             ractor::call!(trainer, TrainerMsg::Current)
                 .unwrap()
                 .is_none_or(|(job, _)| job != "ft-orphan")
         );
         assert!(
-            !orphan.output_path.join("adapter_model.safetensors").exists(),
+            !orphan
+                .output_path
+                .join("adapter_model.safetensors")
+                .exists(),
             "a fenced attempt writes no adapter"
         );
 

@@ -348,7 +348,10 @@ fn run_until(s: &Setup, job: &TrainJob, options: &TrainOptions, stop_at: usize) 
         }
     })
     .unwrap();
-    assert!(matches!(outcome, TrainOutcome::Cancelled { .. }), "{outcome:?}");
+    assert!(
+        matches!(outcome, TrainOutcome::Cancelled { .. }),
+        "{outcome:?}"
+    );
     checkpoint_names(&job.output_path)
 }
 
@@ -374,7 +377,11 @@ fn resume_falls_back_to_an_earlier_checkpoint_and_only_the_newest_are_kept() {
     };
     let job = job(&s, text_dataset(&s), "fallback", h);
     let kept = run_until(&s, &job, &TrainOptions::default(), 5);
-    assert_eq!(kept, ["checkpoint-4", "checkpoint-5"], "save_total_limit = 2");
+    assert_eq!(
+        kept,
+        ["checkpoint-4", "checkpoint-5"],
+        "save_total_limit = 2"
+    );
 
     // The newest checkpoint is torn (a crash, a bad disk): resume takes the one before it.
     let torn = job.output_path.join("checkpoint-5/optimizer.safetensors");
@@ -455,7 +462,11 @@ fn a_superseded_attempt_stops_without_writing() {
     })
     .unwrap_err();
     assert!(e.to_string().contains("superseded"), "{e}");
-    assert_eq!(steps, [3], "stopped after the step during which it was told");
+    assert_eq!(
+        steps,
+        [3],
+        "stopped after the step during which it was told"
+    );
     assert_eq!(checkpoint_names(&job.output_path), ["checkpoint-2"]);
     assert!(!job.output_path.join("adapter_model.safetensors").exists());
 }

@@ -20,8 +20,8 @@ use tokio::sync::mpsc;
 
 use super::store::JobStore;
 use super::types::{
-    Assignment, JobError, JobEvent, JobPage, JobQuery, JobRecord, JobSpec, JobState,
-    ProgressPoint, RunResult,
+    Assignment, JobError, JobEvent, JobPage, JobQuery, JobRecord, JobSpec, JobState, ProgressPoint,
+    RunResult,
 };
 use crate::directory::Directory;
 
@@ -140,7 +140,9 @@ impl Actor for JobManager {
                 let attempt = state.store.get(&id, false)?.attempts;
                 state.interrupted(
                     &id,
-                    &format!("attempt {attempt} was running when the head stopped (a crash or a kill)"),
+                    &format!(
+                        "attempt {attempt} was running when the head stopped (a crash or a kill)"
+                    ),
                 )?;
             }
         }
@@ -361,7 +363,8 @@ impl JobManagerState {
                     self.max_attempts
                 );
                 tracing::error!(job = %id, %error, "job failed");
-                self.store.finish(id, JobState::Failed, Some(&error), None)?;
+                self.store
+                    .finish(id, JobState::Failed, Some(&error), None)?;
             } else {
                 tracing::warn!(job = %id, %why, interruptions = n, "job re-queued to resume from its checkpoint");
                 self.store.requeue(id)?;
@@ -442,9 +445,7 @@ impl JobManagerState {
                 }
                 self.refused
                     .insert(trainer.to_string(), Instant::now() + REFUSED_BACKOFF);
-                let _ = self
-                    .myself
-                    .send_after(REFUSED_BACKOFF, || JobMsg::Dispatch);
+                let _ = self.myself.send_after(REFUSED_BACKOFF, || JobMsg::Dispatch);
             }
         }
         self.notify_state(id);

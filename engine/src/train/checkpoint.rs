@@ -56,9 +56,13 @@ pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), T
     let tmp = path.with_extension("json.tmp");
     {
         let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(serde_json::to_string_pretty(value).expect("json").as_bytes())
-            .and_then(|_| f.sync_all())
-            .map_err(io(&tmp))?;
+        f.write_all(
+            serde_json::to_string_pretty(value)
+                .expect("json")
+                .as_bytes(),
+        )
+        .and_then(|_| f.sync_all())
+        .map_err(io(&tmp))?;
     }
     std::fs::rename(&tmp, path).map_err(io(path))?;
     sync_parent(path)
@@ -172,7 +176,11 @@ pub(crate) fn save(
 ) -> Result<PathBuf, TrainError> {
     fence.check()?;
     let dir = out.join(format!("checkpoint-{}", state.step));
-    let tmp = out.join(format!(".checkpoint-{}-{}.tmp", state.step, fence.attempt()));
+    let tmp = out.join(format!(
+        ".checkpoint-{}-{}.tmp",
+        state.step,
+        fence.attempt()
+    ));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     lora.save_weights(&tmp)?;

@@ -17,10 +17,10 @@ use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::model::Llama;
 use crate::tokenizer::Tokenizer;
+use crate::train::checkpoint::{self, Fence, TrainerState};
+pub use crate::train::checkpoint::{checkpoint_step, latest_checkpoint};
 use crate::train::dataset::{self, DatasetError, Example};
 use crate::train::hyperparams::{HyperparameterError, TrainJob};
-pub use crate::train::checkpoint::{checkpoint_step, latest_checkpoint};
-use crate::train::checkpoint::{self, Fence, TrainerState};
 use crate::train::lora_params::LoraParams;
 use crate::train::optimizer::{clip_grad_norm, learning_rate, AdamW};
 
