@@ -167,6 +167,7 @@ pub struct TrainingConfig {
 #[serde(deny_unknown_fields)]
 pub struct JobsConfig {
     pub db_path: String,
+    pub max_attempts: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -354,6 +355,9 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if self.jobs.max_attempts == 0 {
+            return Err(bad("jobs.max_attempts", "must be at least 1".into()));
         }
         if self.supervision.max_restarts == 0 {
             return Err(bad("supervision.max_restarts", "must be at least 1".into()));

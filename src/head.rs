@@ -1,6 +1,7 @@
 //! `tessera head`: starts this node's actor tree and serves the HTTP facade until SIGTERM or
-//! Ctrl-C, then shuts down gracefully: stop accepting, let in-flight requests finish within the
-//! grace period, checkpoint running jobs, stop the actors.
+//! Ctrl-C, then shuts down gracefully within the grace period: at once and together, stop
+//! accepting and let in-flight requests finish, checkpoint running jobs and end job event streams;
+//! then stop the actors (a few seconds at most).
 
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
@@ -38,6 +39,7 @@ pub fn node_config(config: &Config, node_name: &str) -> NodeConfig {
         restart: config.supervision.clone(),
         affinity_slack: config.adapters.affinity_slack as usize,
         job_manager: true,
+        max_attempts: config.jobs.max_attempts,
     }
 }
 
@@ -107,17 +109,24 @@ pub async fn serve(
     tokio::select! {
         r = &mut server => r.context("HTTP server")?,
         _ = stop_rx => {
-            // In-flight requests get the grace period; past it they are cut (their sequences
-            // are cancelled as their streams drop).
-            if tokio::time::timeout(grace, &mut server).await.is_err() {
-                tracing::warn!(grace_s = grace.as_secs_f64(), "in-flight requests still running after the grace period; cancelling them");
-            }
+            // Both at once, each within the grace period: running jobs stop at a checkpoint (and
+            // their event streams end, so they do not hold the drain), in-flight requests finish;
+            // past the grace they are cut (their sequences are cancelled as their streams drop).
+            let http = async {
+                if tokio::time::timeout(grace, &mut server).await.is_err() {
+                    tracing::warn!(grace_s = grace.as_secs_f64(), "in-flight requests still running after the grace period; cancelling them");
+                }
+            };
+            tokio::join!(node.checkpoint_jobs(grace), http);
         }
     }
-    node.shutdown(grace).await;
+    node.stop_actors(ACTOR_STOP_TIMEOUT).await;
     tracing::info!("stopped");
     Ok(())
 }
+
+/// The most the actors get to stop once requests and jobs are done.
+const ACTOR_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn termination() {
@@ -140,7 +149,7 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
         .enable_all()
         .thread_name("tessera-rt")
         .build()?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         let addr = format!("{}:{}", config.server.bind, config.server.port);
         // Bind first: a taken port fails fast, before the model loads.
         let listener = TcpListener::bind(&addr)
@@ -163,5 +172,8 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
             Duration::from_secs(config.server.shutdown_grace_secs),
         )
         .await
-    })
+    });
+    // Blocking tasks still running (a model load, a tokenizer call) do not hold the exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
 }

@@ -118,6 +118,7 @@ pub fn run(args: TrainArgs, config: &Config) -> anyhow::Result<()> {
         cancel,
         base_model_name: model_path.display().to_string(),
         checkpoint_on_cancel: Arc::new(AtomicBool::new(true)),
+        ..TrainOptions::default()
     };
     let terminal = std::io::stderr().is_terminal();
     let outcome = train(&loaded.model, &loaded.tokenizer, &job, &options, |p| {

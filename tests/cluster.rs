@@ -1,7 +1,8 @@
 //! Several `tessera` processes on loopback as one cluster: a head and workers that join it over
 //! ractor_cluster. Chat answered by a worker, jobs on two workers at once, a worker killed during
-//! a job (the job resumes on the other from its checkpoint), a stopped worker evicted and back,
-//! a wrong cookie refused, a worker that starts before its head.
+//! a job (the job resumes on the other from its checkpoint), a stopped worker evicted and back
+//! (its job runs again elsewhere and its stale attempt stops without writing), a wrong cookie
+//! refused, a worker that starts before its head.
 
 mod support;
 
@@ -130,6 +131,22 @@ fn a_stopped_worker_is_evicted_and_rejoins_when_continued() {
     c.wait("the worker", Duration::from_secs(60), || {
         c.workers().len() == 1
     });
+    // One job on the head's trainer, one on the worker's.
+    let a = c.submit("a", 80);
+    let b = c.submit("b", 80);
+    c.wait("both jobs running", Duration::from_secs(60), || {
+        c.job(&a)["status"] == "running" && c.job(&b)["status"] == "running"
+    });
+    let (local, moved, out) = if c.job(&a)["node"] == "head" {
+        (a, b, "b")
+    } else {
+        (b, a, "a")
+    };
+    c.wait(
+        "a checkpoint of the worker's job",
+        Duration::from_secs(120),
+        || c.job(&moved)["progress"]["step"].as_u64().unwrap_or(0) >= 5,
+    );
     w.signal("-STOP");
     let evicted = c.wait("eviction", Duration::from_secs(10), || {
         c.workers().is_empty()
@@ -139,10 +156,40 @@ fn a_stopped_worker_is_evicted_and_rejoins_when_continued() {
     let (status, r) = chat(&c);
     assert_eq!(status, 200, "{r}");
     assert_eq!(r["replica"], "inference-0");
+    let (status, _) = c.delete(&format!("/jobs/{local}"));
+    assert_eq!(status, 200);
+    // The worker's job runs again on the head as attempt 2, while attempt 1 is only paused.
+    c.wait("attempt 2 on the head", Duration::from_secs(120), || {
+        let j = c.job(&moved);
+        j["status"] == "running" && j["attempts"] == 2 && j["node"] == "head"
+    });
     w.signal("-CONT");
     c.wait("the worker to rejoin", Duration::from_secs(20), || {
         c.workers().len() == 1
     });
+    c.wait("the moved job to finish", Duration::from_secs(300), || {
+        matches!(
+            c.job(&moved)["status"].as_str(),
+            Some("succeeded" | "failed")
+        )
+    });
+    let done = c.job(&moved);
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["attempts"], 2, "{done}");
+    // Attempt 1 stopped without writing once it was stale (fenced by the attempt number).
+    let log = w.log();
+    assert!(
+        log.contains("superseded") || log.contains("stopping without writing"),
+        "the stale attempt was not fenced; worker log:\n{log}"
+    );
+    let out = c.dir.path().join("adapters").join(out);
+    for e in std::fs::read_dir(&out).unwrap().flatten() {
+        let state = e.path().join("trainer_state.json");
+        if let Ok(text) = std::fs::read_to_string(&state) {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["attempt"], 2, "{}", state.display());
+        }
+    }
 }
 
 #[test]

@@ -580,3 +580,85 @@ fn a_huge_max_tokens_is_refused_and_the_replica_keeps_serving() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["usage"]["completion_tokens"], 3, "{body}");
 }
+
+#[test]
+fn live_outputs_never_overlap_and_one_database_serves_one_head() {
+    let head = start(&[]);
+    head.write_dataset("d.jsonl", 16);
+    let submit = |out: &str, epochs: usize| {
+        head.post(
+            "/fine-tune",
+            &json!({"dataset_path": "d.jsonl", "output_path": out,
+                    "hyperparameters": quick_hyperparameters(epochs)}),
+        )
+    };
+    // Eight concurrent submissions of one new output: exactly one is accepted.
+    let results: Vec<(u16, Value)> = std::thread::scope(|s| {
+        let posts: Vec<_> = (0..8).map(|_| s.spawn(|| submit("race/a", 400))).collect();
+        posts.into_iter().map(|p| p.join().unwrap()).collect()
+    });
+    let accepted: Vec<&Value> = results
+        .iter()
+        .filter(|(s, _)| *s == 202)
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(accepted.len(), 1, "{results:?}");
+    for (status, e) in results.iter().filter(|(s, _)| *s != 202) {
+        assert_eq!(*status, 409, "{e}");
+        assert_eq!(e["error"]["field"], "output_path", "{e}");
+    }
+    let long = accepted[0]["job_id"].as_str().unwrap().to_string();
+    head.wait_until("the long job to run", Duration::from_secs(60), |h| {
+        h.get(&format!("/jobs/{long}")).1["status"] == "running"
+    });
+    // A job queued behind it (its directory does not exist yet).
+    let (status, q) = submit("later/deep/x", 1);
+    assert_eq!(status, 202, "{q}");
+    // Inside a live job's output (its checkpoints would be pruned away), or around one: refused.
+    for out in [
+        "race/a/checkpoint-100",
+        "later",
+        "later/deep",
+        "later/deep/x/y",
+    ] {
+        let (status, e) = submit(out, 1);
+        assert_eq!(status, 409, "{out}: {e}");
+        assert_eq!(e["error"]["field"], "output_path", "{e}");
+        let message = e["error"]["message"].as_str().unwrap();
+        assert!(message.starts_with("output_path:"), "{message}");
+    }
+    // Siblings are fine.
+    let (status, z) = submit("later/deep/z", 1);
+    assert_eq!(status, 202, "{z}");
+    for queued in [&q, &z] {
+        let (status, c) = head.delete(&format!("/jobs/{}", queued["job_id"].as_str().unwrap()));
+        assert_eq!(status, 200, "{c}");
+    }
+
+    // A second head on the same job database stops at start, naming the setting.
+    let q = |p: &std::path::Path| format!("\"{}\"", p.display());
+    let config = tessera::config::Config::load(&tessera::config::Sources {
+        cli: vec![
+            format!("model.path={}", q(&head.model)),
+            format!("adapters.root={}", q(&head.adapters)),
+            format!("training.data_root={}", q(&head.data)),
+            format!("jobs.db_path={}", q(&head.dir.path().join("jobs.sqlite"))),
+            "cluster.port=0".into(),
+        ],
+        ..Default::default()
+    })
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let e = rt
+        .block_on(tessera::head::start(&config))
+        .err()
+        .expect("a second head on one database must not start");
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("jobs.db_path") && e.contains("another head"),
+        "{e}"
+    );
+    let (status, _) = head.delete(&format!("/jobs/{long}"));
+    assert_eq!(status, 200);
+    head.wait_job(&long, Duration::from_secs(60));
+}

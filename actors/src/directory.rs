@@ -8,15 +8,17 @@ use std::time::Duration;
 
 use ractor::ActorRef;
 
-use crate::jobs::JobMsg;
-use crate::trainer::{Assignment, TrainerMsg};
+use crate::jobs::{Assignment, JobMsg};
+use crate::trainer::TrainerMsg;
 
 /// A trainer on another node, reached through the cluster (issue 6).
 pub trait RemoteTrainer: Send + Sync {
     fn run(&self, assignment: Assignment) -> Result<(), String>;
     fn cancel(&self, job_id: &str, checkpoint: bool);
-    /// The job it runs, as last reported.
-    fn current(&self) -> Option<String>;
+    /// `attempt` of `job_id` is stale: stop it without writing anything.
+    fn fence(&self, job_id: &str, attempt: u32);
+    /// The job and attempt it runs, as last reported.
+    fn current(&self) -> Option<(String, u32)>;
 }
 
 #[derive(Clone)]
@@ -54,7 +56,20 @@ impl TrainerEntry {
         }
     }
 
-    pub async fn current(&self) -> Option<String> {
+    pub fn fence(&self, job_id: &str, attempt: u32) {
+        match &self.actor {
+            TrainerRef::Local(a) => {
+                let _ = a.cast(TrainerMsg::Fence {
+                    job_id: job_id.to_string(),
+                    attempt,
+                });
+            }
+            TrainerRef::Remote(r) => r.fence(job_id, attempt),
+        }
+    }
+
+    /// The job and attempt it runs.
+    pub async fn current(&self) -> Option<(String, u32)> {
         match &self.actor {
             TrainerRef::Local(a) => match a
                 .call(TrainerMsg::Current, Some(Duration::from_secs(2)))

@@ -11,7 +11,7 @@ use crate::directory::Directory;
 use crate::health::HealthBoard;
 use crate::inference::{InferenceArgs, InferenceMsg};
 use crate::inventory::{self, Device, Inventory};
-use crate::jobs::{JobError, JobMsg, JobStats};
+use crate::jobs::{DbLock, DbLockError, JobError, JobMsg, JobStats};
 use crate::messages::ReplicaInfo;
 use crate::placement::{place, Placement, PlacementError};
 use crate::restart_policy::RestartPolicy;
@@ -38,6 +38,8 @@ pub struct NodeConfig {
     pub affinity_slack: usize,
     /// A head keeps the job manager; a worker's trainers report to the head's.
     pub job_manager: bool,
+    /// Attempts of a job that may end without an outcome (crash, lost trainer) before it fails.
+    pub max_attempts: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,8 @@ pub enum NodeError {
     Placement(#[from] PlacementError),
     #[error("starting the supervisor: {0}")]
     Spawn(String),
+    #[error(transparent)]
+    DbLock(#[from] DbLockError),
 }
 
 pub struct Node {
@@ -56,6 +60,8 @@ pub struct Node {
     pub directory: Directory,
     pub health: HealthBoard,
     supervisor: ActorRef<SupervisorMsg>,
+    /// The job database's lock, held while the node lives (a head only).
+    _db_lock: Option<DbLock>,
 }
 
 fn torch_device(d: &Device) -> tch::Device {
@@ -92,6 +98,11 @@ impl Node {
     /// Detects the devices, plans the actors and starts the supervision tree. Returns once every
     /// child has been started once (replicas have loaded the model, or failed and will retry).
     pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        // First, before loading anything: a second head on the same database stops here.
+        let db_lock = config
+            .job_manager
+            .then(|| DbLock::acquire(&config.db_path))
+            .transpose()?;
         let inventory = tokio::task::spawn_blocking(Inventory::detect)
             .await
             .map_err(|e| NodeError::Spawn(e.to_string()))?;
@@ -133,6 +144,7 @@ impl Node {
                 ChildSpec::JobManager {
                     db_path: config.db_path.clone(),
                     node: config.node_name.clone(),
+                    max_attempts: config.max_attempts,
                 },
             ));
         }
@@ -187,6 +199,7 @@ impl Node {
             directory,
             health,
             supervisor,
+            _db_lock: db_lock,
         })
     }
 
@@ -236,6 +249,13 @@ impl Node {
     /// Stops running jobs at a checkpoint (they resume on the next start), waits up to `grace`
     /// for that, then stops every actor.
     pub async fn shutdown(&self, grace: Duration) {
+        self.checkpoint_jobs(grace).await;
+        self.stop_actors(Duration::from_secs(5)).await;
+    }
+
+    /// Stops running jobs at a checkpoint and ends job event streams; waits up to `grace` for
+    /// every trainer to report.
+    pub async fn checkpoint_jobs(&self, grace: Duration) {
         if let Some(manager) = self.directory.job_manager() {
             tracing::info!("checkpointing running jobs");
             let drained = manager.call(JobMsg::Shutdown, Some(grace)).await;
@@ -246,9 +266,13 @@ impl Node {
                 );
             }
         }
+    }
+
+    /// Stops every actor, waiting at most `timeout`.
+    pub async fn stop_actors(&self, timeout: Duration) {
         let _ = self
             .supervisor
-            .call(SupervisorMsg::Shutdown, Some(Duration::from_secs(30)))
+            .call(SupervisorMsg::Shutdown, Some(timeout))
             .await;
     }
 }

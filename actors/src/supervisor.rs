@@ -22,6 +22,7 @@ pub enum ChildSpec {
     JobManager {
         db_path: std::path::PathBuf,
         node: String,
+        max_attempts: u32,
     },
     Trainer(TrainerArgs),
     Inference(InferenceArgs),
@@ -228,13 +229,18 @@ impl SupervisorState {
         self.health.set(name, role, ActorState::Starting, None);
         let supervisor = myself.get_cell();
         let spawned: Result<ActorCell, String> = match spec {
-            ChildSpec::JobManager { db_path, node } => JobManager::spawn_linked(
+            ChildSpec::JobManager {
+                db_path,
+                node,
+                max_attempts,
+            } => JobManager::spawn_linked(
                 None,
                 JobManager,
                 JobManagerArgs {
                     db_path,
                     directory: self.directory.clone(),
                     node,
+                    max_attempts,
                 },
                 supervisor,
             )

@@ -1,28 +1,18 @@
-//! The trainer actor: one per training device (group). It runs one job at a time on its own OS
-//! thread (tch calls block), forwards every step's progress and the outcome to the job manager,
-//! and honours cancel between steps (checkpointing first when the head shuts down).
+//! The trainer actor: one per training device (group). It runs one job attempt at a time on its
+//! own OS thread (tch calls block), forwards every step's progress and the outcome (tagged with the
+//! attempt) to the job manager, honours cancel between steps (checkpointing first when the head
+//! shuts down), refuses an assignment while busy, and stops a stale attempt without writing.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use serde::{Deserialize, Serialize};
-use tessera_engine::train::hyperparams::TrainJob;
-use tessera_engine::train::trainer::{train, TrainOptions, TrainOutcome};
+use tessera_engine::train::trainer::{train, TrainError, TrainOptions, TrainOutcome};
 
 use crate::directory::Directory;
 use crate::health::now_s;
-use crate::jobs::{JobMsg, ProgressPoint, RunResult};
-
-/// A job handed to a trainer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Assignment {
-    pub job_id: String,
-    pub job: TrainJob,
-    /// Continue from the latest checkpoint under the output path (a re-queued job).
-    pub resume: bool,
-}
+use crate::jobs::{Assignment, JobMsg, ProgressPoint, RunResult};
 
 pub enum TrainerMsg {
     Run(Box<Assignment>),
@@ -31,11 +21,17 @@ pub enum TrainerMsg {
         job_id: String,
         checkpoint: bool,
     },
-    /// The job it is running, if any.
-    Current(RpcReplyPort<Option<String>>),
-    /// From its own thread: the job is over.
+    /// This attempt of the job is stale (a newer one runs elsewhere): stop it, write nothing.
+    Fence {
+        job_id: String,
+        attempt: u32,
+    },
+    /// The job and attempt it is running, if any.
+    Current(RpcReplyPort<Option<(String, u32)>>),
+    /// From its own thread: the attempt is over.
     Done {
         job_id: String,
+        attempt: u32,
     },
 }
 
@@ -54,8 +50,18 @@ pub struct TrainerArgs {
 
 struct Running {
     job_id: String,
+    attempt: u32,
     cancel: Arc<AtomicBool>,
     checkpoint: Arc<AtomicBool>,
+    stale: Arc<AtomicBool>,
+}
+
+impl Running {
+    fn fence(&self) {
+        self.checkpoint.store(false, Ordering::Relaxed);
+        self.stale.store(true, Ordering::Relaxed);
+        self.cancel.store(true, Ordering::Relaxed);
+    }
 }
 
 pub struct TrainerState {
@@ -103,41 +109,78 @@ impl Actor for TrainerActor {
         match msg {
             TrainerMsg::Run(assignment) => {
                 if let Some(r) = &state.running {
-                    // The manager thinks we are idle: tell it this job did not start.
+                    // The manager thinks we are idle: tell it this job did not start. A newer
+                    // attempt of the job we run makes ours stale.
+                    if r.job_id == assignment.job_id && r.attempt < assignment.attempt {
+                        r.fence();
+                    }
                     tracing::warn!(trainer = %state.args.name, busy_with = %r.job_id, job = %assignment.job_id, "trainer busy; job refused");
                     report(
                         &state.args.directory,
                         JobMsg::Finished {
                             job_id: assignment.job_id,
                             trainer: state.args.name.clone(),
-                            result: RunResult::Stopped { step: 0 },
+                            attempt: assignment.attempt,
+                            result: RunResult::Refused {
+                                reason: format!(
+                                    "trainer {} is busy with job {} (attempt {})",
+                                    state.args.name, r.job_id, r.attempt
+                                ),
+                            },
                         },
                     );
                     return Ok(());
                 }
-                let cancel = Arc::new(AtomicBool::new(false));
-                let checkpoint = Arc::new(AtomicBool::new(false));
-                state.running = Some(Running {
+                let running = Running {
                     job_id: assignment.job_id.clone(),
-                    cancel: cancel.clone(),
-                    checkpoint: checkpoint.clone(),
-                });
+                    attempt: assignment.attempt,
+                    cancel: Arc::new(AtomicBool::new(false)),
+                    checkpoint: Arc::new(AtomicBool::new(false)),
+                    stale: Arc::new(AtomicBool::new(false)),
+                };
+                let flags = Flags {
+                    cancel: running.cancel.clone(),
+                    checkpoint: running.checkpoint.clone(),
+                    stale: running.stale.clone(),
+                };
+                state.running = Some(running);
                 let args = state.args.clone();
                 std::thread::Builder::new()
                     .name(format!("tessera-{}", args.name))
-                    .spawn(move || run_job(args, *assignment, cancel, checkpoint, myself))?;
+                    .spawn(move || run_job(args, *assignment, flags, myself))?;
             }
             TrainerMsg::Cancel { job_id, checkpoint } => {
                 if let Some(r) = state.running.as_ref().filter(|r| r.job_id == job_id) {
-                    r.checkpoint.store(checkpoint, Ordering::Relaxed);
+                    if !r.stale.load(Ordering::Relaxed) {
+                        r.checkpoint.store(checkpoint, Ordering::Relaxed);
+                    }
                     r.cancel.store(true, Ordering::Relaxed);
                 }
             }
-            TrainerMsg::Current(reply) => {
-                let _ = reply.send(state.running.as_ref().map(|r| r.job_id.clone()));
+            TrainerMsg::Fence { job_id, attempt } => {
+                if let Some(r) = state
+                    .running
+                    .as_ref()
+                    .filter(|r| r.job_id == job_id && r.attempt <= attempt)
+                {
+                    tracing::warn!(trainer = %state.args.name, job = %job_id, attempt = r.attempt, "attempt is stale: stopping without writing");
+                    r.fence();
+                }
             }
-            TrainerMsg::Done { job_id } => {
-                if state.running.as_ref().is_some_and(|r| r.job_id == job_id) {
+            TrainerMsg::Current(reply) => {
+                let _ = reply.send(
+                    state
+                        .running
+                        .as_ref()
+                        .map(|r| (r.job_id.clone(), r.attempt)),
+                );
+            }
+            TrainerMsg::Done { job_id, attempt } => {
+                if state
+                    .running
+                    .as_ref()
+                    .is_some_and(|r| r.job_id == job_id && r.attempt == attempt)
+                {
                     state.running = None;
                 }
             }
@@ -152,18 +195,20 @@ fn report(directory: &Directory, msg: JobMsg) {
     }
 }
 
-/// The job's thread: load the base model, train, report.
-fn run_job(
-    args: TrainerArgs,
-    assignment: Assignment,
+/// The flags a running attempt's thread reads between steps.
+struct Flags {
     cancel: Arc<AtomicBool>,
     checkpoint: Arc<AtomicBool>,
-    trainer: ActorRef<TrainerMsg>,
-) {
+    stale: Arc<AtomicBool>,
+}
+
+/// The job's thread: load the base model, train, report.
+fn run_job(args: TrainerArgs, assignment: Assignment, flags: Flags, trainer: ActorRef<TrainerMsg>) {
     let job_id = assignment.job_id.clone();
-    tracing::info!(trainer = %args.name, job = %job_id, resume = assignment.resume, "job started");
+    let attempt = assignment.attempt;
+    tracing::info!(trainer = %args.name, job = %job_id, attempt, resume = assignment.resume, "job started");
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        execute(&args, &assignment, &cancel, &checkpoint)
+        execute(&args, &assignment, &flags)
     }))
     .unwrap_or_else(|panic| {
         let what = tessera_engine::engine::panic_message(panic.as_ref());
@@ -173,7 +218,10 @@ fn run_job(
     });
     match &outcome {
         RunResult::Failed { error } => {
-            tracing::warn!(trainer = %args.name, job = %job_id, %error, "job failed")
+            tracing::warn!(trainer = %args.name, job = %job_id, attempt, %error, "job failed")
+        }
+        RunResult::Refused { reason } => {
+            tracing::warn!(trainer = %args.name, job = %job_id, attempt, %reason, "job stopped")
         }
         other => {
             tracing::info!(trainer = %args.name, job = %job_id, outcome = ?std::mem::discriminant(other), "job ended")
@@ -181,23 +229,20 @@ fn run_job(
     }
     let _ = trainer.cast(TrainerMsg::Done {
         job_id: job_id.clone(),
+        attempt,
     });
     report(
         &args.directory,
         JobMsg::Finished {
             job_id,
             trainer: args.name.clone(),
+            attempt,
             result: outcome,
         },
     );
 }
 
-fn execute(
-    args: &TrainerArgs,
-    assignment: &Assignment,
-    cancel: &Arc<AtomicBool>,
-    checkpoint: &Arc<AtomicBool>,
-) -> RunResult {
+fn execute(args: &TrainerArgs, assignment: &Assignment, flags: &Flags) -> RunResult {
     let _guard = tch::no_grad_guard();
     let model_path = assignment
         .job
@@ -215,11 +260,14 @@ fn execute(
     drop(_guard);
     let options = TrainOptions {
         resume: assignment.resume,
-        cancel: cancel.clone(),
+        cancel: flags.cancel.clone(),
         base_model_name: model_path.display().to_string(),
-        checkpoint_on_cancel: checkpoint.clone(),
+        checkpoint_on_cancel: flags.checkpoint.clone(),
+        attempt: assignment.attempt,
+        stale: flags.stale.clone(),
     };
     let job_id = assignment.job_id.clone();
+    let attempt = assignment.attempt;
     let result = train(
         &loaded.model,
         &loaded.tokenizer,
@@ -231,6 +279,7 @@ fn execute(
                 JobMsg::Progress {
                     job_id: job_id.clone(),
                     trainer: args.name.clone(),
+                    attempt,
                     point: ProgressPoint::from_progress(p, now_s()),
                 },
             )
@@ -241,6 +290,10 @@ fn execute(
             summary: serde_json::to_value(&*summary).unwrap_or_default(),
         },
         Ok(TrainOutcome::Cancelled { step, .. }) => RunResult::Stopped { step },
+        // The manager ignores a stale attempt's result; say what happened all the same.
+        Err(e @ TrainError::Superseded { .. }) => RunResult::Refused {
+            reason: e.to_string(),
+        },
         Err(e) => RunResult::Failed {
             error: e.to_string(),
         },

@@ -1,6 +1,7 @@
-//! LoRA SFT on a tiny random model: it learns, masks what it should, resumes exactly, cancels within
-//! a step, reports bad lines by number, leaves the base untouched, and writes a PEFT adapter that the
-//! inference engine serves.
+//! LoRA SFT on a tiny random model: it learns, masks what it should, resumes exactly (falling back
+//! past a torn checkpoint), keeps `save_total_limit` checkpoints, cancels within a step, stops a
+//! superseded attempt without writing, reports bad lines by number, leaves the base untouched, and
+//! writes a PEFT adapter that the inference engine serves.
 
 mod common;
 
@@ -336,4 +337,148 @@ fn bad_hyperparameters_name_the_field() {
         &job(&s, s.model_dir.join("missing.jsonl"), "out", quick()),
     );
     assert!(err.contains("missing.jsonl"), "{err}");
+}
+
+/// Trains `job` with `options`, cancelling after `stop_at` steps; the checkpoints it left.
+fn run_until(s: &Setup, job: &TrainJob, options: &TrainOptions, stop_at: usize) -> Vec<String> {
+    let cancel = options.cancel.clone();
+    let outcome = train(&s.model, &s.tokenizer, job, options, |p| {
+        if p.step == stop_at {
+            cancel.store(true, Ordering::Relaxed);
+        }
+    })
+    .unwrap();
+    assert!(
+        matches!(outcome, TrainOutcome::Cancelled { .. }),
+        "{outcome:?}"
+    );
+    checkpoint_names(&job.output_path)
+}
+
+fn checkpoint_names(out: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn resume_falls_back_to_an_earlier_checkpoint_and_only_the_newest_are_kept() {
+    let s = setup();
+    let h = Hyperparameters {
+        num_epochs: 3,
+        save_every_steps: 1,
+        save_total_limit: 2,
+        ..quick()
+    };
+    let job = job(&s, text_dataset(&s), "fallback", h);
+    let kept = run_until(&s, &job, &TrainOptions::default(), 5);
+    assert_eq!(
+        kept,
+        ["checkpoint-4", "checkpoint-5"],
+        "save_total_limit = 2"
+    );
+
+    // The newest checkpoint is torn (a crash, a bad disk): resume takes the one before it.
+    let torn = job.output_path.join("checkpoint-5/optimizer.safetensors");
+    std::fs::write(&torn, b"not a safetensors file").unwrap();
+    let options = TrainOptions {
+        resume: true,
+        ..TrainOptions::default()
+    };
+    let (outcome, history) = run(&s, &job, &options);
+    let TrainOutcome::Completed(summary) = outcome else {
+        panic!("not completed")
+    };
+    assert_eq!(summary.resumed_from_step, Some(4));
+    assert_eq!(history.first().unwrap().step, 5);
+    assert_eq!(
+        checkpoint_names(&job.output_path),
+        ["checkpoint-11", "checkpoint-12"]
+    );
+
+    // The default keeps three.
+    assert_eq!(Hyperparameters::default().save_total_limit, 3);
+}
+
+#[test]
+fn a_superseded_attempt_stops_without_writing() {
+    let s = setup();
+    let h = Hyperparameters {
+        num_epochs: 3,
+        save_every_steps: 2,
+        ..quick()
+    };
+    let job = job(&s, text_dataset(&s), "fenced", h);
+    // Attempt 2 runs first (attempt 1 was re-queued after its node was lost) ...
+    let attempt2 = TrainOptions {
+        attempt: 2,
+        ..TrainOptions::default()
+    };
+    run_until(&s, &job, &attempt2, 3);
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(job.output_path.join("checkpoint-2/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["attempt"], 2, "checkpoints carry their attempt");
+    let listing = |p: &Path| -> Vec<(String, std::time::SystemTime)> {
+        let mut v: Vec<_> = walk(p)
+            .into_iter()
+            .map(|f| {
+                let m = std::fs::metadata(&f).unwrap().modified().unwrap();
+                (f.display().to_string(), m)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = listing(&job.output_path);
+    // ... then the old attempt 1 comes back: it must not touch the directory.
+    let attempt1 = TrainOptions {
+        attempt: 1,
+        resume: true,
+        ..TrainOptions::default()
+    };
+    let e = train(&s.model, &s.tokenizer, &job, &attempt1, |_| {}).unwrap_err();
+    assert!(e.to_string().contains("superseded"), "{e}");
+    assert_eq!(listing(&job.output_path), before);
+
+    // A run the job manager marks stale stops at its next step, writing nothing either.
+    let stale = Arc::new(AtomicBool::new(false));
+    let attempt3 = TrainOptions {
+        attempt: 3,
+        resume: true,
+        stale: stale.clone(),
+        ..TrainOptions::default()
+    };
+    let mut steps = Vec::new();
+    let e = train(&s.model, &s.tokenizer, &job, &attempt3, |p| {
+        steps.push(p.step);
+        stale.store(true, Ordering::Relaxed);
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("superseded"), "{e}");
+    assert_eq!(
+        steps,
+        [3],
+        "stopped after the step during which it was told"
+    );
+    assert_eq!(checkpoint_names(&job.output_path), ["checkpoint-2"]);
+    assert!(!job.output_path.join("adapter_model.safetensors").exists());
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.path().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
 }

@@ -150,6 +150,9 @@ impl From<JobError> for AppError {
         match &e {
             JobError::NotFound(_) => Self::not_found(e.to_string()),
             JobError::Final { .. } => Self::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+            JobError::OutputConflict { .. } => {
+                Self::new(StatusCode::CONFLICT, "conflict", e.to_string()).with_field("output_path")
+            }
             JobError::Unavailable => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",

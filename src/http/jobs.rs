@@ -27,7 +27,7 @@ pub struct FineTuneRequest {
     /// JSONL dataset, relative to (and confined to) `training.data_root`.
     pub dataset_path: String,
     /// Where the adapter is written, relative to (and confined to) `adapters.root`; must not
-    /// exist yet or be empty, and no other live job may write there.
+    /// exist yet or be empty, and must not be, contain or lie inside a queued or running job's.
     pub output_path: String,
     /// A model path; default: the served model.
     pub base_model: Option<String>,
@@ -108,34 +108,6 @@ pub async fn fine_tune(
         Hyperparameters::from_json(req.hyperparameters)
             .map_err(|e| AppError::invalid(format!("hyperparameters.{}", e.field), e.message))?
     };
-    // No two live jobs may write one directory.
-    for status in [JobState::Queued, JobState::Running] {
-        let page = state
-            .node
-            .jobs(|r| {
-                JobMsg::List(
-                    JobQuery {
-                        status: Some(status),
-                        limit: 10_000,
-                        offset: 0,
-                    },
-                    r,
-                )
-            })
-            .await?;
-        if let Some(other) = page.jobs.iter().find(|j| j.output_path == output_path) {
-            return Err(AppError::new(
-                StatusCode::CONFLICT,
-                "conflict",
-                format!(
-                    "output_path: job {} ({}) already writes there",
-                    other.id,
-                    status.as_str()
-                ),
-            )
-            .with_field("output_path"));
-        }
-    }
     let spec = JobSpec {
         train: TrainJob {
             dataset_path,
@@ -145,6 +117,8 @@ pub async fn fine_tune(
         },
         priority,
     };
+    // The job manager refuses (409 naming `output_path`) an output that is, contains or lies in a
+    // live job's, checking and inserting in one step.
     let record = state.node.jobs(|r| JobMsg::Submit(spec, r)).await?;
     Ok((
         StatusCode::ACCEPTED,

@@ -202,4 +202,15 @@ impl Cluster {
     pub fn job(&self, id: &str) -> Value {
         self.get(&format!("/jobs/{id}"))
     }
+
+    pub fn delete(&self, path: &str) -> (u16, Value) {
+        let mut r = Head::agent()
+            .delete(format!("{}{path}", self.url()))
+            .call()
+            .unwrap();
+        (
+            r.status().as_u16(),
+            r.body_mut().read_json().unwrap_or(Value::Null),
+        )
+    }
 }

@@ -22,10 +22,9 @@ use super::tls::TlsFiles;
 use super::wire::{HeadFrame, HeadInbox, ToHead, ToWorker, WorkerInbox, WorkerInfo, CREDIT_BATCH};
 use crate::directory::{Directory, RemoteTrainer, TrainerEntry, TrainerRef};
 use crate::health::now_s;
-use crate::jobs::JobMsg;
+use crate::jobs::{Assignment, JobMsg};
 use crate::messages::{ChatWork, ReplicaInfo, ServeError, StreamEvent};
 use crate::router::{RemoteReplica, Router};
-use crate::trainer::Assignment;
 
 /// A joined worker, for `/cluster`.
 #[derive(Debug, Clone, Serialize)]
@@ -49,7 +48,7 @@ struct Table {
     /// request id → (node, the stream's sender).
     streams: HashMap<String, (String, mpsc::UnboundedSender<StreamEvent>)>,
     /// "node/trainer" → the job it runs.
-    trainer_jobs: HashMap<String, Option<String>>,
+    trainer_jobs: HashMap<String, Option<(String, u32)>>,
 }
 
 /// Shared between the `ClusterHead` actor and the remote replica / trainer handles.
@@ -157,13 +156,14 @@ impl RemoteTrainerHandle {
 impl RemoteTrainer for RemoteTrainerHandle {
     fn run(&self, assignment: Assignment) -> Result<(), String> {
         // Recorded before the cast: the worker's report must find it.
+        let job = (assignment.job_id.clone(), assignment.attempt);
         let previous = self
             .table
             .inner
             .lock()
             .expect("cluster")
             .trainer_jobs
-            .insert(self.key(), Some(assignment.job_id.clone()));
+            .insert(self.key(), Some(job));
         let sent = self.agent.cast(WorkerInbox::Frame(ToWorker::RunJob {
             trainer: self.trainer.clone(),
             assignment: Box::new(assignment),
@@ -184,10 +184,20 @@ impl RemoteTrainer for RemoteTrainerHandle {
             trainer: self.trainer.clone(),
             job_id: job_id.to_string(),
             checkpoint,
+            stale_attempt: None,
         }));
     }
 
-    fn current(&self) -> Option<String> {
+    fn fence(&self, job_id: &str, attempt: u32) {
+        let _ = self.agent.cast(WorkerInbox(ToWorker::CancelJob {
+            trainer: self.trainer.clone(),
+            job_id: job_id.to_string(),
+            checkpoint: false,
+            stale_attempt: Some(attempt),
+        }));
+    }
+
+    fn current(&self) -> Option<(String, u32)> {
         self.table
             .inner
             .lock()
@@ -371,6 +381,7 @@ impl ClusterHeadState {
             ToHead::JobProgress {
                 trainer,
                 job_id,
+                attempt,
                 point,
             } => {
                 // The job manager takes reports only from the trainer running the job.
@@ -378,6 +389,7 @@ impl ClusterHeadState {
                     let _ = m.cast(JobMsg::Progress {
                         job_id,
                         trainer: format!("{node}/{trainer}"),
+                        attempt,
                         point,
                     });
                 }
@@ -385,6 +397,7 @@ impl ClusterHeadState {
             ToHead::JobFinished {
                 trainer,
                 job_id,
+                attempt,
                 result,
             } => {
                 let key = format!("{node}/{trainer}");
@@ -400,6 +413,7 @@ impl ClusterHeadState {
                     let _ = m.cast(JobMsg::Finished {
                         job_id,
                         trainer: key,
+                        attempt,
                         result,
                     });
                 }
@@ -474,8 +488,8 @@ impl ClusterHeadState {
                 let running = info
                     .running
                     .iter()
-                    .find(|(t, _)| t == trainer)
-                    .map(|(_, j)| j.clone());
+                    .find(|(t, _, _)| t == trainer)
+                    .map(|(_, j, a)| (j.clone(), *a));
                 t.trainer_jobs.insert(format!("{node}/{trainer}"), running);
             }
         }

@@ -6,10 +6,9 @@ use ractor::BytesConvertable;
 use serde::{Deserialize, Serialize};
 
 use crate::inventory::Inventory;
-use crate::jobs::{ProgressPoint, RunResult};
+use crate::jobs::{Assignment, ProgressPoint, RunResult};
 use crate::messages::{ChatWork, ReplicaInfo, StreamEvent};
 use crate::placement::Placement;
-use crate::trainer::Assignment;
 
 /// Events of one stream a worker may send ahead of the head's credit.
 pub const STREAM_WINDOW: u32 = 64;
@@ -37,8 +36,8 @@ pub struct WorkerInfo {
     pub replicas: Vec<ReplicaInfo>,
     /// Its trainers: (name on the worker, device).
     pub trainers: Vec<(String, String)>,
-    /// Jobs its trainers still run (after a reconnect): (trainer, job id).
-    pub running: Vec<(String, String)>,
+    /// Jobs its trainers still run (after a reconnect): (trainer, job id, attempt).
+    pub running: Vec<(String, String, u32)>,
 }
 
 /// What a worker sends the head, inside a [`HeadFrame`] that names the sender. Local events of
@@ -59,11 +58,13 @@ pub enum ToHead {
     JobProgress {
         trainer: String,
         job_id: String,
+        attempt: u32,
         point: ProgressPoint,
     },
     JobFinished {
         trainer: String,
         job_id: String,
+        attempt: u32,
         result: RunResult,
     },
     /// A worker with no model configured asks for the head's.
@@ -106,6 +107,9 @@ pub enum ToWorker {
         trainer: String,
         job_id: String,
         checkpoint: bool,
+        /// `Some(attempt)`: that attempt is stale; stop it without writing.
+        #[serde(default)]
+        stale_attempt: Option<u32>,
     },
     /// The head dropped this worker (missed heartbeats): stop its jobs, then register again.
     Evicted,

@@ -119,8 +119,8 @@ impl WorkerAgent {
     pub async fn info(node: &Node, hostname: &str) -> WorkerInfo {
         let mut running = Vec::new();
         for (name, entry) in node.directory.trainers() {
-            if let Some(job) = entry.current().await {
-                running.push((name, job));
+            if let Some((job, attempt)) = entry.current().await {
+                running.push((name, job, attempt));
             }
         }
         WorkerInfo {
@@ -268,9 +268,12 @@ impl Actor for WorkerAgent {
                 }
                 None => {
                     link.send(ToHead::JobFinished {
+                        result: crate::jobs::RunResult::Refused {
+                            reason: format!("node {} has no trainer {trainer}", node.name),
+                        },
                         trainer,
                         job_id: assignment.job_id,
-                        result: crate::jobs::RunResult::Stopped { step: 0 },
+                        attempt: assignment.attempt,
                     });
                 }
             },
@@ -278,17 +281,21 @@ impl Actor for WorkerAgent {
                 trainer,
                 job_id,
                 checkpoint,
+                stale_attempt,
             } => {
                 if let Some(t) = node.directory.local_trainer(&trainer) {
-                    let _ = t.cast(TrainerMsg::Cancel { job_id, checkpoint });
+                    let _ = t.cast(match stale_attempt {
+                        Some(attempt) => TrainerMsg::Fence { job_id, attempt },
+                        None => TrainerMsg::Cancel { job_id, checkpoint },
+                    });
                 }
             }
             ToWorker::Evicted => {
                 // Our jobs were given to other trainers: stop them without writing a checkpoint.
                 tracing::error!("the head evicted this worker (missed heartbeats); stopping its jobs and registering again");
                 for (name, entry) in node.directory.trainers() {
-                    if let Some(job) = entry.current().await {
-                        entry.cancel(&job, false);
+                    if let Some((job, attempt)) = entry.current().await {
+                        entry.fence(&job, attempt);
                         tracing::warn!(trainer = %name, %job, "job stopped: it was re-queued on the head");
                     }
                 }
@@ -396,19 +403,23 @@ fn reporter(link: HeadLink) -> crate::directory::Reporter {
             JobMsg::Progress {
                 job_id,
                 trainer,
+                attempt,
                 point,
             } => ToHead::JobProgress {
                 trainer,
                 job_id,
+                attempt,
                 point,
             },
             JobMsg::Finished {
                 job_id,
                 trainer,
+                attempt,
                 result,
             } => ToHead::JobFinished {
                 trainer,
                 job_id,
+                attempt,
                 result,
             },
             _ => return,

@@ -1,10 +1,18 @@
 //! The job manager actor: the queue and the record of fine-tune jobs. It persists every change in
-//! the [`JobStore`], assigns queued jobs (priority, then FIFO) to idle trainers, records progress,
-//! turns trainer outcomes into final states, re-queues the jobs of lost trainers and of a head that
-//! died, and on shutdown stops running jobs at a checkpoint so they resume on the next start.
+//! the [`JobStore`], refuses a job whose output overlaps a live job's, assigns queued jobs
+//! (priority, then FIFO) to idle trainers as numbered attempts, records progress, turns trainer
+//! outcomes into final states, and stops on shutdown running jobs at a checkpoint so they resume on
+//! the next start.
+//!
+//! Fencing: every assignment, progress point and result carries the job's attempt number; reports
+//! of any other attempt than the current one are ignored and their trainer is told to stop without
+//! writing. An attempt that ends without an outcome (the head or the trainer crashed or was lost)
+//! is counted: the job is re-queued until `max_attempts` such attempts, then fails with the last
+//! reason. A cancel asked for before such an end still cancels the job.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
@@ -12,10 +20,13 @@ use tokio::sync::mpsc;
 
 use super::store::JobStore;
 use super::types::{
-    JobError, JobEvent, JobPage, JobQuery, JobRecord, JobSpec, JobState, ProgressPoint, RunResult,
+    Assignment, JobError, JobEvent, JobPage, JobQuery, JobRecord, JobSpec, JobState, ProgressPoint,
+    RunResult,
 };
 use crate::directory::Directory;
-use crate::trainer::Assignment;
+
+/// How long a trainer that refused a job (busy) is left alone before it is offered one again.
+const REFUSED_BACKOFF: Duration = Duration::from_secs(2);
 
 type Reply<T> = RpcReplyPort<Result<T, JobError>>;
 
@@ -31,17 +42,21 @@ pub enum JobMsg {
     Progress {
         job_id: String,
         trainer: String,
+        attempt: u32,
         point: ProgressPoint,
     },
     Finished {
         job_id: String,
         trainer: String,
+        attempt: u32,
         result: RunResult,
     },
     /// The directory's trainers changed (one started, restarted or was lost).
     TrainersChanged,
-    /// Stop assigning; stop running jobs at a checkpoint (they go back to the queue); reply when
-    /// every trainer has reported.
+    /// Assign queued jobs again (a refusal's backoff is over).
+    Dispatch,
+    /// Stop assigning; stop running jobs at a checkpoint (they go back to the queue); end the
+    /// event streams; reply when every trainer has reported.
     Shutdown(RpcReplyPort<()>),
 }
 
@@ -62,13 +77,19 @@ pub struct JobManagerArgs {
     pub directory: Directory,
     /// This node's name, recorded with each run.
     pub node: String,
+    /// Attempts that may end without an outcome before the job fails (at least 1).
+    pub max_attempts: u32,
 }
 
 pub struct JobManagerState {
+    myself: ActorRef<JobMsg>,
     store: JobStore,
     directory: Directory,
-    /// Trainer name → job id.
-    busy: HashMap<String, String>,
+    max_attempts: u32,
+    /// Trainer name → (job id, attempt) it runs.
+    busy: HashMap<String, (String, u32)>,
+    /// Trainers that refused a job (busy with one we do not know of), until when they are skipped.
+    refused: HashMap<String, Instant>,
     tokens_per_s: HashMap<String, f64>,
     subscribers: HashMap<String, Vec<mpsc::Sender<JobEvent>>>,
     draining: Option<Vec<RpcReplyPort<()>>>,
@@ -83,7 +104,7 @@ impl Actor for JobManager {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<JobMsg>,
+        myself: ActorRef<JobMsg>,
         args: JobManagerArgs,
     ) -> Result<JobManagerState, ActorProcessingErr> {
         let store = JobStore::open(&args.db_path)?;
@@ -91,24 +112,41 @@ impl Actor for JobManager {
         // Which jobs are really running? Ask the trainers (after a manager restart some are).
         let mut busy = HashMap::new();
         for (name, entry) in args.directory.trainers() {
-            if let Some(job) = entry.current().await {
-                busy.insert(name, job);
+            if let Some((job, attempt)) = entry.current().await {
+                let current = store
+                    .get(&job, false)
+                    .is_ok_and(|r| r.status == JobState::Running && r.attempts == attempt);
+                if current {
+                    busy.insert(name, (job, attempt));
+                } else {
+                    tracing::warn!(trainer = %name, %job, attempt, "trainer runs a stale attempt; told to stop without writing");
+                    entry.fence(&job, attempt);
+                }
             }
         }
-        for id in store.with_status(JobState::Running)? {
-            if !busy.values().any(|j| j == &id) {
-                tracing::info!(job = %id, "job was running when its trainer or the head stopped; re-queued to resume from its checkpoint");
-                store.requeue(&id)?;
-            }
-        }
-        Ok(JobManagerState {
+        let mut state = JobManagerState {
+            myself,
             store,
             directory: args.directory,
+            max_attempts: args.max_attempts.max(1),
             busy,
+            refused: HashMap::new(),
             tokens_per_s: HashMap::new(),
             subscribers: HashMap::new(),
             draining: None,
-        })
+        };
+        for id in state.store.with_status(JobState::Running)? {
+            if !state.busy.values().any(|(j, _)| j == &id) {
+                let attempt = state.store.get(&id, false)?.attempts;
+                state.interrupted(
+                    &id,
+                    &format!(
+                        "attempt {attempt} was running when the head stopped (a crash or a kill)"
+                    ),
+                )?;
+            }
+        }
+        Ok(state)
     }
 
     async fn post_start(
@@ -129,7 +167,10 @@ impl Actor for JobManager {
         match msg {
             JobMsg::Submit(spec, reply) => {
                 let id = format!("ft-{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
-                let result = state.store.insert(&id, &spec);
+                // Checked and inserted in one message: two submissions cannot both pass.
+                let result = state
+                    .output_conflict(&spec.train.output_path)
+                    .and_then(|()| state.store.insert(&id, &spec));
                 if let Ok(record) = &result {
                     tracing::info!(job = %record.id, priority = record.priority.as_str(), output = %record.output_path.display(), "job queued");
                 }
@@ -148,7 +189,8 @@ impl Actor for JobManager {
             JobMsg::Subscribe(id, sender, reply) => {
                 let record = state.store.get(&id, false);
                 if let Ok(r) = &record {
-                    if !r.status.is_final() {
+                    // While shutting down a stream gets the record and ends.
+                    if !r.status.is_final() && state.draining.is_none() {
                         state.subscribers.entry(id).or_default().push(sender);
                     }
                 }
@@ -161,51 +203,60 @@ impl Actor for JobManager {
                     running: state
                         .busy
                         .iter()
-                        .map(|(t, j)| (t.clone(), j.clone()))
+                        .map(|(t, (j, _))| (t.clone(), j.clone()))
                         .collect(),
                 });
             }
             JobMsg::Progress {
                 job_id,
                 trainer,
+                attempt,
                 point,
             } => {
-                if state.busy.get(&trainer) == Some(&job_id) {
+                if state.is_current(&trainer, &job_id, attempt) {
                     state.store.add_progress(&job_id, &point)?;
                     state
                         .tokens_per_s
                         .insert(job_id.clone(), point.tokens_per_s);
                     state.notify(&job_id, JobEvent::Progress(point));
+                } else {
+                    state.stale(&trainer, &job_id, attempt);
                 }
             }
             JobMsg::Finished {
                 job_id,
                 trainer,
+                attempt,
                 result,
-            } => state.finished(&job_id, &trainer, result)?,
+            } => state.finished(&job_id, &trainer, attempt, result)?,
             JobMsg::TrainersChanged => {
                 let live = state.directory.trainers();
-                let lost: Vec<(String, String)> = state
+                state.refused.retain(|t, _| live.contains_key(t));
+                let lost: Vec<(String, (String, u32))> = state
                     .busy
                     .iter()
                     .filter(|(t, _)| !live.contains_key(*t))
                     .map(|(t, j)| (t.clone(), j.clone()))
                     .collect();
-                for (trainer, job) in lost {
-                    tracing::warn!(%trainer, %job, "trainer lost while running a job; re-queued");
+                for (trainer, (job, attempt)) in lost {
                     state.busy.remove(&trainer);
                     state.tokens_per_s.remove(&job);
-                    state.store.requeue(&job)?;
-                    state.notify_state(&job);
+                    state.interrupted(
+                        &job,
+                        &format!("trainer {trainer} was lost while attempt {attempt} ran"),
+                    )?;
                 }
                 state.dispatch();
             }
+            JobMsg::Dispatch => state.dispatch(),
             JobMsg::Shutdown(reply) => {
-                for (trainer, job) in &state.busy {
+                for (trainer, (job, _)) in &state.busy {
                     if let Some(t) = state.directory.trainers().get(trainer) {
                         t.cancel(job, true);
                     }
                 }
+                // Open `/jobs/{id}/events` streams end now: they must not hold the HTTP drain.
+                state.subscribers.clear();
                 state.draining.get_or_insert_with(Vec::new).push(reply);
                 state.maybe_drained();
             }
@@ -227,11 +278,13 @@ impl JobManagerState {
                 return;
             }
         };
+        let now = Instant::now();
+        self.refused.retain(|_, until| *until > now);
         let mut idle: Vec<(String, crate::directory::TrainerEntry)> = self
             .directory
             .trainers()
             .into_iter()
-            .filter(|(name, _)| !self.busy.contains_key(name))
+            .filter(|(name, _)| !self.busy.contains_key(name) && !self.refused.contains_key(name))
             .collect();
         idle.reverse();
         for id in queued {
@@ -240,25 +293,85 @@ impl JobManagerState {
             };
             let started = (|| {
                 let spec = self.store.spec(&id)?;
-                let attempts = self.store.get(&id, false)?.attempts;
-                trainer
-                    .run(Assignment {
-                        job_id: id.clone(),
-                        job: spec.train,
-                        resume: attempts > 0,
-                    })
-                    .map_err(|e| JobError::Store(format!("trainer {name}: {e}")))?;
-                self.store.mark_running(&id, &name, &trainer.node)
+                let resume = self.store.get(&id, false)?.attempts > 0;
+                let attempt = self.store.mark_running(&id, &name, &trainer.node)?;
+                let sent = trainer.run(Assignment {
+                    job_id: id.clone(),
+                    attempt,
+                    job: spec.train,
+                    resume,
+                });
+                if let Err(e) = sent {
+                    self.store.requeue(&id)?;
+                    return Err(JobError::Store(format!("trainer {name}: {e}")));
+                }
+                Ok(attempt)
             })();
             match started {
-                Ok(()) => {
-                    tracing::info!(job = %id, trainer = %name, "job assigned");
-                    self.busy.insert(name, id.clone());
+                Ok(attempt) => {
+                    tracing::info!(job = %id, trainer = %name, attempt, "job assigned");
+                    self.busy.insert(name, (id.clone(), attempt));
                     self.notify_state(&id);
                 }
                 Err(e) => tracing::error!(job = %id, error = %e, "could not start job"),
             }
         }
+    }
+
+    /// No two live jobs write the same directory or one inside the other (a checkpoint directory
+    /// of one would be deleted by the other's `save_total_limit`).
+    fn output_conflict(&self, path: &Path) -> Result<(), JobError> {
+        for (id, status, other) in self.store.live_outputs()? {
+            if other.starts_with(path) || path.starts_with(&other) {
+                return Err(JobError::OutputConflict {
+                    path: path.display().to_string(),
+                    other: id,
+                    other_path: other.display().to_string(),
+                    state: status.as_str().to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a report of `attempt` of `job` by `trainer` is of the attempt that runs now.
+    fn is_current(&self, trainer: &str, job: &str, attempt: u32) -> bool {
+        self.busy
+            .get(trainer)
+            .is_some_and(|(j, a)| j == job && *a == attempt)
+    }
+
+    /// A report of an attempt that no longer runs: its trainer stops it without writing.
+    fn stale(&self, trainer: &str, job: &str, attempt: u32) {
+        tracing::warn!(%trainer, %job, attempt, "report of a stale attempt ignored; its trainer is told to stop without writing");
+        if let Some(t) = self.directory.trainers().get(trainer) {
+            t.fence(job, attempt);
+        }
+    }
+
+    /// An attempt ended without an outcome: cancelled if that was asked, failed after
+    /// `max_attempts` such ends, otherwise queued again to resume from its checkpoint.
+    fn interrupted(&mut self, id: &str, why: &str) -> Result<(), JobError> {
+        if self.store.cancel_requested(id)? {
+            self.store.finish(id, JobState::Cancelled, None, None)?;
+            tracing::info!(job = %id, %why, "job cancelled (the cancel was asked before it stopped)");
+        } else {
+            let n = self.store.interrupted(id, why)?;
+            if n >= self.max_attempts {
+                let error = format!(
+                    "gave up after {n} attempts that ended without an outcome (jobs.max_attempts = {}); the last: {why}",
+                    self.max_attempts
+                );
+                tracing::error!(job = %id, %error, "job failed");
+                self.store
+                    .finish(id, JobState::Failed, Some(&error), None)?;
+            } else {
+                tracing::warn!(job = %id, %why, interruptions = n, "job re-queued to resume from its checkpoint");
+                self.store.requeue(id)?;
+            }
+        }
+        self.notify_state(id);
+        Ok(())
     }
 
     fn cancel(&mut self, id: &str) -> Result<JobRecord, JobError> {
@@ -272,7 +385,7 @@ impl JobManagerState {
             }
             JobState::Running => {
                 self.store.request_cancel(id)?;
-                if let Some((trainer, _)) = self.busy.iter().find(|(_, j)| *j == id) {
+                if let Some((trainer, _)) = self.busy.iter().find(|(_, (j, _))| j == id) {
                     if let Some(t) = self.directory.trainers().get(trainer) {
                         t.cancel(id, false);
                     }
@@ -289,9 +402,15 @@ impl JobManagerState {
         self.store.get(id, false)
     }
 
-    fn finished(&mut self, id: &str, trainer: &str, result: RunResult) -> Result<(), JobError> {
-        if self.busy.get(trainer).map(String::as_str) != Some(id) {
-            tracing::warn!(job = %id, %trainer, "report from a trainer not running this job; ignored");
+    fn finished(
+        &mut self,
+        id: &str,
+        trainer: &str,
+        attempt: u32,
+        result: RunResult,
+    ) -> Result<(), JobError> {
+        if !self.is_current(trainer, id, attempt) {
+            tracing::warn!(job = %id, %trainer, attempt, "result of an attempt that is not the current one; ignored");
             return Ok(());
         }
         self.busy.remove(trainer);
@@ -314,6 +433,19 @@ impl JobManagerState {
                     self.store.requeue(id)?;
                     tracing::info!(job = %id, step, "job stopped at a checkpoint; back in the queue");
                 }
+            }
+            RunResult::Refused { reason } => {
+                // Not a failed attempt: the job waits for another trainer, and this one is left
+                // alone for a while (no assign-refuse loop).
+                tracing::warn!(job = %id, %trainer, %reason, "trainer refused the job; back in the queue");
+                if self.store.cancel_requested(id)? {
+                    self.store.finish(id, JobState::Cancelled, None, None)?;
+                } else {
+                    self.store.requeue(id)?;
+                }
+                self.refused
+                    .insert(trainer.to_string(), Instant::now() + REFUSED_BACKOFF);
+                let _ = self.myself.send_after(REFUSED_BACKOFF, || JobMsg::Dispatch);
             }
         }
         self.notify_state(id);

@@ -1,5 +1,6 @@
 //! Fine-tune jobs in an embedded SQLite database: one row per job, one row per progress point,
-//! so a head that restarts (or crashes) loses no job and no history.
+//! so a head that restarts (or crashes) loses no job and no history. State changes are committed
+//! with `synchronous = FULL` (on the disk before the call returns); progress points with `NORMAL`.
 
 use std::path::Path;
 
@@ -30,7 +31,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     summary TEXT,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    interruptions INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
 CREATE TABLE IF NOT EXISTS progress (
@@ -59,7 +61,44 @@ impl JobStore {
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(store_err)?;
         conn.execute_batch(SCHEMA).map_err(store_err)?;
+        // Databases from before `interruptions` existed.
+        let has_interruptions: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'interruptions'")
+            .and_then(|mut s| s.exists([]))
+            .map_err(store_err)?;
+        if !has_interruptions {
+            conn.execute_batch(
+                "ALTER TABLE jobs ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0",
+            )
+            .map_err(store_err)?;
+        }
         Ok(Self { conn })
+    }
+
+    /// Output paths of queued and running jobs: (id, state, output path).
+    pub fn live_outputs(&self) -> Result<Vec<(String, JobState, std::path::PathBuf)>, JobError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, status, spec FROM jobs WHERE status IN ('queued', 'running')")
+            .map_err(store_err)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .map_err(store_err)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(store_err)?;
+        rows.into_iter()
+            .map(|(id, status, spec)| {
+                let train: TrainJob = serde_json::from_str(&spec).map_err(store_err)?;
+                let status = JobState::parse(&status).unwrap_or(JobState::Queued);
+                Ok((id, status, train.output_path))
+            })
+            .collect()
     }
 
     pub fn insert(&self, id: &str, spec: &JobSpec) -> Result<JobRecord, JobError> {
@@ -69,17 +108,18 @@ impl JobStore {
                 r.get(0)
             })
             .map_err(store_err)?;
-        self.conn
+        let spec_json = serde_json::to_string(&spec.train).map_err(store_err)?;
+        self.durable(|conn| conn
             .execute(
                 "INSERT INTO jobs (id, seq, status, priority, spec, created_at) VALUES (?1, ?2, 'queued', ?3, ?4, ?5)",
                 params![
                     id,
                     seq,
                     spec.priority.as_str(),
-                    serde_json::to_string(&spec.train).map_err(store_err)?,
+                    spec_json,
                     now_s()
                 ],
-            )
+            ))
             .map_err(store_err)?;
         self.get(id, false)
     }
@@ -198,20 +238,33 @@ impl JobStore {
             .collect()
     }
 
-    pub fn mark_running(&self, id: &str, trainer: &str, node: &str) -> Result<(), JobError> {
+    /// Starts the job's next attempt on `trainer`; returns the attempt's number.
+    pub fn mark_running(&self, id: &str, trainer: &str, node: &str) -> Result<u32, JobError> {
         self.exec(
             "UPDATE jobs SET status = 'running', trainer = ?2, node = ?3, attempts = attempts + 1,
              started_at = COALESCE(started_at, ?4) WHERE id = ?1",
             params![id, trainer, node, now_s()],
-        )
+        )?;
+        Ok(self.get(id, false)?.attempts)
     }
 
-    /// Back to the queue (a lost trainer, a head shutdown): it resumes from its checkpoint.
+    /// Back to the queue (a head shutdown, a trainer that refused it): it resumes from its
+    /// checkpoint.
     pub fn requeue(&self, id: &str) -> Result<(), JobError> {
         self.exec(
             "UPDATE jobs SET status = 'queued' WHERE id = ?1 AND status = 'running'",
             params![id],
         )
+    }
+
+    /// Counts an attempt that ended without an outcome and keeps why (shown as `error` while the
+    /// job waits); returns the job's count of such attempts.
+    pub fn interrupted(&self, id: &str, why: &str) -> Result<u32, JobError> {
+        self.exec(
+            "UPDATE jobs SET interruptions = interruptions + 1, error = ?2 WHERE id = ?1",
+            params![id, why],
+        )?;
+        Ok(self.get(id, false)?.interruptions)
     }
 
     pub fn request_cancel(&self, id: &str) -> Result<(), JobError> {
@@ -253,18 +306,21 @@ impl JobStore {
 
     pub fn add_progress(&self, id: &str, point: &ProgressPoint) -> Result<(), JobError> {
         // A resumed run repeats the steps after its checkpoint: keep the newest of each step.
-        self.exec(
-            "DELETE FROM progress WHERE job_id = ?1 AND step >= ?2",
-            params![id, point.step as i64],
-        )?;
-        self.exec(
-            "INSERT INTO progress (job_id, step, point) VALUES (?1, ?2, ?3)",
-            params![
-                id,
-                point.step as i64,
-                serde_json::to_string(point).map_err(store_err)?
-            ],
-        )
+        // Progress is frequent and can be replayed: it skips the fsync of state changes.
+        let point_json = serde_json::to_string(point).map_err(store_err)?;
+        self.conn
+            .execute(
+                "DELETE FROM progress WHERE job_id = ?1 AND step >= ?2",
+                params![id, point.step as i64],
+            )
+            .and_then(|_| {
+                self.conn.execute(
+                    "INSERT INTO progress (job_id, step, point) VALUES (?1, ?2, ?3)",
+                    params![id, point.step as i64, point_json],
+                )
+            })
+            .map(|_| ())
+            .map_err(store_err)
     }
 
     pub fn history(&self, id: &str) -> Result<Vec<ProgressPoint>, JobError> {
@@ -298,15 +354,35 @@ impl JobStore {
             .transpose()
     }
 
+    /// A state change: committed with `synchronous = FULL`.
     fn exec(&self, sql: &str, params: impl rusqlite::Params) -> Result<(), JobError> {
-        self.conn
-            .execute(sql, params)
+        self.durable(|conn| conn.execute(sql, params))
             .map(|_| ())
             .map_err(store_err)
     }
+
+    /// Runs `f` with `synchronous = FULL`, then back to `NORMAL`.
+    fn durable<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        let result = f(&self.conn);
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        result
+    }
+
+    /// The connection's `synchronous` setting (1 = NORMAL, 2 = FULL), and the one a state change
+    /// runs with.
+    pub fn synchronous_levels(&self) -> Result<(i64, i64), JobError> {
+        let get = |c: &Connection| c.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0));
+        let normal = get(&self.conn).map_err(store_err)?;
+        let full = self.durable(get).map_err(store_err)?;
+        Ok((normal, full))
+    }
 }
 
-const COLUMNS: &str = "id, status, priority, spec, created_at, started_at, finished_at, trainer, node, attempts, error, summary";
+const COLUMNS: &str = "id, status, priority, spec, created_at, started_at, finished_at, trainer, node, attempts, error, summary, interruptions";
 
 fn row_to_record(r: &Row<'_>) -> rusqlite::Result<JobRecord> {
     let bad = |i: usize, e: String| {
@@ -337,6 +413,7 @@ fn row_to_record(r: &Row<'_>) -> rusqlite::Result<JobRecord> {
         trainer: r.get(7)?,
         node: r.get(8)?,
         attempts: r.get::<_, i64>(9)? as u32,
+        interruptions: r.get::<_, i64>(12)? as u32,
         progress: None,
         error: r.get(10)?,
         summary,
@@ -381,7 +458,7 @@ mod tests {
         {
             let store = JobStore::open(&path).unwrap();
             store.insert("a", &spec(Priority::Normal)).unwrap();
-            store.mark_running("a", "trainer-0", "head").unwrap();
+            assert_eq!(store.mark_running("a", "trainer-0", "head").unwrap(), 1);
             store.add_progress("a", &point(1, 2.0)).unwrap();
             store.add_progress("a", &point(2, 1.5)).unwrap();
         }
@@ -429,5 +506,22 @@ mod tests {
         assert_eq!(failed.error.as_deref(), Some("boom"));
         let counts = store.counts().unwrap();
         assert!(counts.contains(&(JobState::Queued, 4)));
+    }
+
+    #[test]
+    fn state_changes_are_synchronous_full_and_interruptions_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::open(&dir.path().join("j.sqlite")).unwrap();
+        assert_eq!(store.synchronous_levels().unwrap(), (1, 2));
+        store.insert("a", &spec(Priority::Normal)).unwrap();
+        assert_eq!(store.mark_running("a", "t", "head").unwrap(), 1);
+        assert_eq!(store.interrupted("a", "the head stopped").unwrap(), 1);
+        store.requeue("a").unwrap();
+        assert_eq!(store.mark_running("a", "t", "head").unwrap(), 2);
+        let a = store.get("a", false).unwrap();
+        assert_eq!((a.attempts, a.interruptions), (2, 1));
+        assert_eq!(a.error.as_deref(), Some("the head stopped"));
+        let live = store.live_outputs().unwrap();
+        assert_eq!(live, vec![("a".into(), JobState::Running, "/out/a".into())]);
     }
 }

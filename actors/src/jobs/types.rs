@@ -1,5 +1,6 @@
-//! What a fine-tune job is: its spec, state, priority, progress history and outcome. Serde types,
-//! shared by the store, the actors, the HTTP facade and (issue 6) other nodes.
+//! What a fine-tune job is: its spec, state, priority, the assignment of one attempt to a trainer,
+//! its progress history and outcome. Serde types, shared by the store, the actors, the HTTP facade
+//! and other nodes.
 
 use std::path::PathBuf;
 
@@ -89,6 +90,18 @@ pub struct JobSpec {
     pub priority: Priority,
 }
 
+/// One attempt of a job handed to a trainer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub job_id: String,
+    /// The attempt number (1 for the first run): every progress point and result carries it, and
+    /// the job manager ignores those of any attempt but the current one.
+    pub attempt: u32,
+    pub job: TrainJob,
+    /// Continue from the latest checkpoint under the output path (a re-queued job).
+    pub resume: bool,
+}
+
 /// One point of a job's progress history.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProgressPoint {
@@ -133,6 +146,10 @@ pub enum RunResult {
     Stopped {
         step: usize,
     },
+    /// Not started: the trainer was busy with another job. Not an attempt that failed.
+    Refused {
+        reason: String,
+    },
 }
 
 /// A job as stored and as `GET /jobs/{id}` shows it.
@@ -151,8 +168,11 @@ pub struct JobRecord {
     /// The trainer (and node) running it, or that ran it last.
     pub trainer: Option<String>,
     pub node: Option<String>,
-    /// Times a trainer started it (more than one after a resume).
+    /// Times a trainer was given it (more than one after a resume); the current attempt's number.
     pub attempts: u32,
+    /// Attempts that ended without an outcome (the head or the trainer crashed or was lost);
+    /// at `jobs.max_attempts` the job fails.
+    pub interruptions: u32,
     /// The latest progress point.
     pub progress: Option<ProgressPoint>,
     pub error: Option<String>,
@@ -199,4 +219,12 @@ pub enum JobError {
     Store(String),
     #[error("the job manager is not running; retry shortly")]
     Unavailable,
+    /// Two live jobs would write the same directory, or one inside the other.
+    #[error("output_path: `{path}` overlaps `{other_path}`, where job {other} ({state}) writes; no two queued or running jobs may write the same directory or one inside the other")]
+    OutputConflict {
+        path: String,
+        other: String,
+        other_path: String,
+        state: String,
+    },
 }

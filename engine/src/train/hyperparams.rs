@@ -39,6 +39,8 @@ pub struct Hyperparameters {
     pub eval_fraction: f64,
     /// Checkpoint every this many optimizer steps (0: only at the end).
     pub save_every_steps: usize,
+    /// Keep only the newest this many `checkpoint-<step>/` directories (0: keep all).
+    pub save_total_limit: usize,
     /// Skip (and count) invalid dataset lines instead of failing the job.
     pub skip_invalid: bool,
 }
@@ -65,6 +67,7 @@ impl Default for Hyperparameters {
             seed: 42,
             eval_fraction: 0.0,
             save_every_steps: 0,
+            save_total_limit: 3,
             skip_invalid: false,
         }
     }
@@ -227,6 +230,7 @@ mod tests {
             (16, 32.0, 3, 4)
         );
         assert_eq!(h.targets().len(), 7);
+        assert_eq!(h.save_total_limit, 3);
         assert_eq!(h.scale(), 2.0);
     }
 

@@ -5,7 +5,7 @@
 //! resume. Randomness (data order, dropout) is a function of the seed, the step and the layer, so a
 //! resumed run repeats the uninterrupted one.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,9 +17,11 @@ use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::model::Llama;
 use crate::tokenizer::Tokenizer;
+use crate::train::checkpoint::{self, Fence, TrainerState};
+pub use crate::train::checkpoint::{checkpoint_step, latest_checkpoint};
 use crate::train::dataset::{self, DatasetError, Example};
 use crate::train::hyperparams::{HyperparameterError, TrainJob};
-use crate::train::lora_params::{peft_config, LoraParams};
+use crate::train::lora_params::LoraParams;
 use crate::train::optimizer::{clip_grad_norm, learning_rate, AdamW};
 
 /// What a trainer reports after every optimizer step.
@@ -78,6 +80,9 @@ pub enum TrainError {
     TensorParallel(usize),
     #[error("tensor error: {0}")]
     Tensor(#[from] tch::TchError),
+    /// A newer attempt of the same job owns the output path: this run stopped without writing.
+    #[error("attempt {attempt} of this job is superseded ({why}); stopped without writing")]
+    Superseded { attempt: u32, why: String },
 }
 
 /// How a run starts and stops.
@@ -91,15 +96,12 @@ pub struct TrainOptions {
     /// On cancel, first save a checkpoint of the steps done since the last one (a head shutting
     /// down keeps its jobs' work; a user's cancel does not need it). Read when the cancel is seen.
     pub checkpoint_on_cancel: Arc<AtomicBool>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct TrainerState {
-    step: usize,
-    total_steps: usize,
-    tokens: u64,
-    losses: Vec<f64>,
-    hyperparameters: crate::train::hyperparams::Hyperparameters,
+    /// The job manager's attempt number (0: a run outside the job manager, never fenced). Written
+    /// into the output path and every checkpoint; a run whose attempt is older than the one
+    /// recorded there stops without writing.
+    pub attempt: u32,
+    /// Set when the job manager says this attempt is stale: stop at once, write nothing.
+    pub stale: Arc<AtomicBool>,
 }
 
 /// Runs `job` on `model` (frozen) and writes the adapter under `job.output_path`.
@@ -136,6 +138,8 @@ pub fn train(
         path: out.clone(),
         source,
     })?;
+    let fence = Fence::claim(out, options.attempt, options.stale.clone())?;
+    checkpoint::remove_leftovers(out);
     let mut lora = LoraParams::init(model.config(), h, device);
     let mut opt = AdamW::new(&lora.tensors(), h.weight_decay);
     let mut state = TrainerState {
@@ -144,11 +148,15 @@ pub fn train(
         tokens: 0,
         losses: Vec::new(),
         hyperparameters: h.clone(),
+        attempt: options.attempt,
     };
     let mut resumed_from_step = None;
     if options.resume {
-        if let Some(dir) = latest_checkpoint(out) {
-            state = restore(&dir, &mut lora, &mut opt, h)?;
+        if let Some((dir, restored)) = checkpoint::restore_latest(out, &mut lora, &mut opt, h)? {
+            state = TrainerState {
+                attempt: options.attempt,
+                ..restored
+            };
             resumed_from_step = Some(state.step);
             tracing::info!(checkpoint = %dir.display(), step = state.step, "resuming");
         }
@@ -158,19 +166,21 @@ pub fn train(
     let start_step = state.step;
     let mut epoch_order: Option<(usize, Vec<usize>)> = None;
     while state.step < total_steps {
+        fence.check_stale()?;
         if options.cancel.load(Ordering::Relaxed) {
             let saved_step = last_checkpoint.as_deref().and_then(checkpoint_step);
             if options.checkpoint_on_cancel.load(Ordering::Relaxed)
                 && state.step > 0
                 && saved_step != Some(state.step)
             {
-                last_checkpoint = Some(save_checkpoint(
+                last_checkpoint = Some(checkpoint::save(
                     out,
                     &lora,
                     &opt,
                     &state,
                     h,
                     &options.base_model_name,
+                    &fence,
                 )?);
             }
             return Ok(TrainOutcome::Cancelled {
@@ -237,19 +247,20 @@ pub fn train(
             progress.eval_loss = Some(evaluate(model, &lora, &eval_set, h.batch_size));
         }
         if save {
-            last_checkpoint = Some(save_checkpoint(
+            last_checkpoint = Some(checkpoint::save(
                 out,
                 &lora,
                 &opt,
                 &state,
                 h,
                 &options.base_model_name,
+                &fence,
             )?);
         }
         on_progress(&progress);
     }
     // The adapter itself, beside the checkpoints, written atomically file by file.
-    write_adapter(out, &lora, h, &options.base_model_name)?;
+    checkpoint::write_adapter(out, &lora, h, &options.base_model_name, &fence)?;
     let eval_loss = (!eval_set.is_empty()).then(|| evaluate(model, &lora, &eval_set, h.batch_size));
     let summary = TrainSummary {
         final_loss: state.losses.last().copied().unwrap_or(f64::NAN),
@@ -264,7 +275,8 @@ pub fn train(
         hyperparameters: h.clone(),
         base_model: options.base_model_name.clone(),
     };
-    write_json(
+    fence.check()?;
+    checkpoint::write_json(
         &out.join("training_summary.json"),
         &serde_json::to_value(&summary).expect("serialisable"),
     )?;
@@ -374,134 +386,4 @@ fn evaluate(model: &Llama, lora: &LoraParams, examples: &[Example], batch_size: 
         }
     });
     total / count.max(1) as f64
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), TrainError> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(value).expect("json")).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
-}
-
-/// `adapter_config.json` + `adapter_model.safetensors` into `dir`.
-fn write_adapter(
-    dir: &Path,
-    lora: &LoraParams,
-    h: &crate::train::hyperparams::Hyperparameters,
-    base: &str,
-) -> Result<(), TrainError> {
-    let tmp = dir.join(".adapter.tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    lora.save_weights(&tmp)?;
-    write_json(&tmp.join("adapter_config.json"), &peft_config(h, base))?;
-    for f in ["adapter_model.safetensors", "adapter_config.json"] {
-        std::fs::rename(tmp.join(f), dir.join(f)).map_err(io(&dir.join(f)))?;
-    }
-    std::fs::remove_dir_all(&tmp).map_err(io(&tmp))
-}
-
-/// Writes `checkpoint-<step>/` via a temporary directory and a rename, so a crash never leaves a
-/// partial checkpoint behind.
-fn save_checkpoint(
-    out: &Path,
-    lora: &LoraParams,
-    opt: &AdamW,
-    state: &TrainerState,
-    h: &crate::train::hyperparams::Hyperparameters,
-    base: &str,
-) -> Result<PathBuf, TrainError> {
-    let dir = out.join(format!("checkpoint-{}", state.step));
-    let tmp = out.join(format!(".checkpoint-{}.tmp", state.step));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    lora.save_weights(&tmp)?;
-    write_json(&tmp.join("adapter_config.json"), &peft_config(h, base))?;
-    let mut moments: Vec<(String, Tensor)> = Vec::new();
-    for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
-        moments.push((format!("m.{i}"), m.to_device(Device::Cpu).contiguous()));
-        moments.push((format!("v.{i}"), v.to_device(Device::Cpu).contiguous()));
-    }
-    Tensor::write_safetensors(&moments, tmp.join("optimizer.safetensors"))?;
-    write_json(
-        &tmp.join("trainer_state.json"),
-        &serde_json::to_value(state).expect("json"),
-    )?;
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
-    Ok(dir)
-}
-
-/// The complete checkpoint with the highest step under `out`.
-/// The step a `checkpoint-<step>` directory holds.
-pub fn checkpoint_step(dir: &Path) -> Option<usize> {
-    dir.file_name()?
-        .to_str()?
-        .strip_prefix("checkpoint-")?
-        .parse()
-        .ok()
-}
-
-pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
-    std::fs::read_dir(out)
-        .ok()?
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let step: usize = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            e.path()
-                .join("trainer_state.json")
-                .exists()
-                .then(|| (step, e.path()))
-        })
-        .max_by_key(|(s, _)| *s)
-        .map(|(_, p)| p)
-}
-
-fn restore(
-    dir: &Path,
-    lora: &mut LoraParams,
-    opt: &mut AdamW,
-    h: &crate::train::hyperparams::Hyperparameters,
-) -> Result<TrainerState, TrainError> {
-    let bad = |message: String| TrainError::Checkpoint {
-        path: dir.to_path_buf(),
-        message,
-    };
-    let text = std::fs::read_to_string(dir.join("trainer_state.json")).map_err(io(dir))?;
-    let state: TrainerState = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    if state.hyperparameters != *h {
-        return Err(bad(
-            "its hyperparameters differ from this job's; resume needs the same ones".into(),
-        ));
-    }
-    lora.load_weights(dir).map_err(bad)?;
-    let saved: std::collections::HashMap<String, Tensor> =
-        crate::weights::read_safetensors(&dir.join("optimizer.safetensors"))
-            .map_err(|e| bad(e.to_string()))?
-            .into_iter()
-            .collect();
-    let device = lora.tensors()[0].device();
-    tch::no_grad(|| -> Result<(), TrainError> {
-        for i in 0..opt.m.len() {
-            for (name, dst) in [
-                (format!("m.{i}"), &mut opt.m[i]),
-                (format!("v.{i}"), &mut opt.v[i]),
-            ] {
-                let src = saved
-                    .get(&name)
-                    .ok_or_else(|| bad(format!("optimizer state lacks `{name}`")))?;
-                *dst = src.to_device(device);
-            }
-        }
-        Ok(())
-    })?;
-    opt.step = state.step as i64;
-    Ok(state)
 }
