@@ -598,7 +598,9 @@ impl Reader {
             8 => Value::String(self.string(&what)?),
             9 => {
                 if depth >= MAX_ARRAY_DEPTH {
-                    return Err(self.too_large(&format!("array nesting of `{key}`"), depth as u64 + 1));
+                    return Err(
+                        self.too_large(&format!("array nesting of `{key}`"), depth as u64 + 1)
+                    );
                 }
                 let item_type = self.u32(&what)?;
                 let len = self.u64(&what)?;

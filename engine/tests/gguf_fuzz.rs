@@ -204,13 +204,21 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         Just(u64::MAX / 2 + 1),
         any::<u64>(),
     ];
-    let half = prop_oneof![Just(0u32), Just(8), Just(9), Just(13), Just(u32::MAX), any::<u32>()];
+    let half = prop_oneof![
+        Just(0u32),
+        Just(8),
+        Just(9),
+        Just(13),
+        Just(u32::MAX),
+        any::<u32>()
+    ];
     prop_oneof![
         (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Byte(i, b)),
         (any::<usize>(), word).prop_map(|(i, w)| Mutation::Word(i, w)),
         (any::<usize>(), half).prop_map(|(i, h)| Mutation::Half(i, h)),
         any::<usize>().prop_map(Mutation::Truncate),
-        (any::<usize>(), any::<usize>(), 1usize..64).prop_map(|(a, b, n)| Mutation::Splice(a, b, n)),
+        (any::<usize>(), any::<usize>(), 1usize..64)
+            .prop_map(|(a, b, n)| Mutation::Splice(a, b, n)),
     ]
 }
 
