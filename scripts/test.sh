@@ -8,7 +8,9 @@ export TESSERA_MODEL_PATH
 TESSERA_MODEL_PATH=$(scripts/fetch-model.sh)
 # The official `openai` client checks the OpenAI-compatible routes (tests/openai_client.py).
 python -c "import openai" 2>/dev/null || python -m pip install --quiet "openai>=1.40"
-export TESSERA_PYTHON TESSERA_REQUIRE_OPENAI=1
+# schemathesis fuzzes every route from /openapi.json (tests/schema_fuzz.rs, tests/schema_fuzz.py).
+python -c "import schemathesis" 2>/dev/null || python -m pip install --quiet "schemathesis>=4,<5"
+export TESSERA_PYTHON TESSERA_REQUIRE_OPENAI=1 TESSERA_REQUIRE_SCHEMATHESIS=1
 TESSERA_PYTHON=$(command -v python)
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -18,6 +18,7 @@ pub const NON_CONFIG_ENV: &[&str] = &[
     "TESSERA_REFERENCE_DIR",
     "TESSERA_PYTHON",
     "TESSERA_REQUIRE_OPENAI",
+    "TESSERA_REQUIRE_SCHEMATHESIS",
     "TESSERA_TEST_HOOKS",
 ];
 
@@ -94,6 +95,8 @@ pub struct ServerConfig {
     pub request_timeout_secs: u64,
     pub allow_unauthenticated: bool,
     pub shutdown_grace_secs: u64,
+    pub max_connections: u32,
+    pub body_read_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -124,6 +127,7 @@ pub enum DtypeSetting {
 pub struct ModelConfig {
     pub path: String,
     pub dtype: DtypeSetting,
+    pub models_root: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -146,6 +150,7 @@ pub struct BatchingConfig {
     pub max_waiting: u32,
     pub prefix_cache: bool,
     pub prefix_cache_tokens: u64,
+    pub max_in_flight: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -168,6 +173,7 @@ pub struct TrainingConfig {
 pub struct JobsConfig {
     pub db_path: String,
     pub max_attempts: u32,
+    pub max_queued: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -336,6 +342,21 @@ impl Config {
                 return Err(bad(key, "must be at least 1".into()));
             }
         }
+        for (key, v) in [
+            (
+                "server.max_connections",
+                u64::from(self.server.max_connections),
+            ),
+            (
+                "server.body_read_timeout_secs",
+                self.server.body_read_timeout_secs,
+            ),
+            ("jobs.max_queued", u64::from(self.jobs.max_queued)),
+        ] {
+            if v == 0 {
+                return Err(bad(key, "must be at least 1".into()));
+            }
+        }
         if self.adapters.cache_size == 0 {
             return Err(bad("adapters.cache_size", "must be at least 1".into()));
         }
@@ -447,6 +468,24 @@ impl Config {
                 0 => None,
                 n => Some(n as usize),
             },
+        }
+    }
+
+    /// Requests one replica may hold before the router refuses more (`batching.max_in_flight`).
+    pub fn max_in_flight(&self) -> usize {
+        let b = &self.batching;
+        match b.max_in_flight {
+            0 => b.max_batch_size as usize + b.max_waiting as usize,
+            n => n as usize,
+        }
+    }
+
+    /// Where `base_model` may point: `model.models_root`, or the models cache.
+    pub fn models_root(&self) -> PathBuf {
+        if self.model.models_root.is_empty() {
+            cache_dir().join("models")
+        } else {
+            expand_home(&self.model.models_root)
         }
     }
 

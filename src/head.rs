@@ -13,6 +13,7 @@ use tessera_actors::{Node, NodeConfig};
 use tokio::net::TcpListener;
 
 use crate::config::{expand_home, Config, DtypeSetting};
+use crate::http::listener::CappedListener;
 use crate::http::metrics::Metrics;
 use crate::http::paths::Roots;
 use crate::http::{app, AppState, Shared};
@@ -38,6 +39,7 @@ pub fn node_config(config: &Config, node_name: &str) -> NodeConfig {
         db_path: expand_home(&config.jobs.db_path),
         restart: config.supervision.clone(),
         affinity_slack: config.adapters.affinity_slack as usize,
+        max_in_flight: config.max_in_flight(),
         job_manager: true,
         max_attempts: config.jobs.max_attempts,
     }
@@ -55,8 +57,10 @@ pub async fn start(config: &Config) -> anyhow::Result<AppState> {
     let roots = Roots::new(
         &expand_home(&config.adapters.root),
         &expand_home(&config.training.data_root),
+        &config.models_root(),
+        &model,
     )
-    .context("creating adapters.root / training.data_root")?;
+    .context("creating adapters.root / training.data_root / model.models_root")?;
     let node = Node::start(node_config(config, "head"))
         .await
         .context("starting the actor tree")?;
@@ -85,6 +89,10 @@ pub async fn start(config: &Config) -> anyhow::Result<AppState> {
         auth_token: (!token.is_empty()).then_some(token),
         request_timeout: Duration::from_secs(config.server.request_timeout_secs),
         max_body_bytes: config.server.max_body_bytes as usize,
+        body_read_timeout: Duration::from_secs(config.server.body_read_timeout_secs),
+        max_connections: config.server.max_connections as usize,
+        max_queued_jobs: config.jobs.max_queued as usize,
+        adapter_budget_bytes: config.adapters.cache_memory_mb << 20,
         metrics: Metrics::new(),
         test_hooks: std::env::var("TESSERA_TEST_HOOKS").is_ok_and(|v| v == "1"),
         started: Instant::now(),
@@ -100,6 +108,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let node = state.node.clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let listener = CappedListener::new(listener, state.max_connections);
     let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
         shutdown.await;
         tracing::info!("shutting down: no new connections; finishing in-flight requests");

@@ -1,7 +1,10 @@
 //! The inference actor: one per replica. It owns an [`Engine`] (model on the replica's devices,
 //! tensor parallel across them, its own OS thread and adapter cache) and is the replica's mailbox:
 //! [`ChatWork`] in, [`StreamEvent`]s out through a bounded channel (a slow client slows only its
-//! own stream; a client gone cancels its sequence).
+//! own stream; a client gone cancels its sequence). The mailbox is bounded by the router's
+//! admission control (each request holds a [`Lease`] until its generation ends); rendering and
+//! tokenizing a prompt runs on a blocking thread, never on the async runtime, and is skipped for a
+//! client already gone.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,12 +19,18 @@ use tokio::sync::mpsc;
 use crate::messages::{
     ChatWork, PromptInput, ServeError, ServeErrorKind, StreamEvent, TokenOut, TopLogprob,
 };
-use crate::router::Router;
+use crate::router::{Lease, Router};
 
 pub enum InferenceMsg {
     Generate {
         work: ChatWork,
         sink: mpsc::Sender<StreamEvent>,
+        /// Counts the request against the replica's `max_in_flight` until it ends here.
+        lease: Lease,
+    },
+    /// The engine thread is gone (seen while submitting `request_id`): restart the replica.
+    EngineStopped {
+        request_id: String,
     },
     Stats(RpcReplyPort<SchedulerStats>),
     /// Test hook: make the actor panic (only sent when test hooks are enabled).
@@ -82,32 +91,22 @@ impl Actor for InferenceActor {
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         msg: InferenceMsg,
         state: &mut InferenceState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            InferenceMsg::Generate { work, sink } => {
-                let request_id = work.request_id.clone();
-                match submit(&state.engine, work) {
-                    Ok((generation, prompt_tokens)) => {
-                        let tokenizer = state.engine.tokenizer().clone();
-                        let replica = state.name.clone();
-                        tokio::spawn(forward(generation, tokenizer, sink, replica, prompt_tokens));
-                    }
-                    Err(Failure::Request(e)) => {
-                        let _ = sink.send(StreamEvent::Error(e)).await;
-                    }
-                    Err(Failure::EngineStopped) => {
-                        let e = ServeError::unavailable(format!(
-                            "replica {} stopped; it is being restarted, retry shortly",
-                            state.name
-                        ));
-                        let _ = sink.send(StreamEvent::Error(e)).await;
-                        // Broken: let the supervisor restart us with a fresh engine.
-                        return Err(format!("engine stopped (request {request_id})").into());
-                    }
-                }
+            InferenceMsg::Generate { work, sink, lease } => {
+                let engine = state.engine.clone();
+                let replica = state.name.clone();
+                tokio::spawn(async move {
+                    serve(engine, work, sink, replica, myself).await;
+                    drop(lease);
+                });
+            }
+            InferenceMsg::EngineStopped { request_id } => {
+                // Broken: let the supervisor restart us with a fresh engine.
+                return Err(format!("engine stopped (request {request_id})").into());
             }
             InferenceMsg::Stats(reply) => {
                 let _ = reply.send(state.engine.stats());
@@ -115,6 +114,49 @@ impl Actor for InferenceActor {
             InferenceMsg::Crash => panic!("test hook: replica {} told to crash", state.name),
         }
         Ok(())
+    }
+}
+
+/// Serves one request: renders and tokenizes its prompt on a blocking thread, queues it on the
+/// engine and forwards its events until it ends or the client goes.
+async fn serve(
+    engine: Engine,
+    work: ChatWork,
+    sink: mpsc::Sender<StreamEvent>,
+    replica: String,
+    myself: ActorRef<InferenceMsg>,
+) {
+    if sink.is_closed() {
+        // The client hung up while the request waited in the mailbox: no work for it.
+        return;
+    }
+    let request_id = work.request_id.clone();
+    let tokenizer = engine.tokenizer().clone();
+    let submitting = engine.clone();
+    let submitted = tokio::task::spawn_blocking(move || submit(&submitting, work)).await;
+    match submitted {
+        Ok(Ok((generation, prompt_tokens))) => {
+            forward(generation, tokenizer, sink, replica, prompt_tokens).await
+        }
+        Ok(Err(Failure::Request(e))) => {
+            let _ = sink.send(StreamEvent::Error(e)).await;
+        }
+        Ok(Err(Failure::EngineStopped)) => {
+            let e = ServeError::unavailable(format!(
+                "replica {replica} stopped; it is being restarted, retry shortly"
+            ));
+            let _ = sink.send(StreamEvent::Error(e)).await;
+            let _ = myself.cast(InferenceMsg::EngineStopped { request_id });
+        }
+        Err(panicked) => {
+            // A tokenizer or template panic fails this request only.
+            tracing::error!(%replica, %request_id, error = %panicked, "preparing the prompt panicked");
+            let e = ServeError::new(
+                ServeErrorKind::Internal,
+                format!("preparing the prompt failed: {panicked}"),
+            );
+            let _ = sink.send(StreamEvent::Error(e)).await;
+        }
     }
 }
 
@@ -147,12 +189,19 @@ fn submit(engine: &Engine, work: ChatWork) -> Result<(tessera_engine::Generation
     };
     let prompt_tokens = prompt.len();
     let mut params = work.params;
+    let context = engine.model_config().max_position_embeddings;
+    let room = context.saturating_sub(prompt_tokens);
     if work.clamp_max_tokens {
-        let context = engine.model_config().max_position_embeddings;
-        params.max_tokens = params
-            .max_tokens
-            .min(context.saturating_sub(prompt_tokens))
-            .max(1);
+        params.max_tokens = params.max_tokens.min(room).max(1);
+    } else if params.max_tokens > room {
+        // Checked here, without adding the two: a client's max_tokens may be near usize::MAX.
+        return Err(Failure::Request(ServeError::invalid(
+            "max_tokens",
+            format!(
+                "prompt ({prompt_tokens} tokens) + max_tokens ({}) exceeds the model's context of {context}",
+                params.max_tokens
+            ),
+        )));
     }
     let request = GenerateRequest {
         prompt,

@@ -36,6 +36,8 @@ pub struct NodeConfig {
     pub restart: RestartPolicy,
     /// See [`Router::affinity_slack`].
     pub affinity_slack: usize,
+    /// See [`Router::max_in_flight`].
+    pub max_in_flight: usize,
     /// A head keeps the job manager; a worker's trainers report to the head's.
     pub job_manager: bool,
     /// Attempts of a job that may end without an outcome (crash, lost trainer) before it fails.
@@ -121,6 +123,7 @@ impl Node {
         let router = Router::new(
             config.affinity_slack,
             config.engine.scheduler.adapter_cache_size,
+            config.max_in_flight,
         );
         let directory = Directory::default();
         let health = HealthBoard::default();

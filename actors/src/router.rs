@@ -1,7 +1,10 @@
 //! The router: the table of inference replicas (kept current by the supervisor across restarts)
 //! and the policy that picks one per request — least loaded, preferring a replica that already
 //! holds the request's adapter unless it is busier than the least-loaded one by more than a slack
-//! (adapter affinity, as Ray Serve multiplexing and LoRAX do).
+//! (adapter affinity, as Ray Serve multiplexing and LoRAX do). It is also admission control: a
+//! replica holding `max_in_flight` requests (queued in its mailbox, being tokenized, waiting or
+//! running) takes no more, and when every replica is full the request is refused (503 +
+//! Retry-After) before any work is sent.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,7 +14,7 @@ use ractor::ActorRef;
 use tokio::sync::mpsc;
 
 use crate::inference::InferenceMsg;
-use crate::messages::{ChatWork, ReplicaInfo, ServeError, StreamEvent};
+use crate::messages::{ChatWork, ReplicaInfo, ServeError, ServeErrorKind, StreamEvent};
 
 /// Events buffered per stream before the replica waits for the client (flow control).
 pub const STREAM_BUFFER: usize = 64;
@@ -63,15 +66,20 @@ pub fn pick(candidates: &[Candidate], slack: usize, rotate: usize) -> Option<usi
     }
 }
 
-/// Counts a request as in flight on its replica until dropped.
+/// Counts a request as in flight on its replica until every clone is dropped: the client's (the
+/// HTTP side) and the replica's (held from its mailbox until the generation ends), so a request
+/// whose client hung up still counts while the replica works on it.
+#[derive(Clone)]
 pub struct Lease {
-    in_flight: Arc<AtomicUsize>,
+    _count: Arc<Counted>,
     pub replica: String,
 }
 
-impl Drop for Lease {
+struct Counted(Arc<AtomicUsize>);
+
+impl Drop for Counted {
     fn drop(&mut self) {
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -90,15 +98,18 @@ pub struct Router {
     pub affinity_slack: usize,
     /// Adapters remembered per replica (its cache size).
     pub adapter_memory: usize,
+    /// Requests one replica may hold; beyond it the router refuses (admission control).
+    pub max_in_flight: usize,
 }
 
 impl Router {
-    pub fn new(affinity_slack: usize, adapter_memory: usize) -> Self {
+    pub fn new(affinity_slack: usize, adapter_memory: usize, max_in_flight: usize) -> Self {
         Self {
             slots: Arc::default(),
             rotate: Arc::default(),
             affinity_slack,
             adapter_memory: adapter_memory.max(1),
+            max_in_flight: max_in_flight.max(1),
         }
     }
 
@@ -206,9 +217,23 @@ impl Router {
         loop {
             let (actor, in_flight, name) = {
                 let mut slots = self.slots.write().expect("router");
-                let live: Vec<usize> = (0..slots.len())
+                let up: Vec<usize> = (0..slots.len())
                     .filter(|&i| slots[i].actor.is_some() && !tried.contains(&slots[i].info.name))
                     .collect();
+                let live: Vec<usize> = up
+                    .iter()
+                    .copied()
+                    .filter(|&i| slots[i].in_flight.load(Ordering::Acquire) < self.max_in_flight)
+                    .collect();
+                if live.is_empty() && !up.is_empty() {
+                    return Err(ServeError::new(
+                        ServeErrorKind::Overloaded,
+                        format!(
+                            "every replica already holds {} requests (batching.max_in_flight); retry shortly",
+                            self.max_in_flight
+                        ),
+                    ));
+                }
                 let adapter = work.as_ref().and_then(|w| w.adapter.as_deref());
                 let candidates: Vec<Candidate> = live
                     .iter()
@@ -239,15 +264,17 @@ impl Router {
                 )
             };
             let lease = Lease {
-                in_flight,
+                _count: Arc::new(Counted(in_flight)),
                 replica: name.clone(),
             };
             let (sink, events) = mpsc::channel(STREAM_BUFFER);
             let w = work.take().expect("work");
             let failed = match actor {
-                ReplicaRef::Local(actor) => match actor
-                    .cast(InferenceMsg::Generate { work: w, sink })
-                {
+                ReplicaRef::Local(actor) => match actor.cast(InferenceMsg::Generate {
+                    work: w,
+                    sink,
+                    lease: lease.clone(),
+                }) {
                     Ok(()) => None,
                     Err(e) => {
                         let ractor::MessagingErr::SendErr(InferenceMsg::Generate {
@@ -316,6 +343,54 @@ mod tests {
         let cs = [c(0, false), c(0, false), c(0, false)];
         let picks: Vec<_> = (0..3).map(|r| pick(&cs, 0, r).unwrap()).collect();
         assert_eq!(picks, vec![0, 1, 2]);
+    }
+
+    struct Accepting;
+
+    impl RemoteReplica for Accepting {
+        fn generate(
+            &self,
+            _work: ChatWork,
+            _sink: mpsc::Sender<StreamEvent>,
+        ) -> Result<(), ServeError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn admission_refuses_beyond_max_in_flight_until_every_lease_is_dropped() {
+        let router = Router::new(4, 4, 2);
+        router.add_remote(
+            ReplicaInfo {
+                name: "r0".into(),
+                node: "n".into(),
+                devices: vec![],
+                tensor_parallel: 1,
+                state: "starting".into(),
+                in_flight: 0,
+                adapters: vec![],
+                model: None,
+            },
+            Arc::new(Accepting),
+        );
+        let work = ChatWork {
+            request_id: "x".into(),
+            input: crate::messages::PromptInput::Raw("hi".into()),
+            params: tessera_engine::SamplingParams::default(),
+            clamp_max_tokens: false,
+            adapter: None,
+        };
+        let first = router.dispatch(work.clone()).unwrap();
+        let _second = router.dispatch(work.clone()).unwrap();
+        let refused = router.dispatch(work.clone()).err().unwrap();
+        assert_eq!(refused.kind, ServeErrorKind::Overloaded);
+        assert!(refused.message.contains("max_in_flight"), "{refused}");
+        // The replica's clone of the lease keeps counting after the client's is gone.
+        let replica_side = first.lease.clone();
+        drop(first);
+        assert!(router.dispatch(work.clone()).is_err());
+        drop(replica_side);
+        assert!(router.dispatch(work).is_ok());
     }
 
     #[test]

@@ -12,10 +12,22 @@ use std::path::{Path, PathBuf};
 
 const MAGIC: u32 = 0x4655_4747; // "GGUF" read as little-endian u32
 const DEFAULT_ALIGNMENT: u64 = 32;
-/// Upper bounds that stop a corrupt header from asking for absurd allocations.
+/// Upper bounds that stop a corrupt header from asking for absurd allocations. Every count is also
+/// bounded by the bytes left in the file (each item takes at least its smallest encoding), so a
+/// short file can never ask for more memory than a small multiple of its size.
 const MAX_STRING_LEN: u64 = 64 << 20;
 const MAX_ARRAY_LEN: u64 = 1 << 28;
 const MAX_DIMS: u32 = 8;
+/// Arrays of arrays nest at most this deep (llama.cpp writes none).
+const MAX_ARRAY_DEPTH: usize = 4;
+/// Metadata values (array items included) in one file: Llama 3's tokenizer holds about 400k.
+const MAX_METADATA_VALUES: u64 = 1 << 24;
+/// Vector capacity reserved up front at most; beyond it vectors grow as items are actually read.
+const MAX_RESERVE: u64 = 1 << 16;
+/// The smallest tensor info: name length (8), dimension count (4), type (4), offset (8).
+const MIN_TENSOR_INFO: u64 = 24;
+/// The smallest metadata entry: key length (8), value type (4), a one-byte value.
+const MIN_METADATA_ENTRY: u64 = 13;
 
 /// Errors while reading a GGUF file. Each names what was being read.
 #[derive(Debug, thiserror::Error)]
@@ -265,6 +277,9 @@ impl GgufFile {
         let mut r = Reader {
             inner: BufReader::new(file),
             path: path.clone(),
+            pos: 0,
+            len: file_len,
+            values: 0,
         };
 
         let magic = r.u32("magic")?;
@@ -277,18 +292,25 @@ impl GgufFile {
         }
         let tensor_count = r.u64("tensor count")?;
         let kv_count = r.u64("metadata count")?;
-        r.check_len(tensor_count, MAX_ARRAY_LEN, "tensor count")?;
-        r.check_len(kv_count, MAX_ARRAY_LEN, "metadata count")?;
+        r.check_count(kv_count, MIN_METADATA_ENTRY, "metadata count")?;
+        // The tensor infos follow the metadata: at most what is left after the smallest metadata.
+        let after_kv = r.remaining().saturating_sub(kv_count * MIN_METADATA_ENTRY);
+        if tensor_count > MAX_ARRAY_LEN {
+            return Err(r.too_large("tensor count", tensor_count));
+        }
+        if tensor_count > after_kv / MIN_TENSOR_INFO {
+            return Err(r.truncated("tensor count"));
+        }
 
         let mut metadata = BTreeMap::new();
         for i in 0..kv_count {
             let key = r.string(&format!("metadata key #{i}"))?;
             let value_type = r.u32(&format!("type of `{key}`"))?;
-            let value = r.value(&key, value_type)?;
+            let value = r.value(&key, value_type, 0)?;
             metadata.insert(key, value);
         }
 
-        let mut raw = Vec::with_capacity(tensor_count as usize);
+        let mut raw = Vec::with_capacity(tensor_count.min(MAX_RESERVE) as usize);
         for i in 0..tensor_count {
             let name = r.string(&format!("tensor name #{i}"))?;
             let n_dims = r.u32(&format!("dims of `{name}`"))?;
@@ -313,13 +335,15 @@ impl GgufFile {
             .and_then(Value::as_u64)
             .filter(|a| *a > 0)
             .unwrap_or(DEFAULT_ALIGNMENT);
-        let header_end = r.position()?;
-        let data_offset = header_end.div_ceil(alignment) * alignment;
+        let header_end = r.pos;
+        let data_offset = header_end
+            .div_ceil(alignment)
+            .checked_mul(alignment)
+            .ok_or_else(|| r.too_large("general.alignment", alignment))?;
 
         let mut tensors = Vec::with_capacity(raw.len());
         for (name, dims, ggml_type, rel_offset) in raw {
             let ty = GgmlType::from_u32(ggml_type);
-            let numel: u64 = dims.iter().product();
             let Some((block, block_bytes)) = ty.block_layout() else {
                 return Err(GgufError::UnknownTensorType {
                     path,
@@ -327,21 +351,36 @@ impl GgufFile {
                     ggml_type,
                 });
             };
-            let size = numel.div_ceil(block) * block_bytes;
-            let start = data_offset + rel_offset;
-            let end = start + size;
-            if end > file_len {
-                return Err(GgufError::TensorOutOfBounds {
-                    path,
-                    name,
-                    start,
-                    end,
-                    file_len,
-                });
+            let out_of_bounds = |start: u64, end: u64| GgufError::TensorOutOfBounds {
+                path: path.clone(),
+                name: name.clone(),
+                start,
+                end,
+                file_len,
+            };
+            // Every product and sum is checked: an overflow means the tensor cannot fit the file.
+            let size = dims
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d))
+                .and_then(|numel| numel.div_ceil(block).checked_mul(block_bytes))
+                .ok_or_else(|| out_of_bounds(data_offset, u64::MAX))?;
+            let start = data_offset
+                .checked_add(rel_offset)
+                .ok_or_else(|| out_of_bounds(u64::MAX, u64::MAX))?;
+            let end = start
+                .checked_add(size)
+                .ok_or_else(|| out_of_bounds(start, u64::MAX))?;
+            if end > file_len || usize::try_from(size).is_err() {
+                return Err(out_of_bounds(start, end));
             }
+            let shape = dims
+                .iter()
+                .rev()
+                .map(|&d| usize::try_from(d).map_err(|_| out_of_bounds(start, end)))
+                .collect::<Result<_, _>>()?;
             tensors.push(TensorInfo {
                 name,
-                shape: dims.iter().rev().map(|&d| d as usize).collect(),
+                shape,
                 ggml_type: ty,
                 offset: start,
                 size,
@@ -438,6 +477,12 @@ impl GgufFile {
 struct Reader {
     inner: BufReader<File>,
     path: PathBuf,
+    /// Bytes read so far.
+    pos: u64,
+    /// The file's length.
+    len: u64,
+    /// Metadata values read so far (bounded by [`MAX_METADATA_VALUES`]).
+    values: u64,
 }
 
 impl Reader {
@@ -446,6 +491,7 @@ impl Reader {
         self.inner
             .read_exact(&mut buf)
             .map_err(|e| self.err(e, what))?;
+        self.pos += N as u64;
         Ok(buf)
     }
 
@@ -463,21 +509,35 @@ impl Reader {
         }
     }
 
-    fn position(&mut self) -> Result<u64, GgufError> {
-        self.inner
-            .stream_position()
-            .map_err(|e| self.err(e, "position"))
+    fn remaining(&self) -> u64 {
+        self.len.saturating_sub(self.pos)
     }
 
-    fn check_len(&self, len: u64, max: u64, what: &str) -> Result<(), GgufError> {
-        if len > max {
-            return Err(GgufError::TooLarge {
-                path: self.path.clone(),
-                what: what.to_string(),
-                len,
-            });
+    fn too_large(&self, what: &str, len: u64) -> GgufError {
+        GgufError::TooLarge {
+            path: self.path.clone(),
+            what: what.to_string(),
+            len,
+        }
+    }
+
+    /// `count` items of at least `min_size` bytes each must fit in what is left of the file.
+    /// Beyond the hard cap the file is corrupt; beyond the bytes left it is cut short.
+    fn check_count(&self, count: u64, min_size: u64, what: &str) -> Result<(), GgufError> {
+        if count > MAX_ARRAY_LEN {
+            return Err(self.too_large(what, count));
+        }
+        if count > self.remaining() / min_size {
+            return Err(self.truncated(what));
         }
         Ok(())
+    }
+
+    fn truncated(&self, what: &str) -> GgufError {
+        GgufError::Truncated {
+            path: self.path.clone(),
+            what: what.to_string(),
+        }
     }
 
     fn u32(&mut self, what: &str) -> Result<u32, GgufError> {
@@ -490,19 +550,42 @@ impl Reader {
 
     fn string(&mut self, what: &str) -> Result<String, GgufError> {
         let len = self.u64(what)?;
-        self.check_len(len, MAX_STRING_LEN, what)?;
+        if len > MAX_STRING_LEN {
+            return Err(self.too_large(what, len));
+        }
+        if len > self.remaining() {
+            return Err(self.truncated(what));
+        }
         let mut buf = vec![0u8; len as usize];
         self.inner
             .read_exact(&mut buf)
             .map_err(|e| self.err(e, what))?;
+        self.pos += len;
         String::from_utf8(buf).map_err(|_| GgufError::BadUtf8 {
             path: self.path.clone(),
             what: what.to_string(),
         })
     }
 
-    fn value(&mut self, key: &str, value_type: u32) -> Result<Value, GgufError> {
+    /// The smallest encoding of a value of `value_type` (0 for an unknown type: refused later).
+    fn min_size(value_type: u32) -> u64 {
+        match value_type {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            8 | 10..=12 => 8,
+            9 => 12,
+            _ => 1,
+        }
+    }
+
+    /// One value; arrays nest at most [`MAX_ARRAY_DEPTH`] deep (`depth` is this value's).
+    fn value(&mut self, key: &str, value_type: u32, depth: usize) -> Result<Value, GgufError> {
         let what = format!("value of `{key}`");
+        self.values += 1;
+        if self.values > MAX_METADATA_VALUES {
+            return Err(self.too_large("number of metadata values", self.values));
+        }
         Ok(match value_type {
             0 => Value::U8(u8::from_le_bytes(self.bytes(&what)?)),
             1 => Value::I8(i8::from_le_bytes(self.bytes(&what)?)),
@@ -514,12 +597,17 @@ impl Reader {
             7 => Value::Bool(self.bytes::<1>(&what)?[0] != 0),
             8 => Value::String(self.string(&what)?),
             9 => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(
+                        self.too_large(&format!("array nesting of `{key}`"), depth as u64 + 1)
+                    );
+                }
                 let item_type = self.u32(&what)?;
                 let len = self.u64(&what)?;
-                self.check_len(len, MAX_ARRAY_LEN, &what)?;
-                let mut items = Vec::with_capacity(len.min(1 << 20) as usize);
+                self.check_count(len, Self::min_size(item_type), &what)?;
+                let mut items = Vec::with_capacity(len.min(MAX_RESERVE) as usize);
                 for _ in 0..len {
-                    items.push(self.value(key, item_type)?);
+                    items.push(self.value(key, item_type, depth + 1)?);
                 }
                 Value::Array(items)
             }

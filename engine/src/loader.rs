@@ -162,6 +162,35 @@ pub fn load(path: &Path, devices: &[Device], kind: Option<Kind>) -> Result<Loade
     })
 }
 
+/// Reads only the model's configuration (no weights, no tokenizer): what a caller checks a request
+/// against (the context length) before queueing work on the model.
+pub fn read_config(path: &Path) -> Result<LlamaConfig, LoadError> {
+    if !path.exists() {
+        return Err(LoadError::NotFound(path.to_path_buf()));
+    }
+    if path.is_dir() {
+        let config_path = path.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|source| LoadError::Io {
+            path: config_path.clone(),
+            source,
+        })?;
+        LlamaConfig::from_hf_json(&text).map_err(|source| LoadError::Config {
+            path: config_path,
+            source,
+        })
+    } else if is_gguf(path)? {
+        let g = GgufFile::open(path)?;
+        LlamaConfig::from_gguf(&g).map_err(|source| LoadError::Config {
+            path: path.to_path_buf(),
+            source,
+        })
+    } else {
+        Err(LoadError::UnknownFormat {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
 fn is_gguf(path: &Path) -> Result<bool, LoadError> {
     use std::io::Read;
     let mut magic = [0u8; 4];

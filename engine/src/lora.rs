@@ -18,7 +18,7 @@ use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::model_config::LlamaConfig;
-use crate::weights::{read_safetensors, WeightsError};
+use crate::weights::{parse_safetensors, WeightsError};
 
 pub use crate::lora_bank::{LoraBatch, LoraSlice};
 
@@ -174,7 +174,8 @@ pub struct AdapterKey {
 }
 
 impl AdapterKey {
-    /// The canonical path plus the modification times and sizes of the adapter's two files.
+    /// The canonical path plus the modification times and sizes of the adapter's two files, which
+    /// must be regular files (a link to a device or a FIFO is refused without reading it).
     pub fn of(dir: &Path) -> Result<Self, LoraError> {
         let io = |source| LoraError::Io {
             path: dir.to_path_buf(),
@@ -185,6 +186,9 @@ impl AdapterKey {
         let mut len = 0;
         for file in ["adapter_config.json", "adapter_model.safetensors"] {
             let meta = std::fs::metadata(path.join(file)).map_err(io)?;
+            if !meta.is_file() {
+                return Err(not_regular(&path.join(file)));
+            }
             len += meta.len();
             modified = modified.max(meta.modified().ok());
         }
@@ -194,6 +198,41 @@ impl AdapterKey {
             len,
         })
     }
+}
+
+/// The largest `adapter_config.json` read (PEFT writes about 1 KB).
+const MAX_ADAPTER_CONFIG_BYTES: u64 = 1 << 20;
+
+fn not_regular(path: &Path) -> LoraError {
+    LoraError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+    }
+}
+
+/// Reads a whole file after checking, on the opened handle, that it is a regular file of at most
+/// `max` bytes (so a device, a FIFO or a file swapped in after [`AdapterKey::of`] is never read
+/// without end).
+fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>, LoraError> {
+    use std::io::Read;
+    let io = |source| LoraError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(not_regular(path));
+    }
+    if meta.len() > max {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} bytes, more than the {max} allowed", meta.len()),
+        )));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(max).read_to_end(&mut bytes).map_err(io)?;
+    Ok(bytes)
 }
 
 /// A LoRA adapter as loaded from disk (CPU, float32).
@@ -225,11 +264,8 @@ impl LoraAdapter {
         let key = AdapterKey::of(dir)?;
         let path = key.path.clone();
         let config_path = path.join("adapter_config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|source| LoraError::Io {
-            path: config_path.clone(),
-            source,
-        })?;
-        let cfg: PeftConfig = serde_json::from_str(&text).map_err(|e| LoraError::Config {
+        let text = read_regular(&config_path, MAX_ADAPTER_CONFIG_BYTES)?;
+        let cfg: PeftConfig = serde_json::from_slice(&text).map_err(|e| LoraError::Config {
             path: path.clone(),
             message: e.to_string(),
         })?;
@@ -283,7 +319,9 @@ impl LoraAdapter {
                 "adapter_model.bin (pickle); save with safe_serialization=True",
             ));
         }
-        let tensors = read_safetensors(&file).map_err(|source| LoraError::Weights {
+        // Bounded by the size the key saw: a file that grew since is refused, not read on.
+        let bytes = read_regular(&file, key.len)?;
+        let tensors = parse_safetensors(&file, &bytes).map_err(|source| LoraError::Weights {
             path: path.clone(),
             source,
         })?;

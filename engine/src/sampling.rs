@@ -92,8 +92,39 @@ impl SamplingParams {
                 format!("at most {MAX_TOP_LOGPROBS}, got {}", self.top_logprobs),
             );
         }
+        // Every stop string is matched against the text at each step: bound their number and size.
+        const MAX_STOP_STRINGS: usize = 16;
+        const MAX_STOP_BYTES: usize = 256;
+        const MAX_STOP_TOKEN_IDS: usize = 64;
+        if self.stop.len() > MAX_STOP_STRINGS {
+            return err(
+                "stop",
+                format!(
+                    "at most {MAX_STOP_STRINGS} stop strings, got {}",
+                    self.stop.len()
+                ),
+            );
+        }
         if self.stop.iter().any(String::is_empty) {
             return err("stop", "stop strings must not be empty".into());
+        }
+        if let Some(long) = self.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return err(
+                "stop",
+                format!(
+                    "each stop string is at most {MAX_STOP_BYTES} bytes, got one of {}",
+                    long.len()
+                ),
+            );
+        }
+        if self.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+            return err(
+                "stop_token_ids",
+                format!(
+                    "at most {MAX_STOP_TOKEN_IDS} stop token ids, got {}",
+                    self.stop_token_ids.len()
+                ),
+            );
         }
         Ok(())
     }

@@ -146,8 +146,13 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, WeightsErr
         path: path.to_path_buf(),
         source,
     })?;
+    parse_safetensors(path, &bytes)
+}
+
+/// Every tensor of a safetensors file already read into memory (`path` names it in errors).
+pub fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Tensor)>, WeightsError> {
     let st =
-        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| WeightsError::Safetensors {
+        safetensors::SafeTensors::deserialize(bytes).map_err(|e| WeightsError::Safetensors {
             path: path.to_path_buf(),
             message: format!("{e:?}"),
         })?;

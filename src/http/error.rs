@@ -1,9 +1,11 @@
 //! One error type for every route: a status, a stable `type`, a message and the request field at
 //! fault, rendered as `{"error": {"type", "message", "field"}}` (and as an SSE `error` event
-//! mid-stream). `ApiJson` is the JSON extractor whose rejections use this same format.
+//! mid-stream). `ApiJson` and `ApiQuery` are the extractors whose rejections use this same format,
+//! and [`json_errors`] rewrites any other error response (a path rejection, 405) into it.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -181,6 +183,87 @@ where
             Err(rejection) => Err(json_rejection(rejection)),
         }
     }
+}
+
+/// `axum::extract::Query`, with rejections in our format naming the parameter.
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
+            Err(rejection) => {
+                let text = rejection.body_text();
+                let field = text
+                    .strip_prefix("Failed to deserialize query string: ")
+                    .and_then(|rest| rest.split_once(": "))
+                    .map(|(field, _)| field.to_string())
+                    .filter(|f| !f.contains(' '));
+                Err(AppError {
+                    status: StatusCode::BAD_REQUEST,
+                    kind: "invalid_request",
+                    message: text,
+                    field,
+                })
+            }
+        }
+    }
+}
+
+/// The stable `type` of an error status.
+fn kind_of(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        408 | 504 => "timeout",
+        409 => "conflict",
+        413 => "payload_too_large",
+        429 => "overloaded",
+        503 => "unavailable",
+        400..=499 => "invalid_request",
+        _ => "internal",
+    }
+}
+
+/// Middleware: an error response that is not already our JSON error (an extractor's plain-text
+/// rejection, a bare 405) is rewritten into `{"error": {"type", "message"}}`, headers kept.
+pub async fn json_errors(request: Request, next: axum::middleware::Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if status.as_u16() < 400 || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("request failed")
+            .to_string()
+    } else {
+        text
+    };
+    let fresh = AppError::new(status, kind_of(status), message).into_response();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::CONTENT_TYPE);
+    let (fresh_parts, fresh_body) = fresh.into_parts();
+    parts.headers.extend(fresh_parts.headers);
+    Response::from_parts(parts, fresh_body)
 }
 
 fn json_rejection(rejection: JsonRejection) -> AppError {

@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use axum::http::StatusCode;
 use tessera_actors::messages::{ChatWork, ServeError, StreamEvent, TokenOut};
 use tessera_actors::router::{Dispatched, Lease};
 use tessera_engine::FinishReason;
@@ -49,25 +50,62 @@ pub enum Piece {
     Failed(AppError),
 }
 
-/// Resolves `adapter_path` (relative to the adapters root; confined to it).
+/// Resolves `adapter_path` (relative to the adapters root; confined to it). Its two files must be
+/// regular files inside the root (a link to `/dev/zero` or a FIFO is refused before anything reads
+/// it), and its weights must fit the adapter cache budget (`adapters.cache_memory_mb`).
 pub fn adapter(
     state: &AppState,
     field: &str,
     raw: Option<&str>,
 ) -> Result<Option<PathBuf>, AppError> {
-    match raw {
-        None => Ok(None),
-        Some(raw) => {
-            let dir = paths::existing(field, raw, &state.roots.adapters)?;
-            if !dir.join("adapter_config.json").is_file() {
-                return Err(AppError::bad_request(
-                    field,
-                    format!("`{raw}` is not a PEFT adapter directory (no adapter_config.json)"),
-                ));
-            }
-            Ok(Some(dir))
-        }
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    let dir = paths::existing(field, raw, &state.roots.adapters)?;
+    if !dir.join("adapter_config.json").exists() {
+        return Err(AppError::bad_request(
+            field,
+            format!("`{raw}` is not a PEFT adapter directory (no adapter_config.json)"),
+        ));
     }
+    let mut weights_len = 0;
+    for name in ["adapter_config.json", "adapter_model.safetensors"] {
+        let file = paths::existing(
+            field,
+            &dir.join(name).display().to_string(),
+            &state.roots.adapters,
+        )
+        .map_err(|e| match e.status {
+            StatusCode::FORBIDDEN => AppError::forbidden(
+                field,
+                format!(
+                    "`{raw}/{name}` links outside the allowed directory {}",
+                    state.roots.adapters.display()
+                ),
+            ),
+            _ => e,
+        })?;
+        let meta = std::fs::metadata(&file)
+            .map_err(|e| AppError::bad_request(field, format!("`{raw}/{name}`: {e}")))?;
+        if !meta.is_file() {
+            return Err(AppError::bad_request(
+                field,
+                format!("`{raw}/{name}` is not a regular file"),
+            ));
+        }
+        weights_len = meta.len();
+    }
+    if weights_len > state.adapter_budget_bytes {
+        return Err(AppError::invalid(
+            field,
+            format!(
+                "`{raw}` holds {} MiB of weights, more than the adapter cache budget of {} MiB (adapters.cache_memory_mb)",
+                weights_len.div_ceil(1 << 20),
+                state.adapter_budget_bytes >> 20
+            ),
+        ));
+    }
+    Ok(Some(dir))
 }
 
 /// Dispatches `work` and waits until a replica has accepted (or refused) it.

@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -18,7 +18,7 @@ use tessera_engine::train::hyperparams::{Hyperparameters, TrainJob};
 use tokio::sync::mpsc;
 use utoipa::{IntoParams, ToSchema};
 
-use super::error::{ApiJson, AppError};
+use super::error::{ApiJson, ApiQuery, AppError};
 use super::{paths, AppState};
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -29,7 +29,8 @@ pub struct FineTuneRequest {
     /// Where the adapter is written, relative to (and confined to) `adapters.root`; must not
     /// exist yet or be empty, and must not be, contain or lie inside a queued or running job's.
     pub output_path: String,
-    /// A model path; default: the served model.
+    /// The served model's path, or a model under (and confined to) `model.models_root`
+    /// (relative paths are taken from there); default: the served model.
     pub base_model: Option<String>,
     /// `high`, `normal` (default) or `low`.
     pub priority: Option<String>,
@@ -57,7 +58,7 @@ pub struct ListParams {
 #[utoipa::path(post, path = "/fine-tune", request_body = FineTuneRequest,
     responses((status = 202, body = FineTuneAccepted), (status = 400, body = super::error::ErrorBody),
               (status = 403, body = super::error::ErrorBody), (status = 409, body = super::error::ErrorBody),
-              (status = 422, body = super::error::ErrorBody)))]
+              (status = 422, body = super::error::ErrorBody), (status = 429, body = super::error::ErrorBody)))]
 pub async fn fine_tune(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<FineTuneRequest>,
@@ -85,16 +86,7 @@ pub async fn fine_tune(
     }
     let base_model = match req.base_model.as_deref() {
         None | Some("") => None,
-        Some(raw) => {
-            let p = std::path::PathBuf::from(raw);
-            if !p.exists() {
-                return Err(AppError::bad_request(
-                    "base_model",
-                    format!("`{raw}` does not exist"),
-                ));
-            }
-            Some(p)
-        }
+        Some(raw) => Some(paths::model("base_model", raw, &state.roots)?),
     };
     let priority = match req.priority.as_deref() {
         None => Priority::Normal,
@@ -108,6 +100,32 @@ pub async fn fine_tune(
         Hyperparameters::from_json(req.hyperparameters)
             .map_err(|e| AppError::invalid(format!("hyperparameters.{}", e.field), e.message))?
     };
+    check_context(&state, base_model.as_deref(), &hyperparameters).await?;
+    // A bounded queue: past `jobs.max_queued` waiting jobs, new ones are refused.
+    let queued = state
+        .node
+        .jobs(|r| {
+            JobMsg::List(
+                JobQuery {
+                    status: Some(JobState::Queued),
+                    limit: 1,
+                    offset: 0,
+                },
+                r,
+            )
+        })
+        .await?
+        .total;
+    if queued >= state.max_queued_jobs {
+        return Err(AppError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "overloaded",
+            format!(
+                "{queued} jobs are already queued (jobs.max_queued = {}); retry when some have run",
+                state.max_queued_jobs
+            ),
+        ));
+    }
     let spec = JobSpec {
         train: TrainJob {
             dataset_path,
@@ -130,12 +148,39 @@ pub async fn fine_tune(
         .into_response())
 }
 
+/// Refuses a `max_seq_length` beyond the base model's context (read from its config alone), and a
+/// `base_model` that is not a model.
+async fn check_context(
+    state: &AppState,
+    base_model: Option<&std::path::Path>,
+    h: &Hyperparameters,
+) -> Result<(), AppError> {
+    let path = base_model
+        .unwrap_or(state.roots.served_model.as_path())
+        .to_path_buf();
+    let config = tokio::task::spawn_blocking(move || tessera_engine::loader::read_config(&path))
+        .await
+        .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(|e| AppError::bad_request("base_model", format!("not a usable model: {e}")))?;
+    let context = config.max_position_embeddings;
+    if h.max_seq_length > context {
+        return Err(AppError::invalid(
+            "hyperparameters.max_seq_length",
+            format!(
+                "{} exceeds the base model's context of {context} tokens",
+                h.max_seq_length
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[utoipa::path(get, path = "/jobs", params(ListParams),
     responses((status = 200, description = "A page of jobs, newest first", body = Object),
               (status = 422, body = super::error::ErrorBody)))]
 pub async fn list(
     State(state): State<AppState>,
-    Query(params): Query<ListParams>,
+    ApiQuery(params): ApiQuery<ListParams>,
 ) -> Result<Json<JobPage>, AppError> {
     let status = params
         .status

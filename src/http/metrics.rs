@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 use prometheus::{
@@ -194,6 +195,23 @@ impl Metrics {
     }
 }
 
+/// The `method` label: the standard methods by name, anything else `other` (the method comes from
+/// the client before auth, so it must not mint label values).
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
 /// Counts every request and its latency under its route template (`/jobs/{id}`, not the id).
 pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let route = request
@@ -201,11 +219,11 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
-    let method = request.method().to_string();
+    let method = method_label(request.method());
     let started = Instant::now();
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
-    let labels = [route.as_str(), method.as_str(), status.as_str()];
+    let labels = [route.as_str(), method, status.as_str()];
     state.metrics.requests.with_label_values(&labels).inc();
     state
         .metrics

@@ -6,11 +6,13 @@
 //! * [`status`]: `/health`, `/ready`, `/cluster`, `/metrics`.
 //! * [`openapi`]: the document at `/openapi.json`.
 //! * [`error`], [`paths`], [`generation`], [`metrics`]: what they share.
+//! * [`listener`]: the connection cap.
 
 pub mod chat;
 pub mod error;
 pub mod generation;
 pub mod jobs;
+pub mod listener;
 pub mod metrics;
 pub mod openai;
 pub mod openapi;
@@ -46,6 +48,15 @@ pub struct Shared {
     /// A generation running longer than this ends with 504 (or an SSE error event).
     pub request_timeout: Duration,
     pub max_body_bytes: usize,
+    /// A request body must arrive whole within this (else 408).
+    pub body_read_timeout: Duration,
+    /// Client connections served at once (see [`listener`]).
+    pub max_connections: usize,
+    /// `POST /fine-tune` is refused with 429 while this many jobs are queued.
+    pub max_queued_jobs: usize,
+    /// An adapter whose weights file is larger than this (the replicas' adapter cache budget) is
+    /// refused with 400.
+    pub adapter_budget_bytes: u64,
     pub metrics: Metrics,
     /// Enables `POST /_test/crash/{replica}` (set by TESSERA_TEST_HOOKS=1).
     pub test_hooks: bool,
@@ -91,12 +102,56 @@ pub fn app(state: AppState) -> Router {
         .route("/ready", get(status::ready))
         .merge(api)
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), read_body))
+        .layer(middleware::from_fn(error::json_errors))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             metrics::track,
         ))
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .with_state(state)
+}
+
+/// Reads the whole request body within `server.body_read_timeout_secs` and `max_body_bytes`
+/// before any handler runs: a client trickling its body cannot hold a request open for long.
+async fn read_body(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let read = axum::body::to_bytes(body, state.max_body_bytes);
+    let bytes = match tokio::time::timeout(state.body_read_timeout, read).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                || e.to_string().contains("length limit");
+            return if too_large {
+                AppError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "the request body is larger than server.max_body_bytes",
+                )
+            } else {
+                AppError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    format!("reading the request body: {e}"),
+                )
+            }
+            .into_response();
+        }
+        Err(_) => {
+            return AppError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!(
+                    "the request body did not arrive within {} s (server.body_read_timeout_secs)",
+                    state.body_read_timeout.as_secs()
+                ),
+            )
+            .into_response()
+        }
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 async fn not_found() -> AppError {

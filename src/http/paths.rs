@@ -1,6 +1,7 @@
-//! Confines client-given paths (`adapter_path`, `dataset_path`, `output_path`) to configured roots:
-//! relative paths are taken under the root, every path is canonicalised (symlinks resolved) and
-//! must stay inside it. Outside: 403 naming the field; missing: 400 naming the field.
+//! Confines client-given paths (`adapter_path`, `dataset_path`, `output_path`, `base_model`) to
+//! configured roots: relative paths are taken under the root, every path is canonicalised
+//! (symlinks resolved) and must stay inside it. Outside: 403 naming the field; missing: 400 naming
+//! the field. `base_model` may also be the served model, wherever it lies.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -12,11 +13,20 @@ pub struct Roots {
     pub adapters: PathBuf,
     /// Fine-tune datasets are read from under here.
     pub data: PathBuf,
+    /// Fine-tune base models (`base_model`) are read from under here.
+    pub models: PathBuf,
+    /// The served model (canonical): always allowed as `base_model`.
+    pub served_model: PathBuf,
 }
 
 impl Roots {
-    /// Creates the roots if needed and canonicalises them.
-    pub fn new(adapters: &Path, data: &Path) -> std::io::Result<Self> {
+    /// Creates the roots if needed and canonicalises them and the served model.
+    pub fn new(
+        adapters: &Path,
+        data: &Path,
+        models: &Path,
+        served_model: &Path,
+    ) -> std::io::Result<Self> {
         let make = |p: &Path| {
             std::fs::create_dir_all(p)?;
             p.canonicalize()
@@ -24,8 +34,22 @@ impl Roots {
         Ok(Self {
             adapters: make(adapters)?,
             data: make(data)?,
+            models: make(models)?,
+            served_model: served_model.canonicalize()?,
         })
     }
+}
+
+/// A model to fine-tune from: the served model, or an existing path inside the models root.
+pub fn model(field: &str, raw: &str, roots: &Roots) -> Result<PathBuf, AppError> {
+    if !raw.is_empty() {
+        if let Ok(real) = Path::new(raw).canonicalize() {
+            if real == roots.served_model {
+                return Ok(real);
+            }
+        }
+    }
+    existing(field, raw, &roots.models)
 }
 
 fn under(root: &Path, raw: &str) -> PathBuf {
@@ -127,7 +151,14 @@ mod tests {
     #[test]
     fn paths_are_confined_to_their_root() {
         let dir = tempfile::tempdir().unwrap();
-        let roots = Roots::new(&dir.path().join("adapters"), &dir.path().join("data")).unwrap();
+        std::fs::write(dir.path().join("served.gguf"), b"x").unwrap();
+        let roots = Roots::new(
+            &dir.path().join("adapters"),
+            &dir.path().join("data"),
+            &dir.path().join("models"),
+            &dir.path().join("served.gguf"),
+        )
+        .unwrap();
         let root = &roots.adapters;
         std::fs::create_dir_all(root.join("a")).unwrap();
         std::fs::create_dir_all(dir.path().join("secret")).unwrap();
@@ -155,5 +186,38 @@ mod tests {
             let e = creatable("output_path", bad, root).unwrap_err();
             assert!(matches!(e.status.as_u16(), 403 | 422), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn base_models_are_the_served_one_or_under_the_models_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let served = dir.path().join("served.gguf");
+        std::fs::write(&served, b"x").unwrap();
+        let roots = Roots::new(
+            &dir.path().join("adapters"),
+            &dir.path().join("data"),
+            &dir.path().join("models"),
+            &served,
+        )
+        .unwrap();
+        std::fs::write(roots.models.join("other.gguf"), b"x").unwrap();
+        std::fs::write(dir.path().join("secret.gguf"), b"x").unwrap();
+        let served_raw = served.display().to_string();
+        assert_eq!(
+            model("base_model", &served_raw, &roots).unwrap(),
+            roots.served_model
+        );
+        assert_eq!(
+            model("base_model", "other.gguf", &roots).unwrap(),
+            roots.models.join("other.gguf")
+        );
+        let secret = dir.path().join("secret.gguf").display().to_string();
+        for bad in [secret.as_str(), "/etc/passwd", "../secret.gguf"] {
+            let e = model("base_model", bad, &roots).unwrap_err();
+            assert_eq!(e.status.as_u16(), 403, "{bad}: {e}");
+            assert_eq!(e.field.as_deref(), Some("base_model"));
+        }
+        let e = model("base_model", "missing.gguf", &roots).unwrap_err();
+        assert_eq!(e.status.as_u16(), 400, "{e}");
     }
 }

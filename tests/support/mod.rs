@@ -41,6 +41,7 @@ pub fn start_in(dir: tempfile::TempDir, model: PathBuf, overrides: &[&str]) -> H
         format!("model.path={}", q(&model)),
         format!("adapters.root={}", q(&adapters)),
         format!("training.data_root={}", q(&data)),
+        format!("model.models_root={}", q(&dir.path().join("models"))),
         format!("jobs.db_path={}", q(&dir.path().join("jobs.sqlite"))),
         "batching.max_kv_tokens=8192".to_string(),
         "supervision.backoff_initial_ms=50".to_string(),

@@ -73,6 +73,13 @@ impl Default for Hyperparameters {
     }
 }
 
+/// Upper bounds that keep a job's size sane (a typo must not queue a job for years).
+pub const MAX_EPOCHS: usize = 10_000;
+pub const MAX_BATCH_SIZE: usize = 4096;
+pub const MAX_SEQ_LENGTH: usize = 1 << 20;
+/// The most optimizer steps one job may take (`num_epochs` x steps per epoch).
+pub const MAX_TOTAL_STEPS: usize = 10_000_000;
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("invalid hyperparameter `{field}`: {message}")]
 pub struct HyperparameterError {
@@ -143,22 +150,26 @@ impl Hyperparameters {
                 format!("must be in (0, 1), got {}", self.learning_rate),
             );
         }
-        for (field, v) in [
-            ("num_epochs", self.num_epochs),
-            ("batch_size", self.batch_size),
+        for (field, v, max) in [
+            ("num_epochs", self.num_epochs, MAX_EPOCHS),
+            ("batch_size", self.batch_size, MAX_BATCH_SIZE),
             (
                 "gradient_accumulation_steps",
                 self.gradient_accumulation_steps,
+                MAX_BATCH_SIZE,
             ),
         ] {
-            if v == 0 {
-                return err(field, "must be at least 1".into());
+            if !(1..=max).contains(&v) {
+                return err(field, format!("must be in 1..={max}, got {v}"));
             }
         }
-        if self.max_seq_length < 2 {
+        if !(2..=MAX_SEQ_LENGTH).contains(&self.max_seq_length) {
             return err(
                 "max_seq_length",
-                format!("must be at least 2, got {}", self.max_seq_length),
+                format!(
+                    "must be in 2..={MAX_SEQ_LENGTH} (and within the model's context), got {}",
+                    self.max_seq_length
+                ),
             );
         }
         if !(0.0..1.0).contains(&self.warmup_ratio) {
@@ -247,6 +258,9 @@ mod tests {
             ),
             (json!({"lr_scheduler": "step"}), "lr_scheduler"),
             (json!({"eval_fraction": 0.9}), "eval_fraction"),
+            (json!({"num_epochs": 1_000_000_000u64}), "num_epochs"),
+            (json!({"batch_size": 1u64 << 40}), "batch_size"),
+            (json!({"max_seq_length": usize::MAX}), "max_seq_length"),
         ] {
             let e = Hyperparameters::from_json(value.clone()).unwrap_err();
             assert_eq!(e.field, field, "{value}: {e}");

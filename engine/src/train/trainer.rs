@@ -20,8 +20,8 @@ use crate::tokenizer::Tokenizer;
 use crate::train::checkpoint::{self, Fence, TrainerState};
 pub use crate::train::checkpoint::{checkpoint_step, latest_checkpoint};
 use crate::train::dataset::{self, DatasetError, Example};
-use crate::train::hyperparams::{HyperparameterError, TrainJob};
-use crate::train::lora_params::LoraParams;
+use crate::train::hyperparams::{HyperparameterError, TrainJob, MAX_TOTAL_STEPS};
+use crate::train::lora_params::{peft_config, LoraParams};
 use crate::train::optimizer::{clip_grad_norm, learning_rate, AdamW};
 
 /// What a trainer reports after every optimizer step.
@@ -117,6 +117,17 @@ pub fn train(
     if model.tensor_parallel() != 1 {
         return Err(TrainError::TensorParallel(model.tensor_parallel()));
     }
+    let context = model.config().max_position_embeddings;
+    if h.max_seq_length > context {
+        return Err(HyperparameterError {
+            field: "max_seq_length".into(),
+            message: format!(
+                "{} exceeds the model's context of {context} tokens",
+                h.max_seq_length
+            ),
+        }
+        .into());
+    }
     let device = model.main_device();
     if h.fp16 && device == Device::Cpu {
         tracing::info!("fp16 asked for: ignored on the CPU, training in float32");
@@ -130,7 +141,16 @@ pub fn train(
     let (train_set, eval_set) = dataset::split_eval(data.examples.clone(), h.eval_fraction, h.seed);
     let micro_per_epoch = train_set.len().div_ceil(h.batch_size);
     let steps_per_epoch = micro_per_epoch.div_ceil(h.gradient_accumulation_steps);
-    let total_steps = steps_per_epoch * h.num_epochs;
+    let total_steps = steps_per_epoch
+        .checked_mul(h.num_epochs)
+        .filter(|&n| n <= MAX_TOTAL_STEPS)
+        .ok_or_else(|| HyperparameterError {
+            field: "num_epochs".into(),
+            message: format!(
+                "{} epochs x {steps_per_epoch} steps per epoch exceeds {MAX_TOTAL_STEPS} steps",
+                h.num_epochs
+            ),
+        })?;
     let warmup = (total_steps as f64 * h.warmup_ratio).ceil() as usize;
 
     let out = &job.output_path;
