@@ -26,7 +26,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 model="${model:-$(scripts/fetch-model.sh)}"
-cargo build --release --locked -p tessera-engine --example bench_train
+cargo build --release --locked --workspace --example bench_train
 bench_threads "$threads"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
