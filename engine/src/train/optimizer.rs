@@ -248,6 +248,10 @@ mod tests {
             .collect()
     }
 
+    fn refs(v: &[Tensor]) -> Vec<&Tensor> {
+        v.iter().collect()
+    }
+
     fn backward(ps: &[Tensor]) {
         let loss: Vec<Tensor> = ps
             .iter()
@@ -268,7 +272,6 @@ mod tests {
         // Weight decay and clipping on: the flat path (one pass over every parameter) against the
         // per-tensor one, over several steps.
         let (a, b) = (params(1), params(1));
-        let refs = |v: &[Tensor]| v.iter().collect::<Vec<_>>();
         let (mut fa, mut fb) = (AdamW::new(&refs(&a), 0.1), AdamW::new(&refs(&b), 0.1));
         for step in 0..5 {
             backward(&a);
@@ -296,7 +299,6 @@ mod tests {
         // A resumed run replaces `m` and `v` with the saved tensors (new allocations); the next
         // step must use them, exactly as the uninterrupted optimizer does.
         let (a, b) = (params(2), params(2));
-        let refs = |v: &[Tensor]| v.iter().collect::<Vec<_>>();
         let mut full = AdamW::new(&refs(&a), 0.0);
         for _ in 0..3 {
             backward(&a);
