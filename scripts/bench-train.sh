@@ -1,17 +1,36 @@
 #!/usr/bin/env bash
-# Training benchmark: Tessera's LoRA SFT against PEFT + transformers on the same model and data, on
-# this machine, in the same run. Prints tokens/s and peak RSS with ratios. Not a test.
+# Training benchmark: Tessera's LoRA SFT against PEFT + transformers on the same model, data and
+# thread count, on this machine, in the same run. The runs alternate (tessera, tessera with layer
+# recompute, PEFT; repeated --runs times) so a change in load hits every side; each figure is the
+# median, and each run prints the load average before it. The timed steps exclude the first
+# (warm-up) and the last (which writes Tessera's final checkpoint). Prints tokens/s and peak RSS
+# with ratios. Not a test.
 #
-#   scripts/bench-train.sh [MODEL]
+#   scripts/bench-train.sh [MODEL] [--threads N] [--runs 3] [--baseline PATH]
+#
+# --baseline adds a row for another build of the bench_train example (e.g. one built from main),
+# measured in the same alternation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
-model="${1:-$(scripts/fetch-model.sh)}"
 . scripts/setup-reference.sh
-cargo build --release --locked -p tessera-engine --example bench_train
+. scripts/bench-lib.sh
+model= threads=0 runs=3 baseline=
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --threads) threads="$2"; shift 2 ;;
+        --runs) runs="$2"; shift 2 ;;
+        --baseline) baseline="$2"; shift 2 ;;
+        --*) echo "bench-train: unknown option $1" >&2; exit 2 ;;
+        *) model="$1"; shift ;;
+    esac
+done
+model="${model:-$(scripts/fetch-model.sh)}"
+cargo build --release --locked --workspace --example bench_train
+bench_threads "$threads"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-# 28 examples of well over 256 tokens (truncated to 256): 7 steps of batch 4.
+# 28 examples of well over 256 tokens (truncated to 256): 7 steps of batch 4, 5 of them timed.
 python - "$work/data.jsonl" <<'PY'
 import json, random, sys
 random.seed(0)
@@ -20,18 +39,37 @@ with open(sys.argv[1], "w") as f:
     for i in range(28):
         f.write(json.dumps({"text": " ".join(random.choice(words) for _ in range(400))}) + "\n")
 PY
-echo "bench: Tessera trainer (no recompute, then recompute)" >&2
-target/release/examples/bench_train "$model" "$work/data.jsonl" "$work/out1" off > "$work/t_off.json"
-target/release/examples/bench_train "$model" "$work/data.jsonl" "$work/out2" on > "$work/t_on.json"
-echo "bench: PEFT reference" >&2
-python scripts/bench_train_reference.py "$model" "$work/data.jsonl" > "$work/ref.json"
-python - "$work" <<'PY'
-import json, sys, os
-w = sys.argv[1]
-off, on, ref = (json.load(open(os.path.join(w, n))) for n in ("t_off.json", "t_on.json", "ref.json"))
-print("LoRA SFT, r=16, 7 targets, seq 256, batch 4, float32")
-print(f"{'run':34} {'tokens/s':>9} {'vs PEFT':>8} {'peak RSS MiB':>13}")
-for name, r in (("tessera", off), ("tessera + layer recompute", on), ("PEFT + transformers", ref)):
-    print(f"{name:34} {r['tokens_per_s']:9.1f} {r['tokens_per_s'] / ref['tokens_per_s']:7.2f}x {r['peak_rss_mib']:13.0f}")
+for run in $(seq "$runs"); do
+    echo "bench: run $run/$runs: Tessera trainer (no recompute, then recompute), then PEFT" >&2
+    target/release/examples/bench_train "$model" "$work/data.jsonl" "$work/o$run-off" off \
+        --threads "$OMP_NUM_THREADS" > "$work/t_off.$run.json"
+    target/release/examples/bench_train "$model" "$work/data.jsonl" "$work/o$run-on" on \
+        --threads "$OMP_NUM_THREADS" > "$work/t_on.$run.json"
+    if [ -n "$baseline" ]; then
+        "$baseline" "$model" "$work/data.jsonl" "$work/o$run-base" off \
+            --threads "$OMP_NUM_THREADS" > "$work/t_base.$run.json"
+    fi
+    python scripts/bench_train_reference.py "$model" "$work/data.jsonl" \
+        --threads "$OMP_NUM_THREADS" > "$work/ref.$run.json"
+    rm -rf "$work/o$run-"*
+done
+python - "$work" "$runs" <<'PY'
+import json, os, statistics, sys
+w, runs = sys.argv[1], int(sys.argv[2])
+def med(prefix):
+    rs = [json.load(open(os.path.join(w, f"{prefix}.{i}.json"))) for i in range(1, runs + 1)]
+    return {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "peak_rss_mib")}, rs
+ref, ref_runs = med("ref")
+rows = [("tessera", "t_off"), ("tessera + layer recompute", "t_on")]
+if os.path.exists(os.path.join(w, "t_base.1.json")):
+    rows.append(("baseline build (--baseline)", "t_base"))
+print(f"LoRA SFT, r=16, 7 targets, seq 256, batch 4, float32, {os.environ.get('OMP_NUM_THREADS')} "
+      f"threads, median of {runs} runs")
+print(f"{'run':34} {'tokens/s':>9} {'vs PEFT':>8} {'peak RSS MiB':>13}  runs (tokens/s)")
+for name, prefix in rows + [("PEFT + transformers", "ref")]:
+    r, rs = med(prefix)
+    each = " ".join(f"{x['tokens_per_s']:.0f}" for x in rs)
+    print(f"{name:34} {r['tokens_per_s']:9.1f} {r['tokens_per_s'] / ref['tokens_per_s']:7.2f}x "
+          f"{r['peak_rss_mib']:13.0f}  {each}")
 print("target: tessera >= 1.2x PEFT")
 PY

@@ -1,74 +1,167 @@
-"""Load test of `POST /chat` on a running head: N requests at concurrency C, each asking for
-`max_tokens` greedy tokens; prints p50/p99 latency, time to completion and tokens/s.
+"""Load tests of a running head, printed as JSON on stdout (progress on stderr).
 
-    python scripts/bench_http.py URL [--requests N] [--concurrency C ...] [--max-tokens 32]
+    python scripts/bench_http.py workload URL --model NAME [--phase base|adapters|prefix] [--runs 3]
+        [--clients 32] [--min-tokens 64] [--max-tokens 128] [--prefix-tokens 1000]
+        [--prefix-requests 4]
+    python scripts/bench_http.py chat URL [--requests N] [--concurrency C ...] [--max-tokens 32]
+
+`workload` is the realistic one: `--clients` concurrent streaming clients of the official `openai`
+Python client, each sending a different chat prompt (different lengths, fixed max_tokens per
+prompt between the two bounds, greedy), all at once; aggregate tokens/s, time to first token
+(TTFT) and inter-token latency (ITL) p50/p99, the median of `--runs` runs after a warm-up of the
+same prompts. `--phase adapters` spreads the clients over 8 adapters (`bench_r16_0..7` under the
+head's adapters root); `--phase prefix` sends, one after another, requests that share a
+~`--prefix-tokens` system prompt and reports the median TTFT of a new request once the prefix was
+seen. `chat` is the older `POST /chat` load test at fixed concurrencies.
 """
 import argparse
+import asyncio
 import json
+import os
 import statistics
+import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Name three colours of the rainbow.",
-    "Give me a short tip for learning Rust.",
-    "Why is the sky blue?",
-    "Write a haiku about the sea.",
-    "What is 12 times 7?",
-    "Suggest a name for a cat.",
-    "What does a CPU do?",
-]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import (chat_prompts, load_check, log, median_of, percentile,  # noqa: E402
+                          shared_prefix_system)
+
+ADAPTERS = 8
 
 
-def one(url, i, max_tokens):
-    body = json.dumps({"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
+async def stream_one(client, model, messages, max_tokens):
+    """(start, [arrival time of each content chunk], completion tokens) of one streamed request."""
+    t0 = time.perf_counter()
+    stream = await client.chat.completions.create(
+        model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    arrivals, tokens = [], None
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.perf_counter())
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return t0, arrivals, tokens if tokens is not None else len(arrivals)
+
+
+def summarise(results):
+    """Aggregate figures of a set of concurrent requests [(start, arrivals, tokens)]."""
+    start = min(r[0] for r in results)
+    end = max((r[1][-1] if r[1] else r[0]) for r in results)
+    tokens = sum(r[2] for r in results)
+    ttft = [(r[1][0] - r[0]) * 1e3 for r in results if r[1]]
+    itl = [(b - a) * 1e3 for r in results for a, b in zip(r[1], r[1][1:])]
+    return {"tokens": tokens, "wall_s": end - start, "tok_s": tokens / (end - start),
+            "ttft_p50_ms": percentile(ttft, 50), "ttft_p99_ms": percentile(ttft, 99),
+            "itl_p50_ms": percentile(itl, 50), "itl_p99_ms": percentile(itl, 99)}
+
+
+async def concurrent(url, requests):
+    """Sends every (model, messages, max_tokens) at once, one client connection each."""
+    from openai import AsyncOpenAI
+    client = AsyncOpenAI(base_url=url + "/v1", api_key="none", timeout=1200, max_retries=0)
+    try:
+        return await asyncio.gather(*(stream_one(client, m, msgs, n) for m, msgs, n in requests))
+    finally:
+        await client.close()
+
+
+async def sequential(url, requests):
+    from openai import AsyncOpenAI
+    client = AsyncOpenAI(base_url=url + "/v1", api_key="none", timeout=1200, max_retries=0)
+    try:
+        return [await stream_one(client, m, msgs, n) for m, msgs, n in requests]
+    finally:
+        await client.close()
+
+
+def workload(args):
+    prompts = chat_prompts(args.clients, args.min_tokens, args.max_tokens)
+    if args.phase == "prefix":
+        system = shared_prefix_system(args.prefix_tokens)
+        questions = [f"In one sentence, what is rule {7 * i + 3} about?"
+                     for i in range(args.prefix_requests + 2)]
+
+        def request(q, n):
+            return (args.model, [{"role": "system", "content": system},
+                                 {"role": "user", "content": q}], n)
+        # The first request brings the shared prefix into the cache (where there is one); each
+        # later one is a new request on the same prefix.
+        load_check("the shared-prefix requests")
+        asyncio.run(sequential(args.url, [request(questions[0], 4), request(questions[1], 4)]))
+        results = asyncio.run(sequential(args.url, [request(q, 4) for q in questions[2:]]))
+        ttft = [(r[1][0] - r[0]) * 1e3 for r in results if r[1]]
+        print(json.dumps({"phase": "prefix", "prefix_tokens": args.prefix_tokens,
+                          "requests": len(ttft), "ttft_ms": statistics.median(ttft),
+                          "ttft_all_ms": ttft}))
+        return
+    models = ([f"bench_r16_{i % ADAPTERS}" for i in range(len(prompts))]
+              if args.phase == "adapters" else [args.model] * len(prompts))
+    requests = [(m, msgs, n) for m, (msgs, n) in zip(models, prompts)]
+    log(f"bench: warm-up of {len(requests)} clients ({args.phase})")
+    asyncio.run(concurrent(args.url, [(m, msgs, 4) for m, msgs, _ in requests]))
+    out = median_of(args.runs, lambda: summarise(asyncio.run(concurrent(args.url, requests))),
+                    f"tessera {len(requests)} streaming clients ({args.phase})")
+    out.update({"phase": args.phase, "clients": len(requests)})
+    print(json.dumps(out))
+
+
+def chat_one(url, i, max_tokens):
+    prompts = [msgs[-1]["content"] for msgs, _ in chat_prompts(8)]
+    body = json.dumps({"prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
                        "temperature": 0, "stop": []}).encode()
-    req = urllib.request.Request(url + "/chat", data=body, headers={"content-type": "application/json"})
+    req = urllib.request.Request(url + "/chat", data=body,
+                                 headers={"content-type": "application/json"})
     t0 = time.perf_counter()
     with urllib.request.urlopen(req, timeout=600) as r:
         out = json.load(r)
     return time.perf_counter() - t0, out["usage"]["completion_tokens"]
 
 
-def pct(values, p):
-    values = sorted(values)
-    k = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
-    return values[k]
-
-
-def run(url, requests, concurrency, max_tokens):
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda i: one(url, i, max_tokens), range(requests)))
-    wall = time.perf_counter() - t0
-    lat = [r[0] for r in results]
-    tokens = sum(r[1] for r in results)
-    return {"concurrency": concurrency, "requests": requests, "p50_ms": pct(lat, 50) * 1e3,
-            "p99_ms": pct(lat, 99) * 1e3, "mean_ms": statistics.mean(lat) * 1e3,
-            "tokens": tokens, "tokens_per_s": tokens / wall, "wall_s": wall}
+def chat(args):
+    chat_one(args.url, 0, 4)  # warm up
+    rows = []
+    for c in args.concurrency:
+        n = args.requests or max(16, 8 * c)
+        load_check(f"POST /chat at {c} clients")
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(c) as pool:
+            results = list(pool.map(lambda i: chat_one(args.url, i, args.max_tokens), range(n)))
+        wall = time.perf_counter() - t0
+        lat = [r[0] for r in results]
+        tokens = sum(r[1] for r in results)
+        rows.append({"concurrency": c, "requests": n, "p50_ms": percentile(lat, 50) * 1e3,
+                     "p99_ms": percentile(lat, 99) * 1e3, "tokens_per_s": tokens / wall})
+    log(f"POST /chat, max_tokens {args.max_tokens}, greedy")
+    log(f"{'clients':>8} {'requests':>9} {'p50 ms':>9} {'p99 ms':>9} {'tokens/s':>9}")
+    for r in rows:
+        log(f"{r['concurrency']:>8} {r['requests']:>9} {r['p50_ms']:>9.0f} {r['p99_ms']:>9.0f} "
+            f"{r['tokens_per_s']:>9.1f}")
+    print(json.dumps(rows))
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("url")
-    ap.add_argument("--requests", type=int, default=0, help="default: 8 x concurrency, at least 16")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--max-tokens", type=int, default=32)
+    sub = ap.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("workload")
+    w.add_argument("url")
+    w.add_argument("--model", required=True, help="the base model's name")
+    w.add_argument("--phase", default="base", choices=["base", "adapters", "prefix"])
+    w.add_argument("--runs", type=int, default=3)
+    w.add_argument("--clients", type=int, default=32)
+    w.add_argument("--min-tokens", type=int, default=64)
+    w.add_argument("--max-tokens", type=int, default=128)
+    w.add_argument("--prefix-tokens", type=int, default=1000)
+    w.add_argument("--prefix-requests", type=int, default=4)
+    c = sub.add_parser("chat")
+    c.add_argument("url")
+    c.add_argument("--requests", type=int, default=0, help="default: 8 x concurrency, at least 16")
+    c.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    c.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args()
-    one(args.url, 0, 4)  # warm up
-    rows = []
-    for c in args.concurrency:
-        n = args.requests or max(16, 8 * c)
-        rows.append(run(args.url, n, c, args.max_tokens))
-    print(f"POST /chat, max_tokens {args.max_tokens}, greedy")
-    print(f"{'clients':>8} {'requests':>9} {'p50 ms':>9} {'p99 ms':>9} {'tokens/s':>9} {'vs 1 client':>12}")
-    base = rows[0]["tokens_per_s"]
-    for r in rows:
-        print(f"{r['concurrency']:>8} {r['requests']:>9} {r['p50_ms']:>9.0f} {r['p99_ms']:>9.0f} "
-              f"{r['tokens_per_s']:>9.1f} {r['tokens_per_s'] / base:>11.2f}x")
-    print(json.dumps(rows))
+    {"workload": workload, "chat": chat}[args.command](args)
 
 
 if __name__ == "__main__":

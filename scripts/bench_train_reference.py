@@ -1,7 +1,8 @@
 """PEFT + transformers reference for scripts/bench-train.sh: LoRA r=16 on all 7 projections,
-sequences of 256 tokens, batch 4, AdamW; tokens/s of the steps after the first, and peak RSS.
+sequences of 256 tokens, batch 4, AdamW; tokens/s and peak RSS. The timed steps are the same as
+bench_train.rs's: the second to the last but one.
 
-python scripts/bench_train_reference.py MODEL.gguf DATASET.jsonl
+python scripts/bench_train_reference.py MODEL.gguf DATASET.jsonl [--threads N]
 """
 import json
 import os
@@ -16,6 +17,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 def main():
     model_path, data = sys.argv[1], sys.argv[2]
+    threads = int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 0
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_common import load_check, set_threads
+    threads = set_threads(threads)
+    load_check("the PEFT run")
     d, f = os.path.split(os.path.abspath(model_path))
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
@@ -36,10 +42,12 @@ def main():
         opt.step()
         opt.zero_grad()
         marks.append(time.perf_counter() - start)
-    tokens = 4 * 256 * (len(marks) - 1)
+    tokens = 4 * 256 * (len(marks) - 2)
     print(json.dumps({
-        "tokens_per_s": tokens / (marks[-1] - marks[0]),
+        "tokens_per_s": tokens / (marks[-2] - marks[0]),
         "steps": len(marks),
+        "timed_steps": len(marks) - 2,
+        "threads": threads,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }))
 

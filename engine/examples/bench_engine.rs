@@ -1,8 +1,14 @@
 //! Engine throughput on a real model, printed as JSON for `scripts/bench-engine.sh`:
-//! single-stream decode tokens/s, 32 concurrent streams, 32 streams over 8 adapters, adapter load.
+//! single-stream decode tokens/s (and its fraction of the batch-1 bandwidth roofline), N concurrent
+//! streams, N streams over 8 adapters, adapter load. Every measured shape is warmed up first; each
+//! figure is the median of `--runs` runs, each after a printed load-average check.
 //!
-//! `cargo run --release -p tessera-engine --example bench_engine -- MODEL ADAPTER_DIR [--device D]`
+//! `cargo run --release -p tessera-engine --example bench_engine -- MODEL ADAPTER_DIR
+//!     [--device cpu|cuda:0] [--dtype float32|bfloat16|float16] [--threads N] [--runs 3]
+//!     [--streams 32] [--new-tokens 128]`
 //! writes 8 random r=16 adapters (PEFT format) under ADAPTER_DIR for the Python reference to reuse.
+//! The engine thread's OpenMP pool follows `OMP_NUM_THREADS` (read when torch loads), so the
+//! script exports it; `--threads` must agree with it.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -15,30 +21,125 @@ use tessera_engine::model_config::LlamaConfig;
 use tessera_engine::scheduler::SchedulerConfig;
 use tessera_engine::{Event, SamplingParams};
 
-const NEW_TOKENS: usize = 128;
-const STREAMS: usize = 32;
 const ADAPTERS: usize = 8;
 pub const PROMPT: &str = "Write a short story about a robot who learns to paint.";
+
+/// `--name value` from the command line.
+fn flag(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn number(args: &[String], name: &str, default: usize) -> anyhow::Result<usize> {
+    flag(args, name).map_or(Ok(default), |v| {
+        v.parse()
+            .map_err(|_| anyhow::anyhow!("{name}: `{v}` is not a number"))
+    })
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Prints the 1-minute load average before a measurement; warns above half the cores.
+fn load_check(label: &str) {
+    let load: f64 = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN);
+    let n = cores();
+    let warn = if load > 0.5 * n as f64 {
+        "  WARNING: machine busy (> 0.5 x cores), figures will be low"
+    } else {
+        ""
+    };
+    eprintln!("bench: load average {load:.2} on {n} cores before {label}{warn}");
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// Memory read bandwidth in GB/s: the median time of `sum` over 1 GiB of float32.
+fn bandwidth_gb_s(device: Device) -> f64 {
+    let n = 1i64 << 28;
+    let x = Tensor::ones([n], (Kind::Float, device));
+    let _ = x.sum(Kind::Float);
+    sync(device);
+    let times = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            let _ = x.sum(Kind::Float);
+            sync(device);
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    (n * 4) as f64 / median(times) / 1e9
+}
+
+/// Bytes of weights one decode step reads: every layer, the final norm and the output matrix (the
+/// embedding table only through one row per token).
+fn decode_weight_bytes(c: &LlamaConfig, kind: Kind) -> f64 {
+    let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
+    let q = (c.num_attention_heads * c.head_dim) as f64;
+    let kv = (c.num_key_value_heads * c.head_dim) as f64;
+    let layer = h * (q + 2.0 * kv) + q * h + 3.0 * h * i + 2.0 * h;
+    let params = c.num_hidden_layers as f64 * layer + h + c.vocab_size as f64 * h;
+    params * kind.elt_size_in_bytes() as f64
+}
+
+fn parse_kind(name: &str) -> anyhow::Result<Kind> {
+    Ok(match name {
+        "float32" | "f32" => Kind::Float,
+        "bfloat16" | "bf16" => Kind::BFloat16,
+        "float16" | "f16" => Kind::Half,
+        other => anyhow::bail!("--dtype: `{other}` is not float32, bfloat16 or float16"),
+    })
+}
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let model_path = PathBuf::from(args.get(1).expect("MODEL path"));
     let adapter_root = PathBuf::from(args.get(2).expect("ADAPTER_DIR"));
-    let device = match args.iter().position(|a| a == "--device") {
-        Some(i) => {
-            tessera_engine::loader::parse_devices(&args[i + 1]).map_err(anyhow::Error::msg)?
-        }
+    let device = match flag(&args, "--device") {
+        Some(d) => tessera_engine::loader::parse_devices(&d).map_err(anyhow::Error::msg)?,
         None => vec![Device::Cpu],
     };
+    let kind = flag(&args, "--dtype").map(|k| parse_kind(&k)).transpose()?;
+    let threads = number(&args, "--threads", cores())?;
+    let runs = number(&args, "--runs", 3)?.max(1);
+    let streams = number(&args, "--streams", 32)?;
+    let new_tokens = number(&args, "--new-tokens", 128)?;
+    tch::set_num_threads(threads as i32);
+    let omp = std::env::var("OMP_NUM_THREADS").ok();
+    if omp.as_deref() != Some(threads.to_string().as_str()) {
+        eprintln!(
+            "bench: WARNING: OMP_NUM_THREADS is {omp:?}, not {threads}: the engine thread may use another count"
+        );
+    }
+    eprintln!(
+        "bench: tessera engine, {} intra-op threads (OMP_NUM_THREADS {omp:?})",
+        tch::get_num_threads()
+    );
+    load_check("the memory bandwidth probe");
+    let bandwidth = bandwidth_gb_s(device[0]);
     let started = Instant::now();
-    let loaded = tessera_engine::load(&model_path, &device, None)?;
+    let loaded = tessera_engine::load(&model_path, &device, kind)?;
     let load_s = started.elapsed().as_secs_f64();
     let config = loaded.model.config().clone();
     let kind = loaded.model.kind();
     let prompt = loaded.tokenizer.encode(PROMPT, true)?;
     let engine_config = EngineConfig {
         scheduler: SchedulerConfig {
-            max_batch_size: STREAMS,
+            max_batch_size: streams,
             prefill_token_budget: 4096,
             ..SchedulerConfig::default()
         },
@@ -56,11 +157,12 @@ fn main() -> anyhow::Result<()> {
             )
         })
         .collect::<anyhow::Result<_>>()?;
-    let params = SamplingParams {
-        ignore_eos: true,
-        ..SamplingParams::greedy(NEW_TOKENS)
-    };
-    let run = |n: usize, with_adapters: bool| -> anyhow::Result<(f64, f64)> {
+    // (tokens/s over the whole run, decode tokens/s after the first token) of `n` streams.
+    let run = |n: usize, tokens_each: usize, with_adapters: bool| -> anyhow::Result<(f64, f64)> {
+        let params = SamplingParams {
+            ignore_eos: true,
+            ..SamplingParams::greedy(tokens_each)
+        };
         let started = Instant::now();
         let gens: Vec<_> = (0..n)
             .map(|i| {
@@ -91,11 +193,28 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or(total);
         Ok((tokens as f64 / total, (tokens - n) as f64 / decode))
     };
-    run(1, false)?; // warm-up
-    let (_, single_decode) = run(1, false)?;
-    let (batch, _) = run(STREAMS, false)?;
-    run(ADAPTERS, true)?; // loads the adapters once, like a warm server
-    let (mixed, _) = run(STREAMS, true)?;
+    // The median over `runs` of one figure, each run after a load check.
+    let measure = |label: &str, f: &dyn Fn() -> anyhow::Result<f64>| -> anyhow::Result<f64> {
+        let mut values = Vec::new();
+        for r in 0..runs {
+            load_check(&format!("{label} (run {}/{runs})", r + 1));
+            values.push(f()?);
+        }
+        Ok(median(values))
+    };
+    eprintln!("bench: warm-up (1 stream, {streams} streams, {streams} streams over adapters)");
+    run(1, new_tokens, false)?;
+    run(streams, 8, false)?;
+    run(streams, 8, true)?; // also loads the adapters once, like a warm server
+    let single = measure("tessera single stream", &|| {
+        run(1, new_tokens, false).map(|r| r.1)
+    })?;
+    let batch = measure(&format!("tessera {streams} streams"), &|| {
+        run(streams, new_tokens, false).map(|r| r.0)
+    })?;
+    let mixed = measure(&format!("tessera {streams} streams, 8 adapters"), &|| {
+        run(streams, new_tokens, true).map(|r| r.0)
+    })?;
     // Loading a new adapter: read, check, shard and place (median of 5 fresh adapters).
     let mut loads = Vec::new();
     for i in 0..5 {
@@ -107,24 +226,30 @@ fn main() -> anyhow::Result<()> {
         )?;
         let t = Instant::now();
         let placed = LoraAdapter::load(&dir, &config)?.place(&device, kind);
-        if device[0] != Device::Cpu {
-            tch::Cuda::synchronize(0);
-        }
+        sync(device[0]);
         loads.push(t.elapsed().as_secs_f64() * 1e3);
         drop(placed);
     }
-    loads.sort_by(f64::total_cmp);
+    let weight_bytes = decode_weight_bytes(&config, kind);
+    let roofline = bandwidth * 1e9 / weight_bytes;
     println!(
         "{}",
         json!({
             "device": format!("{:?}", device),
             "dtype": format!("{kind:?}"),
+            "threads": threads,
+            "runs": runs,
+            "streams": streams,
             "load_model_s": load_s,
-            "single_stream_decode_tok_s": single_decode,
+            "bandwidth_gb_s": bandwidth,
+            "weight_bytes": weight_bytes,
+            "roofline_tok_s": roofline,
+            "single_stream_decode_tok_s": single,
+            "roofline_fraction": single / roofline,
             "batch32_tok_s": batch,
             "batch32_8_adapters_tok_s": mixed,
-            "adapter_load_ms": loads[loads.len() / 2],
-            "new_tokens": NEW_TOKENS,
+            "adapter_load_ms": median(loads),
+            "new_tokens": new_tokens,
             "prompt_tokens": prompt.len(),
         })
     );

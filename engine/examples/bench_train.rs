@@ -1,8 +1,9 @@
 //! LoRA SFT throughput on a real model, printed as JSON for `scripts/bench-train.sh`: tokens/s
-//! (steps after the first) and peak RSS, r=16 on all 7 projections, sequences of 256, batch 4.
+//! and peak RSS, r=16 on all 7 projections, sequences of 256, batch 4. The timed steps are the
+//! second to the last but one: the first warms up, the last writes the final checkpoint.
 //!
-//! `cargo run --release -p tessera-engine --example bench_train -- MODEL DATASET.jsonl OUT_DIR [on|off]`
-//! (the last argument turns layer recomputation on or off; default off, as PEFT's default).
+//! `cargo run --release -p tessera-engine --example bench_train -- MODEL DATASET.jsonl OUT_DIR [on|off]
+//!     [--threads N]` (`on|off` turns layer recomputation on or off; default off, as PEFT's).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -27,6 +28,19 @@ fn main() -> anyhow::Result<()> {
     let dataset = PathBuf::from(&args[2]);
     let out = PathBuf::from(&args[3]);
     let checkpointing = args.get(4).map(|a| a == "on").unwrap_or(false);
+    if let Some(i) = args.iter().position(|a| a == "--threads") {
+        let n: i32 = args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .expect("--threads N");
+        tch::set_num_threads(n);
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    eprintln!(
+        "bench: tessera trainer, {} threads, load average {} before the run",
+        tch::get_num_threads(),
+        load.split_whitespace().next().unwrap_or("?")
+    );
     let loaded = tessera_engine::load(&model, &[Device::Cpu], Some(Kind::Float))?;
     let job = TrainJob {
         dataset_path: dataset,
@@ -57,15 +71,18 @@ fn main() -> anyhow::Result<()> {
             marks.push((start.elapsed().as_secs_f64(), p.step));
         },
     )?;
-    // Tokens of steps 2.. over their time (the first step warms up).
+    // Tokens of steps 2..n-1 over their time (the first warms up, the last saves a checkpoint).
     let tokens_per_step = 4.0 * 256.0;
+    assert!(marks.len() >= 3, "the dataset needs at least 3 steps");
     let (t1, s1) = marks[0];
-    let (tn, sn) = *marks.last().unwrap();
+    let (tn, sn) = marks[marks.len() - 2];
     println!(
         "{}",
         json!({
             "tokens_per_s": tokens_per_step * (sn - s1) as f64 / (tn - t1),
-            "steps": sn,
+            "steps": marks.len(),
+            "timed_steps": sn - s1,
+            "threads": tch::get_num_threads(),
             "peak_rss_mib": peak_rss_mib(),
             "gradient_checkpointing": checkpointing,
         })

@@ -22,7 +22,7 @@ pub use crate::train::checkpoint::{checkpoint_step, latest_checkpoint};
 use crate::train::dataset::{self, DatasetError, Example};
 use crate::train::hyperparams::{HyperparameterError, TrainJob, MAX_TOTAL_STEPS};
 use crate::train::lora_params::{peft_config, LoraParams};
-use crate::train::optimizer::{clip_grad_norm, learning_rate, AdamW};
+use crate::train::optimizer::{learning_rate, AdamW};
 
 /// What a trainer reports after every optimizer step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -243,9 +243,7 @@ pub fn train(
             );
             state.tokens += examples.iter().map(|e| e.ids.len() as u64).sum::<u64>();
         }
-        let params = lora.tensors();
-        let grad_norm = clip_grad_norm(&params, h.max_grad_norm);
-        opt.step(&params, lr);
+        let grad_norm = opt.clip_and_step(&lora.tensors(), lr, h.max_grad_norm);
         state.step += 1;
         state.losses.push(loss_sum);
         let elapsed = started.elapsed().as_secs_f64();
@@ -310,36 +308,34 @@ fn mix(seed: u64, step: u64, micro: u64) -> u64 {
     x.wrapping_mul(0x94D0_49BB_1331_11EB)
 }
 
-/// Right-padded ids `[b, T]` and targets `[b, T-1]` (-100 where not supervised or padding).
+/// Right-padded ids `[b, T]` and targets `[b, T]`, shifted: the target at position `i` is the id at
+/// `i + 1` (-100 where not supervised, padding, or the last position), so the loss reads the
+/// logits as they are instead of copying all but their last position.
 fn collate(examples: &[&Example], device: Device) -> (Tensor, Tensor) {
     let t = examples.iter().map(|e| e.ids.len()).max().unwrap_or(1);
     let mut ids = vec![0i64; examples.len() * t];
-    let mut targets = vec![-100i64; examples.len() * (t - 1)];
+    let mut targets = vec![-100i64; examples.len() * t];
     for (r, e) in examples.iter().enumerate() {
         for (i, &id) in e.ids.iter().enumerate() {
             ids[r * t + i] = id as i64;
             if i > 0 && e.supervised[i] {
-                targets[r * (t - 1) + i - 1] = id as i64;
+                targets[r * t + i - 1] = id as i64;
             }
         }
     }
     let b = examples.len() as i64;
+    let shape = [b, t as i64];
     (
-        Tensor::from_slice(&ids)
-            .view([b, t as i64])
-            .to_device(device),
-        Tensor::from_slice(&targets)
-            .view([b, t as i64 - 1])
-            .to_device(device),
+        Tensor::from_slice(&ids).view(shape).to_device(device),
+        Tensor::from_slice(&targets).view(shape).to_device(device),
     )
 }
 
-/// Summed token cross-entropy of the supervised targets.
+/// Summed token cross-entropy of the supervised (shifted) targets; `logits` `[b, T, V]` are read
+/// in place (a view, no copy) when they are float32.
 fn token_loss(logits: &Tensor, targets: &Tensor) -> Tensor {
-    let t = logits.size()[1];
     let v = logits.size()[2];
     logits
-        .narrow(1, 0, t - 1)
         .to_kind(Kind::Float)
         .reshape([-1, v])
         .cross_entropy_loss::<Tensor>(&targets.reshape([-1]), None, Reduction::Sum, -100, 0.0)
