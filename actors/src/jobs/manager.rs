@@ -445,7 +445,8 @@ impl JobManagerState {
                 }
                 self.refused
                     .insert(trainer.to_string(), Instant::now() + REFUSED_BACKOFF);
-                let _ = self.myself.send_after(REFUSED_BACKOFF, || JobMsg::Dispatch);
+                // The timer task runs on after its handle is dropped.
+                drop(self.myself.send_after(REFUSED_BACKOFF, || JobMsg::Dispatch));
             }
         }
         self.notify_state(id);
