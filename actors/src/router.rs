@@ -370,6 +370,7 @@ mod tests {
                 in_flight: 0,
                 adapters: vec![],
                 model: None,
+                dtype: None,
             },
             Arc::new(Accepting),
         );

@@ -189,7 +189,7 @@ impl RemoteTrainer for RemoteTrainerHandle {
     }
 
     fn fence(&self, job_id: &str, attempt: u32) {
-        let _ = self.agent.cast(WorkerInbox(ToWorker::CancelJob {
+        let _ = self.agent.cast(WorkerInbox::Frame(ToWorker::CancelJob {
             trainer: self.trainer.clone(),
             job_id: job_id.to_string(),
             checkpoint: false,
@@ -404,7 +404,7 @@ impl ClusterHeadState {
                 {
                     let mut t = self.args.table.inner.lock().expect("cluster");
                     if let Some(current) = t.trainer_jobs.get_mut(&key) {
-                        if current.as_deref() == Some(job_id.as_str()) {
+                        if current.as_ref().is_some_and(|(id, a)| *id == job_id && *a == attempt) {
                             *current = None;
                         }
                     }

@@ -21,7 +21,7 @@ use crate::train::checkpoint::{self, Fence, TrainerState};
 pub use crate::train::checkpoint::{checkpoint_step, latest_checkpoint};
 use crate::train::dataset::{self, DatasetError, Example};
 use crate::train::hyperparams::{HyperparameterError, TrainJob, MAX_TOTAL_STEPS};
-use crate::train::lora_params::{peft_config, LoraParams};
+use crate::train::lora_params::LoraParams;
 use crate::train::optimizer::{learning_rate, AdamW};
 
 /// What a trainer reports after every optimizer step.
