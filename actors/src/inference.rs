@@ -23,7 +23,7 @@ use crate::router::{Lease, Router};
 
 pub enum InferenceMsg {
     Generate {
-        work: ChatWork,
+        work: Box<ChatWork>,
         sink: mpsc::Sender<StreamEvent>,
         /// Counts the request against the replica's `max_in_flight` until it ends here.
         lease: Lease,
@@ -100,7 +100,7 @@ impl Actor for InferenceActor {
                 let engine = state.engine.clone();
                 let replica = state.name.clone();
                 tokio::spawn(async move {
-                    serve(engine, work, sink, replica, myself).await;
+                    serve(engine, *work, sink, replica, myself).await;
                     drop(lease);
                 });
             }

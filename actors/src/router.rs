@@ -271,7 +271,7 @@ impl Router {
             let w = work.take().expect("work");
             let failed = match actor {
                 ReplicaRef::Local(actor) => match actor.cast(InferenceMsg::Generate {
-                    work: w,
+                    work: Box::new(w),
                     sink,
                     lease: lease.clone(),
                 }) {
@@ -283,7 +283,7 @@ impl Router {
                         else {
                             return Err(ServeError::unavailable(format!("replica {name}: {e}")));
                         };
-                        Some((w, "its actor is gone".to_string()))
+                        Some((*w, "its actor is gone".to_string()))
                     }
                 },
                 ReplicaRef::Remote(remote) => match remote.generate(w.clone(), sink) {

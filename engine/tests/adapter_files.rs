@@ -18,6 +18,9 @@ fn fifo(path: &Path) {
     assert!(made.success());
 }
 
+/// Replaces one file of an adapter directory.
+type Damage = fn(&Path);
+
 #[test]
 fn devices_and_fifos_in_an_adapter_are_refused_without_reading() {
     let dir = tempfile::tempdir().unwrap();
@@ -26,7 +29,7 @@ fn devices_and_fifos_in_an_adapter_are_refused_without_reading() {
     let good = tiny::write_adapter(&dir.path().join("good"), 4, 8.0, &["q_proj"], 1);
     assert!(LoraAdapter::load(&good, &config).is_ok());
 
-    let cases: [(&str, fn(&Path)); 3] = [
+    let cases: [(&str, Damage); 3] = [
         ("zero-weights", |d| {
             std::os::unix::fs::symlink("/dev/zero", d.join("adapter_model.safetensors")).unwrap()
         }),
