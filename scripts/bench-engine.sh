@@ -32,6 +32,7 @@ case "$model" in
         model=$(python scripts/write_random_llama.py "$TESSERA_CACHE/models/random-1b" \
             "$(scripts/fetch-model.sh)" --size 1b) ;;
 esac
+# --workspace: the same dependency features as the release head, so nothing builds twice.
 cargo build --release --locked --workspace --example bench_engine
 bench_threads "$threads"
 pass+=(--threads "$OMP_NUM_THREADS")

@@ -26,6 +26,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 model="${model:-$(scripts/fetch-model.sh)}"
+# --workspace: the same dependency features as the release head, so nothing builds twice.
 cargo build --release --locked --workspace --example bench_train
 bench_threads "$threads"
 work="$(mktemp -d)"

@@ -497,7 +497,7 @@ pub fn hashed_dropout(x: &Tensor, p: f64, seed: u64) -> Tensor {
     // lowbias32's rounds (constants 0x7feb352d, 0x846ca68b), logical shifts as shift + mask.
     for (shift, mul) in [(16, 0x7feb_352d_i64), (15, 0x846c_a68b_i64 - (1 << 32))] {
         let mut high = h.bitwise_right_shift_tensor_scalar(shift);
-        let _ = high.bitwise_and_(((1_i64 << (32 - shift)) - 1) as i64);
+        let _ = high.bitwise_and_((1_i64 << (32 - shift)) - 1);
         let _ = h.bitwise_xor_tensor_(&high);
         h *= mul;
     }
