@@ -81,7 +81,8 @@ impl Actor for InferenceActor {
             seconds = started.elapsed().as_secs_f64(),
             "inference replica loaded its model"
         );
-        args.router.set_model(&args.name, &loaded.name, &loaded.dtype);
+        args.router
+            .set_model(&args.name, &loaded.name, &loaded.dtype);
         let engine = Engine::start(loaded.model, loaded.tokenizer, args.engine);
         Ok(InferenceState {
             engine,

@@ -191,11 +191,7 @@ impl Engine {
         }
         let context = inner.model_config.max_position_embeddings;
         // Checked: a max_tokens near usize::MAX must not wrap past the context check.
-        let total = request
-            .prompt
-            .len()
-            .checked_add(params.max_tokens)
-            .unwrap_or(usize::MAX);
+        let total = request.prompt.len().saturating_add(params.max_tokens);
         if total > context {
             return Err(invalid(
                 "max_tokens",

@@ -93,7 +93,11 @@ fn probe_cpu_bf16() -> (Kind, String) {
     };
     let reason = format!(
         "{} (auto: bf16 GEMM probe {:.2}x float32 on this CPU)",
-        if kind == Kind::Float { "float32" } else { "bfloat16" },
+        if kind == Kind::Float {
+            "float32"
+        } else {
+            "bfloat16"
+        },
         ratio
     );
     tracing::info!(f32_us = f32_s * 1e6, bf16_us = bf16_s * 1e6, choice = %reason, "CPU dtype probe");

@@ -282,7 +282,7 @@ mod tests {
 
     /// A cache whose slot `slot` holds value `100·slot + position` at every position.
     fn filled(slots: i64, len: i64) -> KvCache {
-        let mut c = KvCache::new(&layouts(), 1, slots, len, 3, Kind::Float);
+        let c = KvCache::new(&layouts(), 1, slots, len, 3, Kind::Float);
         for s in 0..slots {
             let vals = Tensor::arange(len, (Kind::Float, Device::Cpu)) + (100 * s) as f64;
             let (mut k, mut v) = c.span(0, 0, s, 0, len);

@@ -404,7 +404,10 @@ impl ClusterHeadState {
                 {
                     let mut t = self.args.table.inner.lock().expect("cluster");
                     if let Some(current) = t.trainer_jobs.get_mut(&key) {
-                        if current.as_ref().is_some_and(|(id, a)| *id == job_id && *a == attempt) {
+                        if current
+                            .as_ref()
+                            .is_some_and(|(id, a)| *id == job_id && *a == attempt)
+                        {
                             *current = None;
                         }
                     }
