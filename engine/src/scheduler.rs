@@ -405,9 +405,13 @@ impl Scheduler {
         }
         let step = StepBatch::new(tokens, segments, LogitRows::Last);
         let lora = self.step_lora(&order);
+        self.time.build_ns += elapsed_ns(started);
+        let started = Instant::now();
         let logits = self
             .model
             .forward_step(&step, &mut self.cache, lora.as_ref());
+        self.time.forward_ns += elapsed_ns(started);
+        let started = Instant::now();
         self.decode_steps += 1;
 
         // Rows that produce a token: decode rows and chunks that end their prompt.

@@ -1,0 +1,62 @@
+//! Where a step's time goes: runs `--streams` greedy streams of `--new-tokens` tokens on a model
+//! and prints the scheduler's step breakdown (build, forward, attention, sample, stream).
+//!
+//! `cargo run --release --workspace --example step_breakdown -- MODEL [STREAMS] [NEW_TOKENS]`
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use tessera_engine::engine::{Engine, EngineConfig, GenerateRequest};
+use tessera_engine::SamplingParams;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let model = PathBuf::from(args.get(1).expect("MODEL path"));
+    let streams: usize = args.get(2).map_or(Ok(32), |s| s.parse())?;
+    let new_tokens: usize = args.get(3).map_or(Ok(64), |s| s.parse())?;
+    let loaded = tessera_engine::load(&model, &[tch::Device::Cpu], Some(tch::Kind::Float))?;
+    let prompt = loaded.tokenizer.encode(
+        "Write a short story about a robot who learns to paint.",
+        true,
+    )?;
+    let engine = Engine::start(loaded.model, loaded.tokenizer, EngineConfig::default());
+    let run = |n: usize| -> anyhow::Result<f64> {
+        let started = Instant::now();
+        let gens = (0..n)
+            .map(|_| {
+                engine.submit(GenerateRequest {
+                    prompt: prompt.clone(),
+                    params: SamplingParams {
+                        ignore_eos: true,
+                        ..SamplingParams::greedy(new_tokens)
+                    },
+                    adapter: None,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for g in gens {
+            g.wait().map_err(anyhow::Error::msg)?;
+        }
+        Ok(started.elapsed().as_secs_f64())
+    };
+    run(streams)?; // warm-up
+    let before = engine.stats();
+    let wall = run(streams)?;
+    let after = engine.stats();
+    let steps = (after.decode_steps - before.decode_steps).max(1) as f64;
+    let ms = |a: u64, b: u64| (a - b) as f64 / 1e6 / steps;
+    let (t, b) = (after.time, before.time);
+    println!(
+        "{streams} streams x {new_tokens} tokens: {:.1} tok/s, {steps} steps, per step (ms): \
+         build {:.2}  forward {:.2} (of which attention {:.2})  sample {:.2}  stream {:.2}  \
+         total wall {:.2}",
+        (streams * new_tokens) as f64 / wall,
+        ms(t.build_ns, b.build_ns),
+        ms(t.forward_ns, b.forward_ns),
+        ms(t.attention_ns, b.attention_ns),
+        ms(t.sample_ns, b.sample_ns),
+        ms(t.stream_ns, b.stream_ns),
+        wall * 1e3 / steps,
+    );
+    Ok(())
+}
