@@ -16,15 +16,51 @@ pub const LAYERS: i64 = 2;
 pub const VOCAB: i64 = 260;
 pub const EOS: u32 = 257;
 
-fn randn(shape: &[i64], std: f64) -> Tensor {
-    Tensor::randn(shape, (Kind::Float, Device::Cpu)) * std
+/// A seeded normal generator of its own (splitmix64 + Box-Muller): torch's global generator is
+/// shared by the tests of a binary running on parallel threads, so a model drawn from it depends
+/// on which other test draws at the same moment.
+struct Normal(u64);
+
+impl Normal {
+    fn new(seed: i64) -> Self {
+        Normal(seed as u64 ^ 0x5EED_0F7E_55E4_A000)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1].
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
+    }
+
+    fn sample(&mut self) -> f64 {
+        let (u, v) = (self.uniform(), self.uniform());
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+
+    fn randn(&mut self, shape: &[i64], std: f64) -> Tensor {
+        let n: i64 = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|_| (self.sample() * std) as f32).collect();
+        Tensor::from_slice(&values).view(shape)
+    }
+}
+
+/// A random `[out, in]` weight scaled like a default init.
+fn lin(rng: &mut Normal, out: i64, inp: i64) -> Tensor {
+    rng.randn(&[out, inp], 1.0 / (inp as f64).sqrt())
 }
 
 /// Writes `config.json`, `model.safetensors`, `tokenizer.json` and `tokenizer_config.json` of a
 /// random tiny Llama into `dir` (seeded, so the same seed gives the same model).
 pub fn write_model(dir: &Path, seed: i64) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
-    tch::manual_seed(seed);
+    let mut rng = Normal::new(seed);
     let config = json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -43,43 +79,56 @@ pub fn write_model(dir: &Path, seed: i64) -> PathBuf {
         "eos_token_id": EOS,
     });
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let lin = |out: i64, inp: i64| randn(&[out, inp], 1.0 / (inp as f64).sqrt());
     let mut tensors: Vec<(String, Tensor)> = vec![
         (
             "model.embed_tokens.weight".into(),
-            randn(&[VOCAB, HIDDEN], 1.0),
+            rng.randn(&[VOCAB, HIDDEN], 1.0),
         ),
         (
             "model.norm.weight".into(),
             Tensor::ones([HIDDEN], (Kind::Float, Device::Cpu)),
         ),
-        ("lm_head.weight".into(), lin(VOCAB, HIDDEN) * 4.0),
+        ("lm_head.weight".into(), lin(&mut rng, VOCAB, HIDDEN) * 4.0),
     ];
     for l in 0..LAYERS {
         let p = format!("model.layers.{l}");
-        let norm = || Tensor::ones([HIDDEN], (Kind::Float, Device::Cpu)) + randn(&[HIDDEN], 0.1);
+        let norm = |rng: &mut Normal| {
+            Tensor::ones([HIDDEN], (Kind::Float, Device::Cpu)) + rng.randn(&[HIDDEN], 0.1)
+        };
         tensors.extend([
-            (format!("{p}.input_layernorm.weight"), norm()),
-            (format!("{p}.post_attention_layernorm.weight"), norm()),
+            (format!("{p}.input_layernorm.weight"), norm(&mut rng)),
+            (
+                format!("{p}.post_attention_layernorm.weight"),
+                norm(&mut rng),
+            ),
             (
                 format!("{p}.self_attn.q_proj.weight"),
-                lin(HEADS * HEAD_DIM, HIDDEN),
+                lin(&mut rng, HEADS * HEAD_DIM, HIDDEN),
             ),
             (
                 format!("{p}.self_attn.k_proj.weight"),
-                lin(KV_HEADS * HEAD_DIM, HIDDEN),
+                lin(&mut rng, KV_HEADS * HEAD_DIM, HIDDEN),
             ),
             (
                 format!("{p}.self_attn.v_proj.weight"),
-                lin(KV_HEADS * HEAD_DIM, HIDDEN),
+                lin(&mut rng, KV_HEADS * HEAD_DIM, HIDDEN),
             ),
             (
                 format!("{p}.self_attn.o_proj.weight"),
-                lin(HIDDEN, HEADS * HEAD_DIM),
+                lin(&mut rng, HIDDEN, HEADS * HEAD_DIM),
             ),
-            (format!("{p}.mlp.gate_proj.weight"), lin(INTER, HIDDEN)),
-            (format!("{p}.mlp.up_proj.weight"), lin(INTER, HIDDEN)),
-            (format!("{p}.mlp.down_proj.weight"), lin(HIDDEN, INTER)),
+            (
+                format!("{p}.mlp.gate_proj.weight"),
+                lin(&mut rng, INTER, HIDDEN),
+            ),
+            (
+                format!("{p}.mlp.up_proj.weight"),
+                lin(&mut rng, INTER, HIDDEN),
+            ),
+            (
+                format!("{p}.mlp.down_proj.weight"),
+                lin(&mut rng, HIDDEN, INTER),
+            ),
         ]);
     }
     Tensor::write_safetensors(&tensors, dir.join("model.safetensors")).unwrap();
@@ -155,7 +204,7 @@ fn dims(module: &str) -> (i64, i64) {
 /// Writes a PEFT LoRA adapter for the tiny model (B is random, not zero, so it changes outputs).
 pub fn write_adapter(dir: &Path, r: i64, alpha: f64, targets: &[&str], seed: i64) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
-    tch::manual_seed(seed);
+    let mut rng = Normal::new(seed);
     let config = json!({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
         "lora_dropout": 0.0, "target_modules": targets, "bias": "none", "use_rslora": false,
@@ -175,11 +224,11 @@ pub fn write_adapter(dir: &Path, r: i64, alpha: f64, targets: &[&str], seed: i64
             let p = format!("base_model.model.model.layers.{l}.{module}.{t}");
             tensors.push((
                 format!("{p}.lora_A.weight"),
-                randn(&[r, inp], 1.0 / (inp as f64).sqrt()),
+                rng.randn(&[r, inp], 1.0 / (inp as f64).sqrt()),
             ));
             tensors.push((
                 format!("{p}.lora_B.weight"),
-                randn(&[out, r], 1.0 / (r as f64).sqrt()),
+                rng.randn(&[out, r], 1.0 / (r as f64).sqrt()),
             ));
         }
     }
