@@ -2,7 +2,6 @@
 //! `TESSERA_<SECTION>_<KEY>` environment variables, then CLI overrides; checked for unknown keys,
 //! types and ranges. Every error names the key and where its value came from.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -10,17 +9,6 @@ use serde::{Deserialize, Serialize};
 
 /// The defaults, compiled into the binary so it needs no file beside it.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
-
-/// Environment variables with the `TESSERA_` prefix that the scripts and tests use and that are not
-/// settings. Any other `TESSERA_*` variable must name a setting.
-pub const NON_CONFIG_ENV: &[&str] = &[
-    "TESSERA_CACHE",
-    "TESSERA_REFERENCE_DIR",
-    "TESSERA_PYTHON",
-    "TESSERA_REQUIRE_OPENAI",
-    "TESSERA_REQUIRE_SCHEMATHESIS",
-    "TESSERA_TEST_HOOKS",
-];
 
 /// Name of the default model file, fetched by `scripts/fetch-model.sh` into the models cache.
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -34,16 +22,19 @@ pub enum ConfigError {
     },
     #[error("config file {path} is not valid TOML: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("unknown config key `{key}` (from {origin})")]
-    UnknownKey { key: String, origin: String },
+    #[error("unknown config key `{key}` (from {origin}){hint}")]
+    UnknownKey {
+        key: String,
+        origin: String,
+        /// `; did you mean ...?` when a known key is close, else empty.
+        hint: String,
+    },
     #[error("config key `{key}` (from {origin}) must be {expected}")]
     NotATable {
         key: String,
         origin: String,
         expected: &'static str,
     },
-    #[error("environment variable {var} does not name a setting (expected TESSERA_<SECTION>_<KEY>, e.g. TESSERA_SERVER_PORT)")]
-    UnknownEnv { var: String },
     #[error("override `{text}` must look like section.key=value")]
     BadOverride { text: String },
     #[error("invalid value for config key `{key}`: {message}")]
@@ -264,12 +255,15 @@ impl Config {
         let mut env: Vec<_> = sources
             .env
             .iter()
-            .filter(|(k, _)| k.starts_with("TESSERA_") && !NON_CONFIG_ENV.contains(&k.as_str()))
+            .filter(|(k, _)| k.starts_with("TESSERA_"))
             .collect();
         env.sort();
+        // `TESSERA_<SECTION>_<KEY>` with a known section must name a key of it; a variable whose
+        // next word is no section is not ours (a wrapper script's, a test's) and is ignored.
         for (var, value) in env {
-            let (section, key) = split_env_var(&table, var)?;
-            set(&mut table, &section, &key, value, &Origin::Env(var.clone()))?;
+            if let Some((section, key)) = split_env_var(&table, var) {
+                set(&mut table, &section, &key, value, &Origin::Env(var.clone()))?;
+            }
         }
 
         for text in &sources.cli {
@@ -550,14 +544,37 @@ fn slot<'t>(
     key: &str,
     origin: &Origin,
 ) -> Result<&'t mut toml::Value, ConfigError> {
+    let hint = closest_key(table, section, key)
+        .map(|k| match origin {
+            Origin::Env(_) => format!(
+                "; did you mean `{k}` (TESSERA_{})?",
+                k.replace('.', "_").to_ascii_uppercase()
+            ),
+            _ => format!("; did you mean `{k}`?"),
+        })
+        .unwrap_or_default();
     let unknown = || ConfigError::UnknownKey {
         key: format!("{section}.{key}"),
         origin: origin.to_string(),
+        hint: hint.clone(),
     };
     match table.get_mut(section) {
         Some(toml::Value::Table(entries)) => entries.get_mut(key).ok_or_else(unknown),
         _ => Err(unknown()),
     }
+}
+
+/// The known `section.key` most like `section.key`, if one is close enough to be a typo.
+fn closest_key(table: &toml::Table, section: &str, key: &str) -> Option<String> {
+    let wanted = format!("{section}.{key}");
+    table
+        .iter()
+        .filter_map(|(s, v)| Some((s, v.as_table()?)))
+        .flat_map(|(s, entries)| entries.keys().map(move |k| format!("{s}.{k}")))
+        .map(|known| (strsim::jaro_winkler(&wanted, &known), known))
+        .filter(|(score, _)| *score >= 0.85)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, known)| known)
 }
 
 /// Sets one value given as text: TOML syntax (`8000`, `0.5`, `true`, `"x"`) or a bare string.
@@ -582,17 +599,13 @@ fn set(
     Ok(())
 }
 
-/// `TESSERA_SERVER_MAX_BODY_BYTES` → (`server`, `max_body_bytes`), matched against known sections.
-fn split_env_var(table: &toml::Table, var: &str) -> Result<(String, String), ConfigError> {
+/// `TESSERA_SERVER_MAX_BODY_BYTES` → (`server`, `max_body_bytes`), matched against known sections;
+/// `None` when the word after the prefix is no section.
+fn split_env_var(table: &toml::Table, var: &str) -> Option<(String, String)> {
     let rest = var["TESSERA_".len()..].to_ascii_lowercase();
-    let sections: BTreeMap<&str, ()> = table.keys().map(|k| (k.as_str(), ())).collect();
-    for section in sections.keys() {
-        if let Some(key) = rest.strip_prefix(&format!("{section}_")) {
-            return Ok((section.to_string(), key.to_string()));
-        }
-    }
-    Err(ConfigError::UnknownEnv {
-        var: var.to_string(),
+    table.keys().find_map(|section| {
+        rest.strip_prefix(&format!("{section}_"))
+            .map(|key| (section.clone(), key.to_string()))
     })
 }
 

@@ -42,6 +42,7 @@ pub fn node_config(config: &Config, node_name: &str) -> NodeConfig {
         max_in_flight: config.max_in_flight(),
         job_manager: true,
         max_attempts: config.jobs.max_attempts,
+        max_queued_jobs: config.jobs.max_queued as usize,
     }
 }
 
@@ -78,6 +79,7 @@ pub async fn start(config: &Config) -> anyhow::Result<AppState> {
         },
         node.router.clone(),
         node.directory.clone(),
+        node.health.clone(),
     )
     .await
     .map_err(|e| anyhow::anyhow!(e))?;
@@ -91,7 +93,6 @@ pub async fn start(config: &Config) -> anyhow::Result<AppState> {
         max_body_bytes: config.server.max_body_bytes as usize,
         body_read_timeout: Duration::from_secs(config.server.body_read_timeout_secs),
         max_connections: config.server.max_connections as usize,
-        max_queued_jobs: config.jobs.max_queued as usize,
         adapter_budget_bytes: config.adapters.cache_memory_mb << 20,
         metrics: Metrics::new(),
         test_hooks: std::env::var("TESSERA_TEST_HOOKS").is_ok_and(|v| v == "1"),

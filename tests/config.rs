@@ -128,12 +128,34 @@ fn unknown_keys_are_rejected_by_name_wherever_they_come_from() {
     assert!(err.to_string().contains("server.prot"), "{err}");
     assert!(err.to_string().contains("TESSERA_SERVER_PROT"), "{err}");
 
+    // The closest key is suggested, with its variable's name.
+    assert!(
+        err.to_string()
+            .contains("did you mean `server.port` (TESSERA_SERVER_PORT)?"),
+        "{err}"
+    );
     let err = Config::load(&Sources {
-        env: env(&[("TESSERA_NOSUCHSECTION_X", "1")]),
+        env: env(&[("TESSERA_BATCHING_MAX_BATCH_SIZ", "4")]),
         ..Default::default()
     })
     .unwrap_err();
-    assert!(err.to_string().contains("TESSERA_NOSUCHSECTION_X"), "{err}");
+    assert!(
+        err.to_string().contains("`batching.max_batch_size`"),
+        "{err}"
+    );
+
+    // A variable with the prefix whose next word is no section is not a setting: ignored (a
+    // wrapper script's or a test's variables).
+    let c = Config::load(&Sources {
+        env: env(&[
+            ("TESSERA_NOSUCHSECTION_X", "1"),
+            ("TESSERA_TEST_HOOKS", "1"),
+            ("TESSERA_WRAPPER_VERSION", "3"),
+        ]),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(c.server.port, Config::defaults().server.port);
 
     let err = Config::load(&Sources {
         cli: vec!["model.pth=/x".into()],

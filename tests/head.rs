@@ -92,6 +92,19 @@ fn chat_with_and_without_adapters_and_streaming() {
     let (_, cluster) = head.get("/cluster");
     let replica = &cluster["replicas"][0];
     assert_eq!(replica["state"], "running");
+    // The cluster endpoint's actors are supervised and shown beside the others.
+    let (code, health) = head.get("/health");
+    assert_eq!(code, 200, "{health}");
+    for name in ["cluster-node-server", "cluster-head", "cluster-head-port"] {
+        let actor = health["actors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == name)
+            .unwrap_or_else(|| panic!("{name} is not in {health}"));
+        assert_eq!(actor["role"], "cluster");
+        assert_eq!(actor["state"], "running");
+    }
     assert!(replica["adapters"]
         .as_array()
         .unwrap()

@@ -104,6 +104,7 @@ fn a_busy_trainer_does_not_spin_its_stale_job_is_fenced_and_stale_reports_are_ig
                 directory: directory.clone(),
                 node: "test".into(),
                 max_attempts: 3,
+                max_queued: 100,
             },
         )
         .await

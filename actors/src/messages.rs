@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 use tessera_engine::sampling::SamplingParams;
 use tessera_engine::{ChatMessage, FinishReason};
 
+use crate::health::ActorState;
+
 /// What to generate from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -126,7 +128,7 @@ pub struct ReplicaInfo {
     pub node: String,
     pub devices: Vec<String>,
     pub tensor_parallel: usize,
-    pub state: String,
+    pub state: ActorState,
     /// Requests sent to it and not finished.
     pub in_flight: usize,
     /// Adapters it has been asked for most recently (what its cache most likely holds).

@@ -8,10 +8,13 @@ use ractor::{Actor, ActorRef, RpcReplyPort};
 use tessera_engine::EngineConfig;
 
 use crate::directory::Directory;
-use crate::health::HealthBoard;
+use crate::health::{ActorState, HealthBoard};
 use crate::inference::{InferenceArgs, InferenceMsg};
 use crate::inventory::{self, Device, Inventory};
-use crate::jobs::{DbLock, DbLockError, JobError, JobMsg, JobStats};
+use crate::jobs::{
+    DbLock, DbLockError, JobError, JobEvent, JobMsg, JobPage, JobQuery, JobRecord, JobSpec,
+    JobStats,
+};
 use crate::messages::ReplicaInfo;
 use crate::placement::{place, Placement, PlacementError};
 use crate::restart_policy::RestartPolicy;
@@ -42,6 +45,8 @@ pub struct NodeConfig {
     pub job_manager: bool,
     /// Attempts of a job that may end without an outcome (crash, lost trainer) before it fails.
     pub max_attempts: u32,
+    /// Queued jobs at most (`jobs.max_queued`).
+    pub max_queued_jobs: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +153,7 @@ impl Node {
                     db_path: config.db_path.clone(),
                     node: config.node_name.clone(),
                     max_attempts: config.max_attempts,
+                    max_queued: config.max_queued_jobs,
                 },
             ));
         }
@@ -157,7 +163,7 @@ impl Node {
                 node: config.node_name.clone(),
                 devices: r.devices.iter().map(|d| d.to_string()).collect(),
                 tensor_parallel: r.devices.len(),
-                state: "starting".into(),
+                state: ActorState::Starting,
                 in_flight: 0,
                 adapters: Vec::new(),
                 model: None,
@@ -206,8 +212,39 @@ impl Node {
         })
     }
 
+    /// Queues a fine-tune job. The manager checks, in one step with the insert, the queue bound
+    /// (`jobs.max_queued`) and that no live job writes the same `output_path` or one inside it.
+    pub async fn submit_job(&self, spec: JobSpec) -> Result<JobRecord, JobError> {
+        self.jobs(|r| JobMsg::Submit(spec, r)).await
+    }
+
+    pub async fn job(&self, id: &str) -> Result<JobRecord, JobError> {
+        let id = id.to_string();
+        self.jobs(|r| JobMsg::Get(id, r)).await
+    }
+
+    pub async fn list_jobs(&self, query: JobQuery) -> Result<JobPage, JobError> {
+        self.jobs(|r| JobMsg::List(query, r)).await
+    }
+
+    /// Cancels a queued or running job (a running one stops at its next step).
+    pub async fn cancel_job(&self, id: &str) -> Result<JobRecord, JobError> {
+        let id = id.to_string();
+        self.jobs(|r| JobMsg::Cancel(id, r)).await
+    }
+
+    /// The job as it is now, and its later events on `events` until it ends.
+    pub async fn subscribe_job(
+        &self,
+        id: &str,
+        events: tokio::sync::mpsc::Sender<JobEvent>,
+    ) -> Result<JobRecord, JobError> {
+        let id = id.to_string();
+        self.jobs(|r| JobMsg::Subscribe(id, events, r)).await
+    }
+
     /// Sends a request to the job manager and waits for its answer.
-    pub async fn jobs<T: Send + 'static>(
+    async fn jobs<T: Send + 'static>(
         &self,
         msg: impl FnOnce(RpcReplyPort<Result<T, JobError>>) -> JobMsg,
     ) -> Result<T, JobError> {

@@ -13,6 +13,7 @@ use std::sync::{Arc, RwLock};
 use ractor::ActorRef;
 use tokio::sync::mpsc;
 
+use crate::health::ActorState;
 use crate::inference::InferenceMsg;
 use crate::messages::{ChatWork, ReplicaInfo, ServeError, ServeErrorKind, StreamEvent};
 
@@ -126,11 +127,11 @@ impl Router {
     }
 
     /// The replica's actor is up (`Some`) or down (`None`), with its state for `/cluster`.
-    pub fn set_actor(&self, name: &str, actor: Option<ActorRef<InferenceMsg>>, state: &str) {
+    pub fn set_actor(&self, name: &str, actor: Option<ActorRef<InferenceMsg>>, state: ActorState) {
         self.set_ref(name, actor.map(ReplicaRef::Local), state)
     }
 
-    pub fn set_ref(&self, name: &str, actor: Option<ReplicaRef>, state: &str) {
+    pub fn set_ref(&self, name: &str, actor: Option<ReplicaRef>, state: ActorState) {
         let mut slots = self.slots.write().expect("router");
         if let Some(slot) = slots.iter_mut().find(|s| s.info.name == name) {
             if actor.is_none() {
@@ -138,7 +139,7 @@ impl Router {
                 slot.adapters.clear();
             }
             slot.actor = actor;
-            slot.info.state = state.to_string();
+            slot.info.state = state;
         }
     }
 
@@ -146,7 +147,7 @@ impl Router {
     pub fn add_remote(&self, info: ReplicaInfo, remote: Arc<dyn RemoteReplica>) {
         let name = info.name.clone();
         self.add_replica(info);
-        self.set_ref(&name, Some(ReplicaRef::Remote(remote)), "running");
+        self.set_ref(&name, Some(ReplicaRef::Remote(remote)), ActorState::Running);
     }
 
     /// Forgets every replica of `node` (it left or was evicted).
@@ -366,7 +367,7 @@ mod tests {
                 node: "n".into(),
                 devices: vec![],
                 tensor_parallel: 1,
-                state: "starting".into(),
+                state: ActorState::Starting,
                 in_flight: 0,
                 adapters: vec![],
                 model: None,

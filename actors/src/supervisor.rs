@@ -23,6 +23,7 @@ pub enum ChildSpec {
         db_path: std::path::PathBuf,
         node: String,
         max_attempts: u32,
+        max_queued: usize,
     },
     Trainer(TrainerArgs),
     Inference(InferenceArgs),
@@ -209,7 +210,7 @@ impl SupervisorState {
     /// Takes a dead child out of the router / directory.
     fn mark_down(&mut self, name: &str) {
         match &self.children[name].spec {
-            ChildSpec::Inference(_) => self.router.set_actor(name, None, "restarting"),
+            ChildSpec::Inference(_) => self.router.set_actor(name, None, ActorState::Restarting),
             ChildSpec::Trainer(_) => {
                 self.directory.set_trainer(name, None);
                 if let Some(jm) = self.directory.job_manager() {
@@ -233,6 +234,7 @@ impl SupervisorState {
                 db_path,
                 node,
                 max_attempts,
+                max_queued,
             } => JobManager::spawn_linked(
                 None,
                 JobManager,
@@ -241,6 +243,7 @@ impl SupervisorState {
                     directory: self.directory.clone(),
                     node,
                     max_attempts,
+                    max_queued,
                 },
                 supervisor,
             )
@@ -275,7 +278,8 @@ impl SupervisorState {
                 InferenceActor::spawn_linked(None, InferenceActor, args, supervisor)
                     .await
                     .map(|(actor, _)| {
-                        self.router.set_actor(name, Some(actor.clone()), "running");
+                        self.router
+                            .set_actor(name, Some(actor.clone()), ActorState::Running);
                         actor.get_cell()
                     })
                     .map_err(|e| e.to_string())

@@ -10,41 +10,19 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::Stream;
 use serde::{Deserialize, Serialize};
-use tessera_actors::messages::{ChatWork, PromptInput};
-use tessera_engine::sampling::SamplingParams;
-use tessera_engine::{ChatMessage, FinishReason};
+use tessera_engine::FinishReason;
 use utoipa::ToSchema;
 
 use super::error::{ApiJson, AppError};
 use super::generation::{self, Piece, Started};
+use super::validation::{self, Stop};
 use super::AppState;
-
-/// Default `max_tokens` of `/chat` and `/v1/chat/completions` (lowered to what the context has
-/// left when the client gives none).
-pub const DEFAULT_CHAT_MAX_TOKENS: usize = 256;
 
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 pub struct Message {
     /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
     pub content: String,
-}
-
-/// Stop strings: one, or a list.
-#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
-#[serde(untagged)]
-pub enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
-impl Stop {
-    pub fn into_vec(self) -> Vec<String> {
-        match self {
-            Stop::One(s) => vec![s],
-            Stop::Many(v) => v,
-        }
-    }
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -106,39 +84,6 @@ pub fn finish_reason(r: FinishReason) -> &'static str {
     }
 }
 
-/// Checks roles and builds the prompt input.
-pub fn messages_input(messages: Vec<Message>, field: &str) -> Result<PromptInput, AppError> {
-    if messages.is_empty() {
-        return Err(AppError::invalid(field, "must hold at least one message"));
-    }
-    for (i, m) in messages.iter().enumerate() {
-        if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool") {
-            return Err(AppError::invalid(
-                format!("{field}[{i}].role"),
-                format!("`{}` is not one of system, user, assistant, tool", m.role),
-            ));
-        }
-    }
-    Ok(PromptInput::Messages(
-        messages
-            .into_iter()
-            .map(|m| ChatMessage {
-                role: m.role,
-                content: m.content,
-            })
-            .collect(),
-    ))
-}
-
-/// Checks the sampling values whose range the engine would otherwise report less precisely.
-pub fn check_params(p: &SamplingParams) -> Result<(), AppError> {
-    if p.max_tokens == 0 {
-        return Err(AppError::invalid("max_tokens", "must be at least 1"));
-    }
-    p.validate()
-        .map_err(|e| AppError::invalid(e.field, e.message))
-}
-
 #[utoipa::path(post, path = "/chat", request_body = ChatRequest,
     responses((status = 200, description = "The answer (or an SSE stream with `stream: true`)", body = ChatResponse),
               (status = 400, body = super::error::ErrorBody), (status = 403, body = super::error::ErrorBody),
@@ -148,46 +93,11 @@ pub async fn chat(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> Result<Response, AppError> {
-    let input = match (req.prompt, req.messages) {
-        (Some(_), Some(_)) => {
-            return Err(AppError::invalid(
-                "messages",
-                "give `prompt` or `messages`, not both",
-            ))
-        }
-        (None, None) => return Err(AppError::invalid("prompt", "give `prompt` or `messages`")),
-        (Some(p), None) if req.raw => PromptInput::Raw(p),
-        (Some(p), None) => PromptInput::Messages(vec![ChatMessage {
-            role: "user".into(),
-            content: p,
-        }]),
-        (None, Some(m)) => messages_input(m, "messages")?,
-    };
-    let defaults = SamplingParams::default();
-    let params = SamplingParams {
-        max_tokens: req.max_tokens.unwrap_or(DEFAULT_CHAT_MAX_TOKENS),
-        temperature: req.temperature.unwrap_or(defaults.temperature),
-        top_p: req.top_p.unwrap_or(defaults.top_p),
-        top_k: req.top_k.unwrap_or(defaults.top_k),
-        repetition_penalty: req
-            .repetition_penalty
-            .unwrap_or(defaults.repetition_penalty),
-        seed: req.seed,
-        stop: req.stop.map(Stop::into_vec).unwrap_or_default(),
-        ..defaults
-    };
-    check_params(&params)?;
-    let adapter = generation::adapter(&state, "adapter_path", req.adapter_path.as_deref())?;
-    let work = ChatWork {
-        request_id: generation::request_id("chat-"),
-        input,
-        params,
-        clamp_max_tokens: req.max_tokens.is_none(),
-        adapter: adapter.clone(),
-    };
-    let adapter_path = adapter.map(|p| p.display().to_string());
-    let started = generation::start(&state, work, "/chat").await?;
-    if req.stream {
+    let req = validation::chat(req)?;
+    let streaming = req.stream;
+    let started = generation::generate(&state, req, "/chat").await?;
+    let adapter_path = started.adapter.as_ref().map(|p| p.display().to_string());
+    if streaming {
         return Ok(Sse::new(stream(started, adapter_path))
             .keep_alive(KeepAlive::default())
             .into_response());

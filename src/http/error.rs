@@ -160,6 +160,9 @@ impl From<JobError> for AppError {
                 "unavailable",
                 e.to_string(),
             ),
+            JobError::QueueFull { .. } => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", e.to_string())
+            }
             JobError::Store(_) => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
             }

@@ -1,24 +1,30 @@
-//! The generation path shared by `/chat` and the OpenAI routes: resolve the adapter, dispatch to a
-//! replica through the router, wait for the replica to accept, then either collect the whole
-//! completion (under the request timeout) or hand out the event stream. Records time to first
-//! token and generated tokens. Dropping what this returns cancels the sequence.
+//! The generation path shared by `/chat` and the OpenAI routes: take a checked
+//! [`GenerationRequest`], resolve what serves it, dispatch to a replica through the router, wait
+//! for the replica to accept, then either collect the whole completion (under the request
+//! timeout) or hand out the event stream. Records time to first token and generated tokens.
+//! Dropping what this returns cancels the sequence.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
 use tessera_actors::messages::{ChatWork, ServeError, StreamEvent, TokenOut};
 use tessera_actors::router::{Dispatched, Lease};
 use tessera_engine::FinishReason;
 use tokio::sync::mpsc;
 
 use super::error::AppError;
-use super::{paths, AppState};
+use super::resolve::{self, Resolved};
+use super::validation::GenerationRequest;
+use super::AppState;
 
 /// A request accepted by a replica.
 pub struct Started {
     pub id: String,
     pub replica: String,
+    /// The model name answers report.
+    pub model: String,
+    /// The adapter serving it (`None`: the base model).
+    pub adapter: Option<PathBuf>,
     pub prompt_tokens: usize,
     pub started: Instant,
     pub deadline: Instant,
@@ -50,70 +56,28 @@ pub enum Piece {
     Failed(AppError),
 }
 
-/// Resolves `adapter_path` (relative to the adapters root; confined to it). Its two files must be
-/// regular files inside the root (a link to `/dev/zero` or a FIFO is refused before anything reads
-/// it), and its weights must fit the adapter cache budget (`adapters.cache_memory_mb`).
-pub fn adapter(
+/// Resolves what `req` names, dispatches it to a replica and waits until one has accepted it.
+pub async fn generate(
     state: &AppState,
-    field: &str,
-    raw: Option<&str>,
-) -> Result<Option<PathBuf>, AppError> {
-    let Some(raw) = raw else {
-        return Ok(None);
+    req: GenerationRequest,
+    route: &'static str,
+) -> Result<Started, AppError> {
+    let Resolved { adapter, model } = resolve::target(state, &req.target).await?;
+    let work = ChatWork {
+        request_id: request_id(req.id_prefix),
+        input: req.input,
+        params: req.params,
+        clamp_max_tokens: req.clamp_max_tokens,
+        adapter: adapter.clone(),
     };
-    let dir = paths::existing(field, raw, &state.roots.adapters)?;
-    if !dir.join("adapter_config.json").exists() {
-        return Err(AppError::bad_request(
-            field,
-            format!("`{raw}` is not a PEFT adapter directory (no adapter_config.json)"),
-        ));
-    }
-    let mut weights_len = 0;
-    for name in ["adapter_config.json", "adapter_model.safetensors"] {
-        let file = paths::existing(
-            field,
-            &dir.join(name).display().to_string(),
-            &state.roots.adapters,
-        )
-        .map_err(|e| match e.status {
-            StatusCode::FORBIDDEN => AppError::forbidden(
-                field,
-                format!(
-                    "`{raw}/{name}` links outside the allowed directory {}",
-                    state.roots.adapters.display()
-                ),
-            ),
-            _ => e,
-        })?;
-        let meta = std::fs::metadata(&file)
-            .map_err(|e| AppError::bad_request(field, format!("`{raw}/{name}`: {e}")))?;
-        if !meta.is_file() {
-            return Err(AppError::bad_request(
-                field,
-                format!("`{raw}/{name}` is not a regular file"),
-            ));
-        }
-        weights_len = meta.len();
-    }
-    if weights_len > state.adapter_budget_bytes {
-        return Err(AppError::invalid(
-            field,
-            format!(
-                "`{raw}` holds {} MiB of weights, more than the adapter cache budget of {} MiB (adapters.cache_memory_mb)",
-                weights_len.div_ceil(1 << 20),
-                state.adapter_budget_bytes >> 20
-            ),
-        ));
-    }
-    Ok(Some(dir))
+    let mut started = start(state, work, route).await?;
+    started.model = model;
+    started.adapter = adapter;
+    Ok(started)
 }
 
 /// Dispatches `work` and waits until a replica has accepted (or refused) it.
-pub async fn start(
-    state: &AppState,
-    work: ChatWork,
-    route: &'static str,
-) -> Result<Started, AppError> {
+async fn start(state: &AppState, work: ChatWork, route: &'static str) -> Result<Started, AppError> {
     let started = Instant::now();
     let deadline = started + state.request_timeout;
     let id = work.request_id.clone();
@@ -128,6 +92,8 @@ pub async fn start(
         }) => Ok(Started {
             id,
             replica,
+            model: String::new(),
+            adapter: None,
             prompt_tokens,
             started,
             deadline,
@@ -230,6 +196,6 @@ impl Started {
 }
 
 /// A fresh request id with a prefix (`chat-`, `chatcmpl-`, `cmpl-`).
-pub fn request_id(prefix: &str) -> String {
+fn request_id(prefix: &str) -> String {
     format!("{prefix}{}", uuid::Uuid::new_v4().simple())
 }

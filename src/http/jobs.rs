@@ -11,9 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::Stream;
 use serde::{Deserialize, Serialize};
-use tessera_actors::jobs::{
-    JobEvent, JobMsg, JobPage, JobQuery, JobRecord, JobSpec, JobState, Priority,
-};
+use tessera_actors::jobs::{JobEvent, JobPage, JobQuery, JobRecord, JobSpec, JobState, Priority};
 use tessera_engine::train::hyperparams::{Hyperparameters, TrainJob};
 use tokio::sync::mpsc;
 use utoipa::{IntoParams, ToSchema};
@@ -101,31 +99,6 @@ pub async fn fine_tune(
             .map_err(|e| AppError::invalid(format!("hyperparameters.{}", e.field), e.message))?
     };
     check_context(&state, base_model.as_deref(), &hyperparameters).await?;
-    // A bounded queue: past `jobs.max_queued` waiting jobs, new ones are refused.
-    let queued = state
-        .node
-        .jobs(|r| {
-            JobMsg::List(
-                JobQuery {
-                    status: Some(JobState::Queued),
-                    limit: 1,
-                    offset: 0,
-                },
-                r,
-            )
-        })
-        .await?
-        .total;
-    if queued >= state.max_queued_jobs {
-        return Err(AppError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "overloaded",
-            format!(
-                "{queued} jobs are already queued (jobs.max_queued = {}); retry when some have run",
-                state.max_queued_jobs
-            ),
-        ));
-    }
     let spec = JobSpec {
         train: TrainJob {
             dataset_path,
@@ -135,9 +108,9 @@ pub async fn fine_tune(
         },
         priority,
     };
-    // The job manager refuses (409 naming `output_path`) an output that is, contains or lies in a
-    // live job's, checking and inserting in one step.
-    let record = state.node.jobs(|r| JobMsg::Submit(spec, r)).await?;
+    // The job manager refuses, checking and inserting in one step, a job past `jobs.max_queued`
+    // (429) and an output that is, contains or lies in a live job's (409 naming `output_path`).
+    let record = state.node.submit_job(spec).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(FineTuneAccepted {
@@ -203,7 +176,7 @@ pub async fn list(
         limit,
         offset: params.offset.unwrap_or(0),
     };
-    Ok(Json(state.node.jobs(|r| JobMsg::List(query, r)).await?))
+    Ok(Json(state.node.list_jobs(query).await?))
 }
 
 #[utoipa::path(get, path = "/jobs/{id}", params(("id" = String, Path, description = "Job id")),
@@ -213,7 +186,7 @@ pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<JobRecord>, AppError> {
-    Ok(Json(state.node.jobs(|r| JobMsg::Get(id, r)).await?))
+    Ok(Json(state.node.job(&id).await?))
 }
 
 #[utoipa::path(delete, path = "/jobs/{id}", params(("id" = String, Path, description = "Job id")),
@@ -223,7 +196,7 @@ pub async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<JobRecord>, AppError> {
-    Ok(Json(state.node.jobs(|r| JobMsg::Cancel(id, r)).await?))
+    Ok(Json(state.node.cancel_job(&id).await?))
 }
 
 #[utoipa::path(get, path = "/jobs/{id}/events", params(("id" = String, Path, description = "Job id")),
@@ -234,7 +207,7 @@ pub async fn events(
     Path(id): Path<String>,
 ) -> Result<Response, AppError> {
     let (tx, rx) = mpsc::channel(256);
-    let record = state.node.jobs(|r| JobMsg::Subscribe(id, tx, r)).await?;
+    let record = state.node.subscribe_job(&id, tx).await?;
     Ok(Sse::new(job_stream(record, rx))
         .keep_alive(KeepAlive::default())
         .into_response())

@@ -5,7 +5,9 @@
 //! * [`jobs`]: `POST /fine-tune`, `GET /jobs`, `GET|DELETE /jobs/{id}`, `GET /jobs/{id}/events`.
 //! * [`status`]: `/health`, `/ready`, `/cluster`, `/metrics`.
 //! * [`openapi`]: the document at `/openapi.json`.
-//! * [`error`], [`paths`], [`generation`], [`metrics`]: what they share.
+//! * [`validation`]: the generation routes' bodies as one checked request; [`resolve`]: what its
+//!   `model` / `adapter_path` names; [`generation`]: dispatch, stream and collect.
+//! * [`error`], [`paths`], [`metrics`]: what they share.
 //! * [`listener`]: the connection cap.
 
 pub mod chat;
@@ -17,7 +19,9 @@ pub mod metrics;
 pub mod openai;
 pub mod openapi;
 pub mod paths;
+pub mod resolve;
 pub mod status;
+pub mod validation;
 
 use std::ops::Deref;
 use std::sync::Arc;
@@ -52,8 +56,6 @@ pub struct Shared {
     pub body_read_timeout: Duration,
     /// Client connections served at once (see [`listener`]).
     pub max_connections: usize,
-    /// `POST /fine-tune` is refused with 429 while this many jobs are queued.
-    pub max_queued_jobs: usize,
     /// An adapter whose weights file is larger than this (the replicas' adapter cache budget) is
     /// refused with 400.
     pub adapter_budget_bytes: u64,

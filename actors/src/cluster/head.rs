@@ -18,10 +18,11 @@ use tokio::sync::mpsc;
 
 use super::gate::{self, Conns, GateConfig};
 use super::sessions::{HeadPort, SessionEvents, Sessions};
+use super::supervision::ClusterWatch;
 use super::tls::TlsFiles;
 use super::wire::{HeadFrame, HeadInbox, ToHead, ToWorker, WorkerInbox, WorkerInfo, CREDIT_BATCH};
 use crate::directory::{Directory, RemoteTrainer, TrainerEntry, TrainerRef};
-use crate::health::now_s;
+use crate::health::{now_s, ActorState, HealthBoard};
 use crate::jobs::{Assignment, JobMsg};
 use crate::messages::{ChatWork, ReplicaInfo, ServeError, StreamEvent};
 use crate::router::{RemoteReplica, Router};
@@ -472,7 +473,7 @@ impl ClusterHeadState {
                 ReplicaInfo {
                     name: format!("{node}/{}", r.name),
                     node: node.clone(),
-                    state: "running".into(),
+                    state: ActorState::Running,
                     in_flight: 0,
                     adapters: Vec::new(),
                     ..r.clone()
@@ -590,6 +591,8 @@ pub struct HeadCluster {
     pub server: ActorRef<NodeServerMessage>,
     pub actor: ActorRef<HeadMsg>,
     pub head_port: ActorRef<HeadInbox>,
+    /// Their supervisor.
+    pub watch: ClusterWatch,
 }
 
 impl HeadCluster {
@@ -599,6 +602,7 @@ impl HeadCluster {
         opts: HeadClusterOptions,
         router: Router,
         directory: Directory,
+        health: HealthBoard,
     ) -> Result<Self, String> {
         let HeadClusterOptions {
             model_path,
@@ -651,6 +655,12 @@ impl HeadCluster {
         let (head_port, _) = Actor::spawn(None, HeadPort, actor.clone())
             .await
             .map_err(|e| format!("cluster head port: {e}"))?;
+        // Escalations show on the health board (`/health` answers 503); the head keeps serving
+        // what it can until its process manager restarts it.
+        let (watch, _escalations) = ClusterWatch::start(health).await?;
+        watch.adopt("cluster-node-server", server.get_cell());
+        watch.adopt("cluster-head", actor.get_cell());
+        watch.adopt("cluster-head-port", head_port.get_cell());
         let conns = Conns::default();
         server
             .cast(NodeServerMessage::SubscribeToEvents {
@@ -675,6 +685,7 @@ impl HeadCluster {
             server,
             actor,
             head_port,
+            watch,
         })
     }
 }

@@ -14,11 +14,13 @@ use ractor_cluster::node::NodeServerSessionInformation;
 use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
 use tokio::sync::mpsc;
 
+use super::supervision::ClusterWatch;
 use super::tls::{self, TlsFiles};
 use super::wire::{
     worker_group, HeadFrame, HeadInbox, ToHead, ToWorker, WorkerInbox, WorkerInfo, HEAD_GROUP,
     STREAM_WINDOW,
 };
+use crate::health::{ActorState, HealthBoard};
 use crate::jobs::JobMsg;
 use crate::messages::StreamEvent;
 use crate::node::Node;
@@ -371,6 +373,10 @@ pub enum WorkerError {
     Tls(String),
     #[error("{0}")]
     Start(String),
+    /// A cluster actor failed (see [`super::supervision`]): the worker stops so that its service
+    /// manager restarts it whole.
+    #[error("cluster actor {0} failed; this worker stops so that it can be restarted whole")]
+    Escalated(String),
 }
 
 /// How waiting for a session's authentication ended.
@@ -378,7 +384,17 @@ enum Wait {
     Up(u64),
     Refused,
     Timeout,
-    Stop,
+    Stop(Ended),
+}
+
+/// Why the serving loop ends: asked to stop (`None`), or a cluster actor failed.
+type Ended = Option<String>;
+
+fn ended(why: Ended) -> Result<(), WorkerError> {
+    match why {
+        None => Ok(()),
+        Some(actor) => Err(WorkerError::Escalated(actor)),
+    }
 }
 
 /// How a worker joins.
@@ -517,6 +533,17 @@ where
         let node = start(path.clone()).await.map_err(WorkerError::Start)?;
         attach(&node_cell, node, &link).await;
     }
+    let (watch, mut escalations) = ClusterWatch::start(HealthBoard::default())
+        .await
+        .map_err(WorkerError::Start)?;
+    watch.adopt("cluster-node-server", server.get_cell());
+    watch.adopt("cluster-worker-agent", agent.get_cell());
+    let stop = async move {
+        tokio::select! {
+            _ = stop => None,
+            down = escalations.recv() => Some(down.unwrap_or_else(|| "cluster-supervisor".into())),
+        }
+    };
     let mut stop = std::pin::pin!(stop);
     let mut backoff = Duration::from_millis(250);
     let max_backoff = Duration::from_secs(5);
@@ -524,7 +551,7 @@ where
         link.forget();
         // Dial.
         let connected = tokio::select! {
-            _ = &mut stop => break Ok(()),
+            why = &mut stop => break ended(why),
             r = tls::dial(&server, &head_addr, connector.as_ref(), Duration::from_secs(10)) => r,
         };
         if let Err(tls::DialError::Tls(e)) = connected {
@@ -533,7 +560,7 @@ where
         if let Err(e) = connected {
             tracing::warn!(head = %head_addr, error = %e, retry_in_ms = backoff.as_millis() as u64, "head not reachable; retrying");
             tokio::select! {
-                _ = &mut stop => break Ok(()),
+                why = &mut stop => break ended(why),
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(max_backoff);
@@ -544,7 +571,7 @@ where
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let session = loop {
             let event = tokio::select! {
-                _ = &mut stop => break Wait::Stop,
+                why = &mut stop => break Wait::Stop(why),
                 e = events.recv() => e,
                 _ = tokio::time::sleep_until(deadline) => break Wait::Timeout,
             };
@@ -561,7 +588,7 @@ where
         let session = match session {
             Wait::Up(id) => id,
             Wait::Refused => break Err(WorkerError::Cookie(head_addr.clone())),
-            Wait::Stop => break Ok(()),
+            Wait::Stop(why) => break ended(why),
             Wait::Timeout => {
                 tracing::warn!(head = %head_addr, "no authenticated session; redialling");
                 tokio::time::sleep(backoff).await;
@@ -608,7 +635,7 @@ where
         }
         // Serve until this session drops.
         tokio::select! {
-            _ = &mut stop => break Ok(()),
+            why = &mut stop => break ended(why),
             _ = async {
                 loop {
                     match events.recv().await {
@@ -628,6 +655,7 @@ where
         // Let the message reach the head before the session closes.
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    watch.stopping();
     agent.stop(None);
     server.stop(None);
     result
@@ -639,7 +667,11 @@ async fn attach(cell: &std::sync::OnceLock<Arc<Node>>, node: Arc<Node>, link: &H
     node.directory.set_reporter(Some(reporter(link.clone())));
     let t0 = std::time::Instant::now();
     while !node.placement.replicas.is_empty()
-        && node.router.replicas().iter().any(|r| r.state != "running")
+        && node
+            .router
+            .replicas()
+            .iter()
+            .any(|r| r.state != ActorState::Running)
         && t0.elapsed() < Duration::from_secs(300)
     {
         tokio::time::sleep(Duration::from_millis(100)).await;

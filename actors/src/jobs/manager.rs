@@ -79,6 +79,8 @@ pub struct JobManagerArgs {
     pub node: String,
     /// Attempts that may end without an outcome before the job fails (at least 1).
     pub max_attempts: u32,
+    /// Queued jobs at most: past it `Submit` is refused with [`JobError::QueueFull`].
+    pub max_queued: usize,
 }
 
 pub struct JobManagerState {
@@ -86,6 +88,7 @@ pub struct JobManagerState {
     store: JobStore,
     directory: Directory,
     max_attempts: u32,
+    max_queued: usize,
     /// Trainer name → (job id, attempt) it runs.
     busy: HashMap<String, (String, u32)>,
     /// Trainers that refused a job (busy with one we do not know of), until when they are skipped.
@@ -129,6 +132,7 @@ impl Actor for JobManager {
             store,
             directory: args.directory,
             max_attempts: args.max_attempts.max(1),
+            max_queued: args.max_queued,
             busy,
             refused: HashMap::new(),
             tokens_per_s: HashMap::new(),
@@ -167,9 +171,11 @@ impl Actor for JobManager {
         match msg {
             JobMsg::Submit(spec, reply) => {
                 let id = format!("ft-{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
-                // Checked and inserted in one message: two submissions cannot both pass.
+                // Checked and inserted in one message: two submissions cannot both pass the
+                // queue bound or the output check.
                 let result = state
-                    .output_conflict(&spec.train.output_path)
+                    .queue_has_room()
+                    .and_then(|()| state.output_conflict(&spec.train.output_path))
                     .and_then(|()| state.store.insert(&id, &spec));
                 if let Ok(record) = &result {
                     tracing::info!(job = %record.id, priority = record.priority.as_str(), output = %record.output_path.display(), "job queued");
@@ -347,6 +353,18 @@ impl JobManagerState {
         if let Some(t) = self.directory.trainers().get(trainer) {
             t.fence(job, attempt);
         }
+    }
+
+    /// Refuses a new job while `max_queued` are waiting.
+    fn queue_has_room(&self) -> Result<(), JobError> {
+        let queued = self.store.count(JobState::Queued)?;
+        if queued >= self.max_queued {
+            return Err(JobError::QueueFull {
+                queued,
+                max: self.max_queued,
+            });
+        }
+        Ok(())
     }
 
     /// An attempt ended without an outcome: cancelled if that was asked, failed after

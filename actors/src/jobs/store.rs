@@ -222,19 +222,22 @@ impl JobStore {
         Ok(ids)
     }
 
+    /// Jobs in `status`.
+    pub fn count(&self, status: JobState) -> Result<usize, JobError> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*) FROM jobs WHERE status = ?1",
+                [status.as_str()],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as usize)
+            .map_err(store_err)
+    }
+
     pub fn counts(&self) -> Result<Vec<(JobState, usize)>, JobError> {
         JobState::ALL
             .into_iter()
-            .map(|s| {
-                self.conn
-                    .query_row(
-                        "SELECT COUNT(*) FROM jobs WHERE status = ?1",
-                        [s.as_str()],
-                        |r| r.get::<_, i64>(0),
-                    )
-                    .map(|n| (s, n as usize))
-                    .map_err(store_err)
-            })
+            .map(|s| self.count(s).map(|n| (s, n)))
             .collect()
     }
 

@@ -219,6 +219,11 @@ pub enum JobError {
     Store(String),
     #[error("the job manager is not running; retry shortly")]
     Unavailable,
+    /// The queue is at `jobs.max_queued`.
+    #[error(
+        "{queued} jobs are already queued (jobs.max_queued = {max}); retry when some have run"
+    )]
+    QueueFull { queued: usize, max: usize },
     /// Two live jobs would write the same directory, or one inside the other.
     #[error("output_path: `{path}` overlaps `{other_path}`, where job {other} ({state}) writes; no two queued or running jobs may write the same directory or one inside the other")]
     OutputConflict {

@@ -5,7 +5,7 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 use utoipa::ToSchema;
 
-use crate::http::chat::Stop;
+use crate::http::validation::Stop;
 
 // ---------------------------------------------------------------------------------------------
 // Requests

@@ -1,0 +1,292 @@
+//! `POST /v1/chat/completions` and `POST /v1/completions`: parse, check ([`validation`]),
+//! generate ([`generation`]), and map the answer or the stream to OpenAI's shapes.
+
+use std::convert::Infallible;
+
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::Stream;
+use serde::Serialize;
+use tessera_engine::FinishReason;
+
+use super::logprobs::{chat_logprobs, completion_logprobs};
+use super::types::*;
+use super::unix_now;
+use crate::http::error::{ApiJson, AppError};
+use crate::http::generation::{self, Piece, Started};
+use crate::http::{validation, AppState};
+
+/// OpenAI knows no `cancelled`: a cancelled sequence stopped.
+pub fn openai_finish_reason(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Length => "length",
+        FinishReason::Stop | FinishReason::Cancelled => "stop",
+    }
+}
+
+/// OpenAI-compatible chat completions.
+#[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatCompletionRequest,
+    responses((status = 200, description = "The completion (or, with `stream: true`, SSE `data:` chunks of `ChatCompletionChunk` ending with `data: [DONE]`)", body = ChatCompletion),
+              (status = 400, body = crate::http::error::ErrorBody), (status = 403, body = crate::http::error::ErrorBody),
+              (status = 404, description = "Unknown `model`", body = crate::http::error::ErrorBody),
+              (status = 422, body = crate::http::error::ErrorBody), (status = 503, body = crate::http::error::ErrorBody),
+              (status = 504, body = crate::http::error::ErrorBody)))]
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<ChatCompletionRequest>,
+) -> Result<Response, AppError> {
+    let req = validation::chat_completion(req)?;
+    let (streaming, logprobs, include_usage) = (req.stream, req.logprobs, req.include_usage);
+    let created = unix_now();
+    let started = generation::generate(&state, req, "/v1/chat/completions").await?;
+    let model = started.model.clone();
+    if streaming {
+        return Ok(Sse::new(chat_stream(
+            started,
+            model,
+            created,
+            logprobs,
+            include_usage,
+        ))
+        .keep_alive(KeepAlive::default())
+        .into_response());
+    }
+    let id = started.id.clone();
+    let done = started.collect().await?;
+    Ok(Json(ChatCompletion {
+        id,
+        object: "chat.completion".into(),
+        created,
+        model,
+        choices: vec![ChatChoice {
+            index: 0,
+            message: AssistantMessage {
+                role: "assistant".into(),
+                content: done.text,
+            },
+            logprobs: logprobs.then(|| chat_logprobs(&done.tokens)),
+            finish_reason: openai_finish_reason(done.finish_reason).into(),
+        }],
+        usage: CompletionUsage::new(done.prompt_tokens, done.completion_tokens),
+    })
+    .into_response())
+}
+
+fn data<T: Serialize>(value: &T) -> SseEvent {
+    SseEvent::default().json_data(value).expect("json")
+}
+
+fn chat_chunk(
+    id: &str,
+    created: u64,
+    model: &str,
+    delta: ChatDelta,
+    logprobs: Option<ChatLogprobs>,
+    finish_reason: Option<&str>,
+) -> ChatCompletionChunk {
+    ChatCompletionChunk {
+        id: id.to_string(),
+        object: "chat.completion.chunk".into(),
+        created,
+        model: model.to_string(),
+        choices: vec![ChatChunkChoice {
+            index: 0,
+            delta,
+            logprobs,
+            finish_reason: finish_reason.map(str::to_string),
+        }],
+        usage: None,
+    }
+}
+
+fn chat_stream(
+    mut started: Started,
+    model: String,
+    created: u64,
+    logprobs: bool,
+    include_usage: bool,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    async_stream::stream! {
+        let id = started.id.clone();
+        let first = ChatDelta { role: Some("assistant".into()), content: Some(String::new()) };
+        yield Ok(data(&chat_chunk(&id, created, &model, first, None, None)));
+        while let Some(piece) = started.next().await {
+            match piece {
+                Piece::Token(t) => {
+                    if t.text.is_empty() && !logprobs {
+                        continue;
+                    }
+                    let lp = logprobs.then(|| chat_logprobs(std::slice::from_ref(&t)));
+                    let delta = ChatDelta { role: None, content: Some(t.text) };
+                    yield Ok(data(&chat_chunk(&id, created, &model, delta, lp, None)));
+                }
+                Piece::Finished { text, reason, prompt_tokens, completion_tokens } => {
+                    if !text.is_empty() {
+                        let delta = ChatDelta { role: None, content: Some(text) };
+                        yield Ok(data(&chat_chunk(&id, created, &model, delta, None, None)));
+                    }
+                    let reason = openai_finish_reason(reason);
+                    yield Ok(data(&chat_chunk(&id, created, &model, ChatDelta::default(), None, Some(reason))));
+                    if include_usage {
+                        let last = ChatCompletionChunk {
+                            id: id.clone(),
+                            object: "chat.completion.chunk".into(),
+                            created,
+                            model: model.clone(),
+                            choices: Vec::new(),
+                            usage: Some(CompletionUsage::new(prompt_tokens, completion_tokens)),
+                        };
+                        yield Ok(data(&last));
+                    }
+                    yield Ok(SseEvent::default().data("[DONE]"));
+                    break;
+                }
+                Piece::Failed(e) => {
+                    yield Ok(data(&e.body()));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// OpenAI-compatible (legacy) text completions.
+#[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest,
+    responses((status = 200, description = "The completion (or, with `stream: true`, SSE `data:` chunks of the same shape ending with `data: [DONE]`)", body = Completion),
+              (status = 400, body = crate::http::error::ErrorBody), (status = 403, body = crate::http::error::ErrorBody),
+              (status = 404, description = "Unknown `model`", body = crate::http::error::ErrorBody),
+              (status = 422, body = crate::http::error::ErrorBody), (status = 503, body = crate::http::error::ErrorBody),
+              (status = 504, body = crate::http::error::ErrorBody)))]
+pub async fn completions(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<CompletionRequest>,
+) -> Result<Response, AppError> {
+    let req = validation::completion(req)?;
+    let (streaming, logprobs, include_usage) = (req.stream, req.logprobs, req.include_usage);
+    let created = unix_now();
+    let started = generation::generate(&state, req, "/v1/completions").await?;
+    let model = started.model.clone();
+    if streaming {
+        return Ok(Sse::new(completion_stream(
+            started,
+            model,
+            created,
+            logprobs,
+            include_usage,
+        ))
+        .keep_alive(KeepAlive::default())
+        .into_response());
+    }
+    let id = started.id.clone();
+    let done = started.collect().await?;
+    Ok(Json(Completion {
+        id,
+        object: "text_completion".into(),
+        created,
+        model,
+        choices: vec![CompletionChoice {
+            text: done.text,
+            index: 0,
+            logprobs: logprobs.then(|| completion_logprobs(&done.tokens, &mut 0)),
+            finish_reason: Some(openai_finish_reason(done.finish_reason).into()),
+        }],
+        usage: Some(CompletionUsage::new(
+            done.prompt_tokens,
+            done.completion_tokens,
+        )),
+    })
+    .into_response())
+}
+
+fn completion_chunk(
+    id: &str,
+    created: u64,
+    model: &str,
+    choice: Option<CompletionChoice>,
+    usage: Option<CompletionUsage>,
+) -> Completion {
+    Completion {
+        id: id.to_string(),
+        object: "text_completion".into(),
+        created,
+        model: model.to_string(),
+        choices: choice.into_iter().collect(),
+        usage,
+    }
+}
+
+fn completion_stream(
+    mut started: Started,
+    model: String,
+    created: u64,
+    logprobs: bool,
+    include_usage: bool,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    async_stream::stream! {
+        let id = started.id.clone();
+        let mut offset = 0usize;
+        while let Some(piece) = started.next().await {
+            match piece {
+                Piece::Token(t) => {
+                    if t.text.is_empty() && !logprobs {
+                        continue;
+                    }
+                    let lp = logprobs.then(|| completion_logprobs(std::slice::from_ref(&t), &mut offset));
+                    let choice = CompletionChoice { text: t.text, index: 0, logprobs: lp, finish_reason: None };
+                    yield Ok(data(&completion_chunk(&id, created, &model, Some(choice), None)));
+                }
+                Piece::Finished { text, reason, prompt_tokens, completion_tokens } => {
+                    let choice = CompletionChoice {
+                        text,
+                        index: 0,
+                        logprobs: None,
+                        finish_reason: Some(openai_finish_reason(reason).into()),
+                    };
+                    yield Ok(data(&completion_chunk(&id, created, &model, Some(choice), None)));
+                    if include_usage {
+                        let usage = CompletionUsage::new(prompt_tokens, completion_tokens);
+                        yield Ok(data(&completion_chunk(&id, created, &model, None, Some(usage))));
+                    }
+                    yield Ok(SseEvent::default().data("[DONE]"));
+                    break;
+                }
+                Piece::Failed(e) => {
+                    yield Ok(data(&e.body()));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn responses_have_the_openai_shape() {
+        let chunk = chat_chunk(
+            "chatcmpl-1",
+            5,
+            "m",
+            ChatDelta::default(),
+            None,
+            Some("stop"),
+        );
+        let v = serde_json::to_value(&chunk).unwrap();
+        assert_eq!(v["object"], "chat.completion.chunk");
+        assert_eq!(v["choices"][0]["delta"], json!({}));
+        assert_eq!(v["choices"][0]["logprobs"], json!(null));
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        assert!(v.get("usage").is_none());
+        assert_eq!(openai_finish_reason(FinishReason::Cancelled), "stop");
+        assert_eq!(openai_finish_reason(FinishReason::Length), "length");
+        let c = completion_chunk("cmpl-1", 5, "m", None, Some(CompletionUsage::new(3, 4)));
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(v["choices"], json!([]));
+        assert_eq!(v["usage"]["total_tokens"], 7);
+    }
+}
