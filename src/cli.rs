@@ -26,13 +26,15 @@ pub struct GlobalArgs {
     /// Override one setting: `--set server.port=9000` (repeatable; wins over file and environment).
     #[arg(long = "set", global = true, value_name = "SECTION.KEY=VALUE")]
     pub set: Vec<String>,
-    /// Log format: `json` (bunyan) for machines, `pretty` for humans.
+    /// Log format: `json` (bunyan) for machines, `pretty` for humans, `auto` (the default):
+    /// pretty on a terminal, json otherwise.
     #[arg(long, global = true, value_enum)]
     pub log_format: Option<LogFormatArg>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogFormatArg {
+    Auto,
     Json,
     Pretty,
 }
@@ -53,6 +55,8 @@ pub enum Command {
     FineTune(FineTuneArgs),
     /// List a head's fine-tune jobs, show or cancel one, or follow its progress.
     Jobs(JobsArgs),
+    /// A running head's cluster (like `ray status`): health, nodes, replicas, jobs by state.
+    Status(StatusArgs),
     /// Print what this machine has: torch, CUDA devices, CPU, RAM, the model, the config in effect.
     Doctor,
 }
@@ -68,6 +72,13 @@ pub struct HeadArgs {
     /// Model to serve: a GGUF file or a Hugging Face directory (model.path).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// A tag of this node, KEY=VALUE (repeatable; added to resources.tags).
+    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+    pub tags: Vec<(String, String)>,
+}
+
+fn parse_tag(text: &str) -> Result<(String, String), String> {
+    tessera_actors::tags::parse_pair(text)
 }
 
 #[derive(Debug, Args)]
@@ -78,6 +89,10 @@ pub struct WorkerArgs {
     /// Model this worker serves (model.path); by default the head's.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// A tag of this node, KEY=VALUE (repeatable; added to resources.tags). Jobs whose
+    /// `placement.tags` it carries may run here.
+    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+    pub tags: Vec<(String, String)>,
 }
 
 /// Where the head is and how to authenticate (`chat`, `fine-tune`, `jobs`).
@@ -151,6 +166,12 @@ pub struct FineTuneArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+#[derive(Debug, Args)]
 pub struct JobsArgs {
     /// A job id: print its record (no id: a table of jobs).
     pub id: Option<String>,
@@ -178,6 +199,7 @@ impl Cli {
         let mut out = self.global.set.clone();
         if let Some(f) = self.global.log_format {
             let name = match f {
+                LogFormatArg::Auto => "auto",
                 LogFormatArg::Json => "json",
                 LogFormatArg::Pretty => "pretty",
             };
@@ -195,10 +217,16 @@ impl Cli {
                 if let Some(model) = &a.model {
                     out.push(format!("model.path={}", quoted(&model.to_string_lossy())));
                 }
+                for (k, v) in &a.tags {
+                    out.push(format!("resources.tags.{k}={}", quoted(v)));
+                }
             }
             Command::Worker(a) => {
                 if let Some(model) = &a.model {
                     out.push(format!("model.path={}", quoted(&model.to_string_lossy())));
+                }
+                for (k, v) in &a.tags {
+                    out.push(format!("resources.tags.{k}={}", quoted(v)));
                 }
             }
             Command::Doctor
@@ -206,7 +234,8 @@ impl Cli {
             | Command::Train(_)
             | Command::Chat(_)
             | Command::FineTune(_)
-            | Command::Jobs(_) => {}
+            | Command::Jobs(_)
+            | Command::Status(_) => {}
         }
         out
     }

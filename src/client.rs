@@ -100,7 +100,7 @@ pub fn default_url(config: &Config) -> String {
     }
 }
 
-fn json_body(mut resp: Response<Body>) -> anyhow::Result<Value> {
+pub fn json_body(mut resp: Response<Body>) -> anyhow::Result<Value> {
     resp.body_mut()
         .read_json()
         .context("the head answered with something that is not JSON")
@@ -344,22 +344,12 @@ fn list(client: &Client, args: &JobsArgs) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    let header = ["ID", "STATUS", "PRIORITY", "PROGRESS", "LOSS", "CREATED"].map(String::from);
-    let mut widths = header.clone().map(|h| h.len());
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
     let mut stdout = std::io::stdout().lock();
-    for row in std::iter::once(&header).chain(&rows) {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        writeln!(stdout, "{}", cells.join("  ").trim_end())?;
-    }
+    write_table(
+        &mut stdout,
+        &["ID", "STATUS", "PRIORITY", "PROGRESS", "LOSS", "CREATED"],
+        &rows,
+    )?;
     let total = page["total"].as_u64().unwrap_or(0);
     if total as usize > rows.len() {
         writeln!(
@@ -371,11 +361,35 @@ fn list(client: &Client, args: &JobsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn text(v: &Value) -> String {
+/// A left-aligned table: the header, then the rows, columns two spaces apart.
+pub fn write_table<const N: usize>(
+    out: &mut impl Write,
+    header: &[&str; N],
+    rows: &[[String; N]],
+) -> std::io::Result<()> {
+    let header = header.map(String::from);
+    let mut widths = header.clone().map(|h| h.chars().count());
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in std::iter::once(&header).chain(rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        writeln!(out, "{}", cells.join("  ").trim_end())?;
+    }
+    Ok(())
+}
+
+pub fn text(v: &Value) -> String {
     v.as_str().map(str::to_string).unwrap_or_else(|| "-".into())
 }
 
-fn now() -> f64 {
+pub fn now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
@@ -383,7 +397,7 @@ fn now() -> f64 {
 }
 
 /// `42s ago`, `5m ago`, `3h ago`, `2d ago`.
-fn age(secs: f64) -> String {
+pub fn age(secs: f64) -> String {
     let s = secs.max(0.0) as u64;
     match s {
         0..=59 => format!("{s}s ago"),

@@ -93,6 +93,8 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// `pretty` when the log stream is a terminal, `json` otherwise.
+    Auto,
     Json,
     Pretty,
 }
@@ -130,6 +132,7 @@ pub struct ResourcesConfig {
     pub cpu_training_slots: u32,
     pub tensor_parallel: u32,
     pub cpu_threads_per_replica: u32,
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -294,6 +297,7 @@ impl Config {
             message,
         };
         let r = &self.resources;
+        tessera_actors::tags::check(&r.tags).map_err(|e| bad("resources.tags", e))?;
         for (key, v) in [
             ("resources.inference_gpu_fraction", r.inference_gpu_fraction),
             ("resources.training_gpu_fraction", r.training_gpu_fraction),
@@ -585,7 +589,25 @@ fn set(
     text: &str,
     origin: &Origin,
 ) -> Result<(), ConfigError> {
-    let slot = slot(table, section.trim(), key.trim(), origin)?;
+    // `section.key.sub` sets one entry of a table-valued key (`resources.tags.zone=b`).
+    let (key, sub) = match key.trim().split_once('.') {
+        Some((k, s)) => (k, Some(s.trim())),
+        None => (key.trim(), None),
+    };
+    let slot = slot(table, section.trim(), key, origin)?;
+    let slot = match (sub, slot) {
+        (None, slot) => slot,
+        (Some(sub), toml::Value::Table(entries)) => entries
+            .entry(sub.to_string())
+            .or_insert(toml::Value::Boolean(false)),
+        (Some(_), _) => {
+            return Err(ConfigError::NotATable {
+                key: format!("{}.{key}", section.trim()),
+                origin: origin.to_string(),
+                expected: "a table (to set one of its entries)",
+            })
+        }
+    };
     let text = text.trim();
     let parsed = format!("v = {text}")
         .parse::<toml::Table>()
@@ -619,7 +641,7 @@ mod tests {
         assert_eq!(c.resources.inference_gpu_fraction, 0.6);
         assert_eq!(c.resources.training_gpu_fraction, 0.4);
         assert_eq!(c.server.port, 8000);
-        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.log.format, LogFormat::Auto);
     }
 
     #[test]

@@ -43,6 +43,7 @@ pub fn node_config(config: &Config, node_name: &str) -> NodeConfig {
         job_manager: true,
         max_attempts: config.jobs.max_attempts,
         max_queued_jobs: config.jobs.max_queued as usize,
+        tags: config.resources.tags.clone(),
     }
 }
 

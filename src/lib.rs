@@ -9,5 +9,6 @@ pub mod generate;
 pub mod head;
 pub mod http;
 pub mod logging;
+pub mod status;
 pub mod train;
 pub mod worker;

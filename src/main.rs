@@ -21,6 +21,7 @@ fn main() -> anyhow::Result<()> {
             | Command::Chat(_)
             | Command::FineTune(_)
             | Command::Jobs(_)
+            | Command::Status(_)
     );
     tessera::logging::init(config.log.format, &config.log.level, output_on_stdout)?;
 
@@ -36,6 +37,9 @@ fn main() -> anyhow::Result<()> {
             tessera::client::exit_on_error(tessera::client::fine_tune(args, &config))
         }
         Command::Jobs(args) => tessera::client::exit_on_error(tessera::client::jobs(args, &config)),
+        Command::Status(args) => {
+            tessera::client::exit_on_error(tessera::status::run(args, &config))
+        }
         Command::Head(_) => tessera::head::run(&config),
         Command::Worker(args) => tessera::worker::run(args, &config),
     }

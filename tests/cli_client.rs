@@ -218,6 +218,22 @@ fn fine_tune_watch_then_list_show_and_cancel_jobs() {
     assert!(!ok(&tessera(url, &["jobs", "--status", "running"])).contains(&id));
     fails_with(&tessera(url, &["jobs", "--status", "bogus"]), "status");
 
+    // `tessera status`: health, the node with its replica and trainer, jobs by state.
+    let status = ok(&tessera(url, &["status"]));
+    assert!(status.starts_with("health: ok"), "{status}");
+    let node = status
+        .lines()
+        .find(|l| l.starts_with("head "))
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(node.contains(" 1/1 "), "{status}");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("inference-0") && l.contains("running")),
+        "{status}"
+    );
+    assert!(status.contains("1 succeeded"), "{status}");
+
     // One job: its record as JSON; watching a finished job ends at once.
     let record: Value = serde_json::from_str(&ok(&tessera(url, &["jobs", &id]))).unwrap();
     assert_eq!(record["status"], "succeeded");

@@ -52,6 +52,30 @@ fn two_workers_serve_chat_run_jobs_and_a_killed_one_hands_its_job_over() {
         c.workers().iter().any(|w| replica.starts_with(w.as_str())),
         "{replica}"
     );
+    // A client's X-Request-Id comes back, and labels the request's lines on the head and on the
+    // worker that served it.
+    let mut traced = Head::agent()
+        .post(format!("{}/chat", c.url()))
+        .header("X-Request-Id", "trace-me-4711")
+        .send_json(json!({"prompt": "hello", "max_tokens": 4, "temperature": 0}))
+        .unwrap();
+    assert_eq!(
+        traced.headers().get("x-request-id").unwrap(),
+        "trace-me-4711"
+    );
+    let answer: Value = traced.body_mut().read_json().unwrap();
+    assert!(answer["text"].is_string(), "{answer}");
+    c.wait(
+        "the request id in the worker's log",
+        Duration::from_secs(10),
+        || a.log().contains("trace-me-4711") || b.log().contains("trace-me-4711"),
+    );
+    assert!(
+        std::fs::read_to_string(c.dir.path().join("head.log"))
+            .unwrap()
+            .contains("trace-me-4711"),
+        "the head's lines of the request carry its id"
+    );
     // Streaming flows back through the cluster too.
     let resp = Head::agent()
         .post(format!("{}/chat", c.url()))
@@ -457,4 +481,77 @@ fn head_and_worker_in_separate_network_namespaces() {
         r["replica"].as_str().unwrap().contains("/inference-0"),
         "{r}"
     );
+}
+
+#[test]
+fn a_job_needing_tags_waits_for_a_tagged_worker_and_runs_there() {
+    let _serial = serial();
+    let c = Cluster::new();
+    // The head has no trainer; worker-a carries zone=a (through --set), worker-b zone=b (--tag).
+    let _head = c.head(0);
+    let _a = c.worker("worker-a", &["resources.tags.zone=\"a\""]);
+    c.wait("worker-a", Duration::from_secs(60), || {
+        c.workers().len() == 1
+    });
+    let cluster = c.get("/cluster");
+    assert_eq!(
+        cluster["workers"][0]["info"]["tags"]["zone"], "a",
+        "{cluster}"
+    );
+
+    let mut h = support::quick_hyperparameters(1);
+    h["save_every_steps"] = json!(4);
+    let (status, r) = c.post(
+        "/fine-tune",
+        &json!({"dataset_path": "d.jsonl", "output_path": "zoned", "hyperparameters": h,
+                "placement": {"tags": {"zone": "b"}}}),
+    );
+    assert_eq!(status, 202, "{r}");
+    let id = r["job_id"].as_str().unwrap().to_string();
+    // No node carries zone=b: it waits, saying why, although worker-a's trainer is idle.
+    c.wait("the pending reason", Duration::from_secs(10), || {
+        c.job(&id)["pending_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("zone=b"))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let job = c.job(&id);
+    assert_eq!(job["status"], "queued", "{job}");
+    assert_eq!(job["tags"]["zone"], "b", "{job}");
+    // Bad tags are refused naming the field.
+    let (status, r) = c.post(
+        "/fine-tune",
+        &json!({"dataset_path": "d.jsonl", "output_path": "bad", "placement": {"tags": {"zone": "a b"}}}),
+    );
+    assert_eq!(status, 422, "{r}");
+    assert_eq!(r["error"]["field"], "placement.tags", "{r}");
+
+    // A worker with zone=b joins: the job runs there and succeeds.
+    let mut args: Vec<String> = vec![
+        "--log-format".into(),
+        "pretty".into(),
+        "worker".into(),
+        "--join".into(),
+        format!("127.0.0.1:{}", c.cluster),
+        "--model".into(),
+        c.model.display().to_string(),
+        "--tag".into(),
+        "zone=b".into(),
+    ];
+    args.extend(["--set".into(), "batching.max_kv_tokens=8192".into()]);
+    let _b = c.spawn("worker-b", &args);
+    c.wait("the job to finish", Duration::from_secs(300), || {
+        matches!(c.job(&id)["status"].as_str(), Some("succeeded" | "failed"))
+    });
+    let job = c.job(&id);
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert!(job["pending_reason"].is_null(), "{job}");
+    let cluster = c.get("/cluster");
+    let b = cluster["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["info"]["tags"]["zone"] == "b")
+        .unwrap_or_else(|| panic!("{cluster}"));
+    assert_eq!(job["node"], b["info"]["node"], "{job}");
 }

@@ -92,6 +92,7 @@ fn a_busy_trainer_does_not_spin_its_stale_job_is_fenced_and_stale_reports_are_ig
                 kind: Some(tch::Kind::Float),
                 default_model: model,
                 directory: directory.clone(),
+                tags: Default::default(),
             },
         )
         .await
@@ -134,6 +135,7 @@ fn a_busy_trainer_does_not_spin_its_stale_job_is_fenced_and_stale_reports_are_ig
         let spec = JobSpec {
             train: train_job(dir.path(), "real", 40),
             priority: Priority::Normal,
+            tags: Default::default(),
         };
         let id = ractor::call!(jm, JobMsg::Submit, spec).unwrap().unwrap().id;
         directory.set_trainer(
@@ -142,6 +144,7 @@ fn a_busy_trainer_does_not_spin_its_stale_job_is_fenced_and_stale_reports_are_ig
                 actor: TrainerRef::Local(trainer.clone()),
                 node: "test".into(),
                 device: "Cpu".into(),
+                tags: Default::default(),
             }),
         );
         jm.cast(JobMsg::TrainersChanged).unwrap();

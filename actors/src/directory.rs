@@ -9,6 +9,7 @@ use std::time::Duration;
 use ractor::ActorRef;
 
 use crate::jobs::{Assignment, JobMsg};
+use crate::tags::Tags;
 use crate::trainer::TrainerMsg;
 
 /// A trainer on another node, reached through the cluster (issue 6).
@@ -32,6 +33,8 @@ pub struct TrainerEntry {
     pub actor: TrainerRef,
     pub node: String,
     pub device: String,
+    /// Its node's tags (jobs with `placement.tags` go only to trainers that satisfy them).
+    pub tags: Tags,
 }
 
 impl TrainerEntry {

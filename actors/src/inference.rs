@@ -15,6 +15,7 @@ use tessera_engine::scheduler::SchedulerStats;
 use tessera_engine::tokenizer::Tokenizer;
 use tessera_engine::{Engine, EngineConfig, Event, GenerateRequest};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::messages::{
     ChatWork, PromptInput, ServeError, ServeErrorKind, StreamEvent, TokenOut, TopLogprob,
@@ -100,10 +101,15 @@ impl Actor for InferenceActor {
             InferenceMsg::Generate { work, sink, lease } => {
                 let engine = state.engine.clone();
                 let replica = state.name.clone();
-                tokio::spawn(async move {
-                    serve(engine, *work, sink, replica, myself).await;
-                    drop(lease);
-                });
+                // The client's request id labels this replica's lines of it, on any node.
+                let span = tracing::info_span!("request", request_id = %work.trace_id, %replica);
+                tokio::spawn(
+                    async move {
+                        serve(engine, *work, sink, replica, myself).await;
+                        drop(lease);
+                    }
+                    .instrument(span),
+                );
             }
             InferenceMsg::EngineStopped { request_id } => {
                 // Broken: let the supervisor restart us with a fresh engine.
@@ -269,12 +275,20 @@ async fn forward(
                 reason,
                 prompt_tokens,
                 completion_tokens,
-            } => StreamEvent::Finished {
-                text,
-                reason,
-                prompt_tokens,
-                completion_tokens,
-            },
+            } => {
+                tracing::info!(
+                    prompt_tokens,
+                    completion_tokens,
+                    reason = ?reason,
+                    "generation finished"
+                );
+                StreamEvent::Finished {
+                    text,
+                    reason,
+                    prompt_tokens,
+                    completion_tokens,
+                }
+            }
             // The engine fails a sequence only when its adapter cannot be loaded.
             Event::Error { message } => StreamEvent::Error(ServeError {
                 kind: ServeErrorKind::Adapter,

@@ -1,7 +1,7 @@
 //! Tessera's actor tree (ractor). Per node: a [`supervisor`] with restart policies over the
 //! [`jobs`] manager, [`trainer`]s and [`inference`] replicas; the [`router`] that picks a replica
-//! per request; the [`inventory`] and its [`placement`] into actors; the [`node`] handle the HTTP
-//! facade drives. Every payload that may cross nodes is a serde type ([`messages`], [`jobs::types`]).
+//! per request; the [`inventory`] and its [`placement`] into actors; the node's [`tags`]; the
+//! [`node`] handle the HTTP facade drives. Every payload that may cross nodes is a serde type ([`messages`], [`jobs::types`]).
 
 pub mod cluster;
 pub mod directory;
@@ -15,6 +15,7 @@ pub mod placement;
 pub mod restart_policy;
 pub mod router;
 pub mod supervisor;
+pub mod tags;
 pub mod trainer;
 
 pub use node::{Node, NodeConfig};

@@ -23,7 +23,12 @@ pub enum PromptInput {
 /// One generation request, resolved and checked by the facade (paths already confined).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatWork {
+    /// The server's id of the request (routes its stream; unique).
     pub request_id: String,
+    /// The client's `X-Request-Id` (or one the head made up): labels the request's log lines on
+    /// every node it crosses, nothing else.
+    #[serde(default)]
+    pub trace_id: String,
     pub input: PromptInput,
     pub params: SamplingParams,
     /// `params.max_tokens` is a default, not the client's: lower it to what the context has left

@@ -20,6 +20,7 @@ use crate::placement::{place, Placement, PlacementError};
 use crate::restart_policy::RestartPolicy;
 use crate::router::Router;
 use crate::supervisor::{ChildSpec, NodeSupervisor, SupervisorArgs, SupervisorMsg};
+use crate::tags::Tags;
 use crate::trainer::TrainerArgs;
 
 /// Everything a node needs to start (the binary builds it from its config).
@@ -47,6 +48,8 @@ pub struct NodeConfig {
     pub max_attempts: u32,
     /// Queued jobs at most (`jobs.max_queued`).
     pub max_queued_jobs: usize,
+    /// This node's tags (`resources.tags`, `--tag`).
+    pub tags: Tags,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +64,7 @@ pub enum NodeError {
 
 pub struct Node {
     pub name: String,
+    pub tags: Tags,
     pub inventory: Inventory,
     pub placement: Placement,
     pub router: Router,
@@ -143,6 +147,7 @@ impl Node {
                     kind: config.kind,
                     default_model: config.model_path.clone(),
                     directory: directory.clone(),
+                    tags: config.tags.clone(),
                 }),
             ));
         }
@@ -202,6 +207,7 @@ impl Node {
         .map_err(|e| NodeError::Spawn(e.to_string()))?;
         Ok(Node {
             name: config.node_name,
+            tags: config.tags,
             inventory,
             placement,
             router,

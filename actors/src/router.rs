@@ -377,6 +377,7 @@ mod tests {
         );
         let work = ChatWork {
             request_id: "x".into(),
+            trace_id: String::new(),
             input: crate::messages::PromptInput::Raw("hi".into()),
             params: tessera_engine::SamplingParams::default(),
             clamp_max_tokens: false,

@@ -256,6 +256,7 @@ impl SupervisorState {
             ChildSpec::Trainer(args) => {
                 let entry_node = args.node.clone();
                 let device = args.device;
+                let tags = args.tags.clone();
                 TrainerActor::spawn_linked(None, TrainerActor, args, supervisor)
                     .await
                     .map(|(actor, _)| {
@@ -265,6 +266,7 @@ impl SupervisorState {
                                 actor: TrainerRef::Local(actor.clone()),
                                 node: entry_node,
                                 device: format!("{device:?}"),
+                                tags,
                             }),
                         );
                         if let Some(jm) = self.directory.job_manager() {

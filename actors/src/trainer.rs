@@ -46,6 +46,8 @@ pub struct TrainerArgs {
     /// The base model of jobs that name none.
     pub default_model: PathBuf,
     pub directory: Directory,
+    /// Its node's tags.
+    pub tags: crate::tags::Tags,
 }
 
 struct Running {

@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 use tessera_engine::FinishReason;
@@ -15,6 +15,7 @@ use utoipa::ToSchema;
 
 use super::error::{ApiJson, AppError};
 use super::generation::{self, Piece, Started};
+use super::request_id::RequestId;
 use super::validation::{self, Stop};
 use super::AppState;
 
@@ -91,11 +92,12 @@ pub fn finish_reason(r: FinishReason) -> &'static str {
               (status = 504, body = super::error::ErrorBody)))]
 pub async fn chat(
     State(state): State<AppState>,
+    Extension(trace): Extension<RequestId>,
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> Result<Response, AppError> {
     let req = validation::chat(req)?;
     let streaming = req.stream;
-    let started = generation::generate(&state, req, "/chat").await?;
+    let started = generation::generate(&state, req, "/chat", trace).await?;
     let adapter_path = started.adapter.as_ref().map(|p| p.display().to_string());
     if streaming {
         return Ok(Sse::new(stream(started, adapter_path))

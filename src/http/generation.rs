@@ -13,6 +13,7 @@ use tessera_engine::FinishReason;
 use tokio::sync::mpsc;
 
 use super::error::AppError;
+use super::request_id::RequestId;
 use super::resolve::{self, Resolved};
 use super::validation::GenerationRequest;
 use super::AppState;
@@ -61,10 +62,12 @@ pub async fn generate(
     state: &AppState,
     req: GenerationRequest,
     route: &'static str,
+    trace: RequestId,
 ) -> Result<Started, AppError> {
     let Resolved { adapter, model } = resolve::target(state, &req.target).await?;
     let work = ChatWork {
         request_id: request_id(req.id_prefix),
+        trace_id: trace.0,
         input: req.input,
         params: req.params,
         clamp_max_tokens: req.clamp_max_tokens,

@@ -36,6 +36,18 @@ pub struct FineTuneRequest {
     #[schema(value_type = Object)]
     #[serde(default)]
     pub hyperparameters: serde_json::Value,
+    /// Where it may run: `{"tags": {"zone": "b"}}` runs it only on trainers of nodes carrying
+    /// every tag (`--tag`); it waits, with `pending_reason` in its record, until such a node is
+    /// in the cluster.
+    pub placement: Option<JobPlacement>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobPlacement {
+    /// Required node tags: keys and values of 1 to 63 letters, digits, `.`, `_` or `-`.
+    #[serde(default)]
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -98,6 +110,8 @@ pub async fn fine_tune(
         Hyperparameters::from_json(req.hyperparameters)
             .map_err(|e| AppError::invalid(format!("hyperparameters.{}", e.field), e.message))?
     };
+    let tags = req.placement.map(|p| p.tags).unwrap_or_default();
+    tessera_actors::tags::check(&tags).map_err(|e| AppError::invalid("placement.tags", e))?;
     check_context(&state, base_model.as_deref(), &hyperparameters).await?;
     let spec = JobSpec {
         train: TrainJob {
@@ -107,6 +121,7 @@ pub async fn fine_tune(
             hyperparameters,
         },
         priority,
+        tags,
     };
     // The job manager refuses, checking and inserting in one step, a job past `jobs.max_queued`
     // (429) and an output that is, contains or lies in a live job's (409 naming `output_path`).

@@ -8,7 +8,7 @@
 //! * [`validation`]: the generation routes' bodies as one checked request; [`resolve`]: what its
 //!   `model` / `adapter_path` names; [`generation`]: dispatch, stream and collect.
 //! * [`error`], [`paths`], [`metrics`]: what they share.
-//! * [`listener`]: the connection cap.
+//! * [`listener`]: the connection cap; [`request_id`]: `X-Request-Id` and the request's log span.
 
 pub mod chat;
 pub mod error;
@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod openai;
 pub mod openapi;
 pub mod paths;
+pub mod request_id;
 pub mod resolve;
 pub mod status;
 pub mod validation;
@@ -111,6 +112,7 @@ pub fn app(state: AppState) -> Router {
             metrics::track,
         ))
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(middleware::from_fn(request_id::layer))
         .with_state(state)
 }
 

@@ -85,6 +85,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 pub struct NodeView {
     pub name: String,
     pub role: &'static str,
+    pub tags: tessera_actors::tags::Tags,
     pub inventory: Inventory,
     pub placement: Placement,
     pub trainers: Vec<TrainerView>,
@@ -141,6 +142,7 @@ pub async fn cluster(State(state): State<AppState>) -> Json<ClusterView> {
         nodes: vec![NodeView {
             name: node.name.clone(),
             role: "head",
+            tags: node.tags.clone(),
             inventory: node.inventory.clone(),
             placement: node.placement.clone(),
             trainers,

@@ -90,10 +90,9 @@ impl RemoteReplica for RemoteReplicaHandle {
             .expect("cluster")
             .streams
             .insert(request_id.clone(), (self.node.clone(), tx));
-        if let Err(e) = self
-            .agent
-            .cast(WorkerInbox::Frame(ToWorker::Generate { work }))
-        {
+        if let Err(e) = self.agent.cast(WorkerInbox::Frame(ToWorker::Generate {
+            work: Box::new(work),
+        })) {
             self.table
                 .inner
                 .lock()
@@ -509,10 +508,11 @@ impl ClusterHeadState {
                     })),
                     node: node.clone(),
                     device: device.clone(),
+                    tags: info.tags.clone(),
                 }),
             );
         }
-        tracing::info!(%node, host = %info.hostname, replicas = info.replicas.len(), trainers = info.trainers.len(), "worker joined");
+        tracing::info!(%node, host = %info.hostname, replicas = info.replicas.len(), trainers = info.trainers.len(), tags = %crate::tags::describe(&info.tags), "worker joined");
         args.table.inner.lock().expect("cluster").workers.insert(
             node,
             Worker {

@@ -38,6 +38,9 @@ pub struct WorkerInfo {
     pub trainers: Vec<(String, String)>,
     /// Jobs its trainers still run (after a reconnect): (trainer, job id, attempt).
     pub running: Vec<(String, String, u32)>,
+    /// Its tags (`--tag`, `resources.tags`).
+    #[serde(default)]
+    pub tags: crate::tags::Tags,
 }
 
 /// What a worker sends the head, inside a [`HeadFrame`] that names the sender. Local events of
@@ -89,7 +92,7 @@ pub enum ToWorker {
         seq: u64,
     },
     Generate {
-        work: ChatWork,
+        work: Box<ChatWork>,
     },
     Cancel {
         request_id: String,

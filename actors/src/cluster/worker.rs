@@ -13,6 +13,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::node::NodeServerSessionInformation;
 use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use super::supervision::ClusterWatch;
 use super::tls::{self, TlsFiles};
@@ -138,6 +139,7 @@ impl WorkerAgent {
                 .map(|t| (t.name.clone(), t.device.to_string()))
                 .collect(),
             running,
+            tags: node.tags.clone(),
         }
     }
 }
@@ -211,41 +213,45 @@ impl Actor for WorkerAgent {
             }
             ToWorker::Generate { work } => {
                 let request_id = work.request_id.clone();
+                let span = tracing::info_span!("request", request_id = %work.trace_id);
                 let finished = state.finished.clone();
                 let id = request_id.clone();
                 let credit = Arc::new(tokio::sync::Semaphore::new(STREAM_WINDOW as usize));
                 let window = credit.clone();
-                let task = tokio::spawn(async move {
-                    match node.router.dispatch(work) {
-                        Err(e) => {
-                            link.send(ToHead::Stream {
-                                request_id: id.clone(),
-                                event: StreamEvent::Error(e),
-                            });
-                        }
-                        Ok(mut d) => {
-                            while let Some(event) = d.events.recv().await {
-                                // Wait for credit: the head has not delivered enough yet.
-                                match window.acquire().await {
-                                    Ok(permit) => permit.forget(),
-                                    Err(_) => break,
-                                }
-                                let last = matches!(
-                                    event,
-                                    StreamEvent::Finished { .. } | StreamEvent::Error(_)
-                                );
-                                if !link.send(ToHead::Stream {
+                let task = tokio::spawn(
+                    async move {
+                        match node.router.dispatch(*work) {
+                            Err(e) => {
+                                link.send(ToHead::Stream {
                                     request_id: id.clone(),
-                                    event,
-                                }) || last
-                                {
-                                    break;
+                                    event: StreamEvent::Error(e),
+                                });
+                            }
+                            Ok(mut d) => {
+                                while let Some(event) = d.events.recv().await {
+                                    // Wait for credit: the head has not delivered enough yet.
+                                    match window.acquire().await {
+                                        Ok(permit) => permit.forget(),
+                                        Err(_) => break,
+                                    }
+                                    let last = matches!(
+                                        event,
+                                        StreamEvent::Finished { .. } | StreamEvent::Error(_)
+                                    );
+                                    if !link.send(ToHead::Stream {
+                                        request_id: id.clone(),
+                                        event,
+                                    }) || last
+                                    {
+                                        break;
+                                    }
                                 }
                             }
                         }
+                        let _ = finished.send(id);
                     }
-                    let _ = finished.send(id);
-                });
+                    .instrument(span),
+                );
                 state
                     .streams
                     .insert(request_id, (task.abort_handle(), credit));

@@ -24,6 +24,7 @@ use super::types::{
     RunResult,
 };
 use crate::directory::Directory;
+use crate::tags;
 
 /// How long a trainer that refused a job (busy) is left alone before it is offered one again.
 const REFUSED_BACKOFF: Duration = Duration::from_secs(2);
@@ -96,6 +97,8 @@ pub struct JobManagerState {
     tokens_per_s: HashMap<String, f64>,
     subscribers: HashMap<String, Vec<mpsc::Sender<JobEvent>>>,
     draining: Option<Vec<RpcReplyPort<()>>>,
+    /// Queued jobs that no trainer of the cluster can take (their tags), and why.
+    pending: HashMap<String, String>,
 }
 
 pub struct JobManager;
@@ -138,6 +141,7 @@ impl Actor for JobManager {
             tokens_per_s: HashMap::new(),
             subscribers: HashMap::new(),
             draining: None,
+            pending: HashMap::new(),
         };
         for id in state.store.with_status(JobState::Running)? {
             if !state.busy.values().any(|(j, _)| j == &id) {
@@ -184,16 +188,23 @@ impl Actor for JobManager {
                 state.dispatch();
             }
             JobMsg::Get(id, reply) => {
-                let _ = reply.send(state.store.get(&id, true));
+                let _ = reply.send(state.store.get(&id, true).map(|r| state.with_reason(r)));
             }
             JobMsg::List(query, reply) => {
-                let _ = reply.send(state.store.list(&query));
+                let _ = reply.send(state.store.list(&query).map(|mut page| {
+                    page.jobs = page
+                        .jobs
+                        .into_iter()
+                        .map(|r| state.with_reason(r))
+                        .collect();
+                    page
+                }));
             }
             JobMsg::Cancel(id, reply) => {
                 let _ = reply.send(state.cancel(&id));
             }
             JobMsg::Subscribe(id, sender, reply) => {
-                let record = state.store.get(&id, false);
+                let record = state.store.get(&id, false).map(|r| state.with_reason(r));
                 if let Ok(r) = &record {
                     // While shutting down a stream gets the record and ends.
                     if !r.status.is_final() && state.draining.is_none() {
@@ -286,25 +297,50 @@ impl JobManagerState {
         };
         let now = Instant::now();
         self.refused.retain(|_, until| *until > now);
-        let mut idle: Vec<(String, crate::directory::TrainerEntry)> = self
-            .directory
-            .trainers()
-            .into_iter()
-            .filter(|(name, _)| !self.busy.contains_key(name) && !self.refused.contains_key(name))
+        let trainers = self.directory.trainers();
+        let mut idle: Vec<(String, crate::directory::TrainerEntry)> = trainers
+            .iter()
+            .filter(|(name, _)| !self.busy.contains_key(*name) && !self.refused.contains_key(*name))
+            .map(|(name, t)| (name.clone(), t.clone()))
             .collect();
-        idle.reverse();
+        self.pending.clear();
         for id in queued {
-            let Some((name, trainer)) = idle.pop() else {
-                break;
+            let spec = match self.store.spec(&id) {
+                Ok(spec) => spec,
+                Err(e) => {
+                    tracing::error!(job = %id, error = %e, "reading a queued job");
+                    continue;
+                }
             };
+            // The first idle trainer whose node carries the job's tags; a job that no trainer
+            // of the cluster could take waits with the reason shown, and does not hold up others.
+            if !trainers
+                .values()
+                .any(|t| tags::satisfies(&t.tags, &spec.tags))
+            {
+                self.pending.insert(
+                    id.clone(),
+                    format!(
+                        "no node carries the tags {}; it starts when one joins",
+                        tags::describe(&spec.tags)
+                    ),
+                );
+                continue;
+            }
+            let Some(at) = idle
+                .iter()
+                .position(|(_, t)| tags::satisfies(&t.tags, &spec.tags))
+            else {
+                continue;
+            };
+            let (name, trainer) = idle.remove(at);
             let started = (|| {
-                let spec = self.store.spec(&id)?;
                 let resume = self.store.get(&id, false)?.attempts > 0;
                 let attempt = self.store.mark_running(&id, &name, &trainer.node)?;
                 let sent = trainer.run(Assignment {
                     job_id: id.clone(),
                     attempt,
-                    job: spec.train,
+                    job: spec.train.clone(),
                     resume,
                 });
                 if let Err(e) = sent {
@@ -353,6 +389,14 @@ impl JobManagerState {
         if let Some(t) = self.directory.trainers().get(trainer) {
             t.fence(job, attempt);
         }
+    }
+
+    /// The record with why it waits, if it waits for a node with its tags.
+    fn with_reason(&self, mut record: JobRecord) -> JobRecord {
+        if record.status == JobState::Queued {
+            record.pending_reason = self.pending.get(&record.id).cloned();
+        }
+        record
     }
 
     /// Refuses a new job while `max_queued` are waiting.

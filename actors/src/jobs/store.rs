@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     summary TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
-    interruptions INTEGER NOT NULL DEFAULT 0
+    interruptions INTEGER NOT NULL DEFAULT 0,
+    tags TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
 CREATE TABLE IF NOT EXISTS progress (
@@ -61,16 +62,21 @@ impl JobStore {
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(store_err)?;
         conn.execute_batch(SCHEMA).map_err(store_err)?;
-        // Databases from before `interruptions` existed.
-        let has_interruptions: bool = conn
-            .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'interruptions'")
-            .and_then(|mut s| s.exists([]))
-            .map_err(store_err)?;
-        if !has_interruptions {
-            conn.execute_batch(
-                "ALTER TABLE jobs ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0",
-            )
-            .map_err(store_err)?;
+        // Databases from before these columns existed.
+        for (column, definition) in [
+            ("interruptions", "INTEGER NOT NULL DEFAULT 0"),
+            ("tags", "TEXT NOT NULL DEFAULT '{}'"),
+        ] {
+            let exists: bool = conn
+                .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = ?1")
+                .and_then(|mut s| s.exists([column]))
+                .map_err(store_err)?;
+            if !exists {
+                conn.execute_batch(&format!(
+                    "ALTER TABLE jobs ADD COLUMN {column} {definition}"
+                ))
+                .map_err(store_err)?;
+            }
         }
         Ok(Self { conn })
     }
@@ -109,15 +115,17 @@ impl JobStore {
             })
             .map_err(store_err)?;
         let spec_json = serde_json::to_string(&spec.train).map_err(store_err)?;
+        let tags_json = serde_json::to_string(&spec.tags).map_err(store_err)?;
         self.durable(|conn| conn
             .execute(
-                "INSERT INTO jobs (id, seq, status, priority, spec, created_at) VALUES (?1, ?2, 'queued', ?3, ?4, ?5)",
+                "INSERT INTO jobs (id, seq, status, priority, spec, created_at, tags) VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6)",
                 params![
                     id,
                     seq,
                     spec.priority.as_str(),
                     spec_json,
-                    now_s()
+                    now_s(),
+                    tags_json
                 ],
             ))
             .map_err(store_err)?;
@@ -143,17 +151,20 @@ impl JobStore {
     }
 
     pub fn spec(&self, id: &str) -> Result<JobSpec, JobError> {
-        let (spec, priority): (String, String) = self
+        let (spec, priority, tags): (String, String, String) = self
             .conn
-            .query_row("SELECT spec, priority FROM jobs WHERE id = ?1", [id], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            .query_row(
+                "SELECT spec, priority, tags FROM jobs WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
             .optional()
             .map_err(store_err)?
             .ok_or_else(|| JobError::NotFound(id.to_string()))?;
         Ok(JobSpec {
             train: serde_json::from_str(&spec).map_err(store_err)?,
             priority: Priority::parse(&priority).unwrap_or_default(),
+            tags: serde_json::from_str(&tags).map_err(store_err)?,
         })
     }
 
@@ -385,7 +396,7 @@ impl JobStore {
     }
 }
 
-const COLUMNS: &str = "id, status, priority, spec, created_at, started_at, finished_at, trainer, node, attempts, error, summary, interruptions";
+const COLUMNS: &str = "id, status, priority, spec, created_at, started_at, finished_at, trainer, node, attempts, error, summary, interruptions, tags";
 
 fn row_to_record(r: &Row<'_>) -> rusqlite::Result<JobRecord> {
     let bad = |i: usize, e: String| {
@@ -401,6 +412,8 @@ fn row_to_record(r: &Row<'_>) -> rusqlite::Result<JobRecord> {
         .transpose()
         .map_err(|e| bad(11, e.to_string()))?;
     let status = JobState::parse(&status).ok_or_else(|| bad(1, format!("status `{status}`")))?;
+    let tags: String = r.get(13)?;
+    let tags = serde_json::from_str(&tags).map_err(|e| bad(13, e.to_string()))?;
     Ok(JobRecord {
         id: r.get(0)?,
         status,
@@ -421,6 +434,8 @@ fn row_to_record(r: &Row<'_>) -> rusqlite::Result<JobRecord> {
         error: r.get(10)?,
         summary,
         history: None,
+        tags,
+        pending_reason: None,
     })
 }
 
@@ -438,6 +453,7 @@ mod tests {
                 hyperparameters: Hyperparameters::default(),
             },
             priority,
+            tags: Default::default(),
         }
     }
 

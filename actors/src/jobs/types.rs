@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 use tessera_engine::train::hyperparams::TrainJob;
 use tessera_engine::train::trainer::Progress;
 
+use crate::tags::Tags;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
@@ -88,6 +90,9 @@ impl Priority {
 pub struct JobSpec {
     pub train: TrainJob,
     pub priority: Priority,
+    /// Tags a node must carry for its trainers to run the job (`placement.tags`).
+    #[serde(default)]
+    pub tags: Tags,
 }
 
 /// One attempt of a job handed to a trainer.
@@ -182,6 +187,12 @@ pub struct JobRecord {
     /// Every progress point, oldest first (only in single-job views).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub history: Option<Vec<ProgressPoint>>,
+    /// Tags a node must carry to run it (`placement.tags`).
+    #[serde(default)]
+    pub tags: Tags,
+    /// Why a queued job waits when it is not just its turn (no node carries its tags).
+    #[serde(default)]
+    pub pending_reason: Option<String>,
 }
 
 /// A filter and a page of `GET /jobs`.

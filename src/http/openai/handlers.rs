@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use futures::Stream;
 use serde::Serialize;
 use tessera_engine::FinishReason;
@@ -16,6 +16,7 @@ use super::types::*;
 use super::unix_now;
 use crate::http::error::{ApiJson, AppError};
 use crate::http::generation::{self, Piece, Started};
+use crate::http::request_id::RequestId;
 use crate::http::{validation, AppState};
 
 /// OpenAI knows no `cancelled`: a cancelled sequence stopped.
@@ -35,12 +36,13 @@ pub fn openai_finish_reason(r: FinishReason) -> &'static str {
               (status = 504, body = crate::http::error::ErrorBody)))]
 pub async fn chat_completions(
     State(state): State<AppState>,
+    Extension(trace): Extension<RequestId>,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, AppError> {
     let req = validation::chat_completion(req)?;
     let (streaming, logprobs, include_usage) = (req.stream, req.logprobs, req.include_usage);
     let created = unix_now();
-    let started = generation::generate(&state, req, "/v1/chat/completions").await?;
+    let started = generation::generate(&state, req, "/v1/chat/completions", trace).await?;
     let model = started.model.clone();
     if streaming {
         return Ok(Sse::new(chat_stream(
@@ -161,12 +163,13 @@ fn chat_stream(
               (status = 504, body = crate::http::error::ErrorBody)))]
 pub async fn completions(
     State(state): State<AppState>,
+    Extension(trace): Extension<RequestId>,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, AppError> {
     let req = validation::completion(req)?;
     let (streaming, logprobs, include_usage) = (req.stream, req.logprobs, req.include_usage);
     let created = unix_now();
-    let started = generation::generate(&state, req, "/v1/completions").await?;
+    let started = generation::generate(&state, req, "/v1/completions", trace).await?;
     let model = started.model.clone();
     if streaming {
         return Ok(Sse::new(completion_stream(
