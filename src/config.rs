@@ -88,6 +88,7 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     pub max_connections: u32,
     pub body_read_timeout_secs: u64,
+    pub header_read_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -348,6 +349,10 @@ impl Config {
             (
                 "server.body_read_timeout_secs",
                 self.server.body_read_timeout_secs,
+            ),
+            (
+                "server.header_read_timeout_secs",
+                self.server.header_read_timeout_secs,
             ),
             ("jobs.max_queued", u64::from(self.jobs.max_queued)),
         ] {

@@ -3,7 +3,7 @@
 //! accepting and let in-flight requests finish, checkpoint running jobs and end job event streams;
 //! then stop the actors (a few seconds at most).
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -93,6 +93,7 @@ pub async fn start(config: &Config) -> anyhow::Result<AppState> {
         request_timeout: Duration::from_secs(config.server.request_timeout_secs),
         max_body_bytes: config.server.max_body_bytes as usize,
         body_read_timeout: Duration::from_secs(config.server.body_read_timeout_secs),
+        header_read_timeout: Duration::from_secs(config.server.header_read_timeout_secs),
         max_connections: config.server.max_connections as usize,
         adapter_budget_bytes: config.adapters.cache_memory_mb << 20,
         metrics: Metrics::new(),
@@ -111,14 +112,16 @@ pub async fn serve(
     let node = state.node.clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let listener = CappedListener::new(listener, state.max_connections);
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
-        shutdown.await;
-        tracing::info!("shutting down: no new connections; finishing in-flight requests");
-        let _ = stop_tx.send(());
-    });
-    let mut server = std::pin::pin!(server.into_future());
+    let header_read_timeout = state.header_read_timeout;
+    let server =
+        crate::http::server::serve(listener, app(state), header_read_timeout, async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new connections; finishing in-flight requests");
+            let _ = stop_tx.send(());
+        });
+    let mut server = std::pin::pin!(server);
     tokio::select! {
-        r = &mut server => r.context("HTTP server")?,
+        () = &mut server => {}
         _ = stop_rx => {
             // Both at once, each within the grace period: running jobs stop at a checkpoint (and
             // their event streams end, so they do not hold the drain), in-flight requests finish;

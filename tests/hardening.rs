@@ -334,6 +334,46 @@ fn a_body_that_does_not_arrive_in_time_is_answered_408() {
 }
 
 #[test]
+fn request_headers_that_do_not_arrive_in_time_close_the_connection() {
+    let head = start(&["server.header_read_timeout_secs=1"]);
+    let addr = head.url.trim_start_matches("http://");
+    // A slowloris: the request line and a header, then nothing.
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let t0 = Instant::now();
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+        .unwrap();
+    let mut out = Vec::new();
+    let read = stream.read_to_end(&mut out);
+    let waited = t0.elapsed();
+    assert!(
+        read.is_ok()
+            || read
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{read:?}"
+    );
+    assert!(
+        status_of(&String::from_utf8_lossy(&out)) != Some(200),
+        "the incomplete request was served"
+    );
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(10),
+        "closed after {waited:?}"
+    );
+    // A whole request is served as before.
+    let answer = raw_exchange(
+        &head,
+        b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    assert_eq!(status_of(&answer), Some(200), "{answer}");
+}
+
+#[test]
 fn connections_beyond_the_cap_wait_until_one_closes() {
     let head = start(&["server.max_connections=2"]);
     let addr = head.url.trim_start_matches("http://").to_string();

@@ -15,10 +15,10 @@ use crate::jobs::{
     DbLock, DbLockError, JobError, JobEvent, JobMsg, JobPage, JobQuery, JobRecord, JobSpec,
     JobStats,
 };
-use crate::messages::ReplicaInfo;
+use crate::messages::{ChatWork, ReplicaInfo, ServeError};
 use crate::placement::{place, Placement, PlacementError};
 use crate::restart_policy::RestartPolicy;
-use crate::router::Router;
+use crate::router::{Dispatched, Router};
 use crate::supervisor::{ChildSpec, NodeSupervisor, SupervisorArgs, SupervisorMsg};
 use crate::tags::Tags;
 use crate::trainer::TrainerArgs;
@@ -83,6 +83,10 @@ fn torch_device(d: &Device) -> tch::Device {
 }
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a request waits for the job manager: its state changes are fsynced (`synchronous =
+/// FULL`), which a disk busy flushing other writes can hold for seconds.
+const JOBS_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The engine settings of one replica: on the CPU, unless configured, its intra-op threads are
 /// the node's cores shared among the CPU replicas (so replicas do not spin on each other's cores).
@@ -218,6 +222,13 @@ impl Node {
         })
     }
 
+    /// Sends a generation to a replica of the cluster (the least loaded, or one that holds its
+    /// adapter), after admission control: refused with `unavailable` when every replica is full.
+    /// Its events arrive on the returned receiver; dropping it cancels the sequence.
+    pub fn generate(&self, work: ChatWork) -> Result<Dispatched, ServeError> {
+        self.router.dispatch(work)
+    }
+
     /// Queues a fine-tune job. The manager checks, in one step with the insert, the queue bound
     /// (`jobs.max_queued`) and that no live job writes the same `output_path` or one inside it.
     pub async fn submit_job(&self, spec: JobSpec) -> Result<JobRecord, JobError> {
@@ -255,8 +266,15 @@ impl Node {
         msg: impl FnOnce(RpcReplyPort<Result<T, JobError>>) -> JobMsg,
     ) -> Result<T, JobError> {
         let manager = self.directory.job_manager().ok_or(JobError::Unavailable)?;
-        match manager.call(msg, Some(CALL_TIMEOUT)).await {
+        match manager.call(msg, Some(JOBS_CALL_TIMEOUT)).await {
             Ok(ractor::rpc::CallResult::Success(r)) => r,
+            Ok(ractor::rpc::CallResult::Timeout) => {
+                tracing::warn!(
+                    timeout_s = JOBS_CALL_TIMEOUT.as_secs(),
+                    "the job manager did not answer in time"
+                );
+                Err(JobError::Busy(JOBS_CALL_TIMEOUT.as_secs()))
+            }
             _ => Err(JobError::Unavailable),
         }
     }

@@ -155,7 +155,7 @@ impl From<JobError> for AppError {
             JobError::OutputConflict { .. } => {
                 Self::new(StatusCode::CONFLICT, "conflict", e.to_string()).with_field("output_path")
             }
-            JobError::Unavailable => Self::new(
+            JobError::Unavailable | JobError::Busy(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
                 e.to_string(),

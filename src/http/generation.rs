@@ -84,7 +84,7 @@ async fn start(state: &AppState, work: ChatWork, route: &'static str) -> Result<
     let started = Instant::now();
     let deadline = started + state.request_timeout;
     let id = work.request_id.clone();
-    let Dispatched { mut events, lease } = state.node.router.dispatch(work)?;
+    let Dispatched { mut events, lease } = state.node.generate(work)?;
     let first = tokio::time::timeout_at(deadline.into(), events.recv())
         .await
         .map_err(|_| AppError::timeout(state.request_timeout.as_secs()))?;

@@ -8,7 +8,7 @@
 //! * [`validation`]: the generation routes' bodies as one checked request; [`resolve`]: what its
 //!   `model` / `adapter_path` names; [`generation`]: dispatch, stream and collect.
 //! * [`error`], [`paths`], [`metrics`]: what they share.
-//! * [`listener`]: the connection cap; [`request_id`]: `X-Request-Id` and the request's log span.
+//! * [`listener`]: the connection cap; [`server`]: the serving loop (header deadline); [`request_id`]: `X-Request-Id` and the request's log span.
 
 pub mod chat;
 pub mod error;
@@ -21,6 +21,7 @@ pub mod openapi;
 pub mod paths;
 pub mod request_id;
 pub mod resolve;
+pub mod server;
 pub mod status;
 pub mod validation;
 
@@ -55,6 +56,8 @@ pub struct Shared {
     pub max_body_bytes: usize,
     /// A request body must arrive whole within this (else 408).
     pub body_read_timeout: Duration,
+    /// A request's head must arrive whole within this (else the connection is closed).
+    pub header_read_timeout: Duration,
     /// Client connections served at once (see [`listener`]).
     pub max_connections: usize,
     /// An adapter whose weights file is larger than this (the replicas' adapter cache budget) is

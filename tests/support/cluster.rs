@@ -195,7 +195,19 @@ impl Cluster {
             "/fine-tune",
             &json!({"dataset_path": "d.jsonl", "output_path": out, "hyperparameters": h}),
         );
-        assert_eq!(status, 202, "{a}");
+        if status != 202 {
+            let log = std::fs::read_to_string(self.dir.path().join("head.log")).unwrap_or_default();
+            let tail: String = log
+                .lines()
+                .rev()
+                .take(60)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            panic!("POST /fine-tune answered {status}: {a}\nhead log (last lines):\n{tail}");
+        }
         a["job_id"].as_str().unwrap().to_string()
     }
 

@@ -230,6 +230,10 @@ pub enum JobError {
     Store(String),
     #[error("the job manager is not running; retry shortly")]
     Unavailable,
+    #[error(
+        "the job manager did not answer within {0} s (its database may be slow to sync); retry"
+    )]
+    Busy(u64),
     /// The queue is at `jobs.max_queued`.
     #[error(
         "{queued} jobs are already queued (jobs.max_queued = {max}); retry when some have run"
