@@ -10,6 +10,20 @@ TESSERA_MODEL_PATH=$(scripts/fetch-model.sh)
 python -c "import openai" 2>/dev/null || python -m pip install --quiet "openai>=1.40"
 # schemathesis fuzzes every route from /openapi.json (tests/schema_fuzz.rs, tests/schema_fuzz.py).
 python -c "import schemathesis" 2>/dev/null || python -m pip install --quiet "schemathesis>=4,<5"
+# The dashboard test drives Debian's chromium through chromedriver (tests/dashboard.py, Selenium).
+# Installed where apt is at hand and we are root; elsewhere the test says why it skips.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        (apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
+            || { apt-get update -qq >/dev/null 2>&1 \
+                 && apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1; }) \
+            || echo "test.sh: could not install chromium; the dashboard test will skip" >&2
+    fi
+fi
+python -c "import selenium" 2>/dev/null || python -m pip install --quiet "selenium>=4.20,<5"
+if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
+    export TESSERA_REQUIRE_BROWSER=1
+fi
 export TESSERA_PYTHON TESSERA_REQUIRE_OPENAI=1 TESSERA_REQUIRE_SCHEMATHESIS=1
 TESSERA_PYTHON=$(command -v python)
 cargo fmt --all -- --check

@@ -4,6 +4,7 @@
 //! * [`openai`]: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
 //! * [`jobs`]: `POST /fine-tune`, `GET /jobs`, `GET|DELETE /jobs/{id}`, `GET /jobs/{id}/events`.
 //! * [`status`]: `/health`, `/ready`, `/cluster`, `/metrics`.
+//! * [`dashboard`]: `GET /` and `/dashboard`, the web dashboard (embedded, no auth for the page).
 //! * [`openapi`]: the document at `/openapi.json`.
 //! * [`validation`]: the generation routes' bodies as one checked request; [`resolve`]: what its
 //!   `model` / `adapter_path` names; [`generation`]: dispatch, stream and collect.
@@ -11,6 +12,7 @@
 //! * [`listener`]: the connection cap; [`server`]: the serving loop (header deadline); [`request_id`]: `X-Request-Id` and the request's log span.
 
 pub mod chat;
+pub mod dashboard;
 pub mod error;
 pub mod generation;
 pub mod jobs;
@@ -106,6 +108,9 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/health", get(status::health))
         .route("/ready", get(status::ready))
+        // The page holds no data; what it shows it reads from the API, with the token.
+        .route("/", get(dashboard::page))
+        .route("/dashboard", get(dashboard::page))
         .merge(api)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), read_body))
