@@ -1,15 +1,17 @@
-//! Dequantisation of GGUF tensor data to float32: F32, F16, BF16, Q8_0, Q4_0 and Q4_1 (the block
-//! formats of llama.cpp's `ggml-quants.c`). Other types (K-quants, IQ formats) are refused by name.
+//! Dequantisation of GGUF tensor data to float32: F32, F16, BF16, Q8_0, Q4_0, Q4_1 and the
+//! K-quants Q2_K to Q8_K ([`crate::dequant_k`]), the block formats of llama.cpp's
+//! `ggml-quants.c`. Other types (IQ formats and the like) are refused by name.
 
 use half::{bf16, f16};
 
+use crate::dequant_k;
 use crate::gguf::GgmlType;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DequantError {
     #[error(
         "tensor `{tensor}` uses ggml type {ty:?}, which Tessera does not dequantise \
-         (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)"
+         (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K)"
     )]
     Unsupported { tensor: String, ty: GgmlType },
     #[error(
@@ -41,6 +43,15 @@ pub fn dequantize(
         GgmlType::Q8_0 => (32, 34),
         GgmlType::Q4_0 => (32, 18),
         GgmlType::Q4_1 => (32, 20),
+        GgmlType::Q2K
+        | GgmlType::Q3K
+        | GgmlType::Q4K
+        | GgmlType::Q5K
+        | GgmlType::Q6K
+        | GgmlType::Q8K => {
+            let (block, bytes) = ty.block_layout().expect("K-quants have a layout");
+            (block as usize, bytes as usize)
+        }
         _ => {
             return Err(DequantError::Unsupported {
                 tensor: tensor.to_string(),
@@ -103,6 +114,24 @@ pub fn dequantize(
                 out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
             }
         }
+        GgmlType::Q2K => bytes
+            .chunks_exact(84)
+            .for_each(|b| dequant_k::q2_k(b, &mut out)),
+        GgmlType::Q3K => bytes
+            .chunks_exact(110)
+            .for_each(|b| dequant_k::q3_k(b, &mut out)),
+        GgmlType::Q4K => bytes
+            .chunks_exact(144)
+            .for_each(|b| dequant_k::q4_k(b, &mut out)),
+        GgmlType::Q5K => bytes
+            .chunks_exact(176)
+            .for_each(|b| dequant_k::q5_k(b, &mut out)),
+        GgmlType::Q6K => bytes
+            .chunks_exact(210)
+            .for_each(|b| dequant_k::q6_k(b, &mut out)),
+        GgmlType::Q8K => bytes
+            .chunks_exact(292)
+            .for_each(|b| dequant_k::q8_k(b, &mut out)),
         _ => unreachable!("checked above"),
     }
     Ok(out)

@@ -10,6 +10,7 @@
 pub mod adapter_cache;
 pub mod chat_template;
 pub mod dequant;
+pub mod dequant_k;
 pub mod engine;
 pub mod gguf;
 pub mod gguf_writer;

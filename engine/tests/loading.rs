@@ -16,8 +16,9 @@ use tessera_engine::model::Logits;
 use tessera_engine::weights::{read_safetensors, WeightsError};
 
 /// Writes the tiny model of `dir` as a GGUF file the way llama.cpp's converter does (names, reversed
-/// dimensions, Q/K rows permuted for interleaved RoPE). `q4k` replaces one tensor's type with Q4_K.
-fn write_gguf(dir: &Path, out: &Path, q4k: bool) {
+/// dimensions, Q/K rows permuted for interleaved RoPE). `other_type` gives one tensor another ggml
+/// type: 6 (Q5_0, which Tessera does not dequantise) or 12 (Q4_K, random blocks with sane scales).
+fn write_gguf(dir: &Path, out: &Path, other_type: Option<u32>) {
     let tensors = read_safetensors(&dir.join("model.safetensors")).unwrap();
     let mut w = GgufWriter::new();
     let u32v = |v: i64| Value::U32(v as u32);
@@ -71,13 +72,29 @@ fn write_gguf(dir: &Path, out: &Path, q4k: bool) {
         }
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
         let values: Vec<f32> = t.contiguous().view([-1]).try_into().unwrap();
-        if q4k && gguf_name == "blk.1.ffn_up.weight" {
+        if let (Some(ty), "blk.1.ffn_up.weight") = (other_type, gguf_name.as_str()) {
             let numel = values.len();
+            let data = match ty {
+                6 => vec![0; numel / 32 * 22],
+                12 => (0..numel / 256)
+                    .flat_map(|i| {
+                        // d and dmin small, then scales and 4-bit values from a fixed pattern.
+                        let mut block = vec![0u8; 144];
+                        block[..2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+                        block[2..4].copy_from_slice(&half::f16::from_f32(0.005).to_le_bytes());
+                        for (j, b) in block[4..].iter_mut().enumerate() {
+                            *b = ((i * 31 + j * 17) % 251) as u8;
+                        }
+                        block
+                    })
+                    .collect(),
+                other => panic!("no writer for ggml type {other}"),
+            };
             w.tensor(RawTensor {
                 name: gguf_name,
                 shape,
-                ggml_type: 12,
-                data: vec![0; numel / 256 * 144],
+                ggml_type: ty,
+                data,
             });
         } else {
             w.f32_tensor(&gguf_name, &shape, &values);
@@ -136,7 +153,7 @@ fn a_gguf_export_gives_the_logits_of_the_hf_directory() {
     let dir = tempfile::tempdir().unwrap();
     let hf = tiny::write_model(&dir.path().join("m"), 4);
     let gguf = dir.path().join("m.gguf");
-    write_gguf(&hf, &gguf, false);
+    write_gguf(&hf, &gguf, None);
     let a = prompt_logits(&hf);
     let b = prompt_logits(&gguf);
     let diff = (&a - &b).abs().max().double_value(&[]);
@@ -148,10 +165,10 @@ fn a_gguf_with_an_unsupported_quant_type_names_the_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let hf = tiny::write_model(&dir.path().join("m"), 4);
     let gguf = dir.path().join("m.gguf");
-    write_gguf(&hf, &gguf, true);
+    write_gguf(&hf, &gguf, Some(6));
     let err = tessera_engine::load(&gguf, &[Device::Cpu], None)
         .err()
-        .expect("Q4_K refused");
+        .expect("Q5_0 refused");
     assert!(
         matches!(
             err,
@@ -160,6 +177,30 @@ fn a_gguf_with_an_unsupported_quant_type_names_the_tensor() {
         "{err:?}"
     );
     assert!(err.to_string().contains("blk.1.ffn_up.weight"), "{err}");
+}
+
+#[test]
+fn a_gguf_with_a_k_quant_tensor_loads_and_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = tiny::write_model(&dir.path().join("m"), 4);
+    let gguf = dir.path().join("m.gguf");
+    write_gguf(&hf, &gguf, Some(12));
+    let logits = prompt_logits(&gguf);
+    assert!(
+        logits.isfinite().all().int64_value(&[]) == 1,
+        "non-finite logits"
+    );
+    // The Q4_K tensor changed the model: not the same logits as the all-f32 GGUF.
+    let f32_gguf = dir.path().join("f32.gguf");
+    write_gguf(&hf, &f32_gguf, None);
+    let diff = (&logits - &prompt_logits(&f32_gguf))
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(
+        diff > 1e-3,
+        "the Q4_K weight was not used (max |Δlogit| = {diff})"
+    );
 }
 
 #[test]
