@@ -72,6 +72,7 @@ pub fn run(args: WorkerArgs, config: &Config) -> anyhow::Result<()> {
                     .parse()
                     .map_err(|e| anyhow::anyhow!("cluster.bind: {e}"))?,
                 tls: config.cluster.tls(),
+                leave_grace: std::time::Duration::from_secs(config.server.shutdown_grace_secs),
             },
             start,
             termination(),

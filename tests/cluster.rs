@@ -555,3 +555,55 @@ fn a_job_needing_tags_waits_for_a_tagged_worker_and_runs_there() {
         .unwrap_or_else(|| panic!("{cluster}"));
     assert_eq!(job["node"], b["info"]["node"], "{job}");
 }
+
+#[test]
+fn a_worker_that_leaves_checkpoints_its_job_which_resumes_without_counting_an_attempt() {
+    let _serial = serial();
+    let c = Cluster::new();
+    let _head = c.head(0);
+    let w = c.worker("leaving", &[]);
+    c.wait("the worker", Duration::from_secs(60), || {
+        c.workers().len() == 1
+    });
+    let id = c.submit("left", 80);
+    c.wait(
+        "a few steps on the worker",
+        Duration::from_secs(120),
+        || {
+            let j = c.job(&id);
+            j["status"] == "running" && j["progress"]["step"].as_u64().unwrap_or(0) >= 3
+        },
+    );
+    // Ctrl-C: the job stops at a checkpoint and is queued again as stopped, not as lost.
+    w.signal("-INT");
+    c.wait("the worker to leave", Duration::from_secs(30), || {
+        c.workers().is_empty()
+    });
+    c.wait("the job back in the queue", Duration::from_secs(10), || {
+        c.job(&id)["status"] == "queued"
+    });
+    let queued = c.job(&id);
+    assert_eq!(
+        queued["interruptions"], 0,
+        "a clean leave is no lost attempt: {queued}"
+    );
+    let head_log = std::fs::read_to_string(c.dir.path().join("head.log")).unwrap();
+    assert!(head_log.contains("left the cluster"), "{head_log}");
+    assert!(
+        w.log().contains("stopping running jobs at a checkpoint"),
+        "{}",
+        w.log()
+    );
+    // Another worker resumes it from that checkpoint.
+    let _next = c.worker("next", &[]);
+    c.wait("the job to finish", Duration::from_secs(300), || {
+        matches!(c.job(&id)["status"].as_str(), Some("succeeded" | "failed"))
+    });
+    let done = c.job(&id);
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["interruptions"], 0, "{done}");
+    assert!(
+        done["summary"]["resumed_from_step"].as_u64().unwrap_or(0) >= 1,
+        "{done}"
+    );
+}

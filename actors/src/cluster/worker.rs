@@ -40,6 +40,8 @@ pub struct HeadLink {
     name: String,
     key: Arc<Mutex<Option<String>>>,
     welcomed: Arc<tokio::sync::Notify>,
+    /// Set once the worker is leaving: it takes no new job.
+    leaving: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl HeadLink {
@@ -48,7 +50,12 @@ impl HeadLink {
             name,
             key: Arc::default(),
             welcomed: Arc::default(),
+            leaving: Arc::default(),
         }
+    }
+
+    fn leaving(&self) -> bool {
+        self.leaving.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn frame(&self, msg: ToHead, key: String) -> bool {
@@ -271,14 +278,17 @@ impl Actor for WorkerAgent {
                 trainer,
                 assignment,
             } => match node.directory.local_trainer(&trainer) {
-                Some(t) => {
+                Some(t) if !link.leaving() => {
                     let _ = t.cast(TrainerMsg::Run(assignment));
                 }
-                None => {
+                found => {
+                    let reason = if found.is_some() {
+                        format!("node {} is leaving the cluster", node.name)
+                    } else {
+                        format!("node {} has no trainer {trainer}", node.name)
+                    };
                     link.send(ToHead::JobFinished {
-                        result: crate::jobs::RunResult::Refused {
-                            reason: format!("node {} has no trainer {trainer}", node.name),
-                        },
+                        result: crate::jobs::RunResult::Refused { reason },
                         trainer,
                         job_id: assignment.job_id,
                         attempt: assignment.attempt,
@@ -417,6 +427,9 @@ pub struct JoinOptions {
     pub bind: std::net::IpAddr,
     /// Mutual TLS to the head; `None`: plain TCP.
     pub tls: Option<TlsFiles>,
+    /// On a clean leave, how long running jobs get to reach a checkpoint and report it
+    /// (`server.shutdown_grace_secs`).
+    pub leave_grace: Duration,
 }
 
 fn reporter(link: HeadLink) -> crate::directory::Reporter {
@@ -487,6 +500,7 @@ where
         model,
         bind,
         tls,
+        leave_grace,
     } = opts;
     let connector = tls
         .as_ref()
@@ -657,6 +671,13 @@ where
         backoff = (backoff * 2).min(max_backoff);
     };
     if result.is_ok() {
+        // A clean leave: running jobs stop at a checkpoint and say so while the session is up,
+        // so the head queues them again as stopped (not as lost, which would count an attempt).
+        link.leaving
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(node) = node_cell.get() {
+            stop_jobs_at_a_checkpoint(node, leave_grace).await;
+        }
         link.send(ToHead::Leaving);
         // Let the message reach the head before the session closes.
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -665,6 +686,48 @@ where
     agent.stop(None);
     server.stop(None);
     result
+}
+
+/// Stops this node's running jobs at a checkpoint and waits (at most `grace`) until every trainer
+/// has ended its run (its `Stopped` report is then on its way to the head).
+async fn stop_jobs_at_a_checkpoint(node: &Node, grace: Duration) {
+    let mut running = Vec::new();
+    for (name, entry) in node.directory.trainers() {
+        if let Some((job, _)) = entry.current().await {
+            entry.cancel(&job, true);
+            running.push((name, entry));
+        }
+    }
+    if running.is_empty() {
+        return;
+    }
+    tracing::info!(
+        jobs = running.len(),
+        "leaving: stopping running jobs at a checkpoint"
+    );
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        let mut busy = 0;
+        for (_, entry) in &running {
+            if entry.current().await.is_some() {
+                busy += 1;
+            }
+        }
+        if busy == 0 {
+            // A trainer's thread reports its result just after it says it is done.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                busy,
+                grace_s = grace.as_secs_f64(),
+                "jobs did not reach a checkpoint in time; leaving anyway"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Makes a started node the agent's, routes its job reports to the head, and waits until its
