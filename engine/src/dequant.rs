@@ -205,7 +205,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_tensor() {
-        let e = dequantize("blk.0.attn_q.weight", GgmlType::Q4K, &[0; 144], 256).unwrap_err();
+        let e = dequantize("blk.0.attn_q.weight", GgmlType::Q5_0, &[0; 22], 32).unwrap_err();
         assert!(matches!(e, DequantError::Unsupported { .. }));
         assert!(e.to_string().contains("blk.0.attn_q.weight"), "{e}");
         let e = dequantize("x", GgmlType::Q8_0, &[0; 34], 16).unwrap_err();
