@@ -69,6 +69,11 @@ impl Actor for InferenceActor {
     ) -> Result<InferenceState, ActorProcessingErr> {
         let path = args.model_path.clone();
         let (devices, kind) = (args.devices.clone(), args.kind);
+        // On GPUs, fail with the sizes before trying (and failing deep inside) the load.
+        let (check_path, check_devices) = (path.clone(), devices.clone());
+        tokio::task::spawn_blocking(move || device_memory_check(&check_path, &check_devices, kind))
+            .await?
+            .map_err(|e| format!("replica {}: {e}", args.name))?;
         let started = std::time::Instant::now();
         // Loading blocks for a while: never on the async runtime's threads.
         let loaded =
@@ -122,6 +127,41 @@ impl Actor for InferenceActor {
         }
         Ok(())
     }
+}
+
+/// Memory a replica keeps free on each device beyond its weights' share: CUDA context,
+/// activations, the KV cache's first allocation.
+const DEVICE_HEADROOM: u64 = 1 << 30;
+
+/// On CUDA devices: the model's weights in the replica's dtype (bfloat16 unless configured),
+/// split over its devices, plus headroom, must fit each device's free memory now.
+fn device_memory_check(
+    path: &std::path::Path,
+    devices: &[tch::Device],
+    kind: Option<tch::Kind>,
+) -> Result<(), String> {
+    let cuda: Vec<usize> = devices
+        .iter()
+        .filter_map(|d| match d {
+            tch::Device::Cuda(i) => Some(*i),
+            _ => None,
+        })
+        .collect();
+    if cuda.is_empty() {
+        return Ok(());
+    }
+    let kind = kind.unwrap_or(tch::Kind::BFloat16);
+    let weights = tessera_engine::footprint::weight_bytes(path, kind)
+        .map_err(|e| format!("sizing {}: {e}", path.display()))?;
+    let need = weights / devices.len() as u64 + DEVICE_HEADROOM;
+    crate::inventory::fits_on_each(need, &crate::inventory::gpu_free_bytes(&cuda)).map_err(|e| {
+        format!(
+            "{} ({:.1} GiB of weights in {kind:?} over {} device(s)) {e}",
+            path.display(),
+            weights as f64 / (1u64 << 30) as f64,
+            devices.len()
+        )
+    })
 }
 
 /// Serves one request: renders and tokenizes its prompt on a blocking thread, queues it on the

@@ -124,6 +124,46 @@ fn gpu_details(count: usize) -> Result<Vec<GpuInfo>, String> {
         .collect()
 }
 
+/// Free memory of CUDA devices now (NVML), by index; `None` where NVML cannot tell.
+pub fn gpu_free_bytes(indices: &[usize]) -> Vec<(usize, Option<u64>)> {
+    let nvml = nvml_wrapper::Nvml::init().ok();
+    indices
+        .iter()
+        .map(|&i| {
+            let free = nvml.as_ref().and_then(|n| {
+                n.device_by_index(i as u32)
+                    .ok()?
+                    .memory_info()
+                    .ok()
+                    .map(|m| m.free)
+            });
+            (i, free)
+        })
+        .collect()
+}
+
+/// Whether `need` bytes fit on each device, given each one's free bytes (`None`: unknown, not
+/// checked). The error names the devices short of it and what they have.
+pub fn fits_on_each(need: u64, free: &[(usize, Option<u64>)]) -> Result<(), String> {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let short: Vec<String> = free
+        .iter()
+        .filter_map(|&(i, f)| {
+            f.filter(|&f| f < need)
+                .map(|f| format!("cuda:{i} has {:.1} GiB free", gib(f)))
+        })
+        .collect();
+    if short.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "needs {:.1} GiB free on each of its devices; {}",
+            gib(need),
+            short.join(", ")
+        ))
+    }
+}
+
 /// Which devices of a node serve inference and which train.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Split {
@@ -195,6 +235,27 @@ pub fn split(devices: &[Device], inference_fraction: f64, training_fraction: f64
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_model_fits_only_where_every_device_has_room() {
+        let gib = 1u64 << 30;
+        assert!(fits_on_each(4 * gib, &[(0, Some(10 * gib)), (1, None)]).is_ok());
+        let e = fits_on_each(
+            4 * gib,
+            &[(0, Some(10 * gib)), (1, Some(3 * gib)), (2, Some(gib))],
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("needs 4.0 GiB free on each of its devices"),
+            "{e}"
+        );
+        assert!(
+            e.contains("cuda:1 has 3.0 GiB free") && e.contains("cuda:2 has 1.0 GiB free"),
+            "{e}"
+        );
+        assert!(!e.contains("cuda:0"), "{e}");
+    }
+
     use super::*;
 
     fn cuda(n: usize) -> Vec<Device> {

@@ -12,6 +12,7 @@ pub mod chat_template;
 pub mod dequant;
 pub mod dequant_k;
 pub mod engine;
+pub mod footprint;
 pub mod gguf;
 pub mod gguf_writer;
 pub mod kv_cache;

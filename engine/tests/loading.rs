@@ -158,6 +158,17 @@ fn a_gguf_export_gives_the_logits_of_the_hf_directory() {
     let b = prompt_logits(&gguf);
     let diff = (&a - &b).abs().max().double_value(&[]);
     assert!(diff < 1e-5, "max |Δlogit| = {diff}");
+    // Both files size the same weights without loading them (what a GPU replica checks first).
+    let bytes = |p: &Path| tessera_engine::footprint::weight_bytes(p, Kind::BFloat16).unwrap();
+    let params = tiny::VOCAB * tiny::HIDDEN * 2
+        + tiny::HIDDEN
+        + tiny::LAYERS
+            * (2 * tiny::HIDDEN
+                + tiny::HIDDEN * (tiny::HEADS + 2 * tiny::KV_HEADS) * tiny::HEAD_DIM
+                + tiny::HEADS * tiny::HEAD_DIM * tiny::HIDDEN
+                + 3 * tiny::HIDDEN * tiny::INTER);
+    assert_eq!(bytes(&hf), params as u64 * 2);
+    assert_eq!(bytes(&gguf), bytes(&hf));
 }
 
 #[test]
