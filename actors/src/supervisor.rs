@@ -16,6 +16,21 @@ use crate::restart_policy::{Decision, RestartPolicy, RestartTracker};
 use crate::router::Router;
 use crate::trainer::{TrainerActor, TrainerArgs};
 
+/// The actor a supervision event says went down, and why; `None` for other events.
+pub(crate) fn went_down(event: SupervisionEvent) -> Option<(ActorCell, String)> {
+    match event {
+        SupervisionEvent::ActorFailed(cell, err) => Some((cell, format!("failed: {err}"))),
+        SupervisionEvent::ActorTerminated(cell, _, reason) => Some((
+            cell,
+            format!(
+                "stopped unexpectedly ({})",
+                reason.unwrap_or_else(|| "no reason given".into())
+            ),
+        )),
+        _ => None,
+    }
+}
+
 /// What a child is and how to start it again.
 #[derive(Clone)]
 pub enum ChildSpec {
@@ -158,16 +173,8 @@ impl Actor for NodeSupervisor {
         event: SupervisionEvent,
         state: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
-        let (cell, cause) = match event {
-            SupervisionEvent::ActorFailed(cell, err) => (cell, format!("failed: {err}")),
-            SupervisionEvent::ActorTerminated(cell, _, reason) => (
-                cell,
-                format!(
-                    "stopped unexpectedly ({})",
-                    reason.unwrap_or_else(|| "no reason given".into())
-                ),
-            ),
-            _ => return Ok(()),
+        let Some((cell, cause)) = went_down(event) else {
+            return Ok(());
         };
         let Some(name) = state.name_of(&cell) else {
             return Ok(());

@@ -15,6 +15,7 @@ use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, Supervisio
 use tokio::sync::mpsc;
 
 use crate::health::{ActorState, HealthBoard};
+use crate::supervisor::went_down;
 
 /// The health board's role of cluster actors.
 pub const ROLE: &str = "cluster";
@@ -75,16 +76,8 @@ impl Actor for ClusterSupervisor {
         event: SupervisionEvent,
         state: &mut WatchState,
     ) -> Result<(), ActorProcessingErr> {
-        let (cell, cause) = match event {
-            SupervisionEvent::ActorFailed(cell, err) => (cell, format!("failed: {err}")),
-            SupervisionEvent::ActorTerminated(cell, _, reason) => (
-                cell,
-                format!(
-                    "stopped unexpectedly ({})",
-                    reason.unwrap_or_else(|| "no reason given".into())
-                ),
-            ),
-            _ => return Ok(()),
+        let Some((cell, cause)) = went_down(event) else {
+            return Ok(());
         };
         let name = {
             let names = state.args.names.lock().expect("cluster names");
