@@ -133,6 +133,7 @@ pub struct ResourcesConfig {
     pub cpu_training_slots: u32,
     pub tensor_parallel: u32,
     pub cpu_threads_per_replica: u32,
+    pub cpu_threads_per_trainer: u32,
     pub tags: std::collections::BTreeMap<String, String>,
 }
 

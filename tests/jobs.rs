@@ -93,6 +93,7 @@ fn a_busy_trainer_does_not_spin_its_stale_job_is_fenced_and_stale_reports_are_ig
                 default_model: model,
                 directory: directory.clone(),
                 tags: Default::default(),
+                threads: None,
             },
         )
         .await

@@ -50,6 +50,9 @@ pub struct NodeConfig {
     pub max_queued_jobs: usize,
     /// This node's tags (`resources.tags`, `--tag`).
     pub tags: Tags,
+    /// Intra-op threads of each CPU trainer (`None`: the node's cores shared among its CPU
+    /// trainers).
+    pub trainer_threads: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +112,28 @@ fn replica_engine_config(
     config
 }
 
+/// A trainer's intra-op threads: as configured, else on the CPU the node's cores shared among
+/// its CPU trainers (as replicas share them among themselves); torch's default on a GPU.
+fn trainer_threads(
+    configured: Option<usize>,
+    device: &Device,
+    inventory: &Inventory,
+    placement: &Placement,
+) -> Option<usize> {
+    if !matches!(device, Device::Cpu) {
+        return None;
+    }
+    configured.or_else(|| {
+        let cpu_trainers = placement
+            .trainers
+            .iter()
+            .filter(|t| matches!(t.device, Device::Cpu))
+            .count()
+            .max(1);
+        Some((inventory.host.cpu_cores / cpu_trainers).max(1))
+    })
+}
+
 impl Node {
     /// Detects the devices, plans the actors and starts the supervision tree. Returns once every
     /// child has been started once (replicas have loaded the model, or failed and will retry).
@@ -152,6 +177,12 @@ impl Node {
                     default_model: config.model_path.clone(),
                     directory: directory.clone(),
                     tags: config.tags.clone(),
+                    threads: trainer_threads(
+                        config.trainer_threads,
+                        &t.device,
+                        &inventory,
+                        &placement,
+                    ),
                 }),
             ));
         }

@@ -48,6 +48,8 @@ pub struct TrainerArgs {
     pub directory: Directory,
     /// Its node's tags.
     pub tags: crate::tags::Tags,
+    /// Intra-op threads of its runs' torch pool (`None`: torch's default).
+    pub threads: Option<usize>,
 }
 
 struct Running {
@@ -208,7 +210,11 @@ struct Flags {
 fn run_job(args: TrainerArgs, assignment: Assignment, flags: Flags, trainer: ActorRef<TrainerMsg>) {
     let job_id = assignment.job_id.clone();
     let attempt = assignment.attempt;
-    tracing::info!(trainer = %args.name, job = %job_id, attempt, resume = assignment.resume, "job started");
+    // This thread's own pool (OpenMP's thread count is per calling thread).
+    if let Some(n) = args.threads {
+        tch::set_num_threads(n.max(1) as i32);
+    }
+    tracing::info!(trainer = %args.name, job = %job_id, attempt, resume = assignment.resume, threads = ?args.threads, "job started");
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         execute(&args, &assignment, &flags)
     }))
