@@ -14,9 +14,10 @@ python -c "import schemathesis" 2>/dev/null || python -m pip install --quiet "sc
 # Installed where apt is at hand and we are root; elsewhere the test says why it skips.
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        (apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
-            || { apt-get update -qq >/dev/null 2>&1 \
-                 && apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1; }) \
+        export DEBIAN_FRONTEND=noninteractive
+        (timeout 600 apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
+            || { timeout 300 apt-get update -qq >/dev/null 2>&1 \
+                 && timeout 600 apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1; }) \
             || echo "test.sh: could not install chromium; the dashboard test will skip" >&2
     fi
 fi
