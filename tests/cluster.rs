@@ -498,6 +498,14 @@ fn a_job_needing_tags_waits_for_a_tagged_worker_and_runs_there() {
         cluster["workers"][0]["info"]["tags"]["zone"], "a",
         "{cluster}"
     );
+    // Each node's resources are shown too: the head has no slot, the worker the defaults.
+    assert_eq!(
+        cluster["nodes"][0]["resources"]["cpu_training_slots"], 0,
+        "{cluster}"
+    );
+    let worker_resources = &cluster["workers"][0]["info"]["resources"];
+    assert_eq!(worker_resources["cpu_inference_slots"], 1, "{cluster}");
+    assert_eq!(worker_resources["inference_gpu_fraction"], 0.6, "{cluster}");
 
     let mut h = support::quick_hyperparameters(1);
     h["save_every_steps"] = json!(4);

@@ -16,7 +16,7 @@ use crate::jobs::{
     JobStats,
 };
 use crate::messages::{ChatWork, ReplicaInfo, ServeError};
-use crate::placement::{place, Placement, PlacementError};
+use crate::placement::{place, Placement, PlacementError, Resources};
 use crate::restart_policy::RestartPolicy;
 use crate::router::{Dispatched, Router};
 use crate::supervisor::{ChildSpec, NodeSupervisor, SupervisorArgs, SupervisorMsg};
@@ -68,6 +68,8 @@ pub enum NodeError {
 pub struct Node {
     pub name: String,
     pub tags: Tags,
+    /// What it was configured with (`resources.*`), shown in `/cluster`.
+    pub resources: Resources,
     pub inventory: Inventory,
     pub placement: Placement,
     pub router: Router,
@@ -243,6 +245,13 @@ impl Node {
         Ok(Node {
             name: config.node_name,
             tags: config.tags,
+            resources: Resources {
+                inference_gpu_fraction: config.inference_fraction,
+                training_gpu_fraction: config.training_fraction,
+                cpu_inference_slots: config.cpu_inference_slots,
+                cpu_training_slots: config.cpu_training_slots,
+                tensor_parallel: config.tensor_parallel,
+            },
             inventory,
             placement,
             router,

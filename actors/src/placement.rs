@@ -6,6 +6,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::inventory::{Device, Split};
 
+/// The resources a node was configured with (`resources.*`): what its placement is made from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resources {
+    pub inference_gpu_fraction: f64,
+    pub training_gpu_fraction: f64,
+    pub cpu_inference_slots: usize,
+    pub cpu_training_slots: usize,
+    pub tensor_parallel: usize,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReplicaPlan {
     pub name: String,

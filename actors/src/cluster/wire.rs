@@ -41,6 +41,9 @@ pub struct WorkerInfo {
     /// Its tags (`--tag`, `resources.tags`).
     #[serde(default)]
     pub tags: crate::tags::Tags,
+    /// Its `resources.*` settings.
+    #[serde(default)]
+    pub resources: Option<crate::placement::Resources>,
 }
 
 /// What a worker sends the head, inside a [`HeadFrame`] that names the sender. Local events of

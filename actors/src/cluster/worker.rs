@@ -147,6 +147,7 @@ impl WorkerAgent {
                 .collect(),
             running,
             tags: node.tags.clone(),
+            resources: Some(node.resources.clone()),
         }
     }
 }
