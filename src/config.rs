@@ -68,12 +68,43 @@ pub struct Config {
     pub log: LogConfig,
     pub model: ModelConfig,
     pub resources: ResourcesConfig,
+    pub autoscaling: AutoscalingSection,
     pub batching: BatchingConfig,
     pub adapters: AdaptersConfig,
     pub training: TrainingConfig,
     pub jobs: JobsConfig,
     pub supervision: tessera_actors::restart_policy::RestartPolicy,
     pub cluster: ClusterConfig,
+}
+
+/// `[autoscaling]`: replicas of the served model follow load within the node's inference slots.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AutoscalingSection {
+    pub enabled: bool,
+    pub min_replicas: u32,
+    /// 0: every inference slot.
+    pub max_replicas: u32,
+    pub target_ongoing_requests: f64,
+    pub upscale_delay_s: f64,
+    pub downscale_delay_s: f64,
+}
+
+impl AutoscalingSection {
+    /// The autoscaler's settings, when enabled.
+    pub fn config(&self) -> Option<tessera_actors::autoscaler::AutoscalingConfig> {
+        self.enabled
+            .then(|| tessera_actors::autoscaler::AutoscalingConfig {
+                min_replicas: self.min_replicas as usize,
+                max_replicas: match self.max_replicas {
+                    0 => usize::MAX,
+                    n => n as usize,
+                },
+                target_ongoing_requests: self.target_ongoing_requests,
+                upscale_delay: std::time::Duration::from_secs_f64(self.upscale_delay_s),
+                downscale_delay: std::time::Duration::from_secs_f64(self.downscale_delay_s),
+            })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -300,6 +331,33 @@ impl Config {
         };
         let r = &self.resources;
         tessera_actors::tags::check(&r.tags).map_err(|e| bad("resources.tags", e))?;
+        let a = &self.autoscaling;
+        if a.min_replicas == 0 {
+            return Err(bad("autoscaling.min_replicas", "must be at least 1".into()));
+        }
+        if a.max_replicas != 0 && a.max_replicas < a.min_replicas {
+            return Err(bad(
+                "autoscaling.max_replicas",
+                format!(
+                    "{} is below min_replicas ({})",
+                    a.max_replicas, a.min_replicas
+                ),
+            ));
+        }
+        if !(a.target_ongoing_requests > 0.0 && a.target_ongoing_requests.is_finite()) {
+            return Err(bad(
+                "autoscaling.target_ongoing_requests",
+                "must be a positive number".into(),
+            ));
+        }
+        for (key, v) in [
+            ("autoscaling.upscale_delay_s", a.upscale_delay_s),
+            ("autoscaling.downscale_delay_s", a.downscale_delay_s),
+        ] {
+            if !(0.0..=86_400.0).contains(&v) {
+                return Err(bad(key, format!("{v} is outside 0..=86400")));
+            }
+        }
         for (key, v) in [
             ("resources.inference_gpu_fraction", r.inference_gpu_fraction),
             ("resources.training_gpu_fraction", r.training_gpu_fraction),

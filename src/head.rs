@@ -44,6 +44,7 @@ pub fn node_config(config: &Config, node_name: &str) -> NodeConfig {
         max_attempts: config.jobs.max_attempts,
         max_queued_jobs: config.jobs.max_queued as usize,
         tags: config.resources.tags.clone(),
+        autoscaling: config.autoscaling.config(),
         trainer_threads: match config.resources.cpu_threads_per_trainer {
             0 => None,
             n => Some(n as usize),

@@ -42,6 +42,8 @@ pub fn run(args: WorkerArgs, config: &Config) -> anyhow::Result<()> {
         let node_config = {
             let mut c = node_config(config, &name);
             c.job_manager = false;
+            // The head learns a worker's replicas when it joins; they do not change afterwards.
+            c.autoscaling = None;
             c
         };
         let start = |path: PathBuf| async move {

@@ -16,6 +16,8 @@ pub enum ActorState {
     Restarting,
     /// Failed more often than the restart policy allows: escalated, not restarted.
     Failed,
+    /// Takes no new work and stops once its work is done (a replica scaled down).
+    Draining,
     Stopped,
 }
 

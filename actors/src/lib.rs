@@ -3,6 +3,7 @@
 //! per request; the [`inventory`] and its [`placement`] into actors; the node's [`tags`]; the
 //! [`node`] handle the HTTP facade drives. Every payload that may cross nodes is a serde type ([`messages`], [`jobs::types`]).
 
+pub mod autoscaler;
 pub mod cluster;
 pub mod directory;
 pub mod health;

@@ -2,11 +2,13 @@
 //! facade uses (router, job manager calls, health, shutdown).
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ractor::{Actor, ActorRef, RpcReplyPort};
 use tessera_engine::EngineConfig;
 
+use crate::autoscaler::{self, AutoscalerStats, AutoscalingConfig, Standby};
 use crate::directory::Directory;
 use crate::health::{ActorState, HealthBoard};
 use crate::inference::{InferenceArgs, InferenceMsg};
@@ -53,6 +55,8 @@ pub struct NodeConfig {
     /// Intra-op threads of each CPU trainer (`None`: the node's cores shared among its CPU
     /// trainers).
     pub trainer_threads: Option<usize>,
+    /// Scale the node's replicas with load (`None`: every inference slot runs a replica).
+    pub autoscaling: Option<AutoscalingConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +71,8 @@ pub enum NodeError {
 
 pub struct Node {
     pub name: String,
+    /// The replica autoscaler's figures, when `autoscaling.enabled`.
+    pub autoscaler: Option<Arc<Mutex<AutoscalerStats>>>,
     pub tags: Tags,
     /// What it was configured with (`resources.*`), shown in `/cluster`.
     pub resources: Resources,
@@ -199,21 +205,22 @@ impl Node {
                 },
             ));
         }
-        for r in &placement.replicas {
-            router.add_replica(ReplicaInfo {
-                name: r.name.clone(),
-                node: config.node_name.clone(),
-                devices: r.devices.iter().map(|d| d.to_string()).collect(),
-                tensor_parallel: r.devices.len(),
-                state: ActorState::Starting,
-                in_flight: 0,
-                adapters: Vec::new(),
-                model: None,
-                dtype: None,
-            });
-            children.push((
-                r.name.clone(),
-                ChildSpec::Inference(InferenceArgs {
+        let slots: Vec<Standby> = placement
+            .replicas
+            .iter()
+            .map(|r| Standby {
+                info: ReplicaInfo {
+                    name: r.name.clone(),
+                    node: config.node_name.clone(),
+                    devices: r.devices.iter().map(|d| d.to_string()).collect(),
+                    tensor_parallel: r.devices.len(),
+                    state: ActorState::Starting,
+                    in_flight: 0,
+                    adapters: Vec::new(),
+                    model: None,
+                    dtype: None,
+                },
+                args: InferenceArgs {
                     name: r.name.clone(),
                     model_path: config.model_path.clone(),
                     devices: r.devices.iter().map(torch_device).collect(),
@@ -225,7 +232,21 @@ impl Node {
                         &placement,
                     ),
                     router: router.clone(),
-                }),
+                },
+            })
+            .collect();
+        // With autoscaling, `min_replicas` start; the other slots wait for load.
+        let initial = match &config.autoscaling {
+            Some(a) => a.min_replicas.clamp(1, slots.len().max(1)).min(slots.len()),
+            None => slots.len(),
+        };
+        let (active, mut standby) = (slots[..initial].to_vec(), slots[initial..].to_vec());
+        standby.reverse();
+        for slot in &active {
+            router.add_replica(slot.info.clone());
+            children.push((
+                slot.info.name.clone(),
+                ChildSpec::Inference(slot.args.clone()),
             ));
         }
         // Unnamed: ractor's registry is per process, and tests run several nodes in one.
@@ -242,7 +263,13 @@ impl Node {
         )
         .await
         .map_err(|e| NodeError::Spawn(e.to_string()))?;
+        let autoscaler = config
+            .autoscaling
+            .clone()
+            .filter(|_| !active.is_empty())
+            .map(|a| autoscaler::start(a, router.clone(), supervisor.clone(), active, standby));
         Ok(Node {
+            autoscaler,
             name: config.node_name,
             tags: config.tags,
             resources: Resources {

@@ -40,6 +40,8 @@ struct Slot {
     in_flight: Arc<AtomicUsize>,
     /// Most recently used last; bounded by `adapter_memory`.
     adapters: Vec<PathBuf>,
+    /// Takes no new requests (it is being scaled down).
+    draining: bool,
 }
 
 /// What the policy sees of a replica.
@@ -123,7 +125,35 @@ impl Router {
             actor: None,
             in_flight: Arc::default(),
             adapters: Vec::new(),
+            draining: false,
         });
+    }
+
+    /// Stops sending new requests to replica `name` (those it holds finish).
+    pub fn set_draining(&self, name: &str) {
+        let mut slots = self.slots.write().expect("router");
+        if let Some(slot) = slots.iter_mut().find(|s| s.info.name == name) {
+            slot.draining = true;
+            slot.info.state = ActorState::Draining;
+        }
+    }
+
+    /// Requests replica `name` holds now.
+    pub fn in_flight(&self, name: &str) -> Option<usize> {
+        self.slots
+            .read()
+            .expect("router")
+            .iter()
+            .find(|s| s.info.name == name)
+            .map(|s| s.in_flight.load(Ordering::Acquire))
+    }
+
+    /// Forgets replica `name`.
+    pub fn remove_replica(&self, name: &str) {
+        self.slots
+            .write()
+            .expect("router")
+            .retain(|s| s.info.name != name);
     }
 
     /// The replica's actor is up (`Some`) or down (`None`), with its state for `/cluster`.
@@ -139,7 +169,9 @@ impl Router {
                 slot.adapters.clear();
             }
             slot.actor = actor;
-            slot.info.state = state;
+            if !slot.draining {
+                slot.info.state = state;
+            }
         }
     }
 
@@ -219,7 +251,11 @@ impl Router {
             let (actor, in_flight, name) = {
                 let mut slots = self.slots.write().expect("router");
                 let up: Vec<usize> = (0..slots.len())
-                    .filter(|&i| slots[i].actor.is_some() && !tried.contains(&slots[i].info.name))
+                    .filter(|&i| {
+                        slots[i].actor.is_some()
+                            && !slots[i].draining
+                            && !tried.contains(&slots[i].info.name)
+                    })
                     .collect();
                 let live: Vec<usize> = up
                     .iter()

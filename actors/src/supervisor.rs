@@ -56,6 +56,10 @@ impl ChildSpec {
 
 pub enum SupervisorMsg {
     Restart(String),
+    /// Starts a new child (a replica scaled up) and supervises it like the others.
+    Add(String, ChildSpec),
+    /// Stops a child for good (a replica scaled down, already drained) and forgets it.
+    Remove(String, RpcReplyPort<()>),
     /// Stop every child (no restarts), then the supervisor itself.
     Shutdown(RpcReplyPort<()>),
 }
@@ -150,6 +154,38 @@ impl Actor for NodeSupervisor {
                     tracing::info!(actor = %name, "restarting");
                     state.start(&myself, &name).await;
                 }
+            }
+            SupervisorMsg::Add(name, spec) => {
+                if !state.stopping && !state.children.contains_key(&name) {
+                    state.order.push(name.clone());
+                    state.children.insert(
+                        name.clone(),
+                        Child {
+                            spec,
+                            tracker: RestartTracker::default(),
+                            cell: None,
+                        },
+                    );
+                    state.start(&myself, &name).await;
+                }
+            }
+            SupervisorMsg::Remove(name, reply) => {
+                // Forgotten first, so that its stop is not taken for a failure.
+                state.order.retain(|n| *n != name);
+                if let Some(child) = state.children.remove(&name) {
+                    if let Some(cell) = child.cell {
+                        cell.stop_and_wait(Some("scaled down".into()), None)
+                            .await
+                            .ok();
+                    }
+                    state
+                        .health
+                        .set(&name, child.spec.role(), ActorState::Stopped, None);
+                    if matches!(child.spec, ChildSpec::Inference(_)) {
+                        state.router.remove_replica(&name);
+                    }
+                }
+                let _ = reply.send(());
             }
             SupervisorMsg::Shutdown(reply) => {
                 state.stopping = true;

@@ -31,6 +31,7 @@ pub struct Metrics {
     prefix_cache: IntCounterVec,
     jobs: IntGaugeVec,
     training_tokens_per_s: Gauge,
+    autoscaler: IntGaugeVec,
     /// Last adapter counters seen per (replica, event), to turn engine totals into increments.
     seen: Mutex<HashMap<(String, &'static str), u64>>,
 }
@@ -113,8 +114,18 @@ impl Metrics {
             "Tokens per second over all running fine-tune jobs",
         )
         .expect("metric");
+        let autoscaler = IntGaugeVec::new(
+            Opts::new(
+                "autoscaler",
+                "The replica autoscaler: `replicas`, `desired`, `ongoing` requests, and the \
+                 `scale_ups` / `scale_downs` decided so far",
+            ),
+            &["figure"],
+        )
+        .expect("metric");
         for m in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(autoscaler.clone()),
             Box::new(latency.clone()),
             Box::new(generated_tokens.clone()),
             Box::new(time_to_first_token.clone()),
@@ -141,6 +152,7 @@ impl Metrics {
             prefix_cache,
             jobs,
             training_tokens_per_s,
+            autoscaler,
             seen: Mutex::default(),
         }
     }
@@ -179,6 +191,18 @@ impl Metrics {
                         .with_label_values(&[&replica, event])
                         .inc_by(delta);
                 }
+            }
+        }
+        if let Some(a) = &node.autoscaler {
+            let a = a.lock().expect("autoscaler stats").clone();
+            for (figure, v) in [
+                ("replicas", a.replicas as i64),
+                ("desired", a.desired as i64),
+                ("ongoing", a.ongoing as i64),
+                ("scale_ups", a.scale_ups as i64),
+                ("scale_downs", a.scale_downs as i64),
+            ] {
+                self.autoscaler.with_label_values(&[figure]).set(v);
             }
         }
         if let Some(stats) = node.job_stats().await {

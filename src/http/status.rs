@@ -108,6 +108,9 @@ pub struct ClusterView {
     pub workers: Vec<tessera_actors::cluster::head::WorkerView>,
     pub replicas: Vec<ReplicaInfo>,
     pub jobs: Option<JobStats>,
+    /// The replica autoscaler (with `autoscaling.enabled`): replicas, desired, ongoing requests,
+    /// decisions and the latest one with its inputs.
+    pub autoscaler: Option<tessera_actors::autoscaler::AutoscalerStats>,
 }
 
 #[utoipa::path(get, path = "/cluster", responses(
@@ -151,6 +154,10 @@ pub async fn cluster(State(state): State<AppState>) -> Json<ClusterView> {
         }],
         replicas: node.router.replicas(),
         jobs,
+        autoscaler: node
+            .autoscaler
+            .as_ref()
+            .map(|a| a.lock().expect("autoscaler stats").clone()),
     })
 }
 

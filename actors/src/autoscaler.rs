@@ -1,0 +1,257 @@
+//! Replica autoscaling of the node's served model, Ray Serve's way: the desired number of
+//! replicas is the ongoing requests (what the router counts in flight: queued, waiting or
+//! generating) over `target_ongoing_requests`, rounded up and kept within
+//! `[min_replicas, max_replicas]` (at most the node's inference slots). A replica is added once
+//! the desired count has stayed above the current one for `upscale_delay`, and one is removed
+//! once it has stayed below for `downscale_delay`: the newest replica stops taking requests
+//! (draining), finishes the ones it holds, then stops and frees its slot. Every decision is logged
+//! with its inputs and counted (`/metrics`, `/cluster`).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ractor::ActorRef;
+use serde::Serialize;
+
+use crate::inference::InferenceArgs;
+use crate::messages::ReplicaInfo;
+use crate::router::Router;
+use crate::supervisor::{ChildSpec, SupervisorMsg};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoscalingConfig {
+    pub min_replicas: usize,
+    /// At most this many (and at most the node's inference slots).
+    pub max_replicas: usize,
+    pub target_ongoing_requests: f64,
+    pub upscale_delay: Duration,
+    pub downscale_delay: Duration,
+}
+
+/// Replicas wanted for `ongoing` requests.
+pub fn desired(ongoing: usize, config: &AutoscalingConfig) -> usize {
+    let want = (ongoing as f64 / config.target_ongoing_requests.max(1e-9)).ceil() as usize;
+    want.clamp(config.min_replicas.max(1), config.max_replicas.max(1))
+}
+
+/// Which way to scale now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    Up,
+    Down,
+}
+
+/// Turns desired counts over time into decisions: a direction must hold for its delay.
+#[derive(Debug, Default)]
+pub struct Decider {
+    above_since: Option<Instant>,
+    below_since: Option<Instant>,
+}
+
+impl Decider {
+    pub fn decide(
+        &mut self,
+        now: Instant,
+        current: usize,
+        desired: usize,
+        config: &AutoscalingConfig,
+    ) -> Option<Scale> {
+        if desired > current {
+            self.below_since = None;
+            let since = *self.above_since.get_or_insert(now);
+            if now.duration_since(since) >= config.upscale_delay {
+                self.above_since = None;
+                return Some(Scale::Up);
+            }
+        } else if desired < current {
+            self.above_since = None;
+            let since = *self.below_since.get_or_insert(now);
+            if now.duration_since(since) >= config.downscale_delay {
+                self.below_since = None;
+                return Some(Scale::Down);
+            }
+        } else {
+            self.above_since = None;
+            self.below_since = None;
+        }
+        None
+    }
+}
+
+/// What `/metrics` and `/cluster` show of the autoscaler.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AutoscalerStats {
+    pub replicas: usize,
+    pub desired: usize,
+    pub ongoing: usize,
+    pub min_replicas: usize,
+    pub max_replicas: usize,
+    pub scale_ups: u64,
+    pub scale_downs: u64,
+    /// The latest decision, in words, with its inputs.
+    pub last_decision: Option<String>,
+}
+
+/// A slot the autoscaler may start a replica in.
+#[derive(Clone)]
+pub struct Standby {
+    pub info: ReplicaInfo,
+    pub args: InferenceArgs,
+}
+
+/// Starts the autoscaling loop over `active` (replicas already started, in start order) and
+/// `standby` (slots it may start replicas in). Returns its statistics.
+pub fn start(
+    config: AutoscalingConfig,
+    router: Router,
+    supervisor: ActorRef<SupervisorMsg>,
+    active: Vec<Standby>,
+    standby: Vec<Standby>,
+) -> Arc<Mutex<AutoscalerStats>> {
+    let max = config.max_replicas.min(active.len() + standby.len()).max(1);
+    let config = AutoscalingConfig {
+        max_replicas: max,
+        ..config
+    };
+    let stats = Arc::new(Mutex::new(AutoscalerStats {
+        replicas: active.len(),
+        desired: active.len(),
+        min_replicas: config.min_replicas,
+        max_replicas: max,
+        ..Default::default()
+    }));
+    let shared = stats.clone();
+    tokio::spawn(async move {
+        let (mut active, mut standby) = (active, standby);
+        let mut decider = Decider::default();
+        let mut draining: Option<tokio::task::JoinHandle<Standby>> = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            // The node is shutting down (its supervisor stopping or gone).
+            if matches!(
+                supervisor.get_status(),
+                ractor::ActorStatus::Stopping | ractor::ActorStatus::Stopped
+            ) {
+                break;
+            }
+            if let Some(task) = draining.take_if(|t| t.is_finished()) {
+                if let Ok(slot) = task.await {
+                    standby.push(slot);
+                }
+            }
+            let ongoing: usize = active
+                .iter()
+                .filter_map(|s| router.in_flight(&s.info.name))
+                .sum();
+            let current = active.len();
+            let want = desired(ongoing, &config);
+            let decision = if draining.is_some() {
+                None
+            } else {
+                decider.decide(Instant::now(), current, want, &config)
+            };
+            let mut stats = shared.lock().expect("autoscaler stats");
+            stats.ongoing = ongoing;
+            stats.desired = want;
+            match decision {
+                Some(Scale::Up) => {
+                    let Some(slot) = standby.pop() else { continue };
+                    let name = slot.info.name.clone();
+                    let what = format!(
+                        "up to {} replicas ({ongoing} ongoing requests, target {} per replica): starting {name}",
+                        current + 1,
+                        config.target_ongoing_requests
+                    );
+                    tracing::info!(ongoing, current, desired = want, replica = %name, "autoscaler: scaling up");
+                    router.add_replica(slot.info.clone());
+                    let _ = supervisor.cast(SupervisorMsg::Add(
+                        name,
+                        ChildSpec::Inference(slot.args.clone()),
+                    ));
+                    active.push(slot);
+                    stats.scale_ups += 1;
+                    stats.last_decision = Some(what);
+                }
+                Some(Scale::Down) => {
+                    let Some(slot) = active.pop() else { continue };
+                    let name = slot.info.name.clone();
+                    let holding = router.in_flight(&name).unwrap_or(0);
+                    let what = format!(
+                        "down to {} replicas ({ongoing} ongoing requests, target {} per replica): draining {name} ({holding} in flight)",
+                        current - 1,
+                        config.target_ongoing_requests
+                    );
+                    tracing::info!(ongoing, current, desired = want, replica = %name, in_flight = holding, "autoscaler: scaling down");
+                    router.set_draining(&name);
+                    let (router, supervisor) = (router.clone(), supervisor.clone());
+                    draining = Some(tokio::spawn(async move {
+                        while router.in_flight(&name).unwrap_or(0) > 0 {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        let _ = supervisor
+                            .call(
+                                |reply| SupervisorMsg::Remove(name.clone(), reply),
+                                Some(Duration::from_secs(30)),
+                            )
+                            .await;
+                        tracing::info!(replica = %name, "autoscaler: drained replica stopped");
+                        slot
+                    }));
+                    stats.scale_downs += 1;
+                    stats.last_decision = Some(what);
+                }
+                None => {}
+            }
+            stats.replicas = active.len();
+        }
+    });
+    stats
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> AutoscalingConfig {
+        AutoscalingConfig {
+            min_replicas: 1,
+            max_replicas: 3,
+            target_ongoing_requests: 4.0,
+            upscale_delay: Duration::from_secs(2),
+            downscale_delay: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn desired_is_ongoing_over_target_within_bounds() {
+        let c = config();
+        assert_eq!(desired(0, &c), 1);
+        assert_eq!(desired(4, &c), 1);
+        assert_eq!(desired(5, &c), 2);
+        assert_eq!(desired(12, &c), 3);
+        assert_eq!(desired(1000, &c), 3);
+    }
+
+    #[test]
+    fn a_direction_must_hold_for_its_delay() {
+        let c = config();
+        let t0 = Instant::now();
+        let mut d = Decider::default();
+        assert_eq!(d.decide(t0, 1, 2, &c), None);
+        assert_eq!(d.decide(t0 + Duration::from_secs(1), 1, 2, &c), None);
+        // A dip resets the clock.
+        assert_eq!(d.decide(t0 + Duration::from_millis(1500), 1, 1, &c), None);
+        assert_eq!(d.decide(t0 + Duration::from_secs(3), 1, 2, &c), None);
+        assert_eq!(
+            d.decide(t0 + Duration::from_secs(5), 1, 2, &c),
+            Some(Scale::Up)
+        );
+        assert_eq!(d.decide(t0 + Duration::from_secs(6), 2, 1, &c), None);
+        assert_eq!(d.decide(t0 + Duration::from_secs(15), 2, 1, &c), None);
+        assert_eq!(
+            d.decide(t0 + Duration::from_secs(16), 2, 1, &c),
+            Some(Scale::Down)
+        );
+    }
+}
