@@ -1,6 +1,7 @@
 //! `tessera status` (like `ray status`): a running head's cluster in terminal tables: health,
 //! nodes (host, cores, memory, GPUs, replicas and trainers, last heartbeat), replicas (node,
-//! devices, state, dtype, in flight, adapters) and jobs by state. Reads `/health` and `/cluster`.
+//! devices, state, dtype, in flight, adapters), the autoscaler when there is one, and jobs by
+//! state. Reads `/health` and `/cluster`.
 
 use std::io::Write;
 
@@ -141,6 +142,23 @@ pub fn render(cluster: &Value, health: &Value, now: f64) -> String {
         );
     }
 
+    let a = &cluster["autoscaler"];
+    if a.is_object() {
+        let _ = writeln!(
+            out,
+            "autoscaler: {} of {}..{} replicas, {} ongoing requests, desired {}{}",
+            a["replicas"],
+            a["min_replicas"],
+            a["max_replicas"],
+            a["ongoing"],
+            a["desired"],
+            a["last_decision"]
+                .as_str()
+                .map(|d| format!("; last: {d}"))
+                .unwrap_or_default()
+        );
+    }
+
     let jobs = &cluster["jobs"];
     let counts: Vec<String> = list(&jobs["counts"])
         .iter()
@@ -241,6 +259,8 @@ mod tests {
             "replicas": [{"name": "inference-0", "node": "head", "devices": ["cpu"],
                 "state": "running", "dtype": "float32 (auto)", "in_flight": 3,
                 "adapters": ["/a/b/my-adapter"]}],
+            "autoscaler": {"replicas": 1, "min_replicas": 1, "max_replicas": 2, "ongoing": 0,
+                "desired": 1, "last_decision": "down to 1 replicas (0 ongoing requests, target 2 per replica): draining inference-1 (0 in flight)"},
             "jobs": {"counts": [["queued", 1], ["running", 1], ["succeeded", 4]],
                 "running": [["trainer-0", "ft-123"]], "training_tokens_per_s": 250.0}
         });
@@ -275,5 +295,11 @@ mod tests {
         );
         assert!(report.contains("ft-123 on trainer-0"), "{report}");
         assert!(report.contains("training: 250 tokens/s"), "{report}");
+        assert!(
+            report.contains(
+                "autoscaler: 1 of 1..2 replicas, 0 ongoing requests, desired 1; last: down to 1"
+            ),
+            "{report}"
+        );
     }
 }
