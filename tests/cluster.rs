@@ -509,13 +509,8 @@ fn a_job_needing_tags_waits_for_a_tagged_worker_and_runs_there() {
 
     let mut h = support::quick_hyperparameters(1);
     h["save_every_steps"] = json!(4);
-    let (status, r) = c.post(
-        "/fine-tune",
-        &json!({"dataset_path": "d.jsonl", "output_path": "zoned", "hyperparameters": h,
-                "placement": {"tags": {"zone": "b"}}}),
-    );
-    assert_eq!(status, 202, "{r}");
-    let id = r["job_id"].as_str().unwrap().to_string();
+    let id = c.submit_body(&json!({"dataset_path": "d.jsonl", "output_path": "zoned",
+        "hyperparameters": h, "placement": {"tags": {"zone": "b"}}}));
     // No node carries zone=b: it waits, saying why, although worker-a's trainer is idle.
     c.wait("the pending reason", Duration::from_secs(10), || {
         c.job(&id)["pending_reason"]

@@ -99,6 +99,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// FULL`), which a disk busy flushing other writes can hold for seconds.
 const JOBS_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a request waits for a job manager that is not (yet, or again) running.
+const JOB_MANAGER_WAIT: Duration = Duration::from_secs(10);
+
 /// The engine settings of one replica: on the CPU, unless configured, its intra-op threads are
 /// the node's cores shared among the CPU replicas (so replicas do not spin on each other's cores).
 fn replica_engine_config(
@@ -327,12 +330,27 @@ impl Node {
         self.jobs(|r| JobMsg::Subscribe(id, events, r)).await
     }
 
+    /// The job manager, waiting a little for it while it starts or restarts (its database opens
+    /// with fsyncs, which a busy disk can hold for seconds).
+    async fn job_manager(&self) -> Option<ActorRef<JobMsg>> {
+        let deadline = tokio::time::Instant::now() + JOB_MANAGER_WAIT;
+        loop {
+            if let Some(m) = self.directory.job_manager() {
+                return Some(m);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Sends a request to the job manager and waits for its answer.
     async fn jobs<T: Send + 'static>(
         &self,
         msg: impl FnOnce(RpcReplyPort<Result<T, JobError>>) -> JobMsg,
     ) -> Result<T, JobError> {
-        let manager = self.directory.job_manager().ok_or(JobError::Unavailable)?;
+        let manager = self.job_manager().await.ok_or(JobError::Unavailable)?;
         match manager.call(msg, Some(JOBS_CALL_TIMEOUT)).await {
             Ok(ractor::rpc::CallResult::Success(r)) => r,
             Ok(ractor::rpc::CallResult::Timeout) => {

@@ -191,21 +191,18 @@ impl Cluster {
     pub fn submit(&self, out: &str, epochs: usize) -> String {
         let mut h = quick_hyperparameters(epochs);
         h["save_every_steps"] = json!(4);
-        let (status, a) = self.post(
-            "/fine-tune",
+        self.submit_body(
             &json!({"dataset_path": "d.jsonl", "output_path": out, "hyperparameters": h}),
-        );
+        )
+    }
+
+    /// `POST /fine-tune` with `body`; the job id, or a panic with the head's last log lines.
+    pub fn submit_body(&self, body: &Value) -> String {
+        let (status, a) = self.post("/fine-tune", body);
         if status != 202 {
             let log = std::fs::read_to_string(self.dir.path().join("head.log")).unwrap_or_default();
-            let tail: String = log
-                .lines()
-                .rev()
-                .take(60)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n");
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(80)..].join("\n");
             panic!("POST /fine-tune answered {status}: {a}\nhead log (last lines):\n{tail}");
         }
         a["job_id"].as_str().unwrap().to_string()
