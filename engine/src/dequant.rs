@@ -114,24 +114,24 @@ pub fn dequantize(
                 out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
             }
         }
-        GgmlType::Q2K => bytes
-            .chunks_exact(84)
-            .for_each(|b| dequant_k::q2_k(b, &mut out)),
-        GgmlType::Q3K => bytes
-            .chunks_exact(110)
-            .for_each(|b| dequant_k::q3_k(b, &mut out)),
-        GgmlType::Q4K => bytes
-            .chunks_exact(144)
-            .for_each(|b| dequant_k::q4_k(b, &mut out)),
-        GgmlType::Q5K => bytes
-            .chunks_exact(176)
-            .for_each(|b| dequant_k::q5_k(b, &mut out)),
-        GgmlType::Q6K => bytes
-            .chunks_exact(210)
-            .for_each(|b| dequant_k::q6_k(b, &mut out)),
-        GgmlType::Q8K => bytes
-            .chunks_exact(292)
-            .for_each(|b| dequant_k::q8_k(b, &mut out)),
+        GgmlType::Q2K
+        | GgmlType::Q3K
+        | GgmlType::Q4K
+        | GgmlType::Q5K
+        | GgmlType::Q6K
+        | GgmlType::Q8K => {
+            let block_fn: fn(&[u8], &mut Vec<f32>) = match ty {
+                GgmlType::Q2K => dequant_k::q2_k,
+                GgmlType::Q3K => dequant_k::q3_k,
+                GgmlType::Q4K => dequant_k::q4_k,
+                GgmlType::Q5K => dequant_k::q5_k,
+                GgmlType::Q6K => dequant_k::q6_k,
+                _ => dequant_k::q8_k,
+            };
+            for b in bytes.chunks_exact(block_bytes) {
+                block_fn(b, &mut out);
+            }
+        }
         _ => unreachable!("checked above"),
     }
     Ok(out)
