@@ -55,8 +55,10 @@ pub enum Command {
     FineTune(FineTuneArgs),
     /// List a head's fine-tune jobs, show or cancel one, or follow its progress.
     Jobs(JobsArgs),
-    /// A running head's cluster (like `ray status`): health, nodes, replicas, jobs by state.
+    /// A running head's cluster (like `ray status`): health, nodes, deployments, replicas, jobs.
     Status(StatusArgs),
+    /// Deploy, list or delete a running head's models (POST/GET/DELETE /models).
+    Models(ModelsArgs),
     /// Print what this machine has: torch, CUDA devices, CPU, RAM, the model, the config in effect.
     Doctor,
 }
@@ -117,6 +119,9 @@ pub struct ChatArgs {
     /// A PEFT adapter directory, relative to the head's adapters.root.
     #[arg(long, value_name = "PATH")]
     pub adapter: Option<String>,
+    /// The deployment that answers (`tessera models list`); default: the model given at start.
+    #[arg(long, value_name = "NAME")]
+    pub model: Option<String>,
     #[arg(long, value_name = "N")]
     pub max_tokens: Option<usize>,
     /// 0 is greedy (server default 1.0).
@@ -163,6 +168,54 @@ pub struct FineTuneArgs {
     pub watch: bool,
     #[command(flatten)]
     pub conn: ConnArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ModelsArgs {
+    #[command(subcommand)]
+    pub action: ModelsAction,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelsAction {
+    /// Deploy a base model (GGUF file or HF directory under the head's model.models_root).
+    Deploy(DeployArgs),
+    /// A table of the deployments.
+    List,
+    /// Delete a deployment: its replicas drain, then stop.
+    Delete { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// The deployment's name (what requests put in `model`).
+    pub name: String,
+    /// Its model, relative to (or under) the head's model.models_root.
+    pub path: String,
+    #[arg(long, value_name = "N")]
+    pub replicas: Option<usize>,
+    #[arg(long, value_name = "N")]
+    pub min_replicas: Option<usize>,
+    #[arg(long, value_name = "N")]
+    pub max_replicas: Option<usize>,
+    /// auto, f32, f16 or bf16.
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// A tag its nodes must carry, KEY=VALUE (repeatable).
+    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+    pub tags: Vec<(String, String)>,
+    /// Autoscale on load: in-flight requests per replica to aim at.
+    #[arg(long, value_name = "N")]
+    pub target_ongoing_requests: Option<f64>,
+    #[arg(long, value_name = "S", requires = "target_ongoing_requests")]
+    pub upscale_delay_s: Option<f64>,
+    #[arg(long, value_name = "S", requires = "target_ongoing_requests")]
+    pub downscale_delay_s: Option<f64>,
+    /// Wait until it is ready (or failed).
+    #[arg(long)]
+    pub wait: bool,
 }
 
 #[derive(Debug, Args)]
@@ -235,6 +288,7 @@ impl Cli {
             | Command::Chat(_)
             | Command::FineTune(_)
             | Command::Jobs(_)
+            | Command::Models(_)
             | Command::Status(_) => {}
         }
         out

@@ -156,6 +156,9 @@ fn error_message(v: &Value) -> String {
 pub fn chat(args: ChatArgs, config: &Config) -> anyhow::Result<()> {
     let client = Client::new(&args.conn, config);
     let mut body = json!({});
+    if let Some(m) = &args.model {
+        body["model"] = json!(m);
+    }
     match (&args.prompt, &args.messages) {
         (Some(p), _) if p == "-" => {
             let mut text = String::new();
@@ -299,7 +302,7 @@ pub fn jobs(args: JobsArgs, config: &Config) -> anyhow::Result<()> {
 }
 
 /// Percent-encodes what is not an unreserved URL character.
-fn encode(s: &str) -> String {
+pub fn encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {

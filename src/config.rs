@@ -153,6 +153,10 @@ pub struct ModelConfig {
     pub path: String,
     pub dtype: DtypeSetting,
     pub models_root: String,
+    /// The default deployment's name (empty: the model file's stem).
+    pub name: String,
+    /// Replicas of the default deployment (0: every inference slot).
+    pub replicas: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -331,6 +335,10 @@ impl Config {
         };
         let r = &self.resources;
         tessera_actors::tags::check(&r.tags).map_err(|e| bad("resources.tags", e))?;
+        if !self.model.name.is_empty() {
+            tessera_actors::deployments::check_name(&self.model.name)
+                .map_err(|e| bad("model.name", e))?;
+        }
         let a = &self.autoscaling;
         if a.min_replicas == 0 {
             return Err(bad("autoscaling.min_replicas", "must be at least 1".into()));
@@ -548,6 +556,15 @@ impl Config {
             cache_dir().join("models")
         } else {
             expand_home(&self.model.models_root)
+        }
+    }
+
+    /// The default deployment's name: `model.name`, or the model file's stem.
+    pub fn deployment_name(&self) -> String {
+        if self.model.name.is_empty() {
+            tessera_actors::deployments::name_from_path(&self.model_path())
+        } else {
+            self.model.name.clone()
         }
     }
 

@@ -45,6 +45,8 @@ pub fn node_config(config: &Config, node_name: &str) -> NodeConfig {
         max_queued_jobs: config.jobs.max_queued as usize,
         tags: config.resources.tags.clone(),
         autoscaling: config.autoscaling.config(),
+        deployment_name: config.deployment_name(),
+        default_replicas: config.model.replicas as usize,
         trainer_threads: match config.resources.cpu_threads_per_trainer {
             0 => None,
             n => Some(n as usize),
@@ -75,6 +77,7 @@ pub async fn start(config: &Config) -> anyhow::Result<AppState> {
     let cluster = HeadCluster::start(
         HeadClusterOptions {
             model_path: model,
+            deployments: node.deployments.clone(),
             bind: c.bind.parse().context("cluster.bind")?,
             port: c.port,
             cookie: c.cookie.clone(),

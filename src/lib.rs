@@ -9,6 +9,7 @@ pub mod generate;
 pub mod head;
 pub mod http;
 pub mod logging;
+pub mod models;
 pub mod status;
 pub mod train;
 pub mod worker;

@@ -21,6 +21,7 @@ fn main() -> anyhow::Result<()> {
             | Command::Chat(_)
             | Command::FineTune(_)
             | Command::Jobs(_)
+            | Command::Models(_)
             | Command::Status(_)
     );
     tessera::logging::init(config.log.format, &config.log.level, output_on_stdout)?;
@@ -37,6 +38,9 @@ fn main() -> anyhow::Result<()> {
             tessera::client::exit_on_error(tessera::client::fine_tune(args, &config))
         }
         Command::Jobs(args) => tessera::client::exit_on_error(tessera::client::jobs(args, &config)),
+        Command::Models(args) => {
+            tessera::client::exit_on_error(tessera::models::run(args, &config))
+        }
         Command::Status(args) => {
             tessera::client::exit_on_error(tessera::status::run(args, &config))
         }

@@ -1,7 +1,7 @@
 //! `tessera status` (like `ray status`): a running head's cluster in terminal tables: health,
 //! nodes (host, cores, memory, GPUs, replicas and trainers, last heartbeat), replicas (node,
-//! devices, state, dtype, in flight, adapters), the autoscaler when there is one, and jobs by
-//! state. Reads `/health` and `/cluster`.
+//! deployment, devices, state, dtype, in flight, adapters), deployments (state, replicas, model,
+//! why pending or failed) with their autoscalers, and jobs by state. Reads `/health` and `/cluster`.
 
 use std::io::Write;
 
@@ -98,7 +98,7 @@ pub fn render(cluster: &Value, health: &Value, now: f64) -> String {
     );
 
     let _ = writeln!(out, "\nReplicas");
-    let replicas: Vec<[String; 7]> = list(&cluster["replicas"])
+    let replicas: Vec<[String; 8]> = list(&cluster["replicas"])
         .iter()
         .map(|r| {
             let devices: Vec<String> = list(&r["devices"]).iter().map(text).collect();
@@ -111,6 +111,7 @@ pub fn render(cluster: &Value, health: &Value, now: f64) -> String {
                 .collect();
             [
                 text(&r["name"]),
+                text(&r["deployment"]),
                 text(&r["node"]),
                 devices.join(","),
                 text(&r["state"]),
@@ -131,6 +132,7 @@ pub fn render(cluster: &Value, health: &Value, now: f64) -> String {
             &mut out,
             &[
                 "NAME",
+                "DEPLOYMENT",
                 "NODE",
                 "DEVICES",
                 "STATE",
@@ -142,21 +144,59 @@ pub fn render(cluster: &Value, health: &Value, now: f64) -> String {
         );
     }
 
-    let a = &cluster["autoscaler"];
-    if a.is_object() {
-        let _ = writeln!(
-            out,
-            "autoscaler: {} of {}..{} replicas, {} ongoing requests, desired {}{}",
-            a["replicas"],
-            a["min_replicas"],
-            a["max_replicas"],
-            a["ongoing"],
-            a["desired"],
-            a["last_decision"]
-                .as_str()
-                .map(|d| format!("; last: {d}"))
-                .unwrap_or_default()
+    let _ = writeln!(out, "\nDeployments");
+    let deployments: Vec<[String; 5]> = list(&cluster["deployments"])
+        .iter()
+        .map(|d| {
+            let path = text(&d["spec"]["path"]);
+            [
+                format!(
+                    "{}{}",
+                    text(&d["name"]),
+                    if d["default"] == true {
+                        " (default)"
+                    } else {
+                        ""
+                    }
+                ),
+                text(&d["state"]),
+                format!(
+                    "{}/{}",
+                    list(&d["replicas"]).len(),
+                    d["target_replicas"].as_u64().unwrap_or(0)
+                ),
+                path.rsplit('/').next().unwrap_or(&path).to_string(),
+                d["reason"].as_str().unwrap_or("-").to_string(),
+            ]
+        })
+        .collect();
+    if deployments.is_empty() {
+        let _ = writeln!(out, "(none)");
+    } else {
+        let _ = write_table(
+            &mut out,
+            &["NAME", "STATE", "REPLICAS", "MODEL", "REASON"],
+            &deployments,
         );
+    }
+    for d in list(&cluster["deployments"]) {
+        let a = &d["autoscaler"];
+        if a.is_object() {
+            let _ = writeln!(
+                out,
+                "autoscaler {}: {} of {}..{} replicas, {} ongoing requests, desired {}{}",
+                text(&d["name"]),
+                a["replicas"],
+                a["min_replicas"],
+                a["max_replicas"],
+                a["ongoing"],
+                a["desired"],
+                a["last_decision"]
+                    .as_str()
+                    .map(|d| format!("; last: {d}"))
+                    .unwrap_or_default()
+            );
+        }
     }
 
     let jobs = &cluster["jobs"];
@@ -259,8 +299,12 @@ mod tests {
             "replicas": [{"name": "inference-0", "node": "head", "devices": ["cpu"],
                 "state": "running", "dtype": "float32 (auto)", "in_flight": 3,
                 "adapters": ["/a/b/my-adapter"]}],
-            "autoscaler": {"replicas": 1, "min_replicas": 1, "max_replicas": 2, "ongoing": 0,
-                "desired": 1, "last_decision": "down to 1 replicas (0 ongoing requests, target 2 per replica): draining inference-1 (0 in flight)"},
+            "deployments": [{"name": "smol", "default": true, "state": "ready",
+                "spec": {"path": "/m/smol.gguf"}, "replicas": ["inference-0"], "target_replicas": 1,
+                "autoscaler": {"replicas": 1, "min_replicas": 1, "max_replicas": 2, "ongoing": 0,
+                "desired": 1, "last_decision": "down to 1 replicas (0 ongoing requests, target 2 per replica): draining inference-1 (0 in flight)"}},
+                {"name": "tiny", "default": false, "state": "pending", "spec": {"path": "/m/tiny"},
+                "replicas": [], "target_replicas": 1, "reason": "0 of 1 replicas placed: no free inference slot"}],
             "jobs": {"counts": [["queued", 1], ["running", 1], ["succeeded", 4]],
                 "running": [["trainer-0", "ft-123"]], "training_tokens_per_s": 250.0}
         });
@@ -289,6 +333,21 @@ mod tests {
             .find(|l| l.starts_with("inference-0"))
             .unwrap();
         assert!(replica.contains("running") && replica.contains("my-adapter"));
+        let smol = report
+            .lines()
+            .find(|l| l.starts_with("smol (default)"))
+            .unwrap();
+        assert!(
+            smol.contains("ready") && smol.contains("1/1") && smol.contains("smol.gguf"),
+            "{smol}"
+        );
+        let tiny = report.lines().find(|l| l.starts_with("tiny ")).unwrap();
+        assert!(
+            tiny.contains("pending")
+                && tiny.contains("0/1")
+                && tiny.contains("no free inference slot"),
+            "{tiny}"
+        );
         assert!(
             report.contains("1 queued, 1 running, 4 succeeded"),
             "{report}"
@@ -297,7 +356,7 @@ mod tests {
         assert!(report.contains("training: 250 tokens/s"), "{report}");
         assert!(
             report.contains(
-                "autoscaler: 1 of 1..2 replicas, 0 ongoing requests, desired 1; last: down to 1"
+                "autoscaler smol: 1 of 1..2 replicas, 0 ongoing requests, desired 1; last: down to 1"
             ),
             "{report}"
         );

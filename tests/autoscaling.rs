@@ -1,5 +1,5 @@
-//! Replica autoscaling on a real head (actor tree + HTTP) serving the tiny model on a CPU node
-//! with two inference slots: it starts one replica, a burst of concurrent requests grows it to
+//! Replica autoscaling on a real head (actor tree + HTTP) serving the tiny model (the default
+//! deployment, autoscaled by `[autoscaling]`) on a CPU node with two inference slots: it starts one replica, a burst of concurrent requests grows it to
 //! two (the second serves requests), and once the load is gone it drains the newest and shrinks
 //! back to one. No request fails across the scale events.
 
@@ -70,15 +70,15 @@ fn a_burst_adds_a_replica_and_idleness_drains_it_without_failing_a_request() {
     ]);
     let c = cluster(&head);
     assert_eq!(c["replicas"].as_array().unwrap().len(), 1, "{c}");
-    assert_eq!(c["autoscaler"]["replicas"], 1, "{c}");
-    assert_eq!(c["autoscaler"]["max_replicas"], 2, "{c}");
+    assert_eq!(c["deployments"][0]["autoscaler"]["replicas"], 1, "{c}");
+    assert_eq!(c["deployments"][0]["autoscaler"]["max_replicas"], 2, "{c}");
 
     // A burst: 8 clients back to back, 4x the target per replica.
     let stop = Arc::new(AtomicBool::new(false));
     let burst = load(&head.url, 8, stop.clone());
     wait_for("a second replica", Duration::from_secs(60), || {
         let c = cluster(&head);
-        c["autoscaler"]["replicas"] == 2
+        c["deployments"][0]["autoscaler"]["replicas"] == 2
             && c["replicas"]
                 .as_array()
                 .unwrap()
@@ -89,7 +89,7 @@ fn a_burst_adds_a_replica_and_idleness_drains_it_without_failing_a_request() {
     });
     let c = cluster(&head);
     assert!(
-        c["autoscaler"]["last_decision"]
+        c["deployments"][0]["autoscaler"]["last_decision"]
             .as_str()
             .unwrap()
             .contains("up to 2 replicas"),
@@ -131,13 +131,14 @@ fn a_burst_adds_a_replica_and_idleness_drains_it_without_failing_a_request() {
     assert!(served.iter().any(|r| r == "inference-1"), "{served:?}");
     wait_for("the scale-down", Duration::from_secs(30), || {
         let c = cluster(&head);
-        c["autoscaler"]["replicas"] == 1 && c["replicas"].as_array().unwrap().len() == 1
+        c["deployments"][0]["autoscaler"]["replicas"] == 1
+            && c["replicas"].as_array().unwrap().len() == 1
     });
     let c = cluster(&head);
     assert_eq!(c["replicas"][0]["name"], "inference-0", "{c}");
-    assert_eq!(c["autoscaler"]["scale_downs"], 1, "{c}");
+    assert_eq!(c["deployments"][0]["autoscaler"]["scale_downs"], 1, "{c}");
     assert!(
-        c["autoscaler"]["last_decision"]
+        c["deployments"][0]["autoscaler"]["last_decision"]
             .as_str()
             .unwrap()
             .contains("draining inference-1"),
@@ -145,7 +146,7 @@ fn a_burst_adds_a_replica_and_idleness_drains_it_without_failing_a_request() {
     );
     let m = head.get_text("/metrics").1;
     assert!(
-        m.contains("tessera_autoscaler{figure=\"scale_ups\"} 1"),
+        m.contains("tessera_autoscaler{deployment=\"model\",figure=\"scale_ups\"} 1"),
         "{m}"
     );
     // Health stays ok: a replica scaled down is stopped, not failed.

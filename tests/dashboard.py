@@ -1,7 +1,7 @@
 """Drives the dashboard of a running head in headless Chromium (Debian's chromium + chromedriver,
 through Selenium) and checks what a user sees: the token prompt, the cluster, a running job and its
-live loss curve, cancel, a job name with HTML in it shown as text, and the playground streaming an
-answer. Saves a screenshot. Called by tests/dashboard.rs:
+live loss curve, cancel, the deployments (and deleting one from its row), a job name with HTML in
+it shown as text, and the playground streaming an answer. Saves a screenshot. Called by tests/dashboard.rs:
 
     python tests/dashboard.py URL TOKEN RUNNING_JOB_ID HOSTILE_OUTPUT_NAME SCREENSHOT
 """
@@ -62,6 +62,13 @@ try:
     wait.until(lambda b: "head" in b.find_element(By.ID, "nodes").text)
     wait.until(lambda b: "inference-0" in b.find_element(By.ID, "replicas").text)
 
+    step("the deployments: the default one and tiny2, ready, with their replicas")
+    deployment = "#deployments tr[data-deployment='tiny2']"
+    wait.until(lambda b: "ready" in b.find_element(By.CSS_SELECTOR, deployment).text)
+    assert "1/1" in browser.find_element(By.CSS_SELECTOR, deployment).text
+    assert "(default)" in browser.find_element(By.ID, "deployments").text
+    wait.until(lambda b: "tiny2" in b.find_element(By.ID, "replicas").text)
+
     step("the running job appears")
     row = f"#jobs tr[data-job='{job_id}']"
     wait.until(lambda b: "running" in b.find_element(By.CSS_SELECTOR, row).text)
@@ -98,6 +105,10 @@ try:
 
     browser.save_screenshot(screenshot)
     step("screenshot saved")
+
+    step("deleting tiny2 from its row drains and removes it")
+    click(deployment + " button.delete")
+    wait.until(lambda b: not b.find_elements(By.CSS_SELECTOR, deployment))
 
     step("cancel works")
     click(row + " button.cancel")

@@ -57,7 +57,11 @@ fn the_dashboard_shows_the_cluster_and_jobs_cancels_and_streams_in_a_real_browse
         eprintln!("skipping the dashboard browser test: {why}");
         return;
     }
-    let head = support::start(&[&format!("server.auth_token=\"{TOKEN}\"")]);
+    let head = support::start(&[
+        &format!("server.auth_token=\"{TOKEN}\""),
+        "resources.cpu_inference_slots=2",
+        "model.replicas=1",
+    ]);
     // The page is served without the token (it holds no data) and embeds everything it needs.
     let (status, page) = head.get_text("/dashboard");
     assert_eq!(status, 200);
@@ -71,6 +75,14 @@ fn the_dashboard_shows_the_cluster_and_jobs_cancels_and_streams_in_a_real_browse
 
     head.write_dataset("d.jsonl", 16);
     let url = |p: &str| format!("{}{p}", head.url);
+    // A second deployment on the free slot.
+    support::tiny::write_model(&head.dir.path().join("models").join("tiny2"), 11);
+    let (status, r) = call(
+        "POST",
+        &url("/models"),
+        Some(&json!({"name": "tiny2", "path": "tiny2"})),
+    );
+    assert_eq!(status, 202, "{r}");
     // One job long enough to watch, and one queued behind it whose output name holds HTML.
     let mut h = support::quick_hyperparameters(400);
     h["save_every_steps"] = json!(1000);

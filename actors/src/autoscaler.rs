@@ -1,22 +1,16 @@
-//! Replica autoscaling of the node's served model, Ray Serve's way: the desired number of
+//! Replica autoscaling of a deployment, Ray Serve's way (run by the deployment manager per
+//! autoscaled deployment, see [`crate::deployments::manager`]): the desired number of
 //! replicas is the ongoing requests (what the router counts in flight: queued, waiting or
 //! generating) over `target_ongoing_requests`, rounded up and kept within
 //! `[min_replicas, max_replicas]` (at most the node's inference slots). A replica is added once
 //! the desired count has stayed above the current one for `upscale_delay`, and one is removed
 //! once it has stayed below for `downscale_delay`: the newest replica stops taking requests
 //! (draining), finishes the ones it holds, then stops and frees its slot. Every decision is logged
-//! with its inputs and counted (`/metrics`, `/cluster`).
+//! with its inputs and counted (`/metrics`, `/models`, the dashboard).
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ractor::ActorRef;
-use serde::Serialize;
-
-use crate::inference::InferenceArgs;
-use crate::messages::ReplicaInfo;
-use crate::router::Router;
-use crate::supervisor::{ChildSpec, SupervisorMsg};
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AutoscalingConfig {
@@ -79,7 +73,7 @@ impl Decider {
 }
 
 /// What `/metrics` and `/cluster` show of the autoscaler.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AutoscalerStats {
     pub replicas: usize,
     pub desired: usize,
@@ -90,123 +84,6 @@ pub struct AutoscalerStats {
     pub scale_downs: u64,
     /// The latest decision, in words, with its inputs.
     pub last_decision: Option<String>,
-}
-
-/// A slot the autoscaler may start a replica in.
-#[derive(Clone)]
-pub struct Standby {
-    pub info: ReplicaInfo,
-    pub args: InferenceArgs,
-}
-
-/// Starts the autoscaling loop over `active` (replicas already started, in start order) and
-/// `standby` (slots it may start replicas in). Returns its statistics.
-pub fn start(
-    config: AutoscalingConfig,
-    router: Router,
-    supervisor: ActorRef<SupervisorMsg>,
-    active: Vec<Standby>,
-    standby: Vec<Standby>,
-) -> Arc<Mutex<AutoscalerStats>> {
-    let max = config.max_replicas.min(active.len() + standby.len()).max(1);
-    let config = AutoscalingConfig {
-        max_replicas: max,
-        ..config
-    };
-    let stats = Arc::new(Mutex::new(AutoscalerStats {
-        replicas: active.len(),
-        desired: active.len(),
-        min_replicas: config.min_replicas,
-        max_replicas: max,
-        ..Default::default()
-    }));
-    let shared = stats.clone();
-    tokio::spawn(async move {
-        let (mut active, mut standby) = (active, standby);
-        let mut decider = Decider::default();
-        let mut draining: Option<tokio::task::JoinHandle<Standby>> = None;
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
-        loop {
-            tick.tick().await;
-            // The node is shutting down (its supervisor stopping or gone).
-            if matches!(
-                supervisor.get_status(),
-                ractor::ActorStatus::Stopping | ractor::ActorStatus::Stopped
-            ) {
-                break;
-            }
-            if let Some(task) = draining.take_if(|t| t.is_finished()) {
-                if let Ok(slot) = task.await {
-                    standby.push(slot);
-                }
-            }
-            let ongoing: usize = active
-                .iter()
-                .filter_map(|s| router.in_flight(&s.info.name))
-                .sum();
-            let current = active.len();
-            let want = desired(ongoing, &config);
-            let decision = if draining.is_some() {
-                None
-            } else {
-                decider.decide(Instant::now(), current, want, &config)
-            };
-            let mut stats = shared.lock().expect("autoscaler stats");
-            stats.ongoing = ongoing;
-            stats.desired = want;
-            match decision {
-                Some(Scale::Up) => {
-                    let Some(slot) = standby.pop() else { continue };
-                    let name = slot.info.name.clone();
-                    let what = format!(
-                        "up to {} replicas ({ongoing} ongoing requests, target {} per replica): starting {name}",
-                        current + 1,
-                        config.target_ongoing_requests
-                    );
-                    tracing::info!(ongoing, current, desired = want, replica = %name, "autoscaler: scaling up");
-                    router.add_replica(slot.info.clone());
-                    let _ = supervisor.cast(SupervisorMsg::Add(
-                        name,
-                        ChildSpec::Inference(slot.args.clone()),
-                    ));
-                    active.push(slot);
-                    stats.scale_ups += 1;
-                    stats.last_decision = Some(what);
-                }
-                Some(Scale::Down) => {
-                    let Some(slot) = active.pop() else { continue };
-                    let name = slot.info.name.clone();
-                    let holding = router.in_flight(&name).unwrap_or(0);
-                    let what = format!(
-                        "down to {} replicas ({ongoing} ongoing requests, target {} per replica): draining {name} ({holding} in flight)",
-                        current - 1,
-                        config.target_ongoing_requests
-                    );
-                    tracing::info!(ongoing, current, desired = want, replica = %name, in_flight = holding, "autoscaler: scaling down");
-                    router.set_draining(&name);
-                    let (router, supervisor) = (router.clone(), supervisor.clone());
-                    draining = Some(tokio::spawn(async move {
-                        while router.in_flight(&name).unwrap_or(0) > 0 {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                        let _ = supervisor
-                            .call(
-                                |reply| SupervisorMsg::Remove(name.clone(), reply),
-                                Some(Duration::from_secs(30)),
-                            )
-                            .await;
-                        tracing::info!(replica = %name, "autoscaler: drained replica stopped");
-                        slot
-                    }));
-                    stats.scale_downs += 1;
-                    stats.last_decision = Some(what);
-                }
-                None => {}
-            }
-            stats.replicas = active.len();
-        }
-    });
-    stats
 }
 
 #[cfg(test)]

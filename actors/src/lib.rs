@@ -1,10 +1,12 @@
 //! Tessera's actor tree (ractor). Per node: a [`supervisor`] with restart policies over the
-//! [`jobs`] manager, [`trainer`]s and [`inference`] replicas; the [`router`] that picks a replica
+//! [`jobs`] manager, [`trainer`]s, [`inference`] replicas and (on a head) the [`deployments`]
+//! manager with its per-deployment [`autoscaler`]; the [`router`] that picks a replica
 //! per request; the [`inventory`] and its [`placement`] into actors; the node's [`tags`]; the
 //! [`node`] handle the HTTP facade drives. Every payload that may cross nodes is a serde type ([`messages`], [`jobs::types`]).
 
 pub mod autoscaler;
 pub mod cluster;
+pub mod deployments;
 pub mod directory;
 pub mod health;
 pub mod inference;

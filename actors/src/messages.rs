@@ -142,4 +142,7 @@ pub struct ReplicaInfo {
     /// The dtype it serves in and how it was chosen (`auto` probes bf16 on CPUs).
     #[serde(default)]
     pub dtype: Option<String>,
+    /// The deployment it serves (requests choose by it).
+    #[serde(default)]
+    pub deployment: String,
 }

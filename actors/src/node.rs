@@ -2,13 +2,16 @@
 //! facade uses (router, job manager calls, health, shutdown).
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ractor::{Actor, ActorRef, RpcReplyPort};
 use tessera_engine::EngineConfig;
 
-use crate::autoscaler::{self, AutoscalerStats, AutoscalingConfig, Standby};
+use crate::autoscaler::AutoscalingConfig;
+use crate::deployments::{
+    AutoscalingSpec, DeploymentError, DeploymentManagerArgs, DeploymentMsg, DeploymentSpec,
+    DeploymentView, Deployments, Dtype, PlacementSpec, Slot,
+};
 use crate::directory::Directory;
 use crate::health::{ActorState, HealthBoard};
 use crate::inference::{InferenceArgs, InferenceMsg};
@@ -55,7 +58,11 @@ pub struct NodeConfig {
     /// Intra-op threads of each CPU trainer (`None`: the node's cores shared among its CPU
     /// trainers).
     pub trainer_threads: Option<usize>,
-    /// Scale the node's replicas with load (`None`: every inference slot runs a replica).
+    /// The default deployment's name (the model given at start).
+    pub deployment_name: String,
+    /// Replicas of the default deployment (0: every inference slot).
+    pub default_replicas: usize,
+    /// Scale the default deployment's replicas with load (`None`: a fixed count).
     pub autoscaling: Option<AutoscalingConfig>,
 }
 
@@ -71,8 +78,8 @@ pub enum NodeError {
 
 pub struct Node {
     pub name: String,
-    /// The replica autoscaler's figures, when `autoscaling.enabled`.
-    pub autoscaler: Option<Arc<Mutex<AutoscalerStats>>>,
+    /// The deployments (a head's; a worker serves its one model).
+    pub deployments: Deployments,
     pub tags: Tags,
     /// What it was configured with (`resources.*`), shown in `/cluster`.
     pub resources: Resources,
@@ -145,6 +152,49 @@ fn trainer_threads(
     })
 }
 
+/// The model given at start as the default deployment, within the node's `slots`.
+fn default_spec(config: &NodeConfig, slots: usize) -> DeploymentSpec {
+    let slots = slots.max(1);
+    let replicas = match config.default_replicas {
+        0 => slots,
+        n => n.min(slots),
+    };
+    let dtype = match config.kind {
+        None => Dtype::Auto,
+        Some(tch::Kind::Half) => Dtype::F16,
+        Some(tch::Kind::BFloat16) => Dtype::Bf16,
+        Some(_) => Dtype::F32,
+    };
+    let (min_replicas, max_replicas, autoscaling) = match &config.autoscaling {
+        Some(a) => (
+            a.min_replicas.clamp(1, slots),
+            a.max_replicas.clamp(1, slots),
+            Some(AutoscalingSpec {
+                target_ongoing_requests: a.target_ongoing_requests,
+                upscale_delay_s: a.upscale_delay.as_secs_f64(),
+                downscale_delay_s: a.downscale_delay.as_secs_f64(),
+            }),
+        ),
+        None => (replicas, replicas, None),
+    };
+    DeploymentSpec {
+        name: config.deployment_name.clone(),
+        path: config.model_path.clone(),
+        // With autoscaling it starts at its minimum.
+        replicas: if autoscaling.is_some() {
+            min_replicas
+        } else {
+            replicas
+        },
+        min_replicas,
+        max_replicas,
+        tensor_parallel: None,
+        dtype,
+        placement: PlacementSpec::default(),
+        autoscaling,
+    }
+}
+
 impl Node {
     /// Detects the devices, plans the actors and starts the supervision tree. Returns once every
     /// child has been started once (replicas have loaded the model, or failed and will retry).
@@ -208,48 +258,59 @@ impl Node {
                 },
             ));
         }
-        let slots: Vec<Standby> = placement
+        let slots: Vec<Slot> = placement
             .replicas
             .iter()
-            .map(|r| Standby {
-                info: ReplicaInfo {
-                    name: r.name.clone(),
-                    node: config.node_name.clone(),
-                    devices: r.devices.iter().map(|d| d.to_string()).collect(),
-                    tensor_parallel: r.devices.len(),
-                    state: ActorState::Starting,
-                    in_flight: 0,
-                    adapters: Vec::new(),
-                    model: None,
-                    dtype: None,
-                },
-                args: InferenceArgs {
-                    name: r.name.clone(),
-                    model_path: config.model_path.clone(),
-                    devices: r.devices.iter().map(torch_device).collect(),
-                    kind: config.kind,
-                    engine: replica_engine_config(
-                        &config.engine,
-                        &r.devices,
-                        &inventory,
-                        &placement,
-                    ),
-                    router: router.clone(),
-                },
+            .map(|r| Slot {
+                name: r.name.clone(),
+                devices: r.devices.clone(),
+                engine: replica_engine_config(&config.engine, &r.devices, &inventory, &placement),
             })
             .collect();
-        // With autoscaling, `min_replicas` start; the other slots wait for load.
-        let initial = match &config.autoscaling {
-            Some(a) => a.min_replicas.clamp(1, slots.len().max(1)).min(slots.len()),
-            None => slots.len(),
-        };
-        let (active, mut standby) = (slots[..initial].to_vec(), slots[initial..].to_vec());
-        standby.reverse();
-        for slot in &active {
-            router.add_replica(slot.info.clone());
+        let default = default_spec(&config, slots.len());
+        let deployments = Deployments::new(&default.name);
+        // The default deployment's first replicas start with the node (so that it serves once
+        // started); the deployment manager adopts them, and places the rest.
+        let initial = default.initial_replicas().min(slots.len());
+        for slot in &slots[..initial] {
+            router.add_replica(ReplicaInfo {
+                name: slot.name.clone(),
+                node: config.node_name.clone(),
+                devices: slot.devices.iter().map(|d| d.to_string()).collect(),
+                tensor_parallel: slot.devices.len(),
+                state: ActorState::Starting,
+                in_flight: 0,
+                adapters: Vec::new(),
+                model: None,
+                dtype: None,
+                deployment: default.name.clone(),
+            });
             children.push((
-                slot.info.name.clone(),
-                ChildSpec::Inference(slot.args.clone()),
+                slot.name.clone(),
+                ChildSpec::Inference(InferenceArgs {
+                    name: slot.name.clone(),
+                    model_path: config.model_path.clone(),
+                    devices: slot.devices.iter().map(torch_device).collect(),
+                    kind: config.kind,
+                    engine: slot.engine.clone(),
+                    router: router.clone(),
+                }),
+            ));
+        }
+        if config.job_manager {
+            children.push((
+                "deployment-manager".into(),
+                ChildSpec::Deployments(Box::new(DeploymentManagerArgs {
+                    db_path: config.db_path.clone(),
+                    node: config.node_name.clone(),
+                    tags: config.tags.clone(),
+                    slots,
+                    router: router.clone(),
+                    health: health.clone(),
+                    deployments: deployments.clone(),
+                    default,
+                    supervisor: None,
+                })),
             ));
         }
         // Unnamed: ractor's registry is per process, and tests run several nodes in one.
@@ -266,13 +327,8 @@ impl Node {
         )
         .await
         .map_err(|e| NodeError::Spawn(e.to_string()))?;
-        let autoscaler = config
-            .autoscaling
-            .clone()
-            .filter(|_| !active.is_empty())
-            .map(|a| autoscaler::start(a, router.clone(), supervisor.clone(), active, standby));
         Ok(Node {
-            autoscaler,
+            deployments,
             name: config.node_name,
             tags: config.tags,
             resources: Resources {
@@ -295,8 +351,48 @@ impl Node {
     /// Sends a generation to a replica of the cluster (the least loaded, or one that holds its
     /// adapter), after admission control: refused with `unavailable` when every replica is full.
     /// Its events arrive on the returned receiver; dropping it cancels the sequence.
-    pub fn generate(&self, work: ChatWork) -> Result<Dispatched, ServeError> {
-        self.router.dispatch(work)
+    pub fn generate(
+        &self,
+        deployment: Option<&str>,
+        work: ChatWork,
+    ) -> Result<Dispatched, ServeError> {
+        self.router.dispatch(deployment, work)
+    }
+
+    /// Creates a deployment: placed on free inference slots now, or pending with the reason.
+    pub async fn create_deployment(
+        &self,
+        spec: DeploymentSpec,
+    ) -> Result<DeploymentView, DeploymentError> {
+        self.deployments_call(|r| DeploymentMsg::Create(spec, r))
+            .await
+    }
+
+    /// Deletes a deployment: its replicas drain (finish what they hold), then stop.
+    pub async fn delete_deployment(&self, name: &str) -> Result<DeploymentView, DeploymentError> {
+        let name = name.to_string();
+        self.deployments_call(|r| DeploymentMsg::Delete(name, r))
+            .await
+    }
+
+    async fn deployments_call<T: Send + 'static>(
+        &self,
+        msg: impl FnOnce(RpcReplyPort<Result<T, DeploymentError>>) -> DeploymentMsg,
+    ) -> Result<T, DeploymentError> {
+        let deadline = tokio::time::Instant::now() + JOB_MANAGER_WAIT;
+        let manager = loop {
+            if let Some(m) = self.deployments.manager() {
+                break m;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(DeploymentError::Unavailable);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        match manager.call(msg, Some(JOBS_CALL_TIMEOUT)).await {
+            Ok(ractor::rpc::CallResult::Success(r)) => r,
+            _ => Err(DeploymentError::Unavailable),
+        }
     }
 
     /// Queues a fine-tune job. The manager checks, in one step with the insert, the queue bound

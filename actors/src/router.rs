@@ -243,14 +243,24 @@ impl Router {
             .any(|s| s.actor.is_some())
     }
 
-    /// Sends `work` to the chosen replica; its events arrive on the returned receiver.
-    pub fn dispatch(&self, work: ChatWork) -> Result<Dispatched, ServeError> {
+    /// Sends `work` to the chosen replica of `deployment` (any replica with `None`); its events
+    /// arrive on the returned receiver.
+    pub fn dispatch(
+        &self,
+        deployment: Option<&str>,
+        work: ChatWork,
+    ) -> Result<Dispatched, ServeError> {
         let mut work = Some(work);
         let mut tried: Vec<String> = Vec::new();
         loop {
             let (actor, in_flight, name) = {
                 let mut slots = self.slots.write().expect("router");
-                let up: Vec<usize> = (0..slots.len())
+                let ours: Vec<usize> = (0..slots.len())
+                    .filter(|&i| deployment.is_none_or(|d| slots[i].info.deployment == d))
+                    .collect();
+                let up: Vec<usize> = ours
+                    .iter()
+                    .copied()
                     .filter(|&i| {
                         slots[i].actor.is_some()
                             && !slots[i].draining
@@ -282,11 +292,15 @@ impl Router {
                     .collect();
                 let rotate = self.rotate.fetch_add(1, Ordering::Relaxed);
                 let Some(choice) = pick(&candidates, self.affinity_slack, rotate) else {
-                    return Err(ServeError::unavailable(if slots.is_empty() {
-                        "this cluster has no inference replicas".to_string()
+                    let of = deployment
+                        .map(|d| format!(" of deployment `{d}`"))
+                        .unwrap_or_default();
+                    return Err(ServeError::unavailable(if ours.is_empty() {
+                        format!("this cluster has no inference replicas{of}")
                     } else {
-                        "no inference replica is ready (starting or restarting); retry shortly"
-                            .to_string()
+                        format!(
+                            "no inference replica{of} is ready (starting or restarting); retry shortly"
+                        )
                     }));
                 };
                 let slot = &mut slots[live[choice]];
@@ -408,6 +422,7 @@ mod tests {
                 adapters: vec![],
                 model: None,
                 dtype: None,
+                deployment: "d".into(),
             },
             Arc::new(Accepting),
         );
@@ -419,17 +434,20 @@ mod tests {
             clamp_max_tokens: false,
             adapter: None,
         };
-        let first = router.dispatch(work.clone()).unwrap();
-        let _second = router.dispatch(work.clone()).unwrap();
-        let refused = router.dispatch(work.clone()).err().unwrap();
+        let other = router.dispatch(Some("e"), work.clone()).err().unwrap();
+        assert_eq!(other.kind, ServeErrorKind::Unavailable);
+        assert!(other.message.contains("deployment `e`"), "{other}");
+        let first = router.dispatch(Some("d"), work.clone()).unwrap();
+        let _second = router.dispatch(None, work.clone()).unwrap();
+        let refused = router.dispatch(Some("d"), work.clone()).err().unwrap();
         assert_eq!(refused.kind, ServeErrorKind::Overloaded);
         assert!(refused.message.contains("max_in_flight"), "{refused}");
         // The replica's clone of the lease keeps counting after the client's is gone.
         let replica_side = first.lease.clone();
         drop(first);
-        assert!(router.dispatch(work.clone()).is_err());
+        assert!(router.dispatch(None, work.clone()).is_err());
         drop(replica_side);
-        assert!(router.dispatch(work).is_ok());
+        assert!(router.dispatch(Some("d"), work).is_ok());
     }
 
     #[test]

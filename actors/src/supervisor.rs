@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
+use crate::deployments::{DeploymentManager, DeploymentManagerArgs};
 use crate::directory::{Directory, TrainerEntry, TrainerRef};
 use crate::health::{ActorState, HealthBoard};
 use crate::inference::{InferenceActor, InferenceArgs};
@@ -42,6 +43,8 @@ pub enum ChildSpec {
     },
     Trainer(TrainerArgs),
     Inference(InferenceArgs),
+    /// The head's deployment manager (it starts and stops inference children through here).
+    Deployments(Box<DeploymentManagerArgs>),
 }
 
 impl ChildSpec {
@@ -50,6 +53,7 @@ impl ChildSpec {
             ChildSpec::JobManager { .. } => "job_manager",
             ChildSpec::Trainer(_) => "trainer",
             ChildSpec::Inference(_) => "inference",
+            ChildSpec::Deployments(_) => "deployment_manager",
         }
     }
 }
@@ -261,6 +265,7 @@ impl SupervisorState {
                 }
             }
             ChildSpec::JobManager { .. } => self.directory.set_job_manager(None),
+            ChildSpec::Deployments(args) => args.deployments.set_manager(None),
         }
     }
 
@@ -315,6 +320,17 @@ impl SupervisorState {
                         if let Some(jm) = self.directory.job_manager() {
                             let _ = jm.cast(JobMsg::TrainersChanged);
                         }
+                        actor.get_cell()
+                    })
+                    .map_err(|e| e.to_string())
+            }
+            ChildSpec::Deployments(mut args) => {
+                args.supervisor = Some(myself.clone());
+                let deployments = args.deployments.clone();
+                DeploymentManager::spawn_linked(None, DeploymentManager, *args, supervisor)
+                    .await
+                    .map(|(actor, _)| {
+                        deployments.set_manager(Some(actor.clone()));
                         actor.get_cell()
                     })
                     .map_err(|e| e.to_string())

@@ -43,6 +43,8 @@ pub struct ChatRequest {
     pub seed: Option<u64>,
     /// A PEFT adapter directory, relative to (and confined to) `adapters.root`.
     pub adapter_path: Option<String>,
+    /// The deployment that serves it (`GET /models`); default: the model given at start.
+    pub model: Option<String>,
     #[serde(default)]
     pub stream: bool,
     /// Feed `prompt` to the model as it is, without the chat template.
@@ -67,6 +69,8 @@ pub struct ChatResponse {
     pub latency_ms: f64,
     /// The replica that served it.
     pub replica: String,
+    /// The deployment that served it.
+    pub model: String,
 }
 
 /// One `token` event of a `/chat` stream.
@@ -105,6 +109,7 @@ pub async fn chat(
             .into_response());
     }
     let (id, replica, t0) = (started.id.clone(), started.replica.clone(), started.started);
+    let model = started.model.clone();
     let done = started.collect().await?;
     Ok(Json(ChatResponse {
         id,
@@ -117,6 +122,7 @@ pub async fn chat(
         adapter_path,
         latency_ms: t0.elapsed().as_secs_f64() * 1e3,
         replica,
+        model,
     })
     .into_response())
 }
@@ -144,6 +150,7 @@ fn stream(
                         adapter_path: adapter_path.clone(),
                         latency_ms: started.elapsed().as_secs_f64() * 1e3,
                         replica: started.replica.clone(),
+                        model: started.model.clone(),
                     };
                     yield Ok(SseEvent::default().event("done").json_data(&done).expect("json"));
                     break;

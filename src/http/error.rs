@@ -170,6 +170,22 @@ impl From<JobError> for AppError {
     }
 }
 
+impl From<tessera_actors::deployments::DeploymentError> for AppError {
+    fn from(e: tessera_actors::deployments::DeploymentError) -> Self {
+        use tessera_actors::deployments::DeploymentError as E;
+        match &e {
+            E::NotFound(_) => Self::not_found(e.to_string()),
+            E::Conflict(_) => Self::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+            E::Unavailable => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
+            ),
+            E::Store(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        }
+    }
+}
+
 /// `axum::Json`, with rejections (bad JSON, wrong types, unknown fields, too large) in our format.
 pub struct ApiJson<T>(pub T);
 

@@ -64,7 +64,11 @@ pub async fn generate(
     route: &'static str,
     trace: RequestId,
 ) -> Result<Started, AppError> {
-    let Resolved { adapter, model } = resolve::target(state, &req.target).await?;
+    let Resolved {
+        deployment,
+        adapter,
+        model,
+    } = resolve::target(state, &req.target).await?;
     let work = ChatWork {
         request_id: request_id(req.id_prefix),
         trace_id: trace.0,
@@ -73,18 +77,23 @@ pub async fn generate(
         clamp_max_tokens: req.clamp_max_tokens,
         adapter: adapter.clone(),
     };
-    let mut started = start(state, work, route).await?;
+    let mut started = start(state, &deployment, work, route).await?;
     started.model = model;
     started.adapter = adapter;
     Ok(started)
 }
 
 /// Dispatches `work` and waits until a replica has accepted (or refused) it.
-async fn start(state: &AppState, work: ChatWork, route: &'static str) -> Result<Started, AppError> {
+async fn start(
+    state: &AppState,
+    deployment: &str,
+    work: ChatWork,
+    route: &'static str,
+) -> Result<Started, AppError> {
     let started = Instant::now();
     let deadline = started + state.request_timeout;
     let id = work.request_id.clone();
-    let Dispatched { mut events, lease } = state.node.generate(work)?;
+    let Dispatched { mut events, lease } = state.node.generate(Some(deployment), work)?;
     let first = tokio::time::timeout_at(deadline.into(), events.recv())
         .await
         .map_err(|_| AppError::timeout(state.request_timeout.as_secs()))?;

@@ -27,8 +27,9 @@ pub struct FineTuneRequest {
     /// Where the adapter is written, relative to (and confined to) `adapters.root`; must not
     /// exist yet or be empty, and must not be, contain or lie inside a queued or running job's.
     pub output_path: String,
-    /// The served model's path, or a model under (and confined to) `model.models_root`
-    /// (relative paths are taken from there); default: the served model.
+    /// A deployment's name (`GET /models`: its model), the served model's path, or a model under
+    /// (and confined to) `model.models_root` (relative paths are taken from there); default: the
+    /// served model.
     pub base_model: Option<String>,
     /// `high`, `normal` (default) or `low`.
     pub priority: Option<String>,
@@ -96,7 +97,11 @@ pub async fn fine_tune(
     }
     let base_model = match req.base_model.as_deref() {
         None | Some("") => None,
-        Some(raw) => Some(paths::model("base_model", raw, &state.roots)?),
+        // A deployment's name: its model.
+        Some(raw) => match state.node.deployments.find(raw) {
+            Some(d) if !raw.contains(['/', '\\']) => Some(d.spec.path),
+            _ => Some(paths::model("base_model", raw, &state.roots)?),
+        },
     };
     let priority = match req.priority.as_deref() {
         None => Priority::Normal,

@@ -117,10 +117,10 @@ impl Metrics {
         let autoscaler = IntGaugeVec::new(
             Opts::new(
                 "autoscaler",
-                "The replica autoscaler: `replicas`, `desired`, `ongoing` requests, and the \
-                 `scale_ups` / `scale_downs` decided so far",
+                "Each autoscaled deployment: `replicas`, `desired`, `ongoing` requests, and \
+                 the `scale_ups` / `scale_downs` decided so far",
             ),
-            &["figure"],
+            &["deployment", "figure"],
         )
         .expect("metric");
         for m in [
@@ -193,8 +193,13 @@ impl Metrics {
                 }
             }
         }
-        if let Some(a) = &node.autoscaler {
-            let a = a.lock().expect("autoscaler stats").clone();
+        self.autoscaler.reset();
+        for (name, a) in node
+            .deployments
+            .list()
+            .into_iter()
+            .filter_map(|d| Some((d.name, d.autoscaler?)))
+        {
             for (figure, v) in [
                 ("replicas", a.replicas as i64),
                 ("desired", a.desired as i64),
@@ -202,7 +207,7 @@ impl Metrics {
                 ("scale_ups", a.scale_ups as i64),
                 ("scale_downs", a.scale_downs as i64),
             ] {
-                self.autoscaler.with_label_values(&[figure]).set(v);
+                self.autoscaler.with_label_values(&[&name, figure]).set(v);
             }
         }
         if let Some(stats) = node.job_stats().await {

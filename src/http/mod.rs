@@ -2,6 +2,7 @@
 //!
 //! * [`chat`]: `POST /chat` (JSON or SSE).
 //! * [`openai`]: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+//! * [`deployments`]: `POST /models`, `GET /models`, `GET|DELETE /models/{name}`.
 //! * [`jobs`]: `POST /fine-tune`, `GET /jobs`, `GET|DELETE /jobs/{id}`, `GET /jobs/{id}/events`.
 //! * [`status`]: `/health`, `/ready`, `/cluster`, `/metrics`.
 //! * [`dashboard`]: `GET /` and `/dashboard`, the web dashboard (embedded, no auth for the page).
@@ -13,6 +14,7 @@
 
 pub mod chat;
 pub mod dashboard;
+pub mod deployments;
 pub mod error;
 pub mod generation;
 pub mod jobs;
@@ -94,6 +96,11 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
+        .route("/models", get(deployments::list).post(deployments::create))
+        .route(
+            "/models/{name}",
+            get(deployments::get).delete(deployments::delete),
+        )
         .route("/fine-tune", post(jobs::fine_tune))
         .route("/jobs", get(jobs::list))
         .route("/jobs/{id}", get(jobs::get).delete(jobs::cancel))

@@ -5,7 +5,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{chat, error, jobs, openai, status};
+use super::{chat, deployments, error, jobs, openai, status};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -20,6 +20,10 @@ use super::{chat, error, jobs, openai, status};
         jobs::get,
         jobs::cancel,
         jobs::events,
+        deployments::create,
+        deployments::list,
+        deployments::get,
+        deployments::delete,
         status::health,
         status::ready,
         status::cluster,

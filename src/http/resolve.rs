@@ -1,6 +1,7 @@
-//! What a request names as the thing that serves it: `/chat`'s `adapter_path`, or an OpenAI
-//! `model` (the base model's name, a succeeded fine-tune job id, or an adapter directory), turned
-//! into an adapter directory checked against the adapters root, or none for the base model.
+//! What a request names as the thing that serves it: `/chat`'s `model` (a deployment) and
+//! `adapter_path`, or an OpenAI `model` (a deployment or its model's name, `deployment:adapter`, a
+//! succeeded fine-tune job id, or an adapter directory), turned into a deployment and an adapter
+//! directory checked against the adapters root (or none for the base model).
 
 use std::path::{Path, PathBuf};
 
@@ -13,29 +14,72 @@ use super::{paths, AppState};
 
 /// A resolved target.
 pub struct Resolved {
-    /// `None`: the base model.
+    /// The deployment whose replicas serve it.
+    pub deployment: String,
+    /// `None`: the deployment's base model.
     pub adapter: Option<PathBuf>,
-    /// The name answers report (`model` as given, or the base model's).
+    /// The name answers report (`model` as given, or the deployment's).
     pub model: String,
 }
 
 /// Resolves what `target` names.
 pub async fn target(state: &AppState, target: &Target) -> Result<Resolved, AppError> {
-    let base = || state.node.router.model_name().unwrap_or_default();
     Ok(match target {
-        Target::AdapterPath(raw) => Resolved {
-            adapter: adapter(state, "adapter_path", raw.as_deref())?,
-            model: base(),
-        },
-        Target::Model(model) => Resolved {
-            adapter: resolve_model(state, model).await?,
-            model: if model.is_empty() {
-                base()
-            } else {
-                model.clone()
-            },
-        },
+        Target::Chat {
+            model,
+            adapter_path,
+        } => {
+            let deployment = match model.as_deref() {
+                None | Some("") => state.node.deployments.default_name(),
+                Some(name) => state
+                    .node
+                    .deployments
+                    .find(name)
+                    .map(|d| d.name)
+                    .ok_or_else(|| deployment_not_found(state, name))?,
+            };
+            Resolved {
+                adapter: adapter(state, "adapter_path", adapter_path.as_deref())?,
+                model: deployment.clone(),
+                deployment,
+            }
+        }
+        Target::Model(model) => {
+            let (deployment, adapter) = resolve_model(state, model).await?;
+            Resolved {
+                model: if model.is_empty() {
+                    deployment.clone()
+                } else {
+                    model.clone()
+                },
+                deployment,
+                adapter,
+            }
+        }
     })
+}
+
+fn deployment_names(state: &AppState) -> String {
+    state
+        .node
+        .deployments
+        .list()
+        .iter()
+        .map(|d| format!("`{}`", d.name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn deployment_not_found(state: &AppState, name: &str) -> AppError {
+    AppError {
+        status: StatusCode::NOT_FOUND,
+        kind: "model_not_found",
+        message: format!(
+            "model: no deployment is named `{name}`; the deployments are {} (see GET /models)",
+            deployment_names(state)
+        ),
+        field: Some("model".into()),
+    }
 }
 
 /// Resolves `adapter_path` (relative to the adapters root; confined to it). Its two files must be
@@ -115,42 +159,85 @@ pub fn names_base(model: &str, base: &str) -> bool {
         .is_some_and(same)
 }
 
-fn model_not_found(model: &str, base: Option<&str>, why: Option<&str>) -> AppError {
-    let base = match base {
-        Some(b) => format!("the base model `{b}`"),
-        None => "the base model (not loaded yet)".to_string(),
-    };
+fn model_not_found(state: &AppState, model: &str, why: Option<&str>) -> AppError {
     let why = why.map(|w| format!(" ({w})")).unwrap_or_default();
     AppError {
         status: StatusCode::NOT_FOUND,
         kind: "model_not_found",
         message: format!(
-            "model: `{model}` does not exist{why}; use {base}, an adapter directory under the \
-             adapters root, or a succeeded fine-tune job id (see GET /v1/models)"
+            "model: `{model}` does not exist{why}; use a deployment ({}), `deployment:adapter`, an \
+             adapter directory under the adapters root, or a succeeded fine-tune job id (see GET /v1/models)",
+            deployment_names(state)
         ),
         field: Some("model".into()),
     }
 }
 
-/// What `model` selects: `None` for the base model, or an adapter directory.
-async fn resolve_model(state: &AppState, model: &str) -> Result<Option<PathBuf>, AppError> {
-    let base = state.node.router.model_name();
-    if model.is_empty() {
-        return Ok(None);
+/// The deployment a base-model name selects: a deployment's name (any case), or its model's
+/// name (with `.gguf`, or as a path's last component).
+fn deployment_of(state: &AppState, model: &str, paths_too: bool) -> Option<String> {
+    let deployments = state.node.deployments.list();
+    if let Some(d) = deployments
+        .iter()
+        .find(|d| d.name.eq_ignore_ascii_case(model))
+    {
+        return Some(d.name.clone());
     }
-    if let Some(b) = &base {
-        if model.eq_ignore_ascii_case(b) || names_base(model, b) && !model.contains(['/', '\\']) {
-            return Ok(None);
+    if model.contains(['/', '\\']) && !paths_too {
+        return None;
+    }
+    deployments
+        .iter()
+        .find(|d| {
+            names_base(model, &d.name) || d.model.as_deref().is_some_and(|m| names_base(model, m))
+        })
+        .map(|d| d.name.clone())
+}
+
+/// The deployment serving the model a fine-tune started from: the one with the same path, else
+/// the default one.
+fn deployment_for_base(state: &AppState, base: Option<&Path>) -> String {
+    base.and_then(|b| {
+        state
+            .node
+            .deployments
+            .list()
+            .into_iter()
+            .find(|d| d.spec.path == b)
+            .map(|d| d.name)
+    })
+    .unwrap_or_else(|| state.node.deployments.default_name())
+}
+
+/// What `model` selects: a deployment, and an adapter of it or none.
+async fn resolve_model(
+    state: &AppState,
+    model: &str,
+) -> Result<(String, Option<PathBuf>), AppError> {
+    let default = state.node.deployments.default_name();
+    if model.is_empty() {
+        return Ok((default, None));
+    }
+    if let Some(d) = deployment_of(state, model, false) {
+        return Ok((d, None));
+    }
+    // `deployment:adapter`.
+    if let Some((name, rest)) = model.split_once(':') {
+        if let Some(d) = state.node.deployments.find(name) {
+            return Ok((d.name, adapter(state, "model", Some(rest))?));
         }
     }
     if model.starts_with("ft-") && !model.contains(['/', '\\']) {
         match state.node.job(model).await {
             Ok(job) => {
                 return match (job.status, job.adapter_path) {
-                    (JobState::Succeeded, Some(path)) => Ok(Some(path)),
+                    (JobState::Succeeded, Some(path)) => Ok((
+                        deployment_for_base(state, job.base_model.as_deref()),
+                        Some(path),
+                    )),
                     (status, _) => Err(model_not_found(
+                        state,
                         model,
-                        base.as_deref(),
                         Some(&format!(
                             "fine-tune job {model} is {}, it has no adapter to serve",
                             serde_json::to_value(status)
@@ -166,21 +253,11 @@ async fn resolve_model(state: &AppState, model: &str) -> Result<Option<PathBuf>,
         }
     }
     match adapter(state, "model", Some(model)) {
-        Ok(adapter) => Ok(adapter),
-        Err(e) if e.status == StatusCode::BAD_REQUEST => {
-            if let Some(b) = &base {
-                if names_base(model, b) {
-                    return Ok(None);
-                }
-            } else {
-                return Err(AppError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    "no replica has loaded the base model yet; retry",
-                ));
-            }
-            Err(model_not_found(model, base.as_deref(), None))
-        }
+        Ok(adapter) => Ok((default, adapter)),
+        Err(e) if e.status == StatusCode::BAD_REQUEST => match deployment_of(state, model, true) {
+            Some(d) => Ok((d, None)),
+            None => Err(model_not_found(state, model, None)),
+        },
         Err(e) => Err(e),
     }
 }

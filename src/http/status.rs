@@ -108,9 +108,9 @@ pub struct ClusterView {
     pub workers: Vec<tessera_actors::cluster::head::WorkerView>,
     pub replicas: Vec<ReplicaInfo>,
     pub jobs: Option<JobStats>,
-    /// The replica autoscaler (with `autoscaling.enabled`): replicas, desired, ongoing requests,
-    /// decisions and the latest one with its inputs.
-    pub autoscaler: Option<tessera_actors::autoscaler::AutoscalerStats>,
+    /// The deployments: state, replicas, and for autoscaled ones the autoscaler's figures and
+    /// its latest decision with its inputs.
+    pub deployments: Vec<tessera_actors::deployments::DeploymentView>,
 }
 
 #[utoipa::path(get, path = "/cluster", responses(
@@ -154,10 +154,7 @@ pub async fn cluster(State(state): State<AppState>) -> Json<ClusterView> {
         }],
         replicas: node.router.replicas(),
         jobs,
-        autoscaler: node
-            .autoscaler
-            .as_ref()
-            .map(|a| a.lock().expect("autoscaler stats").clone()),
+        deployments: node.deployments.list(),
     })
 }
 

@@ -43,8 +43,12 @@ impl Stop {
 /// What serves a request, as the client named it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Target {
-    /// `/chat`'s `adapter_path` (relative to the adapters root); `None`: the base model.
-    AdapterPath(Option<String>),
+    /// `/chat`'s `model` (a deployment; `None`: the default one) and `adapter_path` (relative to
+    /// the adapters root; `None`: the base model).
+    Chat {
+        model: Option<String>,
+        adapter_path: Option<String>,
+    },
     /// An OpenAI `model`: the base model's name, an adapter directory or a fine-tune job id;
     /// empty: the base model.
     Model(String),
@@ -146,7 +150,10 @@ pub fn chat(req: ChatRequest) -> Result<GenerationRequest, AppError> {
         input,
         params,
         clamp_max_tokens,
-        target: Target::AdapterPath(req.adapter_path),
+        target: Target::Chat {
+            model: req.model,
+            adapter_path: req.adapter_path,
+        },
         stream: req.stream,
         logprobs: false,
         include_usage: false,
@@ -428,7 +435,13 @@ mod tests {
         assert_eq!(chat.params.max_tokens, DEFAULT_CHAT_MAX_TOKENS);
         assert_eq!(cc.params.max_tokens, DEFAULT_CHAT_MAX_TOKENS);
         assert_eq!(c.params.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS);
-        assert_eq!(chat.target, Target::AdapterPath(None));
+        assert_eq!(
+            chat.target,
+            Target::Chat {
+                model: None,
+                adapter_path: None
+            }
+        );
         assert_eq!(cc.target, Target::Model(String::new()));
         assert!(matches!(c.input, PromptInput::Raw(ref p) if p == "hi"));
         assert!(matches!(chat.input, PromptInput::Messages(ref m) if m[0].role == "user"));
@@ -463,7 +476,13 @@ mod tests {
         .unwrap();
         assert!(matches!(raw.input, PromptInput::Raw(_)));
         assert!(raw.stream);
-        assert_eq!(raw.target, Target::AdapterPath(Some("x".into())));
+        assert_eq!(
+            raw.target,
+            Target::Chat {
+                model: None,
+                adapter_path: Some("x".into())
+            }
+        );
         assert_eq!(raw.params.stop, vec!["z"]);
     }
 

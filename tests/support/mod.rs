@@ -197,6 +197,16 @@ impl Head {
         path
     }
 
+    /// Stops this head gracefully and starts a new one on the same directory (database, models,
+    /// adapters) with `overrides`.
+    pub fn restart(mut self, overrides: &[&str]) -> Head {
+        self.stop_inner();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        let model = self.model.clone();
+        drop(self);
+        start_in(dir, model, overrides)
+    }
+
     /// Stops the server and the actors (graceful).
     pub fn stop(mut self) {
         self.stop_inner();

@@ -212,6 +212,9 @@ impl RemoteTrainer for RemoteTrainerHandle {
 pub struct ClusterHeadArgs {
     /// The model the head serves: told to workers that have none configured.
     pub model_path: std::path::PathBuf,
+    /// A worker's replicas serve the deployment they name when the head has it, else the
+    /// default one.
+    pub deployments: crate::deployments::Deployments,
     pub router: Router,
     pub directory: Directory,
     pub table: ClusterTable,
@@ -468,10 +471,16 @@ impl ClusterHeadState {
         let args = &self.args;
         args.router.remove_node(&node);
         for r in &info.replicas {
+            let deployment = args
+                .deployments
+                .get(&r.deployment)
+                .map(|d| d.name)
+                .unwrap_or_else(|| args.deployments.default_name());
             args.router.add_remote(
                 ReplicaInfo {
                     name: format!("{node}/{}", r.name),
                     node: node.clone(),
+                    deployment,
                     state: ActorState::Running,
                     in_flight: 0,
                     adapters: Vec::new(),
@@ -570,6 +579,8 @@ impl ClusterHeadState {
 pub struct HeadClusterOptions {
     /// The model the head serves (told to workers without one).
     pub model_path: std::path::PathBuf,
+    /// The head's deployments (what workers' replicas serve).
+    pub deployments: crate::deployments::Deployments,
     pub bind: IpAddr,
     /// 0: any free port.
     pub port: u16,
@@ -606,6 +617,7 @@ impl HeadCluster {
     ) -> Result<Self, String> {
         let HeadClusterOptions {
             model_path,
+            deployments,
             bind,
             port,
             cookie,
@@ -644,6 +656,7 @@ impl HeadCluster {
             ClusterHead,
             ClusterHeadArgs {
                 model_path,
+                deployments,
                 router,
                 directory,
                 table: table.clone(),

@@ -228,7 +228,7 @@ impl Actor for WorkerAgent {
                 let window = credit.clone();
                 let task = tokio::spawn(
                     async move {
-                        match node.router.dispatch(*work) {
+                        match node.router.dispatch(None, *work) {
                             Err(e) => {
                                 link.send(ToHead::Stream {
                                     request_id: id.clone(),

@@ -1,5 +1,6 @@
-//! `GET /v1/models`: the base model, the adapter directories under the adapters root and the
-//! adapters the replicas hold.
+//! `GET /v1/models`: the deployments (base models), the adapter directories under the adapters
+//! root and the adapters the replicas hold (served on the default deployment, or on another as
+//! `deployment:adapter`).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -45,20 +46,22 @@ fn adapter_dirs(root: &Path) -> Vec<(String, PathBuf, u64)> {
 #[utoipa::path(get, path = "/v1/models",
     responses((status = 200, description = "The base model and the adapters", body = ModelList)))]
 pub async fn models(State(state): State<AppState>) -> Result<Response, AppError> {
-    let base = state.node.router.model_name();
     let now = unix_now();
-    let server_started = now.saturating_sub(state.started.elapsed().as_secs());
     let mut data = Vec::new();
-    if let Some(b) = &base {
+    for d in state.node.deployments.list() {
+        if d.state == tessera_actors::deployments::DeploymentState::Deleting {
+            continue;
+        }
         data.push(ModelCard {
-            id: b.clone(),
+            id: d.name.clone(),
             object: "model".into(),
-            created: server_started,
+            created: d.created_at as u64,
             owned_by: "tessera".into(),
-            root: Some(b.clone()),
+            root: Some(d.spec.path.display().to_string()),
             parent: None,
         });
     }
+    let base = Some(state.node.deployments.default_name());
     let root = state.roots.adapters.clone();
     let dirs = tokio::task::spawn_blocking(move || adapter_dirs(&root))
         .await

@@ -1,0 +1,638 @@
+//! The deployment manager (one per head, a child of the node's supervisor): owns the deployments
+//! and which inference slot serves which. It places a deployment's replicas on free slots (when
+//! the node carries the deployment's tags and the model fits), starts and stops them through the
+//! supervisor, scales autoscaled deployments on the router's in-flight counts (Ray Serve's rule,
+//! see [`crate::autoscaler`]), drains a replica before it stops, and publishes what it holds to
+//! [`Deployments`] for the HTTP side. Deployments created at runtime are kept in SQLite.
+//!
+//! Its state is rebuilt from the store and the router (which labels every replica with its
+//! deployment), so a restarted manager adopts the replicas that kept running.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tessera_engine::EngineConfig;
+
+use super::{
+    DeploymentError, DeploymentSpec, DeploymentState, DeploymentStore, DeploymentView, Deployments,
+};
+use crate::autoscaler::{self, AutoscalerStats, Decider, Scale};
+use crate::health::{ActorState, HealthBoard};
+use crate::inference::InferenceArgs;
+use crate::inventory::Device;
+use crate::messages::ReplicaInfo;
+use crate::router::Router;
+use crate::supervisor::{ChildSpec, SupervisorMsg};
+use crate::tags::{self, Tags};
+
+/// How often the manager looks at load and replica states.
+const TICK: Duration = Duration::from_millis(200);
+
+/// An inference slot of the node (devices and engine settings), free or serving a deployment.
+#[derive(Clone)]
+pub struct Slot {
+    pub name: String,
+    pub devices: Vec<Device>,
+    pub engine: EngineConfig,
+}
+
+#[derive(Clone)]
+pub struct DeploymentManagerArgs {
+    pub db_path: std::path::PathBuf,
+    pub node: String,
+    pub tags: Tags,
+    pub slots: Vec<Slot>,
+    pub router: Router,
+    pub health: HealthBoard,
+    pub deployments: Deployments,
+    /// The model given at start.
+    pub default: DeploymentSpec,
+    /// Set by the supervisor when it starts the manager.
+    pub supervisor: Option<ActorRef<SupervisorMsg>>,
+}
+
+pub enum DeploymentMsg {
+    Create(
+        DeploymentSpec,
+        RpcReplyPort<Result<DeploymentView, DeploymentError>>,
+    ),
+    Delete(
+        String,
+        RpcReplyPort<Result<DeploymentView, DeploymentError>>,
+    ),
+    Tick,
+    /// A draining replica finished its requests and stopped: its slot is free.
+    Drained(String),
+}
+
+impl ractor::Message for DeploymentMsg {}
+
+/// One deployment as the manager runs it.
+struct Live {
+    spec: DeploymentSpec,
+    default: bool,
+    created_at: f64,
+    /// Slots serving it (starting or running), in start order.
+    replicas: Vec<String>,
+    /// Slots draining (no new requests; stop once idle).
+    draining: Vec<String>,
+    /// Replicas wanted now.
+    want: usize,
+    deleting: bool,
+    /// Why it cannot run at all (does not fit); it never gets a slot.
+    failure: Option<String>,
+    /// Why not every wanted replica is placed.
+    pending: Option<String>,
+    decider: Decider,
+    stats: Option<AutoscalerStats>,
+}
+
+pub struct ManagerState {
+    args: DeploymentManagerArgs,
+    supervisor: ActorRef<SupervisorMsg>,
+    store: DeploymentStore,
+    lives: Vec<Live>,
+}
+
+pub struct DeploymentManager;
+
+fn now_s() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn torch_device(d: &Device) -> tch::Device {
+    match d {
+        Device::Cpu => tch::Device::Cpu,
+        Device::Cuda(i) => tch::Device::Cuda(*i),
+    }
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// Why `spec` can never run on `slots` (devices per replica, memory), or `None`.
+fn unfit(spec: &DeploymentSpec, slots: &[Slot]) -> Option<String> {
+    let per_replica = slots.first().map(|s| s.devices.len()).unwrap_or(0);
+    if let Some(tp) = spec.tensor_parallel {
+        if !slots.is_empty() && tp != per_replica {
+            return Some(format!(
+                "needs {tp} devices per replica (tensor_parallel); this node's inference slots have {per_replica} (resources.tensor_parallel)"
+            ));
+        }
+    }
+    let on_gpu = slots
+        .first()
+        .is_some_and(|s| s.devices.iter().any(|d| matches!(d, Device::Cuda(_))));
+    let kind = spec.dtype.kind().unwrap_or(if on_gpu {
+        tch::Kind::BFloat16
+    } else {
+        tch::Kind::Float
+    });
+    let need = match tessera_engine::footprint::weight_bytes(&spec.path, kind) {
+        Ok(n) => n,
+        Err(e) => return Some(format!("{}: {e}", spec.path.display())),
+    };
+    if on_gpu {
+        let free: Vec<(usize, Option<u64>)> = slots
+            .iter()
+            .flat_map(|s| s.devices.iter())
+            .filter_map(|d| match d {
+                Device::Cuda(i) => Some(*i),
+                Device::Cpu => None,
+            })
+            .collect::<Vec<_>>()
+            .chunks(per_replica.max(1))
+            .next()
+            .map(crate::inventory::gpu_free_bytes)
+            .unwrap_or_default();
+        let per_device = need / per_replica.max(1) as u64;
+        if let Err(e) = crate::inventory::fits_on_each(per_device, &free) {
+            return Some(format!(
+                "needs {per_replica} device(s) with {} free each: {e}",
+                gib(per_device)
+            ));
+        }
+    } else {
+        let mut sys = sysinfo::System::new();
+        sys.refresh_memory();
+        let available = sys.available_memory();
+        if available > 0 && need > available {
+            return Some(format!(
+                "needs {} of host memory for its weights; {} is available",
+                gib(need),
+                gib(available)
+            ));
+        }
+    }
+    None
+}
+
+impl Live {
+    fn new(spec: DeploymentSpec, default: bool, created_at: f64, slots: &[Slot]) -> Self {
+        let failure = unfit(&spec, slots);
+        let stats = spec.autoscaling_config().map(|c| AutoscalerStats {
+            min_replicas: c.min_replicas,
+            max_replicas: c.max_replicas.min(slots.len()),
+            ..Default::default()
+        });
+        Self {
+            want: spec.initial_replicas(),
+            spec,
+            default,
+            created_at,
+            replicas: Vec::new(),
+            draining: Vec::new(),
+            deleting: false,
+            failure,
+            pending: None,
+            decider: Decider::default(),
+            stats,
+        }
+    }
+}
+
+impl Actor for DeploymentManager {
+    type Msg = DeploymentMsg;
+    type State = ManagerState;
+    type Arguments = DeploymentManagerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<DeploymentMsg>,
+        args: DeploymentManagerArgs,
+    ) -> Result<ManagerState, ActorProcessingErr> {
+        let supervisor = args
+            .supervisor
+            .clone()
+            .ok_or("the deployment manager needs its supervisor")?;
+        let db = args.db_path.clone();
+        let store = tokio::task::spawn_blocking(move || DeploymentStore::open(&db)).await??;
+        let stored = store.all()?;
+        let slots = args.slots.clone();
+        let default_spec = args_default_spec(&slots, &args.default);
+        let (default, stored) = tokio::task::spawn_blocking(move || {
+            let default = Live::new(default_spec, true, now_s(), &slots);
+            let stored: Vec<Live> = stored
+                .into_iter()
+                .map(|(spec, at)| Live::new(spec, false, at, &slots))
+                .collect();
+            (default, stored)
+        })
+        .await?;
+        let default_name = default.spec.name.clone();
+        let mut lives = vec![default];
+        lives.extend(stored.into_iter().filter(|l| l.spec.name != default_name));
+        let mut state = ManagerState {
+            args,
+            supervisor,
+            store,
+            lives,
+        };
+        state.adopt(&myself);
+        for l in &state.lives {
+            tracing::info!(deployment = %l.spec.name, path = %l.spec.path.display(), replicas = l.want, default = l.default, failure = ?l.failure, "deployment restored");
+        }
+        Ok(state)
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<DeploymentMsg>,
+        state: &mut ManagerState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.reconcile(&myself);
+        state.publish();
+        myself.send_interval(TICK, || DeploymentMsg::Tick);
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<DeploymentMsg>,
+        state: &mut ManagerState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.args.deployments.set_manager(None);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<DeploymentMsg>,
+        msg: DeploymentMsg,
+        state: &mut ManagerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            DeploymentMsg::Create(spec, reply) => {
+                let _ = reply.send(state.create(&myself, spec).await);
+            }
+            DeploymentMsg::Delete(name, reply) => {
+                let _ = reply.send(state.delete(&myself, &name));
+            }
+            DeploymentMsg::Tick => {
+                state.autoscale();
+                state.reconcile(&myself);
+                state.publish();
+            }
+            DeploymentMsg::Drained(slot) => {
+                for l in &mut state.lives {
+                    l.draining.retain(|s| *s != slot);
+                }
+                state.reconcile(&myself);
+                state.publish();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The default deployment as configured, its counts within the node's slots.
+fn args_default_spec(slots: &[Slot], spec: &DeploymentSpec) -> DeploymentSpec {
+    let n = slots.len().max(1);
+    DeploymentSpec {
+        replicas: spec.replicas.min(n),
+        max_replicas: spec.max_replicas.min(n),
+        min_replicas: spec.min_replicas.min(n),
+        ..spec.clone()
+    }
+}
+
+impl ManagerState {
+    /// Takes over the replicas the router lists on this node's slots (started by the node before
+    /// the manager, or by a manager that crashed): each stays with its deployment, or drains when
+    /// its deployment is gone.
+    fn adopt(&mut self, myself: &ActorRef<DeploymentMsg>) {
+        for r in self.args.router.replicas() {
+            if r.node != self.args.node || !self.args.slots.iter().any(|s| s.name == r.name) {
+                continue;
+            }
+            match self.lives.iter_mut().find(|l| l.spec.name == r.deployment) {
+                Some(l) if r.state != ActorState::Draining => {
+                    l.replicas.push(r.name.clone());
+                    l.want = l.want.max(l.replicas.len());
+                }
+                Some(l) => {
+                    l.draining.push(r.name.clone());
+                    self.drain_task(myself, r.name.clone());
+                }
+                None => self.orphan(myself, r.name.clone()),
+            }
+        }
+    }
+
+    /// Drains a replica that belongs to no deployment.
+    fn orphan(&mut self, myself: &ActorRef<DeploymentMsg>, slot: String) {
+        tracing::info!(replica = %slot, "replica of a deleted deployment; draining it");
+        self.args.router.set_draining(&slot);
+        self.drain_task(myself, slot);
+    }
+
+    async fn create(
+        &mut self,
+        myself: &ActorRef<DeploymentMsg>,
+        spec: DeploymentSpec,
+    ) -> Result<DeploymentView, DeploymentError> {
+        if let Some(l) = self
+            .lives
+            .iter()
+            .find(|l| l.spec.name.eq_ignore_ascii_case(&spec.name))
+        {
+            return Err(DeploymentError::Conflict(format!(
+                "a deployment named `{}` exists ({}); delete it first or choose another name",
+                l.spec.name,
+                if l.deleting { "being deleted" } else { "live" }
+            )));
+        }
+        let created = now_s();
+        let slots = self.args.slots.clone();
+        let check = spec.clone();
+        let live = tokio::task::spawn_blocking(move || Live::new(check, false, created, &slots))
+            .await
+            .map_err(|e| DeploymentError::Store(e.to_string()))?;
+        self.store.insert(&spec, created)?;
+        tracing::info!(deployment = %spec.name, path = %spec.path.display(), replicas = live.want, autoscaling = spec.autoscaling.is_some(), tags = %tags::describe(&spec.placement.tags), failure = ?live.failure, "deployment created");
+        self.lives.push(live);
+        self.reconcile(myself);
+        self.publish();
+        Ok(self.view(self.lives.len() - 1))
+    }
+
+    fn delete(
+        &mut self,
+        myself: &ActorRef<DeploymentMsg>,
+        name: &str,
+    ) -> Result<DeploymentView, DeploymentError> {
+        let Some(i) = self.lives.iter().position(|l| l.spec.name == name) else {
+            return Err(DeploymentError::NotFound(name.to_string()));
+        };
+        if self.lives[i].default {
+            return Err(DeploymentError::Conflict(format!(
+                "`{name}` is the model given at start (model.path); it cannot be deleted, change model.path instead"
+            )));
+        }
+        if !self.lives[i].deleting {
+            self.store.delete(name)?;
+            let l = &mut self.lives[i];
+            l.deleting = true;
+            l.want = 0;
+            tracing::info!(deployment = %name, replicas = l.replicas.len(), "deployment deleted; draining its replicas");
+        }
+        let view = self.view(i);
+        self.reconcile(myself);
+        self.publish();
+        Ok(view)
+    }
+
+    /// Slots taken by no deployment (neither serving nor draining).
+    fn free_slot(&self) -> Option<usize> {
+        self.args.slots.iter().position(|s| {
+            !self
+                .lives
+                .iter()
+                .any(|l| l.replicas.contains(&s.name) || l.draining.contains(&s.name))
+                && self.args.router.in_flight(&s.name).is_none()
+        })
+    }
+
+    /// Who holds the slots, for a pending reason.
+    fn holders(&self) -> String {
+        self.lives
+            .iter()
+            .filter(|l| !l.replicas.is_empty() || !l.draining.is_empty())
+            .map(|l| format!("{}: {}", l.spec.name, l.replicas.len() + l.draining.len()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Updates each autoscaled deployment's wanted count from its in-flight requests.
+    fn autoscale(&mut self) {
+        let free = self.free_slot().is_some();
+        let slots = self.args.slots.len();
+        let router = self.args.router.clone();
+        for l in &mut self.lives {
+            let Some(mut config) = l.spec.autoscaling_config() else {
+                continue;
+            };
+            if l.deleting || l.failure.is_some() {
+                continue;
+            }
+            config.max_replicas = config.max_replicas.min(slots).max(1);
+            let ongoing: usize = l.replicas.iter().filter_map(|r| router.in_flight(r)).sum();
+            let current = l.replicas.len();
+            let want = autoscaler::desired(ongoing, &config);
+            let decision = if l.draining.is_empty() && l.want == current {
+                l.decider.decide(Instant::now(), current, want, &config)
+            } else {
+                None
+            };
+            let stats = l.stats.get_or_insert_with(AutoscalerStats::default);
+            stats.ongoing = ongoing;
+            stats.desired = want;
+            stats.min_replicas = config.min_replicas;
+            stats.max_replicas = config.max_replicas;
+            let target = config.target_ongoing_requests;
+            match decision {
+                Some(Scale::Up) if free => {
+                    l.want = current + 1;
+                    stats.scale_ups += 1;
+                    let what = format!(
+                        "up to {} replicas ({ongoing} ongoing requests, target {target} per replica)",
+                        current + 1
+                    );
+                    tracing::info!(deployment = %l.spec.name, ongoing, current, desired = want, "autoscaler: scaling up");
+                    stats.last_decision = Some(what);
+                }
+                Some(Scale::Up) => {
+                    let what = format!(
+                        "wanted {want} replicas ({ongoing} ongoing requests, target {target} per replica); no free inference slot"
+                    );
+                    if stats.last_decision.as_deref() != Some(&what) {
+                        tracing::info!(deployment = %l.spec.name, ongoing, current, desired = want, "autoscaler: no free slot to scale up");
+                        stats.last_decision = Some(what);
+                    }
+                }
+                Some(Scale::Down) => {
+                    let newest = l.replicas.last().cloned().unwrap_or_default();
+                    let holding = router.in_flight(&newest).unwrap_or(0);
+                    l.want = current - 1;
+                    stats.scale_downs += 1;
+                    let what = format!(
+                        "down to {} replicas ({ongoing} ongoing requests, target {target} per replica): draining {newest} ({holding} in flight)",
+                        current - 1
+                    );
+                    tracing::info!(deployment = %l.spec.name, ongoing, current, desired = want, replica = %newest, in_flight = holding, "autoscaler: scaling down");
+                    stats.last_decision = Some(what);
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Moves every deployment toward its wanted count: drains replicas beyond it, places
+    /// replicas on free slots up to it (or says why not), forgets deleted deployments once drained.
+    fn reconcile(&mut self, myself: &ActorRef<DeploymentMsg>) {
+        for i in 0..self.lives.len() {
+            if self.lives[i].failure.is_some() {
+                continue;
+            }
+            while self.lives[i].replicas.len() > self.lives[i].want {
+                let slot = self.lives[i].replicas.pop().expect("a replica");
+                self.args.router.set_draining(&slot);
+                self.lives[i].draining.push(slot.clone());
+                self.drain_task(myself, slot);
+            }
+            let l = &self.lives[i];
+            if l.replicas.len() >= l.want {
+                self.lives[i].pending = None;
+                continue;
+            }
+            if !tags::satisfies(&self.args.tags, &l.spec.placement.tags) {
+                let why = format!(
+                    "no node carries the tags {} (this node: {}); it is placed when one does",
+                    tags::describe(&l.spec.placement.tags),
+                    match tags::describe(&self.args.tags) {
+                        t if t.is_empty() => "no tags".to_string(),
+                        t => t,
+                    }
+                );
+                self.lives[i].pending = Some(why);
+                continue;
+            }
+            while self.lives[i].replicas.len() < self.lives[i].want {
+                let Some(s) = self.free_slot() else {
+                    let l = &self.lives[i];
+                    let why = format!(
+                        "{} of {} replicas placed: no free inference slot ({} slots; held by {})",
+                        l.replicas.len(),
+                        l.want,
+                        self.args.slots.len(),
+                        match self.holders() {
+                            h if h.is_empty() => "nobody".to_string(),
+                            h => h,
+                        }
+                    );
+                    self.lives[i].pending = Some(why);
+                    break;
+                };
+                self.start_replica(i, s);
+                self.lives[i].pending = None;
+            }
+        }
+        self.lives.retain(|l| {
+            let gone = l.deleting && l.replicas.is_empty() && l.draining.is_empty();
+            if gone {
+                tracing::info!(deployment = %l.spec.name, "deployment removed");
+            }
+            !gone
+        });
+    }
+
+    fn start_replica(&mut self, live: usize, slot: usize) {
+        let slot = self.args.slots[slot].clone();
+        let spec = &self.lives[live].spec;
+        tracing::info!(deployment = %spec.name, replica = %slot.name, path = %spec.path.display(), "starting a replica");
+        self.args.router.add_replica(ReplicaInfo {
+            name: slot.name.clone(),
+            node: self.args.node.clone(),
+            devices: slot.devices.iter().map(|d| d.to_string()).collect(),
+            tensor_parallel: slot.devices.len(),
+            state: ActorState::Starting,
+            in_flight: 0,
+            adapters: Vec::new(),
+            model: None,
+            dtype: None,
+            deployment: spec.name.clone(),
+        });
+        let args = InferenceArgs {
+            name: slot.name.clone(),
+            model_path: spec.path.clone(),
+            devices: slot.devices.iter().map(torch_device).collect(),
+            kind: spec.dtype.kind(),
+            engine: slot.engine.clone(),
+            router: self.args.router.clone(),
+        };
+        let _ = self.supervisor.cast(SupervisorMsg::Add(
+            slot.name.clone(),
+            ChildSpec::Inference(args),
+        ));
+        self.lives[live].replicas.push(slot.name);
+    }
+
+    /// Waits for a draining replica to hold no request, stops it, and reports its slot free.
+    fn drain_task(&self, myself: &ActorRef<DeploymentMsg>, slot: String) {
+        let (router, supervisor, myself) = (
+            self.args.router.clone(),
+            self.supervisor.clone(),
+            myself.clone(),
+        );
+        tokio::spawn(async move {
+            while router.in_flight(&slot).unwrap_or(0) > 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let _ = supervisor
+                .call(
+                    |reply| SupervisorMsg::Remove(slot.clone(), reply),
+                    Some(Duration::from_secs(30)),
+                )
+                .await;
+            router.remove_replica(&slot);
+            tracing::info!(replica = %slot, "drained replica stopped");
+            let _ = myself.cast(DeploymentMsg::Drained(slot));
+        });
+    }
+
+    fn view(&self, i: usize) -> DeploymentView {
+        let l = &self.lives[i];
+        let all = self.args.router.replicas();
+        let mine: Vec<&ReplicaInfo> = all
+            .iter()
+            .filter(|r| r.deployment == l.spec.name && r.state != ActorState::Draining)
+            .collect();
+        let serving = mine.iter().any(|r| r.state == ActorState::Running);
+        let failed = l.replicas.iter().find_map(|r| {
+            self.args
+                .health
+                .snapshot()
+                .into_iter()
+                .find(|h| h.name == *r && h.state == ActorState::Failed)
+                .map(|h| format!("replica {r}: {}", h.last_error.unwrap_or_default()))
+        });
+        let (state, reason) = if l.deleting {
+            (DeploymentState::Deleting, None)
+        } else if let Some(f) = &l.failure {
+            (DeploymentState::Failed, Some(f.clone()))
+        } else if let Some(f) = failed.filter(|_| !serving) {
+            (DeploymentState::Failed, Some(f))
+        } else if serving {
+            (DeploymentState::Ready, l.pending.clone())
+        } else if mine.is_empty() {
+            (DeploymentState::Pending, l.pending.clone())
+        } else {
+            (DeploymentState::Deploying, l.pending.clone())
+        };
+        let mut stats = l.stats.clone();
+        if let Some(s) = &mut stats {
+            s.replicas = l.replicas.len();
+        }
+        DeploymentView {
+            name: l.spec.name.clone(),
+            spec: l.spec.clone(),
+            state,
+            reason,
+            default: l.default,
+            replicas: mine.iter().map(|r| r.name.clone()).collect(),
+            target_replicas: l.want,
+            model: mine.iter().find_map(|r| r.model.clone()),
+            autoscaler: stats,
+            created_at: l.created_at,
+        }
+    }
+
+    fn publish(&self) {
+        let views = (0..self.lives.len()).map(|i| self.view(i)).collect();
+        self.args.deployments.publish(views);
+    }
+}

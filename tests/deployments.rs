@@ -1,0 +1,337 @@
+//! Model deployments at runtime on a real head (actor tree + HTTP) on a CPU node with two
+//! inference slots: the model given at start is the first deployment (one replica); a second tiny
+//! model is deployed on the free slot and answers requests that name it (`/chat`, OpenAI routes);
+//! bad deployments are refused with the field; one that finds no free slot, or no node with its
+//! tags, waits with the reason; deleting a deployment drains its in-flight request, frees its
+//! slot, and the waiting deployment takes it; a restarted head restores what was deployed.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::Head;
+
+const OVERRIDES: &[&str] = &["resources.cpu_inference_slots=2", "model.replicas=1"];
+
+fn deployment(head: &Head, name: &str) -> Value {
+    head.get(&format!("/models/{name}")).1
+}
+
+fn wait_state(head: &Head, name: &str, state: &str) -> Value {
+    head.wait_until(&format!("{name} {state}"), Duration::from_secs(60), |h| {
+        deployment(h, name)["state"] == state
+    });
+    deployment(head, name)
+}
+
+fn chat(head: &Head, model: Option<&str>, max_tokens: usize) -> (u16, Value) {
+    let mut body = json!({"prompt": "hello there", "max_tokens": max_tokens, "temperature": 0});
+    if let Some(m) = model {
+        body["model"] = json!(m);
+    }
+    head.post("/chat", &body)
+}
+
+#[test]
+fn deployments_are_created_served_deleted_and_restored() {
+    let head = support::start(OVERRIDES);
+    let models_root = head.dir.path().join("models");
+    support::tiny::write_model(&models_root.join("tiny2"), 11);
+    std::fs::create_dir_all(models_root.join("not-a-model")).unwrap();
+
+    // The model given at start is the default deployment, on one of the two slots.
+    let (code, list) = head.get("/models");
+    assert_eq!(code, 200, "{list}");
+    let all = list["deployments"].as_array().unwrap();
+    assert_eq!(all.len(), 1, "{list}");
+    assert_eq!(all[0]["name"], "model");
+    assert_eq!(all[0]["default"], true);
+    assert_eq!(all[0]["state"], "ready", "{list}");
+    assert_eq!(all[0]["replicas"], json!(["inference-0"]));
+
+    // A second model on the free slot.
+    let (code, d) = head.post("/models", &json!({"name": "tiny2", "path": "tiny2"}));
+    assert_eq!(code, 202, "{d}");
+    assert!(d["state"] == "deploying" || d["state"] == "ready", "{d}");
+    let d = wait_state(&head, "tiny2", "ready");
+    assert_eq!(d["replicas"], json!(["inference-1"]), "{d}");
+
+    // Requests choose by `model`.
+    let (code, a) = chat(&head, Some("tiny2"), 12);
+    assert_eq!(code, 200, "{a}");
+    assert_eq!(a["replica"], "inference-1", "{a}");
+    assert_eq!(a["model"], "tiny2", "{a}");
+    let (code, b) = chat(&head, None, 12);
+    assert_eq!(code, 200, "{b}");
+    assert_eq!(b["replica"], "inference-0", "{b}");
+    assert_eq!(b["model"], "model", "{b}");
+    assert_ne!(a["text"], b["text"], "two different models answered alike");
+    let (code, oa) = head.post(
+        "/v1/chat/completions",
+        &json!({"model": "tiny2", "messages": [{"role": "user", "content": "hello there"}],
+                "max_tokens": 12, "temperature": 0}),
+    );
+    assert_eq!(code, 200, "{oa}");
+    assert_eq!(oa["model"], "tiny2");
+    assert_eq!(oa["choices"][0]["message"]["content"], a["text"], "{oa}");
+    let ids: Vec<String> = head.get("/v1/models").1["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        ids.contains(&"model".into()) && ids.contains(&"tiny2".into()),
+        "{ids:?}"
+    );
+    let (code, e) = chat(&head, Some("nope"), 4);
+    assert_eq!(
+        (code, e["error"]["field"].as_str()),
+        (404, Some("model")),
+        "{e}"
+    );
+
+    // Refused with the field at fault.
+    for (body, status, field) in [
+        (json!({"name": "tiny2", "path": "tiny2"}), 409, None),
+        (
+            json!({"name": "bad/name", "path": "tiny2"}),
+            422,
+            Some("name"),
+        ),
+        (json!({"name": "x", "path": "/etc"}), 403, Some("path")),
+        (json!({"name": "x", "path": "missing"}), 400, Some("path")),
+        (
+            json!({"name": "x", "path": "not-a-model"}),
+            422,
+            Some("path"),
+        ),
+        (
+            json!({"name": "x", "path": "tiny2", "replicas": 0}),
+            422,
+            Some("replicas"),
+        ),
+        (
+            json!({"name": "x", "path": "tiny2", "min_replicas": 3, "max_replicas": 2}),
+            422,
+            Some("max_replicas"),
+        ),
+        (
+            json!({"name": "x", "path": "tiny2", "dtype": "int3"}),
+            422,
+            Some("dtype"),
+        ),
+        (
+            json!({"name": "x", "path": "tiny2", "autoscaling": {"target_ongoing_requests": 0}}),
+            422,
+            Some("autoscaling.target_ongoing_requests"),
+        ),
+        (
+            json!({"name": "x", "path": "tiny2", "placement": {"tags": {"a b": "c"}}}),
+            422,
+            Some("placement.tags"),
+        ),
+    ] {
+        let (code, e) = head.post("/models", &body);
+        assert_eq!(code, status, "{body} -> {e}");
+        if let Some(f) = field {
+            assert_eq!(e["error"]["field"], f, "{body} -> {e}");
+        }
+    }
+    let (code, e) = head.delete("/models/model");
+    assert_eq!(code, 409, "the default deployment stays: {e}");
+    assert_eq!(head.delete("/models/nope").0, 404);
+
+    // No free slot, or no node with the tags: pending, with the reason.
+    let (code, d) = head.post("/models", &json!({"name": "tiny3", "path": "tiny2"}));
+    assert_eq!(code, 202, "{d}");
+    assert_eq!(d["state"], "pending", "{d}");
+    assert!(
+        d["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no free inference slot"),
+        "{d}"
+    );
+    let (code, d) = head.post(
+        "/models",
+        &json!({"name": "tagged", "path": "tiny2", "placement": {"tags": {"gpu": "h100"}}}),
+    );
+    assert_eq!(code, 202, "{d}");
+    assert_eq!(d["state"], "pending", "{d}");
+    assert!(
+        d["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no node carries the tags gpu=h100"),
+        "{d}"
+    );
+    let (code, e) = chat(&head, Some("tiny3"), 4);
+    assert_eq!(code, 503, "a pending deployment has no replica: {e}");
+
+    // Deleting tiny2 drains the request it holds, then frees the slot for tiny3.
+    let url = head.url.clone();
+    let in_flight = std::thread::spawn(move || {
+        let mut r = Head::agent()
+            .post(format!("{url}/chat"))
+            .send_json(
+                json!({"prompt": "a long answer", "max_tokens": 400, "temperature": 0,
+                              "model": "tiny2"}),
+            )
+            .unwrap();
+        (
+            r.status().as_u16(),
+            r.body_mut().read_json::<Value>().unwrap(),
+        )
+    });
+    head.wait_until(
+        "the request to be in flight",
+        Duration::from_secs(30),
+        |h| {
+            h.get("/cluster").1["replicas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["name"] == "inference-1" && r["in_flight"] == 1)
+        },
+    );
+    let (code, d) = head.delete("/models/tiny2");
+    assert_eq!(code, 202, "{d}");
+    assert_eq!(d["state"], "deleting", "{d}");
+    let (code, e) = chat(&head, Some("tiny2"), 4);
+    assert!(
+        code == 503 || code == 404,
+        "a deleting deployment takes no request: {code} {e}"
+    );
+    let (code, done) = in_flight.join().unwrap();
+    assert_eq!(
+        code, 200,
+        "the request in flight during the delete completes: {done}"
+    );
+    assert_eq!(done["replica"], "inference-1");
+    let d = wait_state(&head, "tiny3", "ready");
+    assert_eq!(d["replicas"], json!(["inference-1"]), "{d}");
+    assert_eq!(head.get("/models/tiny2").0, 404);
+    let (code, c) = chat(&head, Some("tiny3"), 12);
+    assert_eq!(code, 200, "{c}");
+    assert_eq!(
+        c["text"], a["text"],
+        "tiny3 serves the same model file as tiny2 did"
+    );
+    let (code, health) = head.get("/health");
+    assert_eq!(code, 200, "{health}");
+
+    // A restarted head restores the deployments made at runtime.
+    let head = head.restart(OVERRIDES);
+    let names: Vec<String> = head.get("/models").1["deployments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["model", "tiny3", "tagged"]);
+    wait_state(&head, "tiny3", "ready");
+    assert_eq!(deployment(&head, "tagged")["state"], "pending");
+    let (code, c2) = chat(&head, Some("tiny3"), 12);
+    assert_eq!(code, 200, "{c2}");
+    assert_eq!(c2["text"], c["text"]);
+    let status = tessera::status::render(&head.get("/cluster").1, &head.get("/health").1, 0.0);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("tiny3") && l.contains("ready")),
+        "{status}"
+    );
+}
+
+#[test]
+fn a_deployment_made_at_runtime_autoscales_on_its_own_load() {
+    // Three slots: the default deployment keeps one, `auto` grows from one to two on its load.
+    let head = support::start(&["resources.cpu_inference_slots=3", "model.replicas=1"]);
+    support::tiny::write_model(&head.dir.path().join("models").join("tiny2"), 11);
+    let (code, d) = head.post(
+        "/models",
+        &json!({"name": "auto", "path": "tiny2", "max_replicas": 2,
+                "autoscaling": {"target_ongoing_requests": 1, "upscale_delay_s": 0.2,
+                                "downscale_delay_s": 0.5}}),
+    );
+    assert_eq!(code, 202, "{d}");
+    let d = wait_state(&head, "auto", "ready");
+    assert_eq!(d["target_replicas"], 1, "{d}");
+    assert_eq!(d["autoscaler"]["max_replicas"], 2, "{d}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|i| {
+            let (url, stop) = (head.url.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut failed = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let body = json!({"prompt": format!("client {i}"), "max_tokens": 100,
+                                      "temperature": 0, "model": "auto"});
+                    match Head::agent().post(format!("{url}/chat")).send_json(&body) {
+                        Ok(mut r) if r.status().as_u16() == 200 => {
+                            let _ = r.body_mut().read_to_string();
+                        }
+                        Ok(mut r) => failed.push(format!(
+                            "{}: {}",
+                            r.status(),
+                            r.body_mut().read_to_string().unwrap_or_default()
+                        )),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    head.wait_until(
+        "auto to grow to two replicas",
+        Duration::from_secs(60),
+        |h| {
+            let d = deployment(h, "auto");
+            d["replicas"].as_array().unwrap().len() == 2
+                && h.get("/cluster").1["replicas"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|r| r["deployment"] == "auto" && r["state"] == "running")
+                    .count()
+                    == 2
+        },
+    );
+    let d = deployment(&head, "auto");
+    assert!(
+        d["autoscaler"]["last_decision"]
+            .as_str()
+            .unwrap()
+            .contains("up to 2 replicas"),
+        "{d}"
+    );
+    // The default deployment kept its one replica.
+    assert_eq!(
+        deployment(&head, "model")["replicas"],
+        json!(["inference-0"])
+    );
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        let failed = c.join().unwrap();
+        assert!(failed.is_empty(), "requests failed: {failed:?}");
+    }
+    head.wait_until("auto to shrink back", Duration::from_secs(30), |h| {
+        let d = deployment(h, "auto");
+        d["replicas"].as_array().unwrap().len() == 1 && d["target_replicas"] == 1
+    });
+    let d = deployment(&head, "auto");
+    assert_eq!(d["autoscaler"]["scale_downs"], 1, "{d}");
+    let m = head.get_text("/metrics").1;
+    assert!(
+        m.contains("tessera_autoscaler{deployment=\"auto\",figure=\"scale_ups\"} 1"),
+        "{m}"
+    );
+    let (code, r) = chat(&head, Some("auto"), 4);
+    assert_eq!(code, 200, "{r}");
+}
