@@ -610,3 +610,87 @@ fn a_worker_that_leaves_checkpoints_its_job_which_resumes_without_counting_an_at
         "{done}"
     );
 }
+
+#[test]
+fn a_deployment_needing_tags_waits_for_a_tagged_worker_serves_there_and_drains_on_delete() {
+    let _serial = serial();
+    let c = Cluster::new();
+    let models = c.dir.path().join("models");
+    support::tiny::write_model(&models.join("tiny2"), 11);
+    let _head = c.head_with(1, &[&format!("model.models_root=\"{}\"", models.display())]);
+    c.wait("the head", Duration::from_secs(60), || {
+        c.get("/models")["deployments"][0]["state"] == "ready"
+    });
+    let (status, d) = c.post(
+        "/models",
+        &json!({"name": "pool", "path": "tiny2", "placement": {"tags": {"pool": "b"}}}),
+    );
+    assert_eq!(status, 202, "{d}");
+    assert_eq!(d["state"], "pending", "{d}");
+    assert!(
+        d["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no node carries the tags pool=b"),
+        "{d}"
+    );
+
+    // A worker with pool=b and a slot to spare joins: the deployment goes there.
+    let _w = c.worker(
+        "worker-b",
+        &[
+            "resources.tags.pool=\"b\"",
+            "resources.cpu_inference_slots=2",
+            "model.replicas=1",
+        ],
+    );
+    c.wait(
+        "the deployment on the worker",
+        Duration::from_secs(90),
+        || c.get("/models/pool")["state"] == "ready",
+    );
+    let node = c.workers()[0].clone();
+    let d = c.get("/models/pool");
+    assert_eq!(d["replicas"], json!([format!("{node}/inference-1")]), "{d}");
+    let (status, r) = c.post(
+        "/chat",
+        &json!({"model": "pool", "prompt": "hello", "max_tokens": 6, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["replica"], format!("{node}/inference-1"), "{r}");
+    assert_eq!(r["model"], "pool");
+    // The worker's own replica still serves the default deployment.
+    let cluster = c.get("/cluster");
+    let worker_default = cluster["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == format!("{node}/inference-0"))
+        .unwrap_or_else(|| panic!("{cluster}"));
+    assert_eq!(worker_default["deployment"], "model", "{cluster}");
+
+    // Deleted: the worker drains and stops the replica; its slot is free again.
+    let (status, d) = c.delete("/models/pool");
+    assert_eq!(status, 202, "{d}");
+    c.wait(
+        "the worker's replica to stop",
+        Duration::from_secs(60),
+        || {
+            let cluster = c.get("/cluster");
+            c.get("/models/pool")["name"].is_null()
+                && !cluster["replicas"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r["name"] == format!("{node}/inference-1"))
+                && cluster["workers"][0]["info"]["replicas"]
+                    .as_array()
+                    .is_some_and(|rs| rs.len() == 1)
+        },
+    );
+    let (status, r) = c.post(
+        "/chat",
+        &json!({"model": "pool", "prompt": "hello", "max_tokens": 6}),
+    );
+    assert_eq!(status, 404, "{r}");
+}

@@ -85,6 +85,8 @@ pub struct Node {
     pub resources: Resources,
     pub inventory: Inventory,
     pub placement: Placement,
+    /// Its inference slots (devices and engine settings of each).
+    pub slots: Vec<Slot>,
     pub router: Router,
     pub directory: Directory,
     pub health: HealthBoard,
@@ -304,7 +306,7 @@ impl Node {
                     db_path: config.db_path.clone(),
                     node: config.node_name.clone(),
                     tags: config.tags.clone(),
-                    slots,
+                    slots: slots.clone(),
                     router: router.clone(),
                     health: health.clone(),
                     deployments: deployments.clone(),
@@ -340,6 +342,7 @@ impl Node {
             },
             inventory,
             placement,
+            slots,
             router,
             directory,
             health,
@@ -357,6 +360,69 @@ impl Node {
         work: ChatWork,
     ) -> Result<Dispatched, ServeError> {
         self.router.dispatch(deployment, work)
+    }
+
+    /// Starts a replica of `deployment` on the free slot `slot` (a worker doing what its head's
+    /// deployment manager asked).
+    pub fn start_replica(
+        &self,
+        slot: &str,
+        deployment: &str,
+        path: PathBuf,
+        kind: Option<tch::Kind>,
+    ) -> Result<(), String> {
+        let s = self
+            .slots
+            .iter()
+            .find(|s| s.name == slot)
+            .ok_or_else(|| format!("this node has no inference slot `{slot}`"))?;
+        if self.router.in_flight(slot).is_some() {
+            return Err(format!("inference slot `{slot}` is taken"));
+        }
+        tracing::info!(replica = %slot, %deployment, path = %path.display(), "starting a replica for the head");
+        self.router.add_replica(ReplicaInfo {
+            name: s.name.clone(),
+            node: self.name.clone(),
+            devices: s.devices.iter().map(|d| d.to_string()).collect(),
+            tensor_parallel: s.devices.len(),
+            state: ActorState::Starting,
+            in_flight: 0,
+            adapters: Vec::new(),
+            model: None,
+            dtype: None,
+            deployment: deployment.to_string(),
+        });
+        self.supervisor
+            .cast(SupervisorMsg::Add(
+                s.name.clone(),
+                ChildSpec::Inference(InferenceArgs {
+                    name: s.name.clone(),
+                    model_path: path,
+                    devices: s.devices.iter().map(torch_device).collect(),
+                    kind,
+                    engine: s.engine.clone(),
+                    router: self.router.clone(),
+                }),
+            ))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Drains replica `slot` (it takes nothing new and finishes what it holds), then stops it.
+    pub async fn stop_replica(&self, slot: &str) {
+        self.router.set_draining(slot);
+        while self.router.in_flight(slot).unwrap_or(0) > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let name = slot.to_string();
+        let _ = self
+            .supervisor
+            .call(
+                |reply| SupervisorMsg::Remove(name, reply),
+                Some(Duration::from_secs(30)),
+            )
+            .await;
+        self.router.remove_replica(slot);
+        tracing::info!(replica = %slot, "replica drained and stopped for the head");
     }
 
     /// Creates a deployment: placed on free inference slots now, or pending with the reason.

@@ -250,13 +250,32 @@ impl Router {
         deployment: Option<&str>,
         work: ChatWork,
     ) -> Result<Dispatched, ServeError> {
+        let of = deployment
+            .map(|d| format!(" of deployment `{d}`"))
+            .unwrap_or_default();
+        self.dispatch_where(|r| deployment.is_none_or(|d| r.deployment == d), &of, work)
+    }
+
+    /// Sends `work` to replica `name` (a worker does what its head chose).
+    pub fn dispatch_named(&self, name: &str, work: ChatWork) -> Result<Dispatched, ServeError> {
+        self.dispatch_where(|r| r.name == name, &format!(" `{name}`"), work)
+    }
+
+    /// Sends `work` to the chosen one of the replicas `eligible` accepts (`what` names them in
+    /// errors).
+    fn dispatch_where(
+        &self,
+        eligible: impl Fn(&ReplicaInfo) -> bool,
+        what: &str,
+        work: ChatWork,
+    ) -> Result<Dispatched, ServeError> {
         let mut work = Some(work);
         let mut tried: Vec<String> = Vec::new();
         loop {
             let (actor, in_flight, name) = {
                 let mut slots = self.slots.write().expect("router");
                 let ours: Vec<usize> = (0..slots.len())
-                    .filter(|&i| deployment.is_none_or(|d| slots[i].info.deployment == d))
+                    .filter(|&i| eligible(&slots[i].info))
                     .collect();
                 let up: Vec<usize> = ours
                     .iter()
@@ -292,14 +311,11 @@ impl Router {
                     .collect();
                 let rotate = self.rotate.fetch_add(1, Ordering::Relaxed);
                 let Some(choice) = pick(&candidates, self.affinity_slack, rotate) else {
-                    let of = deployment
-                        .map(|d| format!(" of deployment `{d}`"))
-                        .unwrap_or_default();
                     return Err(ServeError::unavailable(if ours.is_empty() {
-                        format!("this cluster has no inference replicas{of}")
+                        format!("this cluster has no inference replica{what}")
                     } else {
                         format!(
-                            "no inference replica{of} is ready (starting or restarting); retry shortly"
+                            "no inference replica{what} is ready (starting or restarting); retry shortly"
                         )
                     }));
                 };
@@ -439,7 +455,8 @@ mod tests {
         assert!(other.message.contains("deployment `e`"), "{other}");
         let first = router.dispatch(Some("d"), work.clone()).unwrap();
         let _second = router.dispatch(None, work.clone()).unwrap();
-        let refused = router.dispatch(Some("d"), work.clone()).err().unwrap();
+        assert!(router.dispatch_named("r1", work.clone()).is_err());
+        let refused = router.dispatch_named("r0", work.clone()).err().unwrap();
         assert_eq!(refused.kind, ServeErrorKind::Overloaded);
         assert!(refused.message.contains("max_in_flight"), "{refused}");
         // The replica's clone of the lease keeps counting after the client's is gone.

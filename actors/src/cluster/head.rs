@@ -76,6 +76,8 @@ impl ClusterTable {
 
 struct RemoteReplicaHandle {
     node: String,
+    /// Its name on the worker.
+    replica: String,
     agent: ActorRef<WorkerInbox>,
     table: ClusterTable,
 }
@@ -92,6 +94,7 @@ impl RemoteReplica for RemoteReplicaHandle {
             .insert(request_id.clone(), (self.node.clone(), tx));
         if let Err(e) = self.agent.cast(WorkerInbox::Frame(ToWorker::Generate {
             work: Box::new(work),
+            replica: Some(self.replica.clone()),
         })) {
             self.table
                 .inner
@@ -206,6 +209,76 @@ impl RemoteTrainer for RemoteTrainerHandle {
             .get(&self.key())
             .cloned()
             .flatten()
+    }
+}
+
+/// The workers' inference slots, for the deployment manager.
+struct WorkerSlots {
+    table: ClusterTable,
+}
+
+impl crate::deployments::RemoteNodes for WorkerSlots {
+    fn nodes(&self) -> Vec<crate::deployments::RemoteNode> {
+        let t = self.table.inner.lock().expect("cluster");
+        let mut nodes: Vec<_> = t
+            .workers
+            .values()
+            .map(|w| crate::deployments::RemoteNode {
+                node: w.info.node.clone(),
+                tags: w.info.tags.clone(),
+                slots: w
+                    .info
+                    .placement
+                    .replicas
+                    .iter()
+                    .map(|r| (r.name.clone(), r.devices.len()))
+                    .collect(),
+                busy: w.info.replicas.iter().map(|r| r.name.clone()).collect(),
+            })
+            .collect();
+        nodes.sort_by(|a, b| a.node.cmp(&b.node));
+        nodes
+    }
+
+    fn start(
+        &self,
+        node: &str,
+        slot: &str,
+        spec: &crate::deployments::DeploymentSpec,
+    ) -> Result<(), String> {
+        let agent = self
+            .table
+            .inner
+            .lock()
+            .expect("cluster")
+            .workers
+            .get(node)
+            .map(|w| w.agent.clone())
+            .ok_or_else(|| format!("worker {node} is gone"))?;
+        agent
+            .cast(WorkerInbox::Frame(ToWorker::StartReplica {
+                slot: slot.to_string(),
+                deployment: spec.name.clone(),
+                path: spec.path.clone(),
+                dtype: spec.dtype,
+            }))
+            .map_err(|e| format!("worker {node}: {e}"))
+    }
+
+    fn stop(&self, node: &str, slot: &str) {
+        let agent = self
+            .table
+            .inner
+            .lock()
+            .expect("cluster")
+            .workers
+            .get(node)
+            .map(|w| w.agent.clone());
+        if let Some(agent) = agent {
+            let _ = agent.cast(WorkerInbox::Frame(ToWorker::StopReplica {
+                slot: slot.to_string(),
+            }));
+        }
     }
 }
 
@@ -425,6 +498,17 @@ impl ClusterHeadState {
                 }
             }
             ToHead::Leaving => self.evict(&node, "left the cluster", false),
+            ToHead::Replicas { replicas } => {
+                let agent = {
+                    let mut t = self.args.table.inner.lock().expect("cluster");
+                    let Some(w) = t.workers.get_mut(&node) else {
+                        return;
+                    };
+                    w.info.replicas = replicas.clone();
+                    w.agent.clone()
+                };
+                self.sync_replicas(&node, &agent, &replicas);
+            }
             ToHead::WhichModel => {
                 if let Some(agent) = self.sessions.agent(&node) {
                     tracing::info!(%node, model = %self.args.model_path.display(), "worker asked which model to load");
@@ -462,6 +546,62 @@ impl ClusterHeadState {
         }
     }
 
+    /// Makes the router's replicas of `node` those of `replicas` that serve: new ones are added
+    /// (labelled with their deployment when the head has it, else the default one), ones that
+    /// stopped serving (draining, stopped, restarting) are removed, the others keep their load.
+    fn sync_replicas(&self, node: &str, agent: &ActorRef<WorkerInbox>, replicas: &[ReplicaInfo]) {
+        let args = &self.args;
+        let serving: Vec<&ReplicaInfo> = replicas
+            .iter()
+            .filter(|r| r.state == ActorState::Running)
+            .collect();
+        let known: Vec<String> = args
+            .router
+            .replicas()
+            .into_iter()
+            .filter(|r| r.node == node)
+            .map(|r| r.name)
+            .collect();
+        for name in &known {
+            if !serving
+                .iter()
+                .any(|r| format!("{node}/{}", r.name) == *name)
+            {
+                tracing::info!(%node, replica = %name, "a worker's replica stopped serving");
+                args.router.remove_replica(name);
+            }
+        }
+        for r in serving {
+            let name = format!("{node}/{}", r.name);
+            if known.contains(&name) {
+                continue;
+            }
+            let deployment = args
+                .deployments
+                .get(&r.deployment)
+                .map(|d| d.name)
+                .unwrap_or_else(|| args.deployments.default_name());
+            tracing::info!(%node, replica = %name, %deployment, "a worker's replica serves");
+            args.router.add_remote(
+                ReplicaInfo {
+                    name,
+                    node: node.to_string(),
+                    deployment,
+                    state: ActorState::Running,
+                    in_flight: 0,
+                    adapters: Vec::new(),
+                    ..r.clone()
+                },
+                Arc::new(RemoteReplicaHandle {
+                    node: node.to_string(),
+                    replica: r.name.clone(),
+                    agent: agent.clone(),
+                    table: args.table.clone(),
+                }),
+            );
+        }
+    }
+
     fn register(&mut self, info: WorkerInfo) {
         let node = info.node.clone();
         let Some(agent) = self.sessions.agent(&node) else {
@@ -470,29 +610,7 @@ impl ClusterHeadState {
         };
         let args = &self.args;
         args.router.remove_node(&node);
-        for r in &info.replicas {
-            let deployment = args
-                .deployments
-                .get(&r.deployment)
-                .map(|d| d.name)
-                .unwrap_or_else(|| args.deployments.default_name());
-            args.router.add_remote(
-                ReplicaInfo {
-                    name: format!("{node}/{}", r.name),
-                    node: node.clone(),
-                    deployment,
-                    state: ActorState::Running,
-                    in_flight: 0,
-                    adapters: Vec::new(),
-                    ..r.clone()
-                },
-                Arc::new(RemoteReplicaHandle {
-                    node: node.clone(),
-                    agent: agent.clone(),
-                    table: args.table.clone(),
-                }),
-            );
-        }
+        self.sync_replicas(&node, &agent, &info.replicas);
         args.directory.remove_node(&node);
         {
             let mut t = args.table.inner.lock().expect("cluster");
@@ -651,12 +769,15 @@ impl HeadCluster {
             .await
             .map_err(|e| format!("cluster node server: {e}"))?;
         let table = ClusterTable::default();
+        deployments.set_remote(Arc::new(WorkerSlots {
+            table: table.clone(),
+        }));
         let (actor, _) = Actor::spawn(
             None,
             ClusterHead,
             ClusterHeadArgs {
                 model_path,
-                deployments,
+                deployments: deployments.clone(),
                 router,
                 directory,
                 table: table.clone(),

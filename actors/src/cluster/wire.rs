@@ -77,6 +77,10 @@ pub enum ToHead {
     WhichModel,
     /// The worker leaves on purpose (Ctrl-C): not a failure.
     Leaving,
+    /// Its replicas changed (one started, loaded, drains or stopped): all of them, as now.
+    Replicas {
+        replicas: Vec<ReplicaInfo>,
+    },
 }
 
 /// One message to the head: the sending node and the key the head gave that node's session. The
@@ -96,6 +100,21 @@ pub enum ToWorker {
     },
     Generate {
         work: Box<ChatWork>,
+        /// The worker's replica the head chose (`None`: any).
+        #[serde(default)]
+        replica: Option<String>,
+    },
+    /// Start a replica of a deployment on a free inference slot (the model path is on shared
+    /// storage, as datasets and adapters are).
+    StartReplica {
+        slot: String,
+        deployment: String,
+        path: std::path::PathBuf,
+        dtype: crate::deployments::Dtype,
+    },
+    /// Drain a replica (it finishes what it holds), then stop it and free its slot.
+    StopReplica {
+        slot: String,
     },
     Cancel {
         request_id: String,

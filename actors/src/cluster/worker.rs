@@ -117,6 +117,8 @@ pub struct WorkerAgentArgs {
 
 pub struct WorkerAgentState {
     args: WorkerAgentArgs,
+    /// The replicas (name, state, deployment) last reported to the head.
+    reported: Vec<(String, crate::health::ActorState, String)>,
     /// Per stream: its task, and the credit the head has granted.
     streams: HashMap<String, (tokio::task::AbortHandle, Arc<tokio::sync::Semaphore>)>,
     finished: mpsc::UnboundedSender<String>,
@@ -178,6 +180,7 @@ impl Actor for WorkerAgent {
         });
         Ok(WorkerAgentState {
             args,
+            reported: Vec::new(),
             streams: HashMap::new(),
             finished,
         })
@@ -218,8 +221,30 @@ impl Actor for WorkerAgent {
             ToWorker::UseModel { .. } | ToWorker::Welcome { .. } => {}
             ToWorker::Ping { seq } => {
                 link.send(ToHead::Pong { seq });
+                // Replicas started, loaded, draining or stopped since: tell the head.
+                let replicas = node.router.replicas();
+                let now: Vec<_> = replicas
+                    .iter()
+                    .map(|r| (r.name.clone(), r.state, r.deployment.clone()))
+                    .collect();
+                if now != state.reported && link.send(ToHead::Replicas { replicas }) {
+                    state.reported = now;
+                }
             }
-            ToWorker::Generate { work } => {
+            ToWorker::StartReplica {
+                slot,
+                deployment,
+                path,
+                dtype,
+            } => {
+                if let Err(e) = node.start_replica(&slot, &deployment, path, dtype.kind()) {
+                    tracing::warn!(replica = %slot, %deployment, error = %e, "the head asked for a replica that cannot start here");
+                }
+            }
+            ToWorker::StopReplica { slot } => {
+                tokio::spawn(async move { node.stop_replica(&slot).await });
+            }
+            ToWorker::Generate { work, replica } => {
                 let request_id = work.request_id.clone();
                 let span = tracing::info_span!("request", request_id = %work.trace_id);
                 let finished = state.finished.clone();
@@ -228,7 +253,11 @@ impl Actor for WorkerAgent {
                 let window = credit.clone();
                 let task = tokio::spawn(
                     async move {
-                        match node.router.dispatch(None, *work) {
+                        let dispatched = match &replica {
+                            Some(name) => node.router.dispatch_named(name, *work),
+                            None => node.router.dispatch(None, *work),
+                        };
+                        match dispatched {
                             Err(e) => {
                                 link.send(ToHead::Stream {
                                     request_id: id.clone(),

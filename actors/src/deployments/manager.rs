@@ -15,6 +15,7 @@ use tessera_engine::EngineConfig;
 
 use super::{
     DeploymentError, DeploymentSpec, DeploymentState, DeploymentStore, DeploymentView, Deployments,
+    RemoteNode,
 };
 use crate::autoscaler::{self, AutoscalerStats, Decider, Scale};
 use crate::health::{ActorState, HealthBoard};
@@ -67,6 +68,12 @@ pub enum DeploymentMsg {
 
 impl ractor::Message for DeploymentMsg {}
 
+/// Where a replica goes.
+enum Place {
+    Local(usize),
+    Remote { node: String, slot: String },
+}
+
 /// One deployment as the manager runs it.
 struct Live {
     spec: DeploymentSpec,
@@ -79,7 +86,9 @@ struct Live {
     /// Replicas wanted now.
     want: usize,
     deleting: bool,
-    /// Why it cannot run at all (does not fit); it never gets a slot.
+    /// Why it cannot run on this node (does not fit); it may still run on a worker.
+    local_unfit: Option<String>,
+    /// Why it cannot run anywhere now (it does not fit here and no worker can take it).
     failure: Option<String>,
     /// Why not every wanted replica is placed.
     pending: Option<String>,
@@ -173,7 +182,7 @@ fn unfit(spec: &DeploymentSpec, slots: &[Slot]) -> Option<String> {
 
 impl Live {
     fn new(spec: DeploymentSpec, default: bool, created_at: f64, slots: &[Slot]) -> Self {
-        let failure = unfit(&spec, slots);
+        let local_unfit = unfit(&spec, slots);
         let stats = spec.autoscaling_config().map(|c| AutoscalerStats {
             min_replicas: c.min_replicas,
             max_replicas: c.max_replicas.min(slots.len()),
@@ -187,7 +196,8 @@ impl Live {
             replicas: Vec::new(),
             draining: Vec::new(),
             deleting: false,
-            failure,
+            failure: local_unfit.clone(),
+            local_unfit,
             pending: None,
             decider: Decider::default(),
             stats,
@@ -291,7 +301,7 @@ impl Actor for DeploymentManager {
 
 /// The default deployment as configured, its counts within the node's slots.
 fn args_default_spec(slots: &[Slot], spec: &DeploymentSpec) -> DeploymentSpec {
-    let n = slots.len().max(1);
+    let n = slots.len();
     DeploymentSpec {
         replicas: spec.replicas.min(n),
         max_replicas: spec.max_replicas.min(n),
@@ -306,7 +316,19 @@ impl ManagerState {
     /// its deployment is gone.
     fn adopt(&mut self, myself: &ActorRef<DeploymentMsg>) {
         for r in self.args.router.replicas() {
-            if r.node != self.args.node || !self.args.slots.iter().any(|s| s.name == r.name) {
+            // A worker's replicas of a runtime deployment (its own model's are its own).
+            if r.node != self.args.node {
+                if let Some(l) = self
+                    .lives
+                    .iter_mut()
+                    .find(|l| !l.default && l.spec.name == r.deployment)
+                {
+                    l.replicas.push(r.name.clone());
+                    l.want = l.want.max(l.replicas.len());
+                }
+                continue;
+            }
+            if !self.args.slots.iter().any(|s| s.name == r.name) {
                 continue;
             }
             match self.lives.iter_mut().find(|l| l.spec.name == r.deployment) {
@@ -386,15 +408,95 @@ impl ManagerState {
         Ok(view)
     }
 
-    /// Slots taken by no deployment (neither serving nor draining).
-    fn free_slot(&self) -> Option<usize> {
-        self.args.slots.iter().position(|s| {
-            !self
-                .lives
-                .iter()
-                .any(|l| l.replicas.contains(&s.name) || l.draining.contains(&s.name))
-                && self.args.router.in_flight(&s.name).is_none()
-        })
+    /// Whether a deployment holds (or drains) the replica named `name` in the router.
+    fn used(&self, name: &str) -> bool {
+        self.lives
+            .iter()
+            .any(|l| l.replicas.iter().any(|r| r == name) || l.draining.iter().any(|r| r == name))
+    }
+
+    /// A free local slot: held by no deployment and not in the router.
+    fn free_local(&self) -> Option<usize> {
+        self.args
+            .slots
+            .iter()
+            .position(|s| !self.used(&s.name) && self.args.router.in_flight(&s.name).is_none())
+    }
+
+    /// Where live `i` may put its next replica, or why nowhere (`Err((reason, fatal))`: fatal
+    /// when no node could ever take it as things are).
+    fn place(&self, i: usize, remote: &[RemoteNode]) -> Result<Place, (String, bool)> {
+        let spec = &self.lives[i].spec;
+        let required = &spec.placement.tags;
+        let tags_here = tags::satisfies(&self.args.tags, required);
+        let here = tags_here && self.lives[i].local_unfit.is_none() && !self.args.slots.is_empty();
+        // The model given at start runs on the head's slots (workers serve it with their own).
+        let workers: Vec<&RemoteNode> = remote
+            .iter()
+            .filter(|n| !self.lives[i].default && tags::satisfies(&n.tags, required))
+            .collect();
+        if here {
+            if let Some(s) = self.free_local() {
+                return Ok(Place::Local(s));
+            }
+        }
+        for n in &workers {
+            for (slot, devices) in &n.slots {
+                let name = format!("{}/{slot}", n.node);
+                if spec.tensor_parallel.is_some_and(|tp| tp != *devices)
+                    || n.busy.contains(slot)
+                    || self.used(&name)
+                {
+                    continue;
+                }
+                return Ok(Place::Remote {
+                    node: n.node.clone(),
+                    slot: slot.clone(),
+                });
+            }
+        }
+        if workers.is_empty() {
+            if let (true, Some(why)) = (tags_here, &self.lives[i].local_unfit) {
+                return Err((why.clone(), true));
+            }
+            if !tags_here {
+                let describe = |t: &Tags| match tags::describe(t) {
+                    t if t.is_empty() => "no tags".to_string(),
+                    t => t,
+                };
+                return Err((
+                    format!(
+                        "no node carries the tags {} (head: {}; {} worker(s)); it is placed when one does",
+                        tags::describe(required),
+                        describe(&self.args.tags),
+                        remote.len()
+                    ),
+                    false,
+                ));
+            }
+        }
+        let l = &self.lives[i];
+        Err((
+            format!(
+                "{} of {} replicas placed: no free inference slot ({} slots here{}; held by {})",
+                l.replicas.len(),
+                l.want,
+                self.args.slots.len(),
+                if remote.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        ", {} on workers",
+                        remote.iter().map(|n| n.slots.len()).sum::<usize>()
+                    )
+                },
+                match self.holders() {
+                    h if h.is_empty() => "nobody".to_string(),
+                    h => h,
+                }
+            ),
+            false,
+        ))
     }
 
     /// Who holds the slots, for a pending reason.
@@ -409,10 +511,13 @@ impl ManagerState {
 
     /// Updates each autoscaled deployment's wanted count from its in-flight requests.
     fn autoscale(&mut self) {
-        let free = self.free_slot().is_some();
-        let slots = self.args.slots.len();
+        let remote = self.remote_nodes();
+        let slots = self.args.slots.len() + remote.iter().map(|n| n.slots.len()).sum::<usize>();
+        let free: Vec<bool> = (0..self.lives.len())
+            .map(|i| self.place(i, &remote).is_ok())
+            .collect();
         let router = self.args.router.clone();
-        for l in &mut self.lives {
+        for (l, free) in self.lives.iter_mut().zip(free) {
             let Some(mut config) = l.spec.autoscaling_config() else {
                 continue;
             };
@@ -471,54 +576,57 @@ impl ManagerState {
         }
     }
 
-    /// Moves every deployment toward its wanted count: drains replicas beyond it, places
-    /// replicas on free slots up to it (or says why not), forgets deleted deployments once drained.
+    fn remote_nodes(&self) -> Vec<RemoteNode> {
+        self.args
+            .deployments
+            .remote()
+            .map(|r| r.nodes())
+            .unwrap_or_default()
+    }
+
+    /// Moves every deployment toward its wanted count: forgets replicas of workers that are gone,
+    /// drains replicas beyond it, places replicas on free slots (here, or on a worker carrying its
+    /// tags) up to it (or says why not), forgets deleted deployments once drained.
     fn reconcile(&mut self, myself: &ActorRef<DeploymentMsg>) {
-        for i in 0..self.lives.len() {
-            if self.lives[i].failure.is_some() {
-                continue;
+        let remote = self.remote_nodes();
+        let alive = |name: &String| match name.split_once('/') {
+            None => true,
+            Some((node, _)) => remote.iter().any(|n| n.node == node),
+        };
+        for l in &mut self.lives {
+            let before = l.replicas.len();
+            l.replicas.retain(alive);
+            l.draining.retain(alive);
+            if l.replicas.len() < before {
+                tracing::warn!(deployment = %l.spec.name, lost = before - l.replicas.len(), "replicas lost with their worker; placing them again");
             }
+        }
+        for i in 0..self.lives.len() {
             while self.lives[i].replicas.len() > self.lives[i].want {
                 let slot = self.lives[i].replicas.pop().expect("a replica");
                 self.args.router.set_draining(&slot);
                 self.lives[i].draining.push(slot.clone());
                 self.drain_task(myself, slot);
             }
-            let l = &self.lives[i];
-            if l.replicas.len() >= l.want {
-                self.lives[i].pending = None;
-                continue;
-            }
-            if !tags::satisfies(&self.args.tags, &l.spec.placement.tags) {
-                let why = format!(
-                    "no node carries the tags {} (this node: {}); it is placed when one does",
-                    tags::describe(&l.spec.placement.tags),
-                    match tags::describe(&self.args.tags) {
-                        t if t.is_empty() => "no tags".to_string(),
-                        t => t,
-                    }
-                );
-                self.lives[i].pending = Some(why);
-                continue;
-            }
+            self.lives[i].failure = None;
+            self.lives[i].pending = None;
             while self.lives[i].replicas.len() < self.lives[i].want {
-                let Some(s) = self.free_slot() else {
-                    let l = &self.lives[i];
-                    let why = format!(
-                        "{} of {} replicas placed: no free inference slot ({} slots; held by {})",
-                        l.replicas.len(),
-                        l.want,
-                        self.args.slots.len(),
-                        match self.holders() {
-                            h if h.is_empty() => "nobody".to_string(),
-                            h => h,
+                match self.place(i, &remote) {
+                    Ok(place) => {
+                        if let Err(e) = self.start_replica(i, place) {
+                            self.lives[i].pending = Some(e);
+                            break;
                         }
-                    );
-                    self.lives[i].pending = Some(why);
-                    break;
-                };
-                self.start_replica(i, s);
-                self.lives[i].pending = None;
+                    }
+                    Err((why, fatal)) => {
+                        if fatal && self.lives[i].replicas.is_empty() {
+                            self.lives[i].failure = Some(why);
+                        } else {
+                            self.lives[i].pending = Some(why);
+                        }
+                        break;
+                    }
+                }
             }
         }
         self.lives.retain(|l| {
@@ -530,9 +638,22 @@ impl ManagerState {
         });
     }
 
-    fn start_replica(&mut self, live: usize, slot: usize) {
-        let slot = self.args.slots[slot].clone();
+    fn start_replica(&mut self, live: usize, place: Place) -> Result<(), String> {
         let spec = &self.lives[live].spec;
+        let slot = match place {
+            Place::Remote { node, slot } => {
+                let remote = self
+                    .args
+                    .deployments
+                    .remote()
+                    .ok_or("the cluster endpoint is not up")?;
+                remote.start(&node, &slot, spec)?;
+                tracing::info!(deployment = %spec.name, %node, replica = %slot, path = %spec.path.display(), "starting a replica on a worker");
+                self.lives[live].replicas.push(format!("{node}/{slot}"));
+                return Ok(());
+            }
+            Place::Local(i) => self.args.slots[i].clone(),
+        };
         tracing::info!(deployment = %spec.name, replica = %slot.name, path = %spec.path.display(), "starting a replica");
         self.args.router.add_replica(ReplicaInfo {
             name: slot.name.clone(),
@@ -559,25 +680,33 @@ impl ManagerState {
             ChildSpec::Inference(args),
         ));
         self.lives[live].replicas.push(slot.name);
+        Ok(())
     }
 
     /// Waits for a draining replica to hold no request, stops it, and reports its slot free.
     fn drain_task(&self, myself: &ActorRef<DeploymentMsg>, slot: String) {
-        let (router, supervisor, myself) = (
+        let (router, supervisor, myself, remote) = (
             self.args.router.clone(),
             self.supervisor.clone(),
             myself.clone(),
+            self.args.deployments.remote(),
         );
         tokio::spawn(async move {
             while router.in_flight(&slot).unwrap_or(0) > 0 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            let _ = supervisor
-                .call(
-                    |reply| SupervisorMsg::Remove(slot.clone(), reply),
-                    Some(Duration::from_secs(30)),
-                )
-                .await;
+            match (slot.split_once('/'), remote) {
+                (Some((node, local)), Some(remote)) => remote.stop(node, local),
+                (Some(_), None) => {}
+                (None, _) => {
+                    let _ = supervisor
+                        .call(
+                            |reply| SupervisorMsg::Remove(slot.clone(), reply),
+                            Some(Duration::from_secs(30)),
+                        )
+                        .await;
+                }
+            }
             router.remove_replica(&slot);
             tracing::info!(replica = %slot, "drained replica stopped");
             let _ = myself.cast(DeploymentMsg::Drained(slot));
@@ -608,7 +737,7 @@ impl ManagerState {
             (DeploymentState::Failed, Some(f))
         } else if serving {
             (DeploymentState::Ready, l.pending.clone())
-        } else if mine.is_empty() {
+        } else if mine.is_empty() && l.replicas.is_empty() {
             (DeploymentState::Pending, l.pending.clone())
         } else {
             (DeploymentState::Deploying, l.pending.clone())
@@ -623,7 +752,16 @@ impl ManagerState {
             state,
             reason,
             default: l.default,
-            replicas: mine.iter().map(|r| r.name.clone()).collect(),
+            // Its own (some still starting on a worker) and the workers' of its model.
+            replicas: {
+                let mut names = l.replicas.clone();
+                for r in &mine {
+                    if !names.contains(&r.name) {
+                        names.push(r.name.clone());
+                    }
+                }
+                names
+            },
             target_replicas: l.want,
             model: mine.iter().find_map(|r| r.model.clone()),
             autoscaler: stats,

@@ -199,11 +199,32 @@ pub enum DeploymentError {
     Store(String),
 }
 
+/// A joined worker as the deployment manager sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteNode {
+    pub node: String,
+    pub tags: Tags,
+    /// Its inference slots: (name on the worker, devices).
+    pub slots: Vec<(String, usize)>,
+    /// Slots it reports serving (any state), by name on the worker.
+    pub busy: Vec<String>,
+}
+
+/// The head's cluster endpoint, as the deployment manager uses it: joined workers, and starting
+/// and stopping replicas on their free slots.
+pub trait RemoteNodes: Send + Sync {
+    fn nodes(&self) -> Vec<RemoteNode>;
+    fn start(&self, node: &str, slot: &str, spec: &DeploymentSpec) -> Result<(), String>;
+    fn stop(&self, node: &str, slot: &str);
+}
+
 /// The deployments as the manager last published them, and the manager's address.
 #[derive(Clone, Default)]
 pub struct Deployments {
     views: Arc<RwLock<Vec<DeploymentView>>>,
     manager: Arc<RwLock<Option<ActorRef<DeploymentMsg>>>>,
+    /// The workers (set once the head's cluster endpoint is up).
+    remote: Arc<RwLock<Option<Arc<dyn RemoteNodes>>>>,
     /// The default deployment's name (fixed at start).
     default: Arc<RwLock<String>>,
 }
@@ -249,6 +270,14 @@ impl Deployments {
 
     pub(crate) fn set_manager(&self, manager: Option<ActorRef<DeploymentMsg>>) {
         *self.manager.write().expect("deployments") = manager;
+    }
+
+    pub fn set_remote(&self, remote: Arc<dyn RemoteNodes>) {
+        *self.remote.write().expect("deployments") = Some(remote);
+    }
+
+    pub(crate) fn remote(&self) -> Option<Arc<dyn RemoteNodes>> {
+        self.remote.read().expect("deployments").clone()
     }
 
     pub(crate) fn publish(&self, views: Vec<DeploymentView>) {
