@@ -174,8 +174,6 @@ pub struct FineTuneArgs {
 pub struct ModelsArgs {
     #[command(subcommand)]
     pub action: ModelsAction,
-    #[command(flatten)]
-    pub conn: ConnArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -183,9 +181,16 @@ pub enum ModelsAction {
     /// Deploy a base model (GGUF file or HF directory under the head's model.models_root).
     Deploy(DeployArgs),
     /// A table of the deployments.
-    List,
+    List {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Delete a deployment: its replicas drain, then stop.
-    Delete { name: String },
+    Delete {
+        name: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -216,6 +221,8 @@ pub struct DeployArgs {
     /// Wait until it is ready (or failed).
     #[arg(long)]
     pub wait: bool,
+    #[command(flatten)]
+    pub conn: ConnArgs,
 }
 
 #[derive(Debug, Args)]

@@ -12,20 +12,21 @@ use crate::client::{encode, json_body, text, write_table, Client};
 use crate::config::Config;
 
 pub fn run(args: ModelsArgs, config: &Config) -> anyhow::Result<()> {
-    let client = Client::new(&args.conn, config);
     match args.action {
-        ModelsAction::List => {
+        ModelsAction::List { conn } => {
+            let client = Client::new(&conn, config);
             let body = json_body(client.get("/models")?)?;
             let mut out = std::io::stdout().lock();
             write!(out, "{}", table(&body))?;
             Ok(())
         }
-        ModelsAction::Delete { name } => {
+        ModelsAction::Delete { name, conn } => {
+            let client = Client::new(&conn, config);
             let view = json_body(client.delete(&format!("/models/{}", encode(&name)))?)?;
             println!("{} {}", text(&view["name"]), text(&view["state"]));
             Ok(())
         }
-        ModelsAction::Deploy(d) => deploy(&client, d),
+        ModelsAction::Deploy(d) => deploy(&Client::new(&d.conn, config), d),
     }
 }
 
@@ -153,6 +154,10 @@ mod tests {
             upscale_delay_s: None,
             downscale_delay_s: Some(3.0),
             wait: false,
+            conn: crate::cli::ConnArgs {
+                url: None,
+                token: None,
+            },
         };
         assert_eq!(
             body(&d),

@@ -277,3 +277,57 @@ fn fine_tune_watch_then_list_show_and_cancel_jobs() {
     let record: Value = serde_json::from_str(&ok(&tessera(url, &["jobs", &id2]))).unwrap();
     assert_eq!(record["status"], "cancelled", "{record}");
 }
+
+#[test]
+fn models_deploy_list_chat_and_delete() {
+    let head = start(&[
+        &format!("server.auth_token=\"{TOKEN}\""),
+        "resources.cpu_inference_slots=2",
+        "model.replicas=1",
+    ]);
+    let url = head.url.as_str();
+    support::tiny::write_model(&head.dir.path().join("models").join("tiny2"), 11);
+
+    let out = ok(&tessera(
+        url,
+        &["models", "deploy", "second", "tiny2", "--wait"],
+    ));
+    assert!(out.starts_with("second ready"), "{out}");
+    let table = ok(&tessera(url, &["models", "list"]));
+    let row = table.lines().find(|l| l.starts_with("second")).unwrap();
+    assert!(
+        row.contains("ready") && row.contains("1/1") && row.contains("fixed"),
+        "{table}"
+    );
+    assert!(
+        table.lines().any(|l| l.starts_with("model (default)")),
+        "{table}"
+    );
+    let answer = ok(&tessera(
+        url,
+        &[
+            "chat",
+            "hello",
+            "--model",
+            "second",
+            "--max-tokens",
+            "4",
+            "--temperature",
+            "0",
+            "--json",
+        ],
+    ));
+    let v: Value = serde_json::from_str(answer.lines().last().unwrap()).unwrap();
+    assert_eq!(v["model"], "second", "{answer}");
+    assert_eq!(v["replica"], "inference-1", "{answer}");
+    fails_with(
+        &tessera(url, &["models", "deploy", "second", "tiny2"]),
+        "exists",
+    );
+    let out = ok(&tessera(url, &["models", "delete", "second"]));
+    assert!(out.starts_with("second deleting"), "{out}");
+    fails_with(
+        &tessera(url, &["models", "delete", "model"]),
+        "cannot be deleted",
+    );
+}
