@@ -13,6 +13,24 @@ use serde_json::{json, Value};
 use support::cluster::{serial, Cluster, Proc, BIN};
 use support::{read_sse, smollm2, Head};
 
+/// `text` without its terminal colour codes (`ESC [ ... m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\x1b' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}
+
 fn chat(c: &Cluster) -> (u16, Value) {
     c.post(
         "/chat",
@@ -542,12 +560,22 @@ fn a_job_needing_tags_waits_for_a_tagged_worker_and_runs_there() {
         "zone=b".into(),
     ];
     args.extend(["--set".into(), "batching.max_kv_tokens=8192".into()]);
-    let _b = c.spawn("worker-b", &args);
+    let b = c.spawn("worker-b", &args);
     c.wait("the job to finish", Duration::from_secs(300), || {
         matches!(c.job(&id)["status"].as_str(), Some("succeeded" | "failed"))
     });
     let job = c.job(&id);
     assert_eq!(job["status"], "succeeded", "{job}");
+    // The run's lines on the worker (the training loop's too) carry the job's id.
+    let log = strip_ansi(&b.log());
+    let spanned = log
+        .lines()
+        .filter(|l| l.contains(&format!("job_id={id}")))
+        .count();
+    assert!(
+        spanned >= 2,
+        "worker-b's lines of the job lack its id:\n{log}"
+    );
     assert!(job["pending_reason"].is_null(), "{job}");
     let cluster = c.get("/cluster");
     let b = cluster["workers"]

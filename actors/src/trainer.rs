@@ -210,6 +210,9 @@ struct Flags {
 fn run_job(args: TrainerArgs, assignment: Assignment, flags: Flags, trainer: ActorRef<TrainerMsg>) {
     let job_id = assignment.job_id.clone();
     let attempt = assignment.attempt;
+    // Every line of this run (the training loop's too) carries the job's id, on whichever node.
+    let span = tracing::info_span!("job", job_id = %job_id, attempt, trainer = %args.name);
+    let _entered = span.enter();
     // This thread's own pool (OpenMP's thread count is per calling thread).
     if let Some(n) = args.threads {
         tch::set_num_threads(n.max(1) as i32);
