@@ -92,8 +92,10 @@ try:
         "server text was rendered as HTML"
     assert browser.execute_script("return window.injected === undefined"), "injected code ran"
 
-    step("the playground streams an answer")
-    Select(browser.find_element(By.ID, "model")).select_by_index(0)
+    step("the playground streams an answer from the deployment picked")
+    wait.until(lambda b: "tiny2" in b.find_element(By.ID, "model").text)
+    Select(browser.find_element(By.ID, "model")).select_by_value("tiny2")
+    assert Select(browser.find_element(By.ID, "adapter")).first_selected_option.text.startswith("none")
     browser.find_element(By.ID, "prompt").send_keys("Hello there")
     browser.find_element(By.ID, "max-tokens").clear()
     browser.find_element(By.ID, "max-tokens").send_keys("12")

@@ -29,6 +29,9 @@ pub struct GpuInfo {
     pub name: Option<String>,
     pub memory_total_bytes: Option<u64>,
     pub memory_free_bytes: Option<u64>,
+    /// Percent of the last sample period a kernel ran (NVML).
+    #[serde(default)]
+    pub utilization_percent: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,6 +86,7 @@ impl Inventory {
                         name: None,
                         memory_total_bytes: None,
                         memory_free_bytes: None,
+                        utilization_percent: None,
                     })
                     .collect(),
                 Some(e),
@@ -94,6 +98,21 @@ impl Inventory {
             gpus,
             nvml_error,
         }
+    }
+
+    /// The same inventory with host memory and GPU memory and utilisation as they are now.
+    pub fn refreshed(&self) -> Self {
+        let mut sys = sysinfo::System::new();
+        sys.refresh_memory();
+        let mut now = self.clone();
+        now.host.memory_available_bytes = sys.available_memory();
+        if self.gpus.is_empty() {
+            return now;
+        }
+        if let Ok(gpus) = gpu_details(self.gpus.len()) {
+            now.gpus = gpus;
+        }
+        now
     }
 
     /// The node's devices: its GPUs, or the CPU alone when it has none.
@@ -119,6 +138,7 @@ fn gpu_details(count: usize) -> Result<Vec<GpuInfo>, String> {
                 name: dev.name().ok(),
                 memory_total_bytes: mem.as_ref().map(|m| m.total),
                 memory_free_bytes: mem.as_ref().map(|m| m.free),
+                utilization_percent: dev.utilization_rates().ok().map(|u| u.gpu),
             })
         })
         .collect()

@@ -82,6 +82,14 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 }
 
 #[derive(Serialize)]
+pub struct ReplicaQueue {
+    pub replica: String,
+    pub waiting: usize,
+    pub prefilling: usize,
+    pub running: usize,
+}
+
+#[derive(Serialize)]
 pub struct NodeView {
     pub name: String,
     pub role: &'static str,
@@ -108,6 +116,8 @@ pub struct ClusterView {
     pub workers: Vec<tessera_actors::cluster::head::WorkerView>,
     pub replicas: Vec<ReplicaInfo>,
     pub jobs: Option<JobStats>,
+    /// Per local replica: requests waiting for a batch slot, prefilling and decoding now.
+    pub queues: Vec<ReplicaQueue>,
     /// The deployments: state, replicas, and for autoscaled ones the autoscaler's figures and
     /// its latest decision with its inputs.
     pub deployments: Vec<tessera_actors::deployments::DeploymentView>,
@@ -148,13 +158,24 @@ pub async fn cluster(State(state): State<AppState>) -> Json<ClusterView> {
             role: "head",
             tags: node.tags.clone(),
             resources: node.resources.clone(),
-            inventory: node.inventory.clone(),
+            inventory: node.inventory.refreshed(),
             placement: node.placement.clone(),
             trainers,
         }],
         replicas: node.router.replicas(),
         jobs,
         deployments: node.deployments.list(),
+        queues: node
+            .replica_stats()
+            .await
+            .into_iter()
+            .map(|(replica, s)| ReplicaQueue {
+                replica,
+                waiting: s.waiting,
+                prefilling: s.prefilling,
+                running: s.running,
+            })
+            .collect(),
     })
 }
 
