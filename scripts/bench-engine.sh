@@ -7,6 +7,7 @@
 #
 #   scripts/bench-engine.sh [MODEL | --model random-1b] [--device cpu|cuda:0]
 #       [--dtype float32|bfloat16] [--threads N] [--runs 3] [--streams 32] [--new-tokens 128]
+#       [--quantization dequantize|packed|auto]   (Tessera's side; scripts/bench-quant.sh compares)
 #
 # MODEL defaults to the SmolLM2 GGUF (fetched if missing); `--model random-1b` writes (once) a
 # ~1.07B-parameter Llama with random bf16 weights under the models cache, for GPU runs. --dtype
@@ -16,11 +17,12 @@ cd "$(dirname "$0")/.."
 . scripts/setup.sh
 . scripts/setup-reference.sh
 . scripts/bench-lib.sh
-model= threads=0 pass=()
+model= threads=0 pass=() quant=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --model) model="$2"; shift 2 ;;
         --threads) threads="$2"; shift 2 ;;
+        --quantization) quant=(--quantization "$2"); shift 2 ;;
         --device|--dtype|--runs|--streams|--new-tokens) pass+=("$1" "$2"); shift 2 ;;
         --*) echo "bench-engine: unknown option $1" >&2; exit 2 ;;
         *) model="$1"; shift ;;
@@ -39,7 +41,7 @@ pass+=(--threads "$OMP_NUM_THREADS")
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 echo "bench: Tessera engine on $model" >&2
-target/release/examples/bench_engine "$model" "$work" "${pass[@]}" > "$work/tessera.json"
+target/release/examples/bench_engine "$model" "$work" "${pass[@]}" "${quant[@]}" > "$work/tessera.json"
 echo "bench: transformers reference" >&2
 python scripts/bench_reference.py "$model" "$work" "${pass[@]}" > "$work/reference.json"
 python - "$work/tessera.json" "$work/reference.json" <<'PY'

@@ -157,6 +157,9 @@ pub struct ModelConfig {
     pub name: String,
     /// Replicas of the default deployment (0: every inference slot).
     pub replicas: u32,
+    /// How a GGUF's 4-bit weights are held: dequantised, packed, or auto (packed where the int4
+    /// kernel measures faster).
+    pub quantization: tessera_engine::loader::Quantization,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -73,8 +73,14 @@ pub fn run(args: GenerateArgs, config: &Config) -> anyhow::Result<()> {
         Some("f16" | "float16") => tch::Kind::Half,
         Some(other) => bail!("--dtype: unknown `{other}` (use f32, bf16 or f16)"),
     };
-    let loaded = tessera_engine::load(&model_path, &devices, Some(kind))
-        .with_context(|| format!("loading {}", model_path.display()))?;
+    // `--set model.quantization=packed` keeps a GGUF's Q4 projections 4-bit here too.
+    let loaded = tessera_engine::loader::load_with(
+        &model_path,
+        &devices,
+        Some(kind),
+        config.model.quantization,
+    )
+    .with_context(|| format!("loading {}", model_path.display()))?;
     let tokenizer = &loaded.tokenizer;
     let prompts: Vec<Vec<u32>> = if let Some(messages) = &args.messages {
         let messages: Vec<ChatMessage> = serde_json::from_str(messages)

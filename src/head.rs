@@ -46,6 +46,7 @@ pub fn node_config(config: &Config, node_name: &str) -> NodeConfig {
         tags: config.resources.tags.clone(),
         autoscaling: config.autoscaling.config(),
         deployment_name: config.deployment_name(),
+        quantization: config.model.quantization,
         default_replicas: config.model.replicas as usize,
         trainer_threads: match config.resources.cpu_threads_per_trainer {
             0 => None,

@@ -46,6 +46,8 @@ pub struct InferenceArgs {
     pub model_path: PathBuf,
     pub devices: Vec<tch::Device>,
     pub kind: Option<tch::Kind>,
+    /// How a GGUF's 4-bit weights are held (`model.quantization`).
+    pub quantization: tessera_engine::loader::Quantization,
     pub engine: EngineConfig,
     pub router: Router,
 }
@@ -68,7 +70,7 @@ impl Actor for InferenceActor {
         args: InferenceArgs,
     ) -> Result<InferenceState, ActorProcessingErr> {
         let path = args.model_path.clone();
-        let (devices, kind) = (args.devices.clone(), args.kind);
+        let (devices, kind, quantization) = (args.devices.clone(), args.kind, args.quantization);
         // On GPUs, fail with the sizes before trying (and failing deep inside) the load.
         let (check_path, check_devices) = (path.clone(), devices.clone());
         tokio::task::spawn_blocking(move || device_memory_check(&check_path, &check_devices, kind))
@@ -76,10 +78,11 @@ impl Actor for InferenceActor {
             .map_err(|e| format!("replica {}: {e}", args.name))?;
         let started = std::time::Instant::now();
         // Loading blocks for a while: never on the async runtime's threads.
-        let loaded =
-            tokio::task::spawn_blocking(move || tessera_engine::load(&path, &devices, kind))
-                .await?
-                .map_err(|e| format!("loading {}: {e}", args.model_path.display()))?;
+        let loaded = tokio::task::spawn_blocking(move || {
+            tessera_engine::loader::load_with(&path, &devices, kind, quantization)
+        })
+        .await?
+        .map_err(|e| format!("loading {}: {e}", args.model_path.display()))?;
         tracing::info!(
             replica = %args.name,
             model = %loaded.name,

@@ -64,6 +64,8 @@ pub struct NodeConfig {
     pub default_replicas: usize,
     /// Scale the default deployment's replicas with load (`None`: a fixed count).
     pub autoscaling: Option<AutoscalingConfig>,
+    /// How replicas hold a GGUF's 4-bit weights (`model.quantization`).
+    pub quantization: tessera_engine::loader::Quantization,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -267,6 +269,7 @@ impl Node {
                 name: r.name.clone(),
                 devices: r.devices.clone(),
                 engine: replica_engine_config(&config.engine, &r.devices, &inventory, &placement),
+                quantization: config.quantization,
             })
             .collect();
         let default = default_spec(&config, slots.len());
@@ -294,6 +297,7 @@ impl Node {
                     model_path: config.model_path.clone(),
                     devices: slot.devices.iter().map(torch_device).collect(),
                     kind: config.kind,
+                    quantization: slot.quantization,
                     engine: slot.engine.clone(),
                     router: router.clone(),
                 }),
@@ -400,6 +404,7 @@ impl Node {
                     model_path: path,
                     devices: s.devices.iter().map(torch_device).collect(),
                     kind,
+                    quantization: s.quantization,
                     engine: s.engine.clone(),
                     router: self.router.clone(),
                 }),

@@ -5,7 +5,7 @@
 //!
 //! `cargo run --release -p tessera-engine --example bench_engine -- MODEL ADAPTER_DIR
 //!     [--device cpu|cuda:0] [--dtype float32|bfloat16|float16] [--threads N] [--runs 3]
-//!     [--streams 32] [--new-tokens 128]`
+//!     [--streams 32] [--new-tokens 128] [--quantization dequantize|packed|auto]`
 //! writes 8 random r=16 adapters (PEFT format) under ADAPTER_DIR for the Python reference to reuse.
 //! The engine thread's OpenMP pool follows `OMP_NUM_THREADS` (read when torch loads), so the
 //! script exports it; `--threads` must agree with it.
@@ -131,9 +131,17 @@ fn main() -> anyhow::Result<()> {
     );
     load_check("the memory bandwidth probe");
     let bandwidth = bandwidth_gb_s(device[0]);
+    let quantization: tessera_engine::loader::Quantization = match flag(&args, "--quantization") {
+        None => Default::default(),
+        Some(q) => serde_json::from_value(json!(q)).map_err(|_| {
+            anyhow::anyhow!("--quantization: `{q}` is not dequantize, packed or auto")
+        })?,
+    };
     let started = Instant::now();
-    let loaded = tessera_engine::load(&model_path, &device, kind)?;
+    let loaded = tessera_engine::loader::load_with(&model_path, &device, kind, quantization)?;
     let load_s = started.elapsed().as_secs_f64();
+    let (resident_weight_bytes, packed_projections, projections) = loaded.model.weight_bytes();
+    let rss_after_load = rss_bytes();
     let config = loaded.model.config().clone();
     let kind = loaded.model.kind();
     let prompt = loaded.tokenizer.encode(PROMPT, true)?;
@@ -251,9 +259,22 @@ fn main() -> anyhow::Result<()> {
             "adapter_load_ms": median(loads),
             "new_tokens": new_tokens,
             "prompt_tokens": prompt.len(),
+            "quantization": format!("{quantization:?}").to_lowercase(),
+            "resident_weight_bytes": resident_weight_bytes,
+            "packed_projections": packed_projections,
+            "projections": projections,
+            "rss_after_load_bytes": rss_after_load,
         })
     );
     Ok(())
+}
+
+/// This process's resident memory (Linux `/proc/self/statm`), 0 where unknown.
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
 }
 
 /// A random PEFT adapter of rank `r` on q, k, v and o (B not zero, so it does change outputs).

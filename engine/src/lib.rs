@@ -21,6 +21,7 @@ pub mod lora;
 pub mod lora_bank;
 pub mod model;
 pub mod model_config;
+pub mod packed;
 pub mod prefix_cache;
 pub mod sampling;
 pub mod scheduler;

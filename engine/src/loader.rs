@@ -104,9 +104,33 @@ fn probe_cpu_bf16() -> (Kind, String) {
     (kind, reason)
 }
 
+/// How a GGUF file's 4-bit weights are held (`model.quantization`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantization {
+    /// Dequantised to the model's dtype at load (the reference path).
+    #[default]
+    Dequantize,
+    /// Q4_0 / Q4_1 projections stay 4-bit and run on torch's int4 kernel (one CPU device; other
+    /// types and devices are dequantised, said in the log).
+    Packed,
+    /// Packed when the int4 kernel measures faster than the float matmul at decode here.
+    Auto,
+}
+
 /// Loads the model at `path` onto `devices` (tensor parallel over them) in `kind`
-/// (`None`: [`auto_kind`] of the first device).
+/// (`None`: [`auto_kind`] of the first device), its 4-bit weights dequantised.
 pub fn load(path: &Path, devices: &[Device], kind: Option<Kind>) -> Result<LoadedModel, LoadError> {
+    load_with(path, devices, kind, Quantization::Dequantize)
+}
+
+/// [`load`], with the 4-bit weights held as `quantization` says.
+pub fn load_with(
+    path: &Path,
+    devices: &[Device],
+    kind: Option<Kind>,
+    quantization: Quantization,
+) -> Result<LoadedModel, LoadError> {
     if !path.exists() {
         return Err(LoadError::NotFound(path.to_path_buf()));
     }
@@ -119,6 +143,8 @@ pub fn load(path: &Path, devices: &[Device], kind: Option<Kind>) -> Result<Loade
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
     let started = std::time::Instant::now();
+    // The activation dtype of packed 4-bit projections, when they are packed.
+    let mut int4_act = None;
     let (weights, config, tokenizer) = if path.is_dir() {
         let config_path = path.join("config.json");
         if !config_path.exists() {
@@ -143,17 +169,34 @@ pub fn load(path: &Path, devices: &[Device], kind: Option<Kind>) -> Result<Loade
             source,
         })?;
         let tokenizer = Tokenizer::from_gguf(&g)?;
-        (WeightMap::from_gguf(&g, &config)?, config, tokenizer)
+        if quantization != Quantization::Dequantize && devices != [Device::Cpu] {
+            tracing::warn!(devices = ?devices, ?quantization, "packed 4-bit weights run on one CPU device only; dequantising");
+        }
+        int4_act = match quantization {
+            _ if devices != [Device::Cpu] => None,
+            Quantization::Dequantize => None,
+            Quantization::Packed => Some(crate::packed::probe().best_int4().0),
+            Quantization::Auto => crate::packed::probe().int4_if_faster(),
+        };
+        (
+            WeightMap::from_gguf(&g, &config, int4_act.is_some())?,
+            config,
+            tokenizer,
+        )
     } else {
         return Err(LoadError::UnknownFormat {
             path: path.to_path_buf(),
         });
     };
-    let model = Llama::load(weights, config, devices, kind)?;
+    let model = Llama::load(weights, config, devices, kind, int4_act)?;
+    let (weight_bytes, packed, projections) = model.weight_bytes();
     tracing::info!(
         model = %path.display(),
         tp = devices.len(),
         kind = ?kind,
+        weight_mib = weight_bytes >> 20,
+        packed_projections = packed,
+        projections,
         layers = model.config().num_hidden_layers,
         load_ms = started.elapsed().as_millis() as u64,
         "model loaded"

@@ -12,8 +12,9 @@ use tch::{Device, Kind, Tensor};
 use crate::kv_cache::{KvCache, ShardLayout};
 use crate::lora::{LoraBatch, Proj};
 use crate::model_config::LlamaConfig;
+use crate::packed::{Int4Weight, Linear};
 use crate::step::{LogitRows, Segment, StepBatch};
-use crate::weights::{WeightMap, WeightsError};
+use crate::weights::{LinearWeight, WeightMap, WeightsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -122,11 +123,11 @@ struct BlockShard {
     heads: i64,
     kv_heads: i64,
     /// q, k and v stacked by rows: one matmul, split after.
-    qkv: Tensor,
-    o: Tensor,
+    qkv: Linear,
+    o: Linear,
     /// gate and up stacked by rows.
-    gate_up: Tensor,
-    down: Tensor,
+    gate_up: Linear,
+    down: Linear,
 }
 
 struct Block {
@@ -175,8 +176,8 @@ struct StepCtx<'a> {
     lora: Option<&'a LoraBatch>,
 }
 
-fn linear(x: &Tensor, w: &Tensor, ctx: &StepCtx, proj: Proj, shard: usize) -> Tensor {
-    let y = x.linear::<Tensor>(w, None);
+fn linear(x: &Tensor, w: &Linear, ctx: &StepCtx, proj: Proj, shard: usize) -> Tensor {
+    let y = w.apply(x);
     match ctx.lora.and_then(|l| l.get(ctx.layer, proj, shard)) {
         Some(slice) => y + slice.apply(x),
         None => y,
@@ -187,12 +188,12 @@ fn linear(x: &Tensor, w: &Tensor, ctx: &StepCtx, proj: Proj, shard: usize) -> Te
 /// own LoRA delta added to its part of the output.
 fn fused_linear(
     x: &Tensor,
-    w: &Tensor,
+    w: &Linear,
     ctx: &StepCtx,
     parts: &[(Proj, i64)],
     shard: usize,
 ) -> Tensor {
-    let y = x.linear::<Tensor>(w, None);
+    let y = w.apply(x);
     let Some(lora) = ctx.lora else {
         return y;
     };
@@ -356,7 +357,7 @@ impl BlockShard {
     }
 
     fn mlp(&self, x: &Tensor, ctx: &StepCtx, shard: usize) -> Tensor {
-        let half = self.gate_up.size()[0] / 2;
+        let half = self.gate_up.out_features() / 2;
         let gu = fused_linear(
             x,
             &self.gate_up,
@@ -388,11 +389,14 @@ pub struct Llama {
 impl Llama {
     /// Builds the model from Hugging Face-named weights, sharded over `devices` (the tensor
     /// parallel degree is `devices.len()`; the first device holds embedding, norms and `lm_head`).
+    /// With `int4_act`, projections the map kept 4-bit stay packed, multiplied with activations in
+    /// that dtype (one CPU device only; elsewhere they are dequantised).
     pub fn load(
         mut weights: WeightMap,
         config: LlamaConfig,
         devices: &[Device],
         kind: Kind,
+        int4_act: Option<Kind>,
     ) -> Result<Self, ModelError> {
         let tp = devices.len();
         if tp == 0 {
@@ -440,7 +444,8 @@ impl Llama {
         let mut blocks = Vec::with_capacity(c.num_hidden_layers);
         for layer in 0..c.num_hidden_layers {
             let p = format!("model.layers.{layer}");
-            let mut take = |name: &str, shape: &[i64]| weights.take(&format!("{p}.{name}"), shape);
+            let mut take =
+                |name: &str, shape: &[i64]| weights.take_linear(&format!("{p}.{name}"), shape);
             let q = take("self_attn.q_proj.weight", &[heads * d, h])?;
             let k = take("self_attn.k_proj.weight", &[kv_heads * d, h])?;
             let vw = take("self_attn.v_proj.weight", &[kv_heads * d, h])?;
@@ -448,6 +453,45 @@ impl Llama {
             let gate = take("mlp.gate_proj.weight", &[inter, h])?;
             let up = take("mlp.up_proj.weight", &[inter, h])?;
             let down = take("mlp.down_proj.weight", &[h, inter])?;
+            if let Some(act) = int4_act.filter(|_| tp == 1 && main == Device::Cpu) {
+                // Fused where every part is 4-bit; a part of another type makes it dense.
+                let fuse = |parts: Vec<LinearWeight>| -> Linear {
+                    if parts.iter().all(|p| matches!(p, LinearWeight::Int4(_))) {
+                        let ws: Vec<Int4Weight> = parts
+                            .into_iter()
+                            .map(|p| match p {
+                                LinearWeight::Int4(w) => w,
+                                LinearWeight::Dense(_) => unreachable!(),
+                            })
+                            .collect();
+                        Int4Weight::cat(&ws).pack(act)
+                    } else {
+                        let dense: Vec<Tensor> =
+                            parts.into_iter().map(LinearWeight::dense).collect();
+                        Linear::Dense(place(Tensor::cat(&dense, 0), main))
+                    }
+                };
+                let shards = vec![BlockShard {
+                    device: main,
+                    heads,
+                    kv_heads,
+                    qkv: fuse(vec![q, k, vw]),
+                    o: fuse(vec![o]),
+                    gate_up: fuse(vec![gate, up]),
+                    down: fuse(vec![down]),
+                }];
+                blocks.push(Block {
+                    input_norm: norm(&mut weights, &format!("{p}.input_layernorm.weight"))?,
+                    post_norm: norm(
+                        &mut weights,
+                        &format!("{p}.post_attention_layernorm.weight"),
+                    )?,
+                    shards,
+                });
+                continue;
+            }
+            let (q, k, vw, o) = (q.dense(), k.dense(), vw.dense(), o.dense());
+            let (gate, up, down) = (gate.dense(), up.dense(), down.dense());
             let shards = devices
                 .iter()
                 .enumerate()
@@ -457,7 +501,7 @@ impl Llama {
                         device: dev,
                         heads: hl,
                         kv_heads: kvl,
-                        qkv: place(
+                        qkv: Linear::Dense(place(
                             Tensor::cat(
                                 &[
                                     q.narrow(0, s * hl * d, hl * d),
@@ -467,13 +511,13 @@ impl Llama {
                                 0,
                             ),
                             dev,
-                        ),
-                        o: place(o.narrow(1, s * hl * d, hl * d), dev),
-                        gate_up: place(
+                        )),
+                        o: Linear::Dense(place(o.narrow(1, s * hl * d, hl * d), dev)),
+                        gate_up: Linear::Dense(place(
                             Tensor::cat(&[gate.narrow(0, s * il, il), up.narrow(0, s * il, il)], 0),
                             dev,
-                        ),
-                        down: place(down.narrow(1, s * il, il), dev),
+                        )),
+                        down: Linear::Dense(place(down.narrow(1, s * il, il), dev)),
                     }
                 })
                 .collect();
@@ -755,6 +799,28 @@ impl Llama {
         self.norm.forward(x).linear::<Tensor>(&self.lm_head, None)
     }
 
+    /// Bytes the weights hold (embedding, `lm_head` when not tied, norms, projections), and how
+    /// many of the projections are 4-bit packed out of how many.
+    pub fn weight_bytes(&self) -> (u64, usize, usize) {
+        let b = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+        let mut bytes = b(&self.embed) + b(&self.norm.weight);
+        if self.lm_head.data_ptr() != self.embed.data_ptr() {
+            bytes += b(&self.lm_head);
+        }
+        let (mut packed, mut total) = (0, 0);
+        for block in &self.blocks {
+            bytes += b(&block.input_norm.weight) + b(&block.post_norm.weight);
+            for s in &block.shards {
+                for w in [&s.qkv, &s.o, &s.gate_up, &s.down] {
+                    bytes += w.bytes();
+                    total += 1;
+                    packed += usize::from(w.is_packed());
+                }
+            }
+        }
+        (bytes, packed, total)
+    }
+
     /// Every base weight tensor (for checks that training leaves them untouched).
     pub fn base_tensors(&self) -> Vec<Tensor> {
         let mut out = vec![self.embed.shallow_clone(), self.lm_head.shallow_clone()];
@@ -764,7 +830,7 @@ impl Llama {
             out.push(b.post_norm.weight.shallow_clone());
             for s in &b.shards {
                 for w in [&s.qkv, &s.o, &s.gate_up, &s.down] {
-                    out.push(w.shallow_clone());
+                    out.extend(w.tensors());
                 }
             }
         }

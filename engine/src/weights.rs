@@ -10,6 +10,7 @@ use tch::{Kind, Tensor};
 use crate::dequant::{dequantize, DequantError};
 use crate::gguf::{GgufError, GgufFile};
 use crate::model_config::LlamaConfig;
+use crate::packed::Int4Weight;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
@@ -40,14 +41,50 @@ pub enum WeightsError {
     Dequant(#[from] DequantError),
 }
 
-/// Tensors by Hugging Face name, on the CPU in their stored float type (GGUF: float32).
+/// Tensors by Hugging Face name, on the CPU in their stored float type (GGUF: float32), and the
+/// linear weights kept 4-bit when asked ([`WeightMap::from_gguf`] with `pack`).
 pub struct WeightMap {
     tensors: HashMap<String, Tensor>,
+    packed: HashMap<String, Int4Weight>,
+}
+
+/// A linear layer's weight as stored: float, or 4-bit.
+pub enum LinearWeight {
+    Dense(Tensor),
+    Int4(Int4Weight),
+}
+
+impl LinearWeight {
+    /// Float32 values (a 4-bit weight dequantised).
+    pub fn dense(self) -> Tensor {
+        match self {
+            LinearWeight::Dense(t) => t,
+            LinearWeight::Int4(w) => w.dequantize(),
+        }
+    }
+}
+
+/// Projections that [`WeightMap::from_gguf`] may keep 4-bit.
+fn is_projection(name: &str) -> bool {
+    [
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+        "self_attn.o_proj.weight",
+        "mlp.gate_proj.weight",
+        "mlp.up_proj.weight",
+        "mlp.down_proj.weight",
+    ]
+    .iter()
+    .any(|p| name.ends_with(p))
 }
 
 impl WeightMap {
     pub fn new(tensors: HashMap<String, Tensor>) -> Self {
-        Self { tensors }
+        Self {
+            tensors,
+            packed: HashMap::new(),
+        }
     }
 
     /// Loads `model.safetensors`, or every shard listed in `model.safetensors.index.json`.
@@ -88,18 +125,39 @@ impl WeightMap {
         for file in files {
             tensors.extend(read_safetensors(&file)?);
         }
-        Ok(Self { tensors })
+        Ok(Self::new(tensors))
     }
 
-    /// Dequantises every tensor of a GGUF file to float32 under its Hugging Face name.
-    pub fn from_gguf(g: &GgufFile, config: &LlamaConfig) -> Result<Self, WeightsError> {
+    /// Every tensor of a GGUF file under its Hugging Face name: dequantised to float32, except,
+    /// with `pack`, the Q4_0 / Q4_1 projections, kept 4-bit ([`WeightMap::take_linear`]).
+    pub fn from_gguf(g: &GgufFile, config: &LlamaConfig, pack: bool) -> Result<Self, WeightsError> {
         let mut tensors = HashMap::new();
+        let mut packed = HashMap::new();
         for info in &g.tensors {
             let Some(name) = hf_name(&info.name) else {
                 tracing::debug!(tensor = %info.name, "GGUF tensor not used by the model");
                 continue;
             };
             let bytes = g.read_tensor_bytes(info)?;
+            let heads = if name.ends_with("self_attn.q_proj.weight") {
+                Some(config.num_attention_heads as i64)
+            } else if name.ends_with("self_attn.k_proj.weight") {
+                Some(config.num_key_value_heads as i64)
+            } else {
+                None
+            };
+            if pack && is_projection(&name) && info.shape.len() == 2 {
+                if let Some(w) =
+                    Int4Weight::from_gguf(info.ggml_type, &bytes, info.shape[0], info.shape[1])
+                {
+                    let w = match heads {
+                        Some(h) => w.map_rows(|t| unpermute_rope_rows(t, h)),
+                        None => w,
+                    };
+                    packed.insert(name, w);
+                    continue;
+                }
+            }
             let values = dequantize(&info.name, info.ggml_type, &bytes, info.numel())?;
             let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
             let mut t = Tensor::from_slice(&values).reshape(&shape);
@@ -110,7 +168,23 @@ impl WeightMap {
             }
             tensors.insert(name, t);
         }
-        Ok(Self { tensors })
+        Ok(Self { tensors, packed })
+    }
+
+    /// Removes a linear layer's weight, 4-bit when it was kept so, checking its shape.
+    pub fn take_linear(&mut self, name: &str, shape: &[i64]) -> Result<LinearWeight, WeightsError> {
+        if let Some(w) = self.packed.remove(name) {
+            let found = vec![w.rows(), w.cols()];
+            if found != shape {
+                return Err(WeightsError::Shape {
+                    name: name.to_string(),
+                    expected: shape.to_vec(),
+                    found,
+                });
+            }
+            return Ok(LinearWeight::Int4(w));
+        }
+        self.take(name, shape).map(LinearWeight::Dense)
     }
 
     /// Removes a tensor, checking its shape.
@@ -132,7 +206,7 @@ impl WeightMap {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.contains_key(name) || self.packed.contains_key(name)
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {

@@ -35,6 +35,8 @@ pub struct Slot {
     pub name: String,
     pub devices: Vec<Device>,
     pub engine: EngineConfig,
+    /// How its replicas hold a GGUF's 4-bit weights (`model.quantization`).
+    pub quantization: tessera_engine::loader::Quantization,
 }
 
 #[derive(Clone)]
@@ -672,6 +674,7 @@ impl ManagerState {
             model_path: spec.path.clone(),
             devices: slot.devices.iter().map(torch_device).collect(),
             kind: spec.dtype.kind(),
+            quantization: slot.quantization,
             engine: slot.engine.clone(),
             router: self.args.router.clone(),
         };
