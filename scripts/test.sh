@@ -24,10 +24,14 @@ fi
 # gguf-py (llama.cpp's numpy reference) checks the K-quant dequantisation (engine/tests/kquants.rs).
 python -c "import gguf.quants" 2>/dev/null || python -m pip install --quiet "gguf>=0.10"
 python -c "import selenium" 2>/dev/null || python -m pip install --quiet "selenium>=4.20,<5"
+# transformers' GGUF tokenizer conversion checks SentencePiece vocabularies (engine/tests/tokenizer_spm.rs).
+python -c 'import transformers; assert transformers.__version__.startswith("5.")' 2>/dev/null \
+    || python -m pip install --quiet "transformers>=5,<6"
 if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
     export TESSERA_REQUIRE_BROWSER=1
 fi
-export TESSERA_PYTHON TESSERA_REQUIRE_OPENAI=1 TESSERA_REQUIRE_SCHEMATHESIS=1 TESSERA_REQUIRE_GGUF=1
+export TESSERA_PYTHON TESSERA_REQUIRE_OPENAI=1 TESSERA_REQUIRE_SCHEMATHESIS=1 TESSERA_REQUIRE_GGUF=1 \
+    TESSERA_REQUIRE_TRANSFORMERS=1
 TESSERA_PYTHON=$(command -v python)
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -99,17 +99,7 @@ impl Tokenizer {
     /// Builds the tokenizer from a GGUF file's `tokenizer.ggml.*` metadata.
     pub fn from_gguf(g: &GgufFile) -> Result<Self, TokenizerError> {
         let model = g.get_str("tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            return Err(TokenizerError::GgufKey {
-                key: "tokenizer.ggml.model".into(),
-                message: format!(
-                    "is `{model}`; only `gpt2` (byte-level BPE) is supported from GGUF, \
-                     use the model's Hugging Face directory instead"
-                ),
-            });
-        }
         let tokens = strings(g, "tokenizer.ggml.tokens")?;
-        let merges = strings(g, "tokenizer.ggml.merges")?;
         let types: Vec<u64> = match g.get("tokenizer.ggml.token_type") {
             Some(v) => v
                 .as_array()
@@ -119,34 +109,7 @@ impl Tokenizer {
                 .collect(),
             None => vec![1; tokens.len()],
         };
-        let pre = g
-            .get("tokenizer.ggml.pre")
-            .and_then(Value::as_str)
-            .unwrap_or("default");
-        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
-        let pre_tokenizer = match pre {
-            "default" | "gpt2" => byte_level,
-            // SmolLM: single digits split off before byte-level BPE.
-            "smollm" => json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Digits", "individual_digits": true}, byte_level]}),
-            "llama-bpe" | "llama3" => json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": false},
-                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
-            other => {
-                return Err(TokenizerError::GgufKey {
-                    key: "tokenizer.ggml.pre".into(),
-                    message: format!(
-                        "is `{other}`; supported pre-tokenizers: default, gpt2, smollm, llama-bpe"
-                    ),
-                })
-            }
-        };
-        let vocab: serde_json::Map<String, Json> = tokens
-            .iter()
-            .enumerate()
-            .map(|(id, t)| (t.clone(), json!(id)))
-            .collect();
-        // Control (3) and user-defined (4) tokens are matched whole, before BPE.
+        // Control (3) and user-defined (4) tokens are matched whole, before the model.
         let added: Vec<Json> = tokens
             .iter()
             .enumerate()
@@ -156,20 +119,19 @@ impl Tokenizer {
                        "rstrip": false, "normalized": false, "special": types[id] == 3})
             })
             .collect();
-        let spec = json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": pre_tokenizer,
-            "post_processor": null,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {"type": "BPE", "dropout": null, "unk_token": null,
-                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                      "vocab": vocab, "merges": merges},
-        });
+        let spec = match model {
+            "gpt2" => byte_level_spec(g, &tokens, added)?,
+            "llama" => sentencepiece_spec(g, &tokens, added)?,
+            other => {
+                return Err(TokenizerError::GgufKey {
+                    key: "tokenizer.ggml.model".into(),
+                    message: format!(
+                        "is `{other}`; supported from GGUF: `gpt2` (byte-level BPE) and `llama` \
+                         (SentencePiece BPE); use the model's Hugging Face directory instead"
+                    ),
+                })
+            }
+        };
         let inner: tokenizers::Tokenizer = spec
             .to_string()
             .parse()
@@ -184,10 +146,11 @@ impl Tokenizer {
         if let Some((id, _)) = special("tokenizer.ggml.eot_token_id") {
             extra.push(id);
         }
+        // A SentencePiece vocabulary that does not say gets BOS (llama.cpp and transformers agree).
         let add_bos = g
             .get("tokenizer.ggml.add_bos_token")
             .map(|v| matches!(v, Value::Bool(true)))
-            .unwrap_or(false);
+            .unwrap_or(model == "llama");
         let template = g
             .get("tokenizer.chat_template")
             .and_then(Value::as_str)
@@ -362,6 +325,163 @@ fn read(path: &Path) -> Result<String, TokenizerError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// `tokenizer.json` of a GGUF `gpt2` vocabulary: byte-level BPE with the file's merges and
+/// pre-tokenizer.
+fn byte_level_spec(
+    g: &GgufFile,
+    tokens: &[String],
+    added: Vec<Json>,
+) -> Result<Json, TokenizerError> {
+    let merges = strings(g, "tokenizer.ggml.merges")?;
+    let pre = g
+        .get("tokenizer.ggml.pre")
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let pre_tokenizer = match pre {
+        "default" | "gpt2" => byte_level,
+        // SmolLM: single digits split off before byte-level BPE.
+        "smollm" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level]}),
+        "llama-bpe" | "llama3" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
+        other => {
+            return Err(TokenizerError::GgufKey {
+                key: "tokenizer.ggml.pre".into(),
+                message: format!(
+                    "is `{other}`; supported pre-tokenizers: default, gpt2, smollm, llama-bpe"
+                ),
+            })
+        }
+    };
+    let vocab: serde_json::Map<String, Json> = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| (t.clone(), json!(id)))
+        .collect();
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                  "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges},
+    }))
+}
+
+/// `tokenizer.json` of a GGUF `llama` (SentencePiece) vocabulary, as transformers builds it from
+/// the same file (`LlamaTokenizer`): BPE over `▁`-spaced text with byte fallback (`<0x41>`), the
+/// merges the file lists or, as usual, the ones its scores imply ([`merges_from_scores`]), a
+/// `▁` prepended to the first word unless `tokenizer.ggml.add_space_prefix` is false.
+fn sentencepiece_spec(
+    g: &GgufFile,
+    tokens: &[String],
+    added: Vec<Json>,
+) -> Result<Json, TokenizerError> {
+    let merges: Vec<Json> = match g.get("tokenizer.ggml.merges") {
+        Some(_) => strings(g, "tokenizer.ggml.merges")?
+            .into_iter()
+            .map(Json::String)
+            .collect(),
+        None => {
+            let scores: Vec<f64> = g
+                .get_array("tokenizer.ggml.scores")?
+                .iter()
+                .map(|v| v.as_f64().unwrap_or(0.0))
+                .collect();
+            merges_from_scores(tokens, &scores)
+                .into_iter()
+                .map(|(l, r)| json!([l, r]))
+                .collect()
+        }
+    };
+    let unk = g
+        .get_u64("tokenizer.ggml.unknown_token_id")
+        .ok()
+        .and_then(|id| tokens.get(id as usize).cloned())
+        .unwrap_or_else(|| "<unk>".into());
+    let prefix = g
+        .get("tokenizer.ggml.add_space_prefix")
+        .map(|v| !matches!(v, Value::Bool(false)))
+        .unwrap_or(true);
+    let vocab: serde_json::Map<String, Json> = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| (t.clone(), json!(id)))
+        .collect();
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}",
+                          "prepend_scheme": if prefix { "first" } else { "never" }, "split": false},
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk,
+                  "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges},
+    }))
+}
+
+/// The merges a SentencePiece vocabulary implies (transformers' `generate_merges` with scores):
+/// every split of a piece into two pieces of the vocabulary, ranked by the piece's score (best
+/// first, then longer left and right parts), ties kept in vocabulary order.
+pub fn merges_from_scores(tokens: &[String], scores: &[f64]) -> Vec<(String, String)> {
+    let ids: std::collections::HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    // Python's dict keeps the last id of a repeated token; so does this map's insert order.
+    let mut merges: Vec<(usize, usize, f64)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (i, piece) in tokens.iter().enumerate() {
+        if !seen.insert(piece.as_str()) {
+            continue;
+        }
+        let score = scores.get(i).copied().unwrap_or(0.0);
+        let mut local: Vec<(usize, usize, f64)> = piece
+            .char_indices()
+            .skip(1)
+            .filter_map(|(at, _)| {
+                let (l, r) = piece.split_at(at);
+                Some((*ids.get(l)?, *ids.get(r)?, score))
+            })
+            .collect();
+        local.sort_by_key(|&(l, r, _)| (l, r));
+        merges.extend(local);
+    }
+    let chars = |id: usize| tokens[id].chars().count();
+    merges.sort_by(|a, b| {
+        b.2.partial_cmp(&a.2)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then_with(|| chars(b.0).cmp(&chars(a.0)))
+            .then_with(|| chars(b.1).cmp(&chars(a.1)))
+    });
+    merges
+        .into_iter()
+        .map(|(l, r, _)| (tokens[l].clone(), tokens[r].clone()))
+        .collect()
 }
 
 fn strings(g: &GgufFile, key: &str) -> Result<Vec<String>, TokenizerError> {
