@@ -223,6 +223,21 @@ fn deployments_are_created_served_deleted_and_restored() {
     );
     let (code, health) = head.get("/health");
     assert_eq!(code, 200, "{health}");
+    // A fine-tune names its base model by deployment.
+    head.write_dataset("d.jsonl", 4);
+    let (code, job) = head.post(
+        "/fine-tune",
+        &json!({"dataset_path": "d.jsonl", "output_path": "on-tiny3", "base_model": "tiny3"}),
+    );
+    assert_eq!(code, 202, "{job}");
+    let id = job["job_id"].as_str().unwrap();
+    let record = head.get(&format!("/jobs/{id}")).1;
+    assert_eq!(
+        record["base_model"],
+        deployment(&head, "tiny3")["spec"]["path"],
+        "{record}"
+    );
+    head.delete(&format!("/jobs/{id}"));
 
     // A restarted head restores the deployments made at runtime.
     let head = head.restart(OVERRIDES);

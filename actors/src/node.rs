@@ -7,10 +7,10 @@ use std::time::Duration;
 use ractor::{Actor, ActorRef, RpcReplyPort};
 use tessera_engine::EngineConfig;
 
-use crate::autoscaler::AutoscalingConfig;
+use crate::autoscaler::{AutoscalerStats, AutoscalingConfig};
 use crate::deployments::{
     AutoscalingSpec, DeploymentError, DeploymentManagerArgs, DeploymentMsg, DeploymentSpec,
-    DeploymentView, Deployments, Dtype, PlacementSpec, Slot,
+    DeploymentState, DeploymentView, Deployments, Dtype, PlacementSpec, Slot,
 };
 use crate::directory::Directory;
 use crate::health::{ActorState, HealthBoard};
@@ -304,6 +304,28 @@ impl Node {
             ));
         }
         if config.job_manager {
+            // Listed from the start (the manager publishes its own view once it runs).
+            deployments.publish(vec![DeploymentView {
+                name: default.name.clone(),
+                spec: default.clone(),
+                state: DeploymentState::Deploying,
+                reason: None,
+                default: true,
+                replicas: slots[..initial].iter().map(|s| s.name.clone()).collect(),
+                target_replicas: initial,
+                model: None,
+                autoscaler: default.autoscaling_config().map(|c| AutoscalerStats {
+                    replicas: initial,
+                    desired: initial,
+                    min_replicas: c.min_replicas,
+                    max_replicas: c.max_replicas.min(slots.len()).max(1),
+                    ..Default::default()
+                }),
+                created_at: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0),
+            }]);
             children.push((
                 "deployment-manager".into(),
                 ChildSpec::Deployments(Box::new(DeploymentManagerArgs {

@@ -280,7 +280,7 @@ impl Deployments {
         self.remote.read().expect("deployments").clone()
     }
 
-    pub(crate) fn publish(&self, views: Vec<DeploymentView>) {
+    pub fn publish(&self, views: Vec<DeploymentView>) {
         *self.views.write().expect("deployments") = views;
     }
 
