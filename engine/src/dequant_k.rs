@@ -78,7 +78,7 @@ fn q3_k_scales(packed: &[u8]) -> [u8; 16] {
 }
 
 /// Scale and min `j` (0..8) of the 12-byte 6-bit table of Q4_K and Q5_K (`get_scale_min_k4`).
-fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
     let (d, m) = if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

@@ -111,7 +111,7 @@ pub enum Quantization {
     /// Dequantised to the model's dtype at load (the reference path).
     #[default]
     Dequantize,
-    /// Q4_0 / Q4_1 projections stay 4-bit and run on torch's int4 kernel (one CPU device; other
+    /// Q4_0 / Q4_1 / Q4_K projections stay 4-bit and run on torch's int4 kernel (one CPU device; other
     /// types and devices are dequantised, said in the log).
     Packed,
     /// Packed when the int4 kernel measures faster than the float matmul at decode here.

@@ -1,7 +1,8 @@
-//! 4-bit weights kept packed (issue 14): GGUF Q4_0 / Q4_1 linear weights go to torch's int4
+//! 4-bit weights kept packed (issue 14): GGUF Q4_0 / Q4_1 / Q4_K linear weights go to torch's int4
 //! kernel (`_weight_int4pack_mm_for_cpu`: groups of 32 along the input, one scale and one zero per
-//! group, `w = (q - 8) · scale + zero`) without ever being dequantised as a whole. Both types map
-//! onto that layout exactly: Q4_0 is `(q - 8) · d` (zero 0), Q4_1 is `q · d + m` (zero `m + 8d`).
+//! group, `w = (q - 8) · scale + zero`) without ever being dequantised as a whole. All three map
+//! onto that layout exactly: Q4_0 is `(q - 8) · d` (zero 0), Q4_1 is `q · d + m` (zero `m + 8d`),
+//! and each 32-element sub-block of Q4_K is `d·sc · q − dmin·m` (its 6-bit scale and min expanded).
 //!
 //! The kernel takes float32 or bfloat16 activations; which one is faster depends on the CPU
 //! (`../shared/notes/cpu-facts.md`), so [`Linear::Int4`] carries the activation dtype chosen at
@@ -32,6 +33,7 @@ impl Int4Weight {
         let block_bytes = match ty {
             GgmlType::Q4_0 => 18,
             GgmlType::Q4_1 => 20,
+            GgmlType::Q4K => return Self::from_q4_k(bytes, rows, cols),
             _ => return None,
         };
         let groups = cols / GROUP as usize;
@@ -56,6 +58,40 @@ impl Int4Weight {
             q.extend(qs.iter().map(|&v| (v & 0x0f) as i32));
             q.extend(qs.iter().map(|&v| (v >> 4) as i32));
             sz.extend([d, zero]);
+        }
+        Some(Self {
+            q: Tensor::from_slice(&q).reshape([rows as i64, cols as i64]),
+            sz: Tensor::from_slice(&sz).reshape([rows as i64, groups as i64, 2]),
+        })
+    }
+
+    /// Q4_K: superblocks of 256 (`d`, `dmin`, eight 6-bit scales and mins, 4-bit values), each
+    /// 32-element sub-block `d·sc·q − dmin·m`, i.e. scale `d·sc` and zero `8·d·sc − dmin·m`.
+    fn from_q4_k(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        if cols % 256 != 0 || rows % 16 != 0 || bytes.len() != rows * cols / 256 * 144 {
+            return None;
+        }
+        let groups = cols / GROUP as usize;
+        let mut q = Vec::with_capacity(rows * cols);
+        let mut sz = Vec::with_capacity(rows * groups * 2);
+        let half = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+        for b in bytes.chunks_exact(144) {
+            let (d, dmin) = (half(b, 0), half(b, 2));
+            let (scales, qs) = (&b[4..16], &b[16..144]);
+            for (chunk, values) in qs.chunks_exact(32).enumerate() {
+                for (j, high) in [(2 * chunk, false), (2 * chunk + 1, true)] {
+                    let (sc, m) = crate::dequant_k::scale_min_k4(j, scales);
+                    let (scale, min) = (d * sc, dmin * m);
+                    sz.extend([scale, 8.0 * scale - min]);
+                    q.extend(values.iter().map(|&v| {
+                        if high {
+                            (v >> 4) as i32
+                        } else {
+                            (v & 0x0f) as i32
+                        }
+                    }));
+                }
+            }
         }
         Some(Self {
             q: Tensor::from_slice(&q).reshape([rows as i64, cols as i64]),
@@ -281,6 +317,39 @@ mod tests {
             assert!(rel < 0.02, "{ty:?} bfloat16 activations: {rel}");
         }
         assert!(Int4Weight::from_gguf(GgmlType::Q8_0, &[], 1, 32).is_none());
+    }
+
+    #[test]
+    fn q4_k_weights_unpack_to_the_dequantised_values() {
+        let (rows, cols) = (32usize, 512usize);
+        let mut state = 11u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as u8
+        };
+        let bytes: Vec<u8> = (0..rows * cols / 256)
+            .flat_map(|_| {
+                let mut block = vec![0u8; 144];
+                block[..2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+                block[2..4].copy_from_slice(&f16::from_f32(0.004).to_le_bytes());
+                for b in &mut block[4..] {
+                    *b = next();
+                }
+                block
+            })
+            .collect();
+        let dense =
+            Tensor::from_slice(&dequantize("w", GgmlType::Q4K, &bytes, rows * cols).unwrap())
+                .reshape([rows as i64, cols as i64]);
+        let w = Int4Weight::from_gguf(GgmlType::Q4K, &bytes, rows, cols).unwrap();
+        let diff = f64::try_from((w.dequantize() - &dense).abs().max()).unwrap();
+        assert!(diff < 1e-5, "{diff}");
+        let x = Tensor::randn([4, cols as i64], (Kind::Float, Device::Cpu));
+        let got = w.pack(Kind::Float).apply(&x);
+        let diff = f64::try_from((got - x.linear::<Tensor>(&dense, None)).abs().max()).unwrap();
+        assert!(diff < 1e-3, "{diff}");
     }
 
     #[test]

@@ -129,7 +129,7 @@ impl WeightMap {
     }
 
     /// Every tensor of a GGUF file under its Hugging Face name: dequantised to float32, except,
-    /// with `pack`, the Q4_0 / Q4_1 projections, kept 4-bit ([`WeightMap::take_linear`]).
+    /// with `pack`, the Q4_0 / Q4_1 / Q4_K projections, kept 4-bit ([`WeightMap::take_linear`]).
     pub fn from_gguf(g: &GgufFile, config: &LlamaConfig, pack: bool) -> Result<Self, WeightsError> {
         let mut tensors = HashMap::new();
         let mut packed = HashMap::new();
