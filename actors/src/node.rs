@@ -13,14 +13,14 @@ use crate::deployments::{
     DeploymentState, DeploymentView, Deployments, Dtype, PlacementSpec, Slot,
 };
 use crate::directory::Directory;
-use crate::health::{ActorState, HealthBoard};
-use crate::inference::{InferenceArgs, InferenceMsg};
+use crate::health::HealthBoard;
+use crate::inference::InferenceMsg;
 use crate::inventory::{self, Device, Inventory};
 use crate::jobs::{
     DbLock, DbLockError, JobError, JobEvent, JobMsg, JobPage, JobQuery, JobRecord, JobSpec,
     JobStats,
 };
-use crate::messages::{ChatWork, ReplicaInfo, ServeError};
+use crate::messages::{ChatWork, ServeError};
 use crate::placement::{place, Placement, PlacementError, Resources};
 use crate::restart_policy::RestartPolicy;
 use crate::router::{Dispatched, Router};
@@ -278,29 +278,14 @@ impl Node {
         // started); the deployment manager adopts them, and places the rest.
         let initial = default.initial_replicas().min(slots.len());
         for slot in &slots[..initial] {
-            router.add_replica(ReplicaInfo {
-                name: slot.name.clone(),
-                node: config.node_name.clone(),
-                devices: slot.devices.iter().map(|d| d.to_string()).collect(),
-                tensor_parallel: slot.devices.len(),
-                state: ActorState::Starting,
-                in_flight: 0,
-                adapters: Vec::new(),
-                model: None,
-                dtype: None,
-                deployment: default.name.clone(),
-            });
+            router.add_replica(slot.replica_info(&config.node_name, &default.name));
             children.push((
                 slot.name.clone(),
-                ChildSpec::Inference(InferenceArgs {
-                    name: slot.name.clone(),
-                    model_path: config.model_path.clone(),
-                    devices: slot.devices.iter().map(torch_device).collect(),
-                    kind: config.kind,
-                    quantization: slot.quantization,
-                    engine: slot.engine.clone(),
-                    router: router.clone(),
-                }),
+                ChildSpec::Inference(slot.inference_args(
+                    config.model_path.clone(),
+                    config.kind,
+                    &router,
+                )),
             ));
         }
         if config.job_manager {
@@ -406,30 +391,12 @@ impl Node {
             return Err(format!("inference slot `{slot}` is taken"));
         }
         tracing::info!(replica = %slot, %deployment, path = %path.display(), "starting a replica for the head");
-        self.router.add_replica(ReplicaInfo {
-            name: s.name.clone(),
-            node: self.name.clone(),
-            devices: s.devices.iter().map(|d| d.to_string()).collect(),
-            tensor_parallel: s.devices.len(),
-            state: ActorState::Starting,
-            in_flight: 0,
-            adapters: Vec::new(),
-            model: None,
-            dtype: None,
-            deployment: deployment.to_string(),
-        });
+        self.router
+            .add_replica(s.replica_info(&self.name, deployment));
         self.supervisor
             .cast(SupervisorMsg::Add(
                 s.name.clone(),
-                ChildSpec::Inference(InferenceArgs {
-                    name: s.name.clone(),
-                    model_path: path,
-                    devices: s.devices.iter().map(torch_device).collect(),
-                    kind,
-                    quantization: s.quantization,
-                    engine: s.engine.clone(),
-                    router: self.router.clone(),
-                }),
+                ChildSpec::Inference(s.inference_args(path, kind, &self.router)),
             ))
             .map_err(|e| e.to_string())
     }

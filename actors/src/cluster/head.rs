@@ -217,6 +217,18 @@ struct WorkerSlots {
     table: ClusterTable,
 }
 
+impl WorkerSlots {
+    fn agent(&self, node: &str) -> Option<ActorRef<WorkerInbox>> {
+        self.table
+            .inner
+            .lock()
+            .expect("cluster")
+            .workers
+            .get(node)
+            .map(|w| w.agent.clone())
+    }
+}
+
 impl crate::deployments::RemoteNodes for WorkerSlots {
     fn nodes(&self) -> Vec<crate::deployments::RemoteNode> {
         let t = self.table.inner.lock().expect("cluster");
@@ -246,16 +258,8 @@ impl crate::deployments::RemoteNodes for WorkerSlots {
         slot: &str,
         spec: &crate::deployments::DeploymentSpec,
     ) -> Result<(), String> {
-        let agent = self
-            .table
-            .inner
-            .lock()
-            .expect("cluster")
-            .workers
-            .get(node)
-            .map(|w| w.agent.clone())
-            .ok_or_else(|| format!("worker {node} is gone"))?;
-        agent
+        self.agent(node)
+            .ok_or_else(|| format!("worker {node} is gone"))?
             .cast(WorkerInbox::Frame(ToWorker::StartReplica {
                 slot: slot.to_string(),
                 deployment: spec.name.clone(),
@@ -266,15 +270,7 @@ impl crate::deployments::RemoteNodes for WorkerSlots {
     }
 
     fn stop(&self, node: &str, slot: &str) {
-        let agent = self
-            .table
-            .inner
-            .lock()
-            .expect("cluster")
-            .workers
-            .get(node)
-            .map(|w| w.agent.clone());
-        if let Some(agent) = agent {
+        if let Some(agent) = self.agent(node) {
             let _ = agent.cast(WorkerInbox::Frame(ToWorker::StopReplica {
                 slot: slot.to_string(),
             }));

@@ -39,6 +39,42 @@ pub struct Slot {
     pub quantization: tessera_engine::loader::Quantization,
 }
 
+impl Slot {
+    /// The router's entry of a replica of `deployment` starting here on `node`.
+    pub fn replica_info(&self, node: &str, deployment: &str) -> ReplicaInfo {
+        ReplicaInfo {
+            name: self.name.clone(),
+            node: node.to_string(),
+            devices: self.devices.iter().map(|d| d.to_string()).collect(),
+            tensor_parallel: self.devices.len(),
+            state: ActorState::Starting,
+            in_flight: 0,
+            adapters: Vec::new(),
+            model: None,
+            dtype: None,
+            deployment: deployment.to_string(),
+        }
+    }
+
+    /// What the inference actor of a replica of `model_path` here starts from.
+    pub fn inference_args(
+        &self,
+        model_path: std::path::PathBuf,
+        kind: Option<tch::Kind>,
+        router: &Router,
+    ) -> InferenceArgs {
+        InferenceArgs {
+            name: self.name.clone(),
+            model_path,
+            devices: self.devices.iter().map(torch_device).collect(),
+            kind,
+            quantization: self.quantization,
+            engine: self.engine.clone(),
+            router: router.clone(),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct DeploymentManagerArgs {
     pub db_path: std::path::PathBuf,
@@ -657,27 +693,10 @@ impl ManagerState {
             Place::Local(i) => self.args.slots[i].clone(),
         };
         tracing::info!(deployment = %spec.name, replica = %slot.name, path = %spec.path.display(), "starting a replica");
-        self.args.router.add_replica(ReplicaInfo {
-            name: slot.name.clone(),
-            node: self.args.node.clone(),
-            devices: slot.devices.iter().map(|d| d.to_string()).collect(),
-            tensor_parallel: slot.devices.len(),
-            state: ActorState::Starting,
-            in_flight: 0,
-            adapters: Vec::new(),
-            model: None,
-            dtype: None,
-            deployment: spec.name.clone(),
-        });
-        let args = InferenceArgs {
-            name: slot.name.clone(),
-            model_path: spec.path.clone(),
-            devices: slot.devices.iter().map(torch_device).collect(),
-            kind: spec.dtype.kind(),
-            quantization: slot.quantization,
-            engine: slot.engine.clone(),
-            router: self.args.router.clone(),
-        };
+        self.args
+            .router
+            .add_replica(slot.replica_info(&self.args.node, &spec.name));
+        let args = slot.inference_args(spec.path.clone(), spec.dtype.kind(), &self.args.router);
         let _ = self.supervisor.cast(SupervisorMsg::Add(
             slot.name.clone(),
             ChildSpec::Inference(args),
