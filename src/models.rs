@@ -88,6 +88,28 @@ fn deploy(client: &Client, d: DeployArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A deployment's name (marked when it is the default one), state and replicas/target, as both
+/// `tessera models list` and `tessera status` show them.
+pub fn cells(d: &Value) -> [String; 3] {
+    [
+        format!(
+            "{}{}",
+            text(&d["name"]),
+            if d["default"] == true {
+                " (default)"
+            } else {
+                ""
+            }
+        ),
+        text(&d["state"]),
+        format!(
+            "{}/{}",
+            d["replicas"].as_array().map_or(0, Vec::len),
+            d["target_replicas"].as_u64().unwrap_or(0)
+        ),
+    ]
+}
+
 /// `GET /models` as a table.
 pub fn table(body: &Value) -> String {
     let rows: Vec<[String; 6]> = body["deployments"]
@@ -105,22 +127,11 @@ pub fn table(body: &Value) -> String {
                 ),
                 None => "fixed".into(),
             };
+            let [name, state, replicas] = cells(d);
             [
-                format!(
-                    "{}{}",
-                    text(&d["name"]),
-                    if d["default"] == true {
-                        " (default)"
-                    } else {
-                        ""
-                    }
-                ),
-                text(&d["state"]),
-                format!(
-                    "{}/{}",
-                    d["replicas"].as_array().map_or(0, Vec::len),
-                    d["target_replicas"].as_u64().unwrap_or(0)
-                ),
+                name,
+                state,
+                replicas,
                 scaling,
                 text(&d["spec"]["path"]),
                 d["reason"].as_str().unwrap_or("-").to_string(),

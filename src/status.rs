@@ -149,22 +149,11 @@ pub fn render(cluster: &Value, health: &Value, now: f64) -> String {
         .iter()
         .map(|d| {
             let path = text(&d["spec"]["path"]);
+            let [name, state, replicas] = crate::models::cells(d);
             [
-                format!(
-                    "{}{}",
-                    text(&d["name"]),
-                    if d["default"] == true {
-                        " (default)"
-                    } else {
-                        ""
-                    }
-                ),
-                text(&d["state"]),
-                format!(
-                    "{}/{}",
-                    list(&d["replicas"]).len(),
-                    d["target_replicas"].as_u64().unwrap_or(0)
-                ),
+                name,
+                state,
+                replicas,
                 path.rsplit('/').next().unwrap_or(&path).to_string(),
                 d["reason"].as_str().unwrap_or("-").to_string(),
             ]

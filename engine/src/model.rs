@@ -453,7 +453,7 @@ impl Llama {
             let gate = take("mlp.gate_proj.weight", &[inter, h])?;
             let up = take("mlp.up_proj.weight", &[inter, h])?;
             let down = take("mlp.down_proj.weight", &[h, inter])?;
-            if let Some(act) = int4_act.filter(|_| tp == 1 && main == Device::Cpu) {
+            let shards = if let Some(act) = int4_act.filter(|_| tp == 1 && main == Device::Cpu) {
                 // Fused where every part is 4-bit; a part of another type makes it dense.
                 let fuse = |parts: Vec<LinearWeight>| -> Linear {
                     if parts.iter().all(|p| matches!(p, LinearWeight::Int4(_))) {
@@ -471,7 +471,7 @@ impl Llama {
                         Linear::Dense(place(Tensor::cat(&dense, 0), main))
                     }
                 };
-                let shards = vec![BlockShard {
+                vec![BlockShard {
                     device: main,
                     heads,
                     kv_heads,
@@ -479,48 +479,43 @@ impl Llama {
                     o: fuse(vec![o]),
                     gate_up: fuse(vec![gate, up]),
                     down: fuse(vec![down]),
-                }];
-                blocks.push(Block {
-                    input_norm: norm(&mut weights, &format!("{p}.input_layernorm.weight"))?,
-                    post_norm: norm(
-                        &mut weights,
-                        &format!("{p}.post_attention_layernorm.weight"),
-                    )?,
-                    shards,
-                });
-                continue;
-            }
-            let (q, k, vw, o) = (q.dense(), k.dense(), vw.dense(), o.dense());
-            let (gate, up, down) = (gate.dense(), up.dense(), down.dense());
-            let shards = devices
-                .iter()
-                .enumerate()
-                .map(|(s, &dev)| {
-                    let s = s as i64;
-                    BlockShard {
-                        device: dev,
-                        heads: hl,
-                        kv_heads: kvl,
-                        qkv: Linear::Dense(place(
-                            Tensor::cat(
-                                &[
-                                    q.narrow(0, s * hl * d, hl * d),
-                                    k.narrow(0, s * kvl * d, kvl * d),
-                                    vw.narrow(0, s * kvl * d, kvl * d),
-                                ],
-                                0,
-                            ),
-                            dev,
-                        )),
-                        o: Linear::Dense(place(o.narrow(1, s * hl * d, hl * d), dev)),
-                        gate_up: Linear::Dense(place(
-                            Tensor::cat(&[gate.narrow(0, s * il, il), up.narrow(0, s * il, il)], 0),
-                            dev,
-                        )),
-                        down: Linear::Dense(place(down.narrow(1, s * il, il), dev)),
-                    }
-                })
-                .collect();
+                }]
+            } else {
+                let (q, k, vw, o) = (q.dense(), k.dense(), vw.dense(), o.dense());
+                let (gate, up, down) = (gate.dense(), up.dense(), down.dense());
+                devices
+                    .iter()
+                    .enumerate()
+                    .map(|(s, &dev)| {
+                        let s = s as i64;
+                        BlockShard {
+                            device: dev,
+                            heads: hl,
+                            kv_heads: kvl,
+                            qkv: Linear::Dense(place(
+                                Tensor::cat(
+                                    &[
+                                        q.narrow(0, s * hl * d, hl * d),
+                                        k.narrow(0, s * kvl * d, kvl * d),
+                                        vw.narrow(0, s * kvl * d, kvl * d),
+                                    ],
+                                    0,
+                                ),
+                                dev,
+                            )),
+                            o: Linear::Dense(place(o.narrow(1, s * hl * d, hl * d), dev)),
+                            gate_up: Linear::Dense(place(
+                                Tensor::cat(
+                                    &[gate.narrow(0, s * il, il), up.narrow(0, s * il, il)],
+                                    0,
+                                ),
+                                dev,
+                            )),
+                            down: Linear::Dense(place(down.narrow(1, s * il, il), dev)),
+                        }
+                    })
+                    .collect()
+            };
             blocks.push(Block {
                 input_norm: norm(&mut weights, &format!("{p}.input_layernorm.weight"))?,
                 post_norm: norm(

@@ -357,11 +357,7 @@ fn byte_level_spec(
             })
         }
     };
-    let vocab: serde_json::Map<String, Json> = tokens
-        .iter()
-        .enumerate()
-        .map(|(id, t)| (t.clone(), json!(id)))
-        .collect();
+    let vocab = vocab_map(tokens);
     Ok(json!({
         "version": "1.0",
         "truncation": null,
@@ -413,11 +409,7 @@ fn sentencepiece_spec(
         .get("tokenizer.ggml.add_space_prefix")
         .map(|v| !matches!(v, Value::Bool(false)))
         .unwrap_or(true);
-    let vocab: serde_json::Map<String, Json> = tokens
-        .iter()
-        .enumerate()
-        .map(|(id, t)| (t.clone(), json!(id)))
-        .collect();
+    let vocab = vocab_map(tokens);
     let mut decoders = vec![
         json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
         json!({"type": "ByteFallback"}),
@@ -441,6 +433,15 @@ fn sentencepiece_spec(
                   "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
                   "vocab": vocab, "merges": merges},
     }))
+}
+
+/// A vocabulary as `tokenizer.json` spells it: token → id.
+fn vocab_map(tokens: &[String]) -> serde_json::Map<String, Json> {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| (t.clone(), json!(id)))
+        .collect()
 }
 
 /// The merges a SentencePiece vocabulary implies (transformers' `generate_merges` with scores):
