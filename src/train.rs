@@ -10,8 +10,10 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::{json, Map, Value};
-use tessera_engine::loader::default_kind;
-use tessera_engine::train::{train, Hyperparameters, TrainJob, TrainOptions, TrainOutcome};
+use tessera_engine::loader::{default_kind, load_for_training};
+use tessera_engine::train::{
+    train, BaseQuantization, Hyperparameters, TrainJob, TrainOptions, TrainOutcome,
+};
 
 use crate::config::Config;
 
@@ -96,7 +98,8 @@ pub fn run(args: TrainArgs, config: &Config) -> anyhow::Result<()> {
     } else {
         tch::Kind::Float
     };
-    let loaded = tessera_engine::load(&model_path, &[device], Some(kind))
+    let packed_base = hyperparameters.base_quantization == BaseQuantization::Packed;
+    let loaded = load_for_training(&model_path, device, Some(kind), packed_base)
         .with_context(|| format!("loading {}", model_path.display()))?;
     let job = TrainJob {
         dataset_path: args.dataset.clone(),

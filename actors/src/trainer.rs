@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tessera_engine::train::trainer::{train, TrainError, TrainOptions, TrainOutcome};
+use tessera_engine::train::BaseQuantization;
 
 use crate::directory::Directory;
 use crate::health::now_s;
@@ -260,7 +261,13 @@ fn execute(args: &TrainerArgs, assignment: &Assignment, flags: &Flags) -> RunRes
         .base_model
         .clone()
         .unwrap_or_else(|| args.default_model.clone());
-    let loaded = match tessera_engine::load(&model_path, &[args.device], args.kind) {
+    let packed_base = assignment.job.hyperparameters.base_quantization == BaseQuantization::Packed;
+    let loaded = match tessera_engine::loader::load_for_training(
+        &model_path,
+        args.device,
+        args.kind,
+        packed_base,
+    ) {
         Ok(l) => l,
         Err(e) => {
             return RunResult::Failed {

@@ -8,6 +8,7 @@ use tch::{Device, Kind, Tensor};
 use crate::gguf::{GgufError, GgufFile};
 use crate::model::{Llama, ModelError};
 use crate::model_config::{ConfigError, LlamaConfig};
+use crate::packed::Int4Mode;
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use crate::weights::{WeightMap, WeightsError};
 
@@ -24,6 +25,8 @@ pub enum LoadError {
     UnknownFormat { path: PathBuf },
     #[error("{path}: {source}")]
     Config { path: PathBuf, source: ConfigError },
+    #[error("{path}: a packed base needs a GGUF file with Q4_0, Q4_1 or Q4_K projections; this model has none")]
+    NothingPacked { path: PathBuf },
     #[error(transparent)]
     Gguf(#[from] GgufError),
     #[error(transparent)]
@@ -131,6 +134,52 @@ pub fn load_with(
     kind: Option<Kind>,
     quantization: Quantization,
 ) -> Result<LoadedModel, LoadError> {
+    load_holding(path, devices, kind, || {
+        if quantization != Quantization::Dequantize && devices != [Device::Cpu] {
+            tracing::warn!(devices = ?devices, ?quantization, "packed 4-bit weights run on one CPU device only; dequantising");
+        }
+        match quantization {
+            _ if devices != [Device::Cpu] => Int4Mode::Dense,
+            Quantization::Dequantize => Int4Mode::Dense,
+            Quantization::Packed => Int4Mode::Kernel(crate::packed::probe().best_int4().0),
+            Quantization::Auto => crate::packed::probe()
+                .int4_if_faster()
+                .map_or(Int4Mode::Dense, Int4Mode::Kernel),
+        }
+    })
+}
+
+/// A base model for fine-tuning on `device`: with `packed_base`, a GGUF file's 4-bit projections
+/// stay 4-bit and are dequantised one layer at a time as training uses them (QLoRA); an error when
+/// it has none.
+pub fn load_for_training(
+    path: &Path,
+    device: Device,
+    kind: Option<Kind>,
+    packed_base: bool,
+) -> Result<LoadedModel, LoadError> {
+    let mode = if packed_base {
+        Int4Mode::PerUse
+    } else {
+        Int4Mode::Dense
+    };
+    let loaded = load_holding(path, &[device], kind, || mode)?;
+    if packed_base && loaded.model.weight_bytes().1 == 0 {
+        return Err(LoadError::NothingPacked {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(loaded)
+}
+
+/// Loads a safetensors directory or a GGUF file; `int4` says how a GGUF's 4-bit weights are held
+/// (called for GGUF files only).
+fn load_holding(
+    path: &Path,
+    devices: &[Device],
+    kind: Option<Kind>,
+    int4: impl FnOnce() -> Int4Mode,
+) -> Result<LoadedModel, LoadError> {
     if !path.exists() {
         return Err(LoadError::NotFound(path.to_path_buf()));
     }
@@ -143,8 +192,7 @@ pub fn load_with(
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
     let started = std::time::Instant::now();
-    // The activation dtype of packed 4-bit projections, when they are packed.
-    let mut int4_act = None;
+    let mut mode = Int4Mode::Dense;
     let (weights, config, tokenizer) = if path.is_dir() {
         let config_path = path.join("config.json");
         if !config_path.exists() {
@@ -169,17 +217,9 @@ pub fn load_with(
             source,
         })?;
         let tokenizer = Tokenizer::from_gguf(&g)?;
-        if quantization != Quantization::Dequantize && devices != [Device::Cpu] {
-            tracing::warn!(devices = ?devices, ?quantization, "packed 4-bit weights run on one CPU device only; dequantising");
-        }
-        int4_act = match quantization {
-            _ if devices != [Device::Cpu] => None,
-            Quantization::Dequantize => None,
-            Quantization::Packed => Some(crate::packed::probe().best_int4().0),
-            Quantization::Auto => crate::packed::probe().int4_if_faster(),
-        };
+        mode = int4();
         (
-            WeightMap::from_gguf(&g, &config, int4_act.is_some())?,
+            WeightMap::from_gguf(&g, &config, mode != Int4Mode::Dense)?,
             config,
             tokenizer,
         )
@@ -188,7 +228,7 @@ pub fn load_with(
             path: path.to_path_buf(),
         });
     };
-    let model = Llama::load(weights, config, devices, kind, int4_act)?;
+    let model = Llama::load(weights, config, devices, kind, mode)?;
     let (weight_bytes, packed, projections) = model.weight_bytes();
     tracing::info!(
         model = %path.display(),

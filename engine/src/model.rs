@@ -12,7 +12,7 @@ use tch::{Device, Kind, Tensor};
 use crate::kv_cache::{KvCache, ShardLayout};
 use crate::lora::{LoraBatch, Proj};
 use crate::model_config::LlamaConfig;
-use crate::packed::{Int4Weight, Linear};
+use crate::packed::{Int4Mode, Int4Weight, Linear};
 use crate::step::{LogitRows, Segment, StepBatch};
 use crate::weights::{LinearWeight, WeightMap, WeightsError};
 
@@ -389,14 +389,14 @@ pub struct Llama {
 impl Llama {
     /// Builds the model from Hugging Face-named weights, sharded over `devices` (the tensor
     /// parallel degree is `devices.len()`; the first device holds embedding, norms and `lm_head`).
-    /// With `int4_act`, projections the map kept 4-bit stay packed, multiplied with activations in
-    /// that dtype (one CPU device only; elsewhere they are dequantised).
+    /// Projections the map kept 4-bit are held as `int4` says (packed modes need one device, the
+    /// kernel one a CPU; elsewhere they are dequantised).
     pub fn load(
         mut weights: WeightMap,
         config: LlamaConfig,
         devices: &[Device],
         kind: Kind,
-        int4_act: Option<Kind>,
+        int4: Int4Mode,
     ) -> Result<Self, ModelError> {
         let tp = devices.len();
         if tp == 0 {
@@ -453,7 +453,12 @@ impl Llama {
             let gate = take("mlp.gate_proj.weight", &[inter, h])?;
             let up = take("mlp.up_proj.weight", &[inter, h])?;
             let down = take("mlp.down_proj.weight", &[h, inter])?;
-            let shards = if let Some(act) = int4_act.filter(|_| tp == 1 && main == Device::Cpu) {
+            let compact = match int4 {
+                Int4Mode::Kernel(_) => tp == 1 && main == Device::Cpu,
+                Int4Mode::PerUse => tp == 1,
+                Int4Mode::Dense => false,
+            };
+            let shards = if compact {
                 // Fused where every part is 4-bit; a part of another type makes it dense.
                 let fuse = |parts: Vec<LinearWeight>| -> Linear {
                     if parts.iter().all(|p| matches!(p, LinearWeight::Int4(_))) {
@@ -464,7 +469,11 @@ impl Llama {
                                 LinearWeight::Dense(_) => unreachable!(),
                             })
                             .collect();
-                        Int4Weight::cat(&ws).pack(act)
+                        let w = Int4Weight::cat(&ws);
+                        match int4 {
+                            Int4Mode::Kernel(act) => w.pack(act),
+                            _ => Linear::Int4Dequant(w.to_device(main)),
+                        }
                     } else {
                         let dense: Vec<Tensor> =
                             parts.into_iter().map(LinearWeight::dense).collect();

@@ -17,18 +17,39 @@ use crate::gguf::GgmlType;
 /// Elements per group (a GGUF Q4 block).
 pub const GROUP: i64 = 32;
 
-/// A Q4 weight as the kernel's inputs before packing: the 4-bit values and each group's scale
-/// and zero.
+/// How a model holds the 4-bit weights its GGUF file gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int4Mode {
+    /// Dequantised at load (the reference path).
+    Dense,
+    /// Packed for torch's CPU int4 kernel, activations in this dtype (one CPU device; otherwise
+    /// dequantised at load).
+    Kernel(Kind),
+    /// Kept compact and dequantised one layer at a time, at each use ([`Linear::Int4Dequant`]):
+    /// training on a 4-bit base. One device, any kind.
+    PerUse,
+}
+
+/// A 4-bit weight in groups of 32 along the input: `w = q · scale + min`, `q` in `0..16`. Kept
+/// compact (half a byte per value, plus a scale and a min per group); [`Int4Weight::pack`] turns it
+/// into the CPU kernel's layout, [`Int4Weight::dequantize`] into floats (the QLoRA path dequantises
+/// one layer at a time this way).
 pub struct Int4Weight {
-    /// `[rows, cols]` int32 in `0..16`.
+    /// `[rows, cols / 2]` uint8, GGUF's Q4 nibble order: byte `j` of group `g` holds value
+    /// `32g + j` in its low nibble and `32g + 16 + j` in its high one.
     pub q: Tensor,
-    /// `[rows, cols / 32, 2]` float32: (scale, zero) per group.
-    pub sz: Tensor,
+    /// `[rows, cols / 32, 2]` float32: (scale, min) per group.
+    pub sm: Tensor,
+}
+
+/// Appends one group's 32 values (`0..16`, in order) in GGUF's nibble order.
+fn push_group(out: &mut Vec<u8>, values: &[u8]) {
+    out.extend((0..16).map(|j| (values[j] & 0x0f) | (values[j + 16] << 4)));
 }
 
 impl Int4Weight {
-    /// Reads a GGUF Q4_0 or Q4_1 tensor of `rows × cols` (`None` for other types, or a shape the
-    /// kernel cannot take: columns in groups of 32, rows in multiples of 16).
+    /// Reads a GGUF Q4_0, Q4_1 or Q4_K tensor of `rows × cols` (`None` for other types, or a
+    /// shape the kernel cannot take: columns in groups of 32, rows in multiples of 16).
     pub fn from_gguf(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
         let block_bytes = match ty {
             GgmlType::Q4_0 => 18,
@@ -44,59 +65,56 @@ impl Int4Weight {
         {
             return None;
         }
-        let mut q = Vec::with_capacity(rows * cols);
-        let mut sz = Vec::with_capacity(rows * groups * 2);
+        let mut q = Vec::with_capacity(rows * cols / 2);
+        let mut sm = Vec::with_capacity(rows * groups * 2);
         for b in bytes.chunks_exact(block_bytes) {
             let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-            let (zero, qs) = match ty {
-                GgmlType::Q4_0 => (0.0, &b[2..]),
-                _ => {
-                    let m = f16::from_le_bytes([b[2], b[3]]).to_f32();
-                    (m + 8.0 * d, &b[4..])
-                }
+            // Q4_0: (q - 8)·d; Q4_1: q·d + m. The nibbles are already in the order kept here.
+            let (min, qs) = match ty {
+                GgmlType::Q4_0 => (-8.0 * d, &b[2..]),
+                _ => (f16::from_le_bytes([b[2], b[3]]).to_f32(), &b[4..]),
             };
-            q.extend(qs.iter().map(|&v| (v & 0x0f) as i32));
-            q.extend(qs.iter().map(|&v| (v >> 4) as i32));
-            sz.extend([d, zero]);
+            q.extend_from_slice(qs);
+            sm.extend([d, min]);
         }
-        Some(Self {
-            q: Tensor::from_slice(&q).reshape([rows as i64, cols as i64]),
-            sz: Tensor::from_slice(&sz).reshape([rows as i64, groups as i64, 2]),
-        })
+        Some(Self::from_parts(q, sm, rows, cols))
+    }
+
+    fn from_parts(q: Vec<u8>, sm: Vec<f32>, rows: usize, cols: usize) -> Self {
+        let (rows, cols) = (rows as i64, cols as i64);
+        Self {
+            q: Tensor::from_slice(&q).reshape([rows, cols / 2]),
+            sm: Tensor::from_slice(&sm).reshape([rows, cols / GROUP, 2]),
+        }
     }
 
     /// Q4_K: superblocks of 256 (`d`, `dmin`, eight 6-bit scales and mins, 4-bit values), each
-    /// 32-element sub-block `d·sc·q − dmin·m`, i.e. scale `d·sc` and zero `8·d·sc − dmin·m`.
+    /// 32-element sub-block `d·sc·q − dmin·m`: scale `d·sc`, min `−dmin·m`.
     fn from_q4_k(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
         if cols % 256 != 0 || rows % 16 != 0 || bytes.len() != rows * cols / 256 * 144 {
             return None;
         }
         let groups = cols / GROUP as usize;
-        let mut q = Vec::with_capacity(rows * cols);
-        let mut sz = Vec::with_capacity(rows * groups * 2);
+        let mut q = Vec::with_capacity(rows * cols / 2);
+        let mut sm = Vec::with_capacity(rows * groups * 2);
         let half = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+        let mut values = [0u8; 32];
         for b in bytes.chunks_exact(144) {
             let (d, dmin) = (half(b, 0), half(b, 2));
             let (scales, qs) = (&b[4..16], &b[16..144]);
-            for (chunk, values) in qs.chunks_exact(32).enumerate() {
-                for (j, high) in [(2 * chunk, false), (2 * chunk + 1, true)] {
+            // 32 bytes hold two sub-blocks: the low nibbles one, the high nibbles the next.
+            for (chunk, bytes) in qs.chunks_exact(32).enumerate() {
+                for (j, shift) in [(2 * chunk, 0), (2 * chunk + 1, 4)] {
                     let (sc, m) = crate::dequant_k::scale_min_k4(j, scales);
-                    let (scale, min) = (d * sc, dmin * m);
-                    sz.extend([scale, 8.0 * scale - min]);
-                    q.extend(values.iter().map(|&v| {
-                        if high {
-                            (v >> 4) as i32
-                        } else {
-                            (v & 0x0f) as i32
-                        }
-                    }));
+                    sm.extend([d * sc, -dmin * m]);
+                    for (v, &byte) in values.iter_mut().zip(bytes) {
+                        *v = (byte >> shift) & 0x0f;
+                    }
+                    push_group(&mut q, &values);
                 }
             }
         }
-        Some(Self {
-            q: Tensor::from_slice(&q).reshape([rows as i64, cols as i64]),
-            sz: Tensor::from_slice(&sz).reshape([rows as i64, groups as i64, 2]),
-        })
+        Some(Self::from_parts(q, sm, rows, cols))
     }
 
     pub fn rows(&self) -> i64 {
@@ -104,7 +122,12 @@ impl Int4Weight {
     }
 
     pub fn cols(&self) -> i64 {
-        self.q.size()[1]
+        self.q.size()[1] * 2
+    }
+
+    /// Bytes its tensors hold.
+    pub fn bytes(&self) -> u64 {
+        tensor_bytes(&self.q) + tensor_bytes(&self.sm)
     }
 
     /// The same rows reordered by `f` (a function of a `[rows, n]` matrix that permutes rows).
@@ -112,52 +135,85 @@ impl Int4Weight {
         let (rows, groups) = (self.rows(), self.cols() / GROUP);
         Self {
             q: f(&self.q),
-            sz: f(&self.sz.reshape([rows, groups * 2])).reshape([rows, groups, 2]),
+            sm: f(&self.sm.reshape([rows, groups * 2])).reshape([rows, groups, 2]),
         }
     }
 
-    /// Float32 values (`[rows, cols]`), for paths that need the weight dense.
-    pub fn dequantize(&self) -> Tensor {
+    /// The same weight on `device`.
+    pub fn to_device(&self, device: Device) -> Self {
+        Self {
+            q: self.q.to_device(device),
+            sm: self.sm.to_device(device),
+        }
+    }
+
+    /// The values `q` as `[rows, cols / 32, 32]` uint8 in `0..16`, in order.
+    fn unpack(&self) -> Tensor {
+        let (rows, groups) = (self.rows(), self.cols() / GROUP);
+        let q = self.q.reshape([rows, groups, GROUP / 2]);
+        Tensor::cat(
+            &[q.bitwise_and(0x0f), q.bitwise_right_shift_tensor_scalar(4)],
+            -1,
+        )
+    }
+
+    /// The values as `kind` (`[rows, cols]`): what a dequantising load holds.
+    pub fn dequantize(&self, kind: Kind) -> Tensor {
         let (rows, cols) = (self.rows(), self.cols());
-        let q = (self.q.to_kind(Kind::Float) - 8.0).reshape([rows, cols / GROUP, GROUP]);
-        (q * self.sz.narrow(2, 0, 1) + self.sz.narrow(2, 1, 1)).reshape([rows, cols])
+        let q = self.unpack().to_kind(Kind::Float);
+        let w = self
+            .sm
+            .narrow(2, 1, 1)
+            .addcmul(&q, &self.sm.narrow(2, 0, 1));
+        w.reshape([rows, cols]).to_kind(kind)
     }
 
     /// Stacks weights by rows (fused projections).
     pub fn cat(parts: &[Int4Weight]) -> Self {
         let qs: Vec<&Tensor> = parts.iter().map(|p| &p.q).collect();
-        let szs: Vec<&Tensor> = parts.iter().map(|p| &p.sz).collect();
+        let sms: Vec<&Tensor> = parts.iter().map(|p| &p.sm).collect();
         Self {
             q: Tensor::cat(&qs, 0),
-            sz: Tensor::cat(&szs, 0),
+            sm: Tensor::cat(&sms, 0),
         }
     }
 
-    /// Packs it for the CPU kernel, with scales and zeros in `act` (the activation dtype).
+    /// Packs it for the CPU kernel, with scales and zeros in `act` (the activation dtype). The
+    /// kernel computes `(q − 8)·scale + zero`, so `zero = min + 8·scale`.
     pub fn pack(&self, act: Kind) -> Linear {
+        let (rows, cols) = (self.rows(), self.cols());
+        let q = self.unpack().reshape([rows, cols]).to_kind(Kind::Int);
+        let scale = self.sm.narrow(2, 0, 1);
+        let zero = self.sm.narrow(2, 1, 1) + &scale * 8.0;
+        let sz = Tensor::cat(&[scale, zero], 2);
         Linear::Int4 {
-            packed: self
-                .q
-                .contiguous()
-                .internal_convert_weight_to_int4pack_for_cpu(2),
-            sz: self.sz.transpose(0, 1).to_kind(act).contiguous(),
-            out: self.rows(),
+            packed: q.internal_convert_weight_to_int4pack_for_cpu(2),
+            sz: sz.transpose(0, 1).to_kind(act).contiguous(),
+            out: rows,
             act,
         }
     }
+}
+
+fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.numel() * t.kind().elt_size_in_bytes()) as u64
 }
 
 /// The weight of a linear layer.
 pub enum Linear {
     Dense(Tensor),
     /// Packed 4-bit weight `[out, in/2]` uint8, scales and zeros `[in/32, out, 2]`, applied to
-    /// activations converted to `act`.
+    /// activations converted to `act` (torch's CPU int4 kernel).
     Int4 {
         packed: Tensor,
         sz: Tensor,
         out: i64,
         act: Kind,
     },
+    /// A 4-bit weight dequantised to the activations' dtype at each use and dropped after it:
+    /// the QLoRA path. Differentiable in the input (the kernel is not), on any device, and only
+    /// the layer at hand is ever dense.
+    Int4Dequant(Int4Weight),
 }
 
 impl Linear {
@@ -179,6 +235,7 @@ impl Linear {
                 *shape.last_mut().expect("a dimension") = *out;
                 y.to_kind(x.kind()).reshape(shape.as_slice())
             }
+            Linear::Int4Dequant(w) => x.linear::<Tensor>(&w.dequantize(x.kind()), None),
         }
     }
 
@@ -187,15 +244,16 @@ impl Linear {
         match self {
             Linear::Dense(w) => w.size()[0],
             Linear::Int4 { out, .. } => *out,
+            Linear::Int4Dequant(w) => w.rows(),
         }
     }
 
     /// Bytes its tensors hold.
     pub fn bytes(&self) -> u64 {
-        let b = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as u64;
         match self {
-            Linear::Dense(w) => b(w),
-            Linear::Int4 { packed, sz, .. } => b(packed) + b(sz),
+            Linear::Dense(w) => tensor_bytes(w),
+            Linear::Int4 { packed, sz, .. } => tensor_bytes(packed) + tensor_bytes(sz),
+            Linear::Int4Dequant(w) => w.bytes(),
         }
     }
 
@@ -204,11 +262,13 @@ impl Linear {
         match self {
             Linear::Dense(w) => vec![w.shallow_clone()],
             Linear::Int4 { packed, sz, .. } => vec![packed.shallow_clone(), sz.shallow_clone()],
+            Linear::Int4Dequant(w) => vec![w.q.shallow_clone(), w.sm.shallow_clone()],
         }
     }
 
+    /// Whether it is held 4-bit (either way).
     pub fn is_packed(&self) -> bool {
-        matches!(self, Linear::Int4 { .. })
+        !matches!(self, Linear::Dense(_))
     }
 }
 
@@ -242,8 +302,8 @@ impl Probe {
 pub fn probe() -> Probe {
     let (rows, cols) = (1536i64, 576i64);
     let w = Int4Weight {
-        q: Tensor::randint(16, [rows, cols], (Kind::Int, Device::Cpu)),
-        sz: Tensor::rand([rows, cols / GROUP, 2], (Kind::Float, Device::Cpu)),
+        q: Tensor::randint(256, [rows, cols / 2], (Kind::Uint8, Device::Cpu)),
+        sm: Tensor::rand([rows, cols / GROUP, 2], (Kind::Float, Device::Cpu)),
     };
     let x = Tensor::randn([1, cols], (Kind::Float, Device::Cpu));
     let time = |lin: &Linear| {
@@ -255,7 +315,7 @@ pub fn probe() -> Probe {
         t.elapsed().as_secs_f64() / 20.0
     };
     let p = Probe {
-        dense_f32_s: time(&Linear::Dense(w.dequantize())),
+        dense_f32_s: time(&Linear::Dense(w.dequantize(Kind::Float))),
         int4_f32_s: time(&w.pack(Kind::Float)),
         int4_bf16_s: time(&w.pack(Kind::BFloat16)),
     };
@@ -302,7 +362,7 @@ mod tests {
             let dense = Tensor::from_slice(&dequantize("w", ty, &bytes, rows * cols).unwrap())
                 .reshape([rows as i64, cols as i64]);
             let w = Int4Weight::from_gguf(ty, &bytes, rows, cols).unwrap();
-            let diff = f64::try_from((w.dequantize() - &dense).abs().max()).unwrap();
+            let diff = f64::try_from((w.dequantize(Kind::Float) - &dense).abs().max()).unwrap();
             assert!(diff < 1e-6, "{ty:?}: {diff}");
             let x = Tensor::randn([3, 5, cols as i64], (Kind::Float, Device::Cpu));
             let want = x.linear::<Tensor>(&dense, None);
@@ -344,7 +404,7 @@ mod tests {
             Tensor::from_slice(&dequantize("w", GgmlType::Q4K, &bytes, rows * cols).unwrap())
                 .reshape([rows as i64, cols as i64]);
         let w = Int4Weight::from_gguf(GgmlType::Q4K, &bytes, rows, cols).unwrap();
-        let diff = f64::try_from((w.dequantize() - &dense).abs().max()).unwrap();
+        let diff = f64::try_from((w.dequantize(Kind::Float) - &dense).abs().max()).unwrap();
         assert!(diff < 1e-5, "{diff}");
         let x = Tensor::randn([4, cols as i64], (Kind::Float, Device::Cpu));
         let got = w.pack(Kind::Float).apply(&x);
@@ -369,12 +429,14 @@ mod tests {
             cols,
         )
         .unwrap();
-        let (da, db) = (a.dequantize(), b.dequantize());
+        let (da, db) = (a.dequantize(Kind::Float), b.dequantize(Kind::Float));
         let both = Int4Weight::cat(&[a, b]);
-        assert!(both.dequantize().equal(&Tensor::cat(&[&da, &db], 0)));
+        assert!(both
+            .dequantize(Kind::Float)
+            .equal(&Tensor::cat(&[&da, &db], 0)));
         let flipped = both.map_rows(|t| t.flip([0]));
         assert!(flipped
-            .dequantize()
+            .dequantize(Kind::Float)
             .equal(&Tensor::cat(&[&da, &db], 0).flip([0])));
     }
 }

@@ -59,7 +59,7 @@ impl LinearWeight {
     pub fn dense(self) -> Tensor {
         match self {
             LinearWeight::Dense(t) => t,
-            LinearWeight::Int4(w) => w.dequantize(),
+            LinearWeight::Int4(w) => w.dequantize(Kind::Float),
         }
     }
 }

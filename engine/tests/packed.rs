@@ -12,16 +12,17 @@ use tch::{Device, Kind, Tensor};
 use tessera_engine::gguf::GgufFile;
 use tessera_engine::model::{Llama, Logits};
 use tessera_engine::model_config::LlamaConfig;
+use tessera_engine::packed::Int4Mode;
 use tessera_engine::tokenizer::Tokenizer;
 use tessera_engine::weights::WeightMap;
 
-fn load(int4_act: Option<Kind>) -> (Llama, Tokenizer) {
+fn load(int4: Int4Mode) -> (Llama, Tokenizer) {
     let path = common::smollm2_path();
     let g = GgufFile::open(&path).unwrap();
     let config = LlamaConfig::from_gguf(&g).unwrap();
     let tokenizer = Tokenizer::from_gguf(&g).unwrap();
-    let weights = WeightMap::from_gguf(&g, &config, int4_act.is_some()).unwrap();
-    let model = Llama::load(weights, config, &[Device::Cpu], Kind::Float, int4_act).unwrap();
+    let weights = WeightMap::from_gguf(&g, &config, int4 != Int4Mode::Dense).unwrap();
+    let model = Llama::load(weights, config, &[Device::Cpu], Kind::Float, int4).unwrap();
     (model, tokenizer)
 }
 
@@ -87,7 +88,7 @@ fn perplexity(logprobs: &[f64]) -> f64 {
 
 #[test]
 fn packed_q4_weights_predict_like_the_dequantised_model() {
-    let (dense, tokenizer) = load(None);
+    let (dense, tokenizer) = load(Int4Mode::Dense);
     let ids: Vec<i64> = tokenizer
         .encode(&text(), false)
         .unwrap()
@@ -104,7 +105,7 @@ fn packed_q4_weights_predict_like_the_dequantised_model() {
     )
     .unwrap();
     for act in [Kind::Float, Kind::BFloat16] {
-        let (packed, _) = load(Some(act));
+        let (packed, _) = load(Int4Mode::Kernel(act));
         let (bytes, n_packed, total) = packed.weight_bytes();
         assert_eq!(
             (n_packed, total),

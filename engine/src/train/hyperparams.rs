@@ -15,6 +15,19 @@ pub enum LrScheduler {
     Constant,
 }
 
+/// How the frozen base holds a GGUF file's 4-bit weights while training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BaseQuantization {
+    /// Dequantised to float at load (the whole base dense in memory).
+    #[default]
+    Dequantize,
+    /// Kept 4-bit and dequantised one layer at a time as forward and backward reach it (QLoRA's
+    /// way): the base takes about a fifth of the memory. Needs a GGUF base with Q4_0, Q4_1 or
+    /// Q4_K projections, and implies gradient checkpointing.
+    Packed,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Hyperparameters {
@@ -31,6 +44,8 @@ pub struct Hyperparameters {
     /// Mixed precision on GPUs (bf16 base, f32 LoRA); ignored with a log line on the CPU.
     pub fp16: bool,
     pub gradient_checkpointing: bool,
+    /// `"dequantize"` (default) or `"packed"` (QLoRA: the base stays 4-bit).
+    pub base_quantization: BaseQuantization,
     pub warmup_ratio: f64,
     pub lr_scheduler: LrScheduler,
     pub weight_decay: f64,
@@ -60,6 +75,7 @@ impl Default for Hyperparameters {
             max_seq_length: 512,
             fp16: true,
             gradient_checkpointing: true,
+            base_quantization: BaseQuantization::Dequantize,
             warmup_ratio: 0.03,
             lr_scheduler: LrScheduler::Linear,
             weight_decay: 0.0,

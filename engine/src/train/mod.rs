@@ -10,5 +10,5 @@ pub mod lora_params;
 pub mod optimizer;
 pub mod trainer;
 
-pub use hyperparams::{Hyperparameters, LrScheduler, TrainJob};
+pub use hyperparams::{BaseQuantization, Hyperparameters, LrScheduler, TrainJob};
 pub use trainer::{train, Progress, TrainError, TrainOptions, TrainOutcome, TrainSummary};

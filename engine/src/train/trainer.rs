@@ -129,6 +129,13 @@ pub fn train(
         .into());
     }
     let device = model.main_device();
+    // A 4-bit base is dequantised one layer at a time: without recomputation the graph would keep
+    // every layer's dense weights until backward, the whole base at once.
+    let packed_base = model.weight_bytes().1 > 0;
+    let checkpointing = h.gradient_checkpointing || packed_base;
+    if packed_base && !h.gradient_checkpointing {
+        tracing::info!("packed 4-bit base: recomputing layers in backward (gradient checkpointing) although not asked for");
+    }
     if h.fp16 && device == Device::Cpu {
         tracing::info!("fp16 asked for: ignored on the CPU, training in float32");
     }
@@ -234,13 +241,7 @@ pub fn train(
             let seed = mix(h.seed, step as u64, m as u64);
             // A fresh LoRA view per micro-batch: each backward walks its own `B × scale` nodes.
             let batch = lora.batch(h.lora_dropout, seed);
-            loss_sum += micro_step(
-                model,
-                &batch,
-                examples,
-                supervised as f64,
-                h.gradient_checkpointing,
-            );
+            loss_sum += micro_step(model, &batch, examples, supervised as f64, checkpointing);
             state.tokens += examples.iter().map(|e| e.ids.len() as u64).sum::<u64>();
         }
         let grad_norm = opt.clip_and_step(&lora.tensors(), lr, h.max_grad_norm);
