@@ -2,21 +2,29 @@
 //! and peak RSS, r=16 on all 7 projections, sequences of 256, batch 4. The timed steps are the
 //! second to the last but one: the first warms up, the last writes the final checkpoint.
 //!
-//! `cargo run --release -p tessera-engine --example bench_train -- MODEL DATASET.jsonl OUT_DIR [on|off]
-//!     [--threads N]` (`on|off` turns layer recomputation on or off; default off, as PEFT's).
+//! `cargo run --release -p tessera-engine --example bench_train -- MODEL DATASET.jsonl OUT_DIR
+//!     [on|off|packed] [--threads N]` (`on|off` turns layer recomputation on or off, default off as
+//!     PEFT's; `packed` trains on the GGUF's 4-bit base kept packed, QLoRA's way, with recompute).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use serde_json::json;
 use tch::{Device, Kind};
-use tessera_engine::train::{train, Hyperparameters, LrScheduler, TrainJob, TrainOptions};
+use tessera_engine::loader::load_for_training;
+use tessera_engine::train::{
+    train, BaseQuantization, Hyperparameters, LrScheduler, TrainJob, TrainOptions,
+};
 
 fn peak_rss_mib() -> f64 {
+    status_mib("VmHWM:")
+}
+
+fn status_mib(field: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
@@ -27,7 +35,9 @@ fn main() -> anyhow::Result<()> {
     let model = PathBuf::from(&args[1]);
     let dataset = PathBuf::from(&args[2]);
     let out = PathBuf::from(&args[3]);
-    let checkpointing = args.get(4).map(|a| a == "on").unwrap_or(false);
+    let mode = args.get(4).map(String::as_str).unwrap_or("off");
+    let packed = mode == "packed";
+    let checkpointing = mode == "on" || packed;
     if let Some(i) = args.iter().position(|a| a == "--threads") {
         let n: i32 = args
             .get(i + 1)
@@ -41,7 +51,9 @@ fn main() -> anyhow::Result<()> {
         tch::get_num_threads(),
         load.split_whitespace().next().unwrap_or("?")
     );
-    let loaded = tessera_engine::load(&model, &[Device::Cpu], Some(Kind::Float))?;
+    let loaded = load_for_training(&model, Device::Cpu, Some(Kind::Float), packed)?;
+    let (weight_bytes, _, _) = loaded.model.weight_bytes();
+    let (rss_loaded, peak_loading) = (status_mib("VmRSS:"), peak_rss_mib());
     let job = TrainJob {
         dataset_path: dataset,
         output_path: out,
@@ -57,6 +69,11 @@ fn main() -> anyhow::Result<()> {
             warmup_ratio: 0.0,
             lr_scheduler: LrScheduler::Constant,
             gradient_checkpointing: checkpointing,
+            base_quantization: if packed {
+                BaseQuantization::Packed
+            } else {
+                BaseQuantization::Dequantize
+            },
             ..Hyperparameters::default()
         },
     };
@@ -84,7 +101,11 @@ fn main() -> anyhow::Result<()> {
             "timed_steps": sn - s1,
             "threads": tch::get_num_threads(),
             "peak_rss_mib": peak_rss_mib(),
+            "rss_after_load_mib": rss_loaded,
+            "peak_rss_loading_mib": peak_loading,
             "gradient_checkpointing": checkpointing,
+            "packed_base": packed,
+            "weight_mib": weight_bytes as f64 / (1 << 20) as f64,
         })
     );
     Ok(())
