@@ -13,8 +13,9 @@ use crate::kv_cache::{KvCache, ShardLayout};
 use crate::lora::{LoraBatch, Proj};
 use crate::model_config::LlamaConfig;
 use crate::packed::{Int4Mode, Int4Weight, Linear};
+use crate::q8_table::Q8Table;
 use crate::step::{LogitRows, Segment, StepBatch};
-use crate::weights::{LinearWeight, WeightMap, WeightsError};
+use crate::weights::{LinearWeight, TableWeight, WeightMap, WeightsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -371,13 +372,64 @@ impl BlockShard {
     }
 }
 
+/// The token table (embedding) or `lm_head`: float, or a GGUF Q8_0 table kept 8-bit (with packed
+/// 4-bit projections).
+enum Table {
+    Dense(Tensor),
+    Q8(Q8Table),
+}
+
+impl Table {
+    /// Rows `ids` (int64, on the table's device): `[..ids, hidden]` in `kind`.
+    fn lookup(&self, ids: &Tensor, kind: Kind) -> Tensor {
+        match self {
+            Table::Dense(t) => Tensor::embedding(t, ids, -1, false, false),
+            Table::Q8(t) => t.lookup(ids, kind),
+        }
+    }
+
+    /// `x · tableᵀ`.
+    fn project(&self, x: &Tensor) -> Tensor {
+        match self {
+            Table::Dense(t) => x.linear::<Tensor>(t, None),
+            Table::Q8(t) => t.matmul_t(x),
+        }
+    }
+
+    fn shallow_clone(&self) -> Self {
+        match self {
+            Table::Dense(t) => Table::Dense(t.shallow_clone()),
+            Table::Q8(t) => Table::Q8(t.shallow_clone()),
+        }
+    }
+
+    fn tensors(&self) -> Vec<Tensor> {
+        match self {
+            Table::Dense(t) => vec![t.shallow_clone()],
+            Table::Q8(t) => t.tensors(),
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.tensors()
+            .iter()
+            .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+            .sum()
+    }
+
+    /// Whether two tables are the same storage (a tied `lm_head`).
+    fn same(&self, other: &Table) -> bool {
+        self.tensors()[0].data_ptr() == other.tensors()[0].data_ptr()
+    }
+}
+
 /// A Llama-family causal language model, possibly split over several devices.
 pub struct Llama {
     config: LlamaConfig,
     kind: Kind,
     main: Device,
-    embed: Tensor,
-    lm_head: Tensor,
+    embed: Table,
+    lm_head: Table,
     norm: RmsNorm,
     blocks: Vec<Block>,
     ropes: Vec<Rope>,
@@ -421,9 +473,21 @@ impl Llama {
             c.intermediate_size as i64,
         );
         let place = |t: Tensor, dev: Device| t.to_kind(kind).to_device(dev).contiguous();
-        let embed = place(weights.take("model.embed_tokens.weight", &[v, h])?, main);
+        // With packed projections, a Q8_0 embedding / lm_head stays 8-bit too.
+        let compact = match int4 {
+            Int4Mode::Kernel(_) => tp == 1 && main == Device::Cpu,
+            Int4Mode::PerUse => tp == 1,
+            Int4Mode::Dense => false,
+        };
+        let table = |w: &mut WeightMap, name: &str| -> Result<Table, ModelError> {
+            Ok(match w.take_table(name, &[v, h])? {
+                TableWeight::Q8(t) if compact => Table::Q8(t.to_device(main)),
+                other => Table::Dense(place(other.dense(), main)),
+            })
+        };
+        let embed = table(&mut weights, "model.embed_tokens.weight")?;
         let lm_head = if weights.contains("lm_head.weight") {
-            place(weights.take("lm_head.weight", &[v, h])?, main)
+            table(&mut weights, "lm_head.weight")?
         } else if c.tie_word_embeddings {
             embed.shallow_clone()
         } else {
@@ -453,11 +517,6 @@ impl Llama {
             let gate = take("mlp.gate_proj.weight", &[inter, h])?;
             let up = take("mlp.up_proj.weight", &[inter, h])?;
             let down = take("mlp.down_proj.weight", &[h, inter])?;
-            let compact = match int4 {
-                Int4Mode::Kernel(_) => tp == 1 && main == Device::Cpu,
-                Int4Mode::PerUse => tp == 1,
-                Int4Mode::Dense => false,
-            };
             let shards = if compact {
                 // Fused where every part is 4-bit; a part of another type makes it dense.
                 let fuse = |parts: Vec<LinearWeight>| -> Linear {
@@ -644,7 +703,7 @@ impl Llama {
         cache.ensure(step.slots_needed(), step.max_keys());
         let tables = self.step_tables(step);
         let tokens = Tensor::from_slice(&step.tokens);
-        let mut x = Tensor::embedding(&self.embed, &tokens.to_device(self.main), -1, false, false);
+        let mut x = self.embed.lookup(&tokens.to_device(self.main), self.kind);
         let d = self.config.head_dim as i64;
         for (layer, block) in self.blocks.iter().enumerate() {
             let ctx = StepCtx {
@@ -671,7 +730,7 @@ impl Llama {
 
     /// Token embeddings of `tokens` (`[batch, t]`) on the main device: the input of layer 0.
     pub fn embed(&self, tokens: &Tensor) -> Tensor {
-        Tensor::embedding(&self.embed, &tokens.to_device(self.main), -1, false, false)
+        self.embed.lookup(&tokens.to_device(self.main), self.kind)
     }
 
     /// Decoder layer `layer` over whole sequences starting at position 0, without a cache (the
@@ -800,16 +859,16 @@ impl Llama {
 
     /// Final norm and `lm_head`: hidden states to logits.
     pub fn head(&self, x: &Tensor) -> Tensor {
-        self.norm.forward(x).linear::<Tensor>(&self.lm_head, None)
+        self.lm_head.project(&self.norm.forward(x))
     }
 
     /// Bytes the weights hold (embedding, `lm_head` when not tied, norms, projections), and how
     /// many of the projections are 4-bit packed out of how many.
     pub fn weight_bytes(&self) -> (u64, usize, usize) {
         let b = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as u64;
-        let mut bytes = b(&self.embed) + b(&self.norm.weight);
-        if self.lm_head.data_ptr() != self.embed.data_ptr() {
-            bytes += b(&self.lm_head);
+        let mut bytes = self.embed.bytes() + b(&self.norm.weight);
+        if !self.lm_head.same(&self.embed) {
+            bytes += self.lm_head.bytes();
         }
         let (mut packed, mut total) = (0, 0);
         for block in &self.blocks {
@@ -827,7 +886,8 @@ impl Llama {
 
     /// Every base weight tensor (for checks that training leaves them untouched).
     pub fn base_tensors(&self) -> Vec<Tensor> {
-        let mut out = vec![self.embed.shallow_clone(), self.lm_head.shallow_clone()];
+        let mut out = self.embed.tensors();
+        out.extend(self.lm_head.tensors());
         out.push(self.norm.weight.shallow_clone());
         for b in &self.blocks {
             out.push(b.input_norm.weight.shallow_clone());

@@ -11,6 +11,7 @@ use crate::dequant::{dequantize, DequantError};
 use crate::gguf::{GgufError, GgufFile};
 use crate::model_config::LlamaConfig;
 use crate::packed::Int4Weight;
+use crate::q8_table::Q8Table;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
@@ -46,6 +47,23 @@ pub enum WeightsError {
 pub struct WeightMap {
     tensors: HashMap<String, Tensor>,
     packed: HashMap<String, Int4Weight>,
+    tables: HashMap<String, Q8Table>,
+}
+
+/// An embedding or `lm_head` as stored: float, or Q8_0.
+pub enum TableWeight {
+    Dense(Tensor),
+    Q8(Q8Table),
+}
+
+impl TableWeight {
+    /// Float32 values (a Q8_0 table dequantised).
+    pub fn dense(self) -> Tensor {
+        match self {
+            TableWeight::Dense(t) => t,
+            TableWeight::Q8(t) => t.dequantize(Kind::Float),
+        }
+    }
 }
 
 /// A linear layer's weight as stored: float, or 4-bit.
@@ -84,6 +102,7 @@ impl WeightMap {
         Self {
             tensors,
             packed: HashMap::new(),
+            tables: HashMap::new(),
         }
     }
 
@@ -129,10 +148,12 @@ impl WeightMap {
     }
 
     /// Every tensor of a GGUF file under its Hugging Face name: dequantised to float32, except,
-    /// with `pack`, the Q4_0 / Q4_1 / Q4_K projections, kept 4-bit ([`WeightMap::take_linear`]).
+    /// with `pack`, the Q4_0 / Q4_1 / Q4_K projections, kept 4-bit ([`WeightMap::take_linear`]),
+    /// and a Q8_0 embedding or `lm_head`, kept 8-bit ([`WeightMap::take_table`]).
     pub fn from_gguf(g: &GgufFile, config: &LlamaConfig, pack: bool) -> Result<Self, WeightsError> {
         let mut tensors = HashMap::new();
         let mut packed = HashMap::new();
+        let mut tables = HashMap::new();
         for info in &g.tensors {
             let Some(name) = hf_name(&info.name) else {
                 tracing::debug!(tensor = %info.name, "GGUF tensor not used by the model");
@@ -158,6 +179,15 @@ impl WeightMap {
                     continue;
                 }
             }
+            let is_table = name == "model.embed_tokens.weight" || name == "lm_head.weight";
+            if pack && is_table && info.shape.len() == 2 {
+                if let Some(t) =
+                    Q8Table::from_gguf(info.ggml_type, &bytes, info.shape[0], info.shape[1])
+                {
+                    tables.insert(name, t);
+                    continue;
+                }
+            }
             let values = dequantize(&info.name, info.ggml_type, &bytes, info.numel())?;
             let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
             let mut t = Tensor::from_slice(&values).reshape(&shape);
@@ -168,7 +198,11 @@ impl WeightMap {
             }
             tensors.insert(name, t);
         }
-        Ok(Self { tensors, packed })
+        Ok(Self {
+            tensors,
+            packed,
+            tables,
+        })
     }
 
     /// Removes a linear layer's weight, 4-bit when it was kept so, checking its shape.
@@ -185,6 +219,22 @@ impl WeightMap {
             return Ok(LinearWeight::Int4(w));
         }
         self.take(name, shape).map(LinearWeight::Dense)
+    }
+
+    /// Removes an embedding or `lm_head`, Q8_0 when it was kept so, checking its shape.
+    pub fn take_table(&mut self, name: &str, shape: &[i64]) -> Result<TableWeight, WeightsError> {
+        if let Some(t) = self.tables.remove(name) {
+            let found = vec![t.rows(), t.cols()];
+            if found != shape {
+                return Err(WeightsError::Shape {
+                    name: name.to_string(),
+                    expected: shape.to_vec(),
+                    found,
+                });
+            }
+            return Ok(TableWeight::Q8(t));
+        }
+        self.take(name, shape).map(TableWeight::Dense)
     }
 
     /// Removes a tensor, checking its shape.
@@ -206,7 +256,9 @@ impl WeightMap {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name) || self.packed.contains_key(name)
+        self.tensors.contains_key(name)
+            || self.packed.contains_key(name)
+            || self.tables.contains_key(name)
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {

@@ -116,6 +116,21 @@ fn packed_q4_weights_predict_like_the_dequantised_model() {
             bytes * 2 < dense_bytes,
             "packed weights hold {bytes} bytes, the float32 model {dense_bytes}"
         );
+        // Projections 4-bit, the Q8_0 embedding / lm_head 8-bit: about the file's own size.
+        let file: u64 = GgufFile::open(common::smollm2_path())
+            .unwrap()
+            .tensors
+            .iter()
+            .map(|t| t.size)
+            .sum();
+        eprintln!(
+            "packed weights {bytes} bytes, {:.2}x the GGUF's tensor bytes ({file})",
+            bytes as f64 / file as f64
+        );
+        assert!(
+            bytes as f64 <= 1.3 * file as f64,
+            "packed weights {bytes} bytes, the GGUF's tensors {file}"
+        );
         // The kernel is slow with float32 activations on many rows: that mode gets one window.
         let n = if act == Kind::Float { 256 } else { ids.len() };
         let (lp, top) = predictions(&packed, &ids[..n]);

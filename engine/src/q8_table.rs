@@ -1,0 +1,304 @@
+//! A Q8_0 token table kept 8-bit (issue 14): the embedding, and the `lm_head` it is tied to, as
+//! int8 values with one float32 scale per 32 (GGUF's Q8_0, `w = d·q`), a quarter of float32's
+//! bytes. A lookup dequantises only the rows it reads. The head's matmul reads the int8 rows with a
+//! small kernel for decode-sized batches (memory-bound: 1.1 bytes a weight instead of 4), and
+//! dequantises blocks of rows for BLAS otherwise (the whole table at once when autograd needs the
+//! graph: training's head, one chunk of positions at a time).
+
+use half::f16;
+use tch::{Device, Kind, Tensor};
+
+use crate::gguf::GgmlType;
+
+const GROUP: usize = 32;
+/// Rows of activations up to which the int8 kernel runs; more go to blocks + BLAS.
+const KERNEL_ROWS: i64 = 4;
+/// Table rows dequantised at once on the BLAS path (8192 × 576 float32: 18 MiB).
+const BLOCK_ROWS: i64 = 8192;
+
+/// A `[rows, cols]` table in Q8_0.
+pub struct Q8Table {
+    /// `[rows, cols]` int8.
+    q: Tensor,
+    /// `[rows, cols / 32]` float32.
+    d: Tensor,
+}
+
+impl Q8Table {
+    /// Reads a GGUF Q8_0 tensor of `rows × cols` (`None` for another type or a partial block).
+    pub fn from_gguf(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        if ty != GgmlType::Q8_0 || cols % GROUP != 0 || bytes.len() != rows * cols / GROUP * 34 {
+            return None;
+        }
+        let mut q = Vec::with_capacity(rows * cols);
+        let mut d = Vec::with_capacity(rows * cols / GROUP);
+        for b in bytes.chunks_exact(34) {
+            d.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
+            q.extend(b[2..].iter().map(|&v| v as i8));
+        }
+        let (rows, cols) = (rows as i64, cols as i64);
+        Some(Self {
+            q: Tensor::from_slice(&q).reshape([rows, cols]),
+            d: Tensor::from_slice(&d).reshape([rows, cols / GROUP as i64]),
+        })
+    }
+
+    pub fn rows(&self) -> i64 {
+        self.q.size()[0]
+    }
+
+    pub fn cols(&self) -> i64 {
+        self.q.size()[1]
+    }
+
+    /// Bytes its tensors hold.
+    pub fn bytes(&self) -> u64 {
+        [&self.q, &self.d]
+            .iter()
+            .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+            .sum()
+    }
+
+    /// The same table on `device`.
+    pub fn to_device(&self, device: Device) -> Self {
+        Self {
+            q: self.q.to_device(device),
+            d: self.d.to_device(device),
+        }
+    }
+
+    /// Another handle on the same tensors (a tied `lm_head`).
+    pub fn shallow_clone(&self) -> Self {
+        Self {
+            q: self.q.shallow_clone(),
+            d: self.d.shallow_clone(),
+        }
+    }
+
+    pub fn tensors(&self) -> Vec<Tensor> {
+        vec![self.q.shallow_clone(), self.d.shallow_clone()]
+    }
+
+    /// Rows `from .. from + n` as `kind`.
+    fn block(&self, from: i64, n: i64, kind: Kind) -> Tensor {
+        let groups = self.cols() / GROUP as i64;
+        let q = self.q.narrow(0, from, n).to_kind(Kind::Float);
+        let d = self.d.narrow(0, from, n).unsqueeze(-1);
+        (q.reshape([n, groups, GROUP as i64]) * d)
+            .reshape([n, self.cols()])
+            .to_kind(kind)
+    }
+
+    /// The whole table as `kind` (`[rows, cols]`).
+    pub fn dequantize(&self, kind: Kind) -> Tensor {
+        self.block(0, self.rows(), kind)
+    }
+
+    /// The rows `ids` (any shape, int64) as `kind`: `[..ids, cols]`.
+    pub fn lookup(&self, ids: &Tensor, kind: Kind) -> Tensor {
+        let flat = ids.reshape([-1]).to_device(self.q.device());
+        let n = flat.size()[0];
+        let groups = self.cols() / GROUP as i64;
+        let q = self.q.index_select(0, &flat).to_kind(Kind::Float);
+        let d = self.d.index_select(0, &flat).unsqueeze(-1);
+        let mut shape = ids.size();
+        shape.push(self.cols());
+        (q.reshape([n, groups, GROUP as i64]) * d)
+            .reshape(shape.as_slice())
+            .to_kind(kind)
+    }
+
+    /// `x · tableᵀ` for `x` of shape `[..., cols]`: `[..., rows]` in `x`'s dtype.
+    pub fn matmul_t(&self, x: &Tensor) -> Tensor {
+        let size = x.size();
+        let cols = self.cols();
+        let flat = x.reshape([-1, cols]);
+        let m = flat.size()[0];
+        let y = if m <= KERNEL_ROWS && !x.requires_grad() && self.q.device() == Device::Cpu {
+            self.kernel(&flat.to_kind(Kind::Float).contiguous())
+                .to_kind(x.kind())
+        } else if x.requires_grad() {
+            // Under autograd, one block: the gradient `∂y · table` is then the float model's
+            // own matmul, bit for bit (a sum over blocks would round differently).
+            flat.linear::<Tensor>(&self.dequantize(x.kind()), None)
+        } else {
+            let parts: Vec<Tensor> = (0..self.rows())
+                .step_by(BLOCK_ROWS as usize)
+                .map(|from| {
+                    let n = BLOCK_ROWS.min(self.rows() - from);
+                    flat.linear::<Tensor>(&self.block(from, n, x.kind()), None)
+                })
+                .collect();
+            Tensor::cat(&parts, 1)
+        };
+        let mut shape = size;
+        *shape.last_mut().expect("a dimension") = self.rows();
+        y.reshape(shape.as_slice())
+    }
+
+    /// The int8 kernel: `x` `[m, cols]` float32 contiguous on the CPU → `[m, rows]` float32.
+    fn kernel(&self, x: &Tensor) -> Tensor {
+        let (m, rows, cols) = (
+            x.size()[0] as usize,
+            self.rows() as usize,
+            self.cols() as usize,
+        );
+        let q = self.q.contiguous();
+        let d = self.d.contiguous();
+        // SAFETY: contiguous CPU tensors of the sizes and dtypes read; they outlive the borrows.
+        let (xs, qs, ds) = unsafe {
+            (
+                std::slice::from_raw_parts(x.data_ptr() as *const f32, m * cols),
+                std::slice::from_raw_parts(q.data_ptr() as *const i8, rows * cols),
+                std::slice::from_raw_parts(d.data_ptr() as *const f32, rows * cols / GROUP),
+            )
+        };
+        // Output row-major by table row (`[rows, m]`), split between threads by table rows.
+        let mut out = vec![0f32; rows * m];
+        let threads = (tch::get_num_threads().max(1) as usize).min(16);
+        let per = rows.div_ceil(threads);
+        std::thread::scope(|scope| {
+            for (t, chunk) in out.chunks_mut(per * m).enumerate() {
+                let first = t * per;
+                scope.spawn(move || dot_rows(xs, m, cols, qs, ds, first, chunk));
+            }
+        });
+        Tensor::from_slice(&out)
+            .reshape([rows as i64, m as i64])
+            .transpose(0, 1)
+            .contiguous()
+    }
+}
+
+/// `out[(r − first)·m + i] = Σ_g d[r, g] · Σ_k x[i, 32g + k] · q[r, 32g + k]` for the table rows
+/// `first ..` that `out` covers.
+fn dot_rows(x: &[f32], m: usize, cols: usize, q: &[i8], d: &[f32], first: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { dot_rows_avx2(x, m, cols, q, d, first, out) };
+    }
+    dot_rows_portable(x, m, cols, q, d, first, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_rows_avx2(
+    x: &[f32],
+    m: usize,
+    cols: usize,
+    q: &[i8],
+    d: &[f32],
+    first: usize,
+    out: &mut [f32],
+) {
+    dot_rows_portable(x, m, cols, q, d, first, out)
+}
+
+#[inline(always)]
+fn dot_rows_portable(
+    x: &[f32],
+    m: usize,
+    cols: usize,
+    q: &[i8],
+    d: &[f32],
+    first: usize,
+    out: &mut [f32],
+) {
+    let groups = cols / GROUP;
+    for (j, row_out) in out.chunks_mut(m).enumerate() {
+        let r = first + j;
+        let qr = &q[r * cols..(r + 1) * cols];
+        let dr = &d[r * groups..(r + 1) * groups];
+        for (i, o) in row_out.iter_mut().enumerate() {
+            let xi = &x[i * cols..(i + 1) * cols];
+            let mut total = 0f32;
+            for g in 0..groups {
+                total += dr[g] * dot32(&xi[g * GROUP..][..GROUP], &qr[g * GROUP..][..GROUP]);
+            }
+            *o = total;
+        }
+    }
+}
+
+/// A 32-long dot product in eight lanes (so it vectorises without reassociating floats).
+#[inline(always)]
+fn dot32(x: &[f32], q: &[i8]) -> f32 {
+    let mut acc = [0f32; 8];
+    for c in 0..4 {
+        for l in 0..8 {
+            acc[l] += x[c * 8 + l] * q[c * 8 + l] as f32;
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dequant::dequantize;
+
+    fn q8_bytes(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as u32
+        };
+        let mut out = Vec::new();
+        for _ in 0..rows * cols / GROUP {
+            out.extend(f16::from_f32(0.001 + (next() % 1000) as f32 * 1e-5).to_le_bytes());
+            out.extend((0..GROUP).map(|_| (next() & 0xff) as u8));
+        }
+        out
+    }
+
+    #[test]
+    fn a_q8_table_looks_up_and_multiplies_as_its_dequantised_values() {
+        let (rows, cols) = (1000usize, 96usize);
+        let bytes = q8_bytes(rows, cols, 5);
+        let dense =
+            Tensor::from_slice(&dequantize("t", GgmlType::Q8_0, &bytes, rows * cols).unwrap())
+                .reshape([rows as i64, cols as i64]);
+        let t = Q8Table::from_gguf(GgmlType::Q8_0, &bytes, rows, cols).unwrap();
+        assert!(t.dequantize(Kind::Float).equal(&dense));
+        let ids = Tensor::from_slice(&[3i64, 999, 0, 3, 512, 7]).reshape([2, 3]);
+        let rows_got = t.lookup(&ids, Kind::Float);
+        assert_eq!(rows_got.size(), [2, 3, cols as i64]);
+        assert!(rows_got.equal(
+            &dense
+                .index_select(0, &ids.reshape([-1]))
+                .reshape([2, 3, -1])
+        ));
+        // One to three rows take the kernel, more the blocks; both agree with the float matmul.
+        for m in [1i64, 3, 4, 5, 9] {
+            let x = Tensor::from_slice(
+                &(0..m * cols as i64)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                    .collect::<Vec<_>>(),
+            )
+            .reshape([m, cols as i64]);
+            let want = x.linear::<Tensor>(&dense, None);
+            let got = t.matmul_t(&x.unsqueeze(0));
+            assert_eq!(got.size(), [1, m, rows as i64]);
+            let diff = (got.squeeze_dim(0) - &want).abs().max().double_value(&[]);
+            assert!(diff < 1e-4, "{m} rows: {diff}");
+        }
+        assert!(Q8Table::from_gguf(GgmlType::Q4_0, &bytes, rows, cols).is_none());
+        assert!(Q8Table::from_gguf(GgmlType::Q8_0, &bytes[1..], rows, cols).is_none());
+    }
+
+    #[test]
+    fn the_head_through_a_q8_table_is_differentiable_in_its_input() {
+        let (rows, cols) = (40usize, 64usize);
+        let bytes = q8_bytes(rows, cols, 9);
+        let t = Q8Table::from_gguf(GgmlType::Q8_0, &bytes, rows, cols).unwrap();
+        let dense = t.dequantize(Kind::Float);
+        let x = Tensor::ones([2, cols as i64], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        t.matmul_t(&x).sum(Kind::Float).backward();
+        let want = dense.sum_dim_intlist([0i64].as_slice(), false, Kind::Float);
+        let diff = (x.grad() - want.unsqueeze(0)).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "{diff}");
+    }
+}
