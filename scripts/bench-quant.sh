@@ -6,18 +6,21 @@
 # decode, 32 streams, resident weight bytes (the engine's count and RSS) against the GGUF's tensor
 # bytes, with the issue's targets. When llama-cpp-python is installed, llama.cpp's single-stream
 # decode on the same file and thread count is measured too (build it from PyPI's source with
-# CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON"). Not a test.
+# CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON"; without AVX-512 units,
+# -DGGML_AVX512=OFF), in the venv or in the Python that $TESSERA_LLAMA_PYTHON names. Not a test.
 #
 #   scripts/bench-quant.sh [MODEL] [--threads N] [--runs 3] [--streams 32] [--new-tokens 128]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
 . scripts/bench-lib.sh
-model= threads=0 pass=()
+model= threads=0 pass=() new_tokens=128 runs=3
 while [ $# -gt 0 ]; do
     case "$1" in
         --threads) threads="$2"; shift 2 ;;
-        --runs|--streams|--new-tokens) pass+=("$1" "$2"); shift 2 ;;
+        --new-tokens) new_tokens="$2"; pass+=("$1" "$2"); shift 2 ;;
+        --runs) runs="$2"; pass+=("$1" "$2"); shift 2 ;;
+        --streams) pass+=("$1" "$2"); shift 2 ;;
         --*) echo "bench-quant: unknown option $1" >&2; exit 2 ;;
         *) model="$1"; shift ;;
     esac
@@ -34,19 +37,34 @@ for q in dequantize packed; do
         "${pass[@]}" > "$work/$q.json"
 done
 llama="{}"
-if python -c "import llama_cpp" 2>/dev/null; then
+llama_py="${TESSERA_LLAMA_PYTHON:-python}"
+if "$llama_py" -c "import llama_cpp" 2>/dev/null; then
     echo "bench: llama.cpp (llama-cpp-python) single-stream decode" >&2
-    llama=$(python - "$model" "$OMP_NUM_THREADS" <<'PY'
-import json, statistics, sys, time
+    # Tessera's figure: the same prompt, end-of-text banned, tokens after the first over the time
+    # after the first; median of --runs after a warm-up.
+    llama=$("$llama_py" - "$model" "$OMP_NUM_THREADS" "$new_tokens" "$runs" <<'PY'
+import json, os, statistics, sys, time
 from llama_cpp import Llama
-llm = Llama(model_path=sys.argv[1], n_threads=int(sys.argv[2]), n_ctx=512, verbose=False)
-prompt = "Write a short story about a lighthouse keeper."
-llm(prompt, max_tokens=16)
+model, threads, new_tokens, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+llm = Llama(model_path=model, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
+prompt = "Write a short story about a robot who learns to paint."
+no_eos = {llm.token_eos(): -1e9}
+def decode_rate():
+    llm.reset()
+    first = None
+    n = 0
+    for _ in llm(prompt, max_tokens=new_tokens, temperature=0.0, logit_bias=no_eos, stream=True):
+        n += 1
+        if first is None:
+            first = time.perf_counter()
+    return (n - 1) / (time.perf_counter() - first)
+decode_rate()
 rates = []
-for _ in range(3):
-    t = time.perf_counter(); out = llm(prompt, max_tokens=128, temperature=0.0)
-    rates.append(out["usage"]["completion_tokens"] / (time.perf_counter() - t))
-print(json.dumps({"single_stream_decode_tok_s": statistics.median(rates)}))
+for r in range(runs):
+    print(f"bench: llama.cpp single stream (run {r + 1}/{runs}), load average "
+          f"{os.getloadavg()[0]:.2f}", file=sys.stderr)
+    rates.append(decode_rate())
+print(json.dumps({"single_stream_decode_tok_s": statistics.median(rates), "runs": rates}))
 PY
 )
 else

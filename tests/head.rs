@@ -422,6 +422,19 @@ fn bad_requests_are_refused_naming_the_field() {
             422,
             "hyperparameters.lora_rank",
         ),
+        (
+            "/fine-tune",
+            json!({"dataset_path": "d.jsonl", "output_path": "o", "hyperparameters": {"base_quantization": "nf4"}}),
+            422,
+            "hyperparameters.base_quantization",
+        ),
+        // The tiny test model is float (safetensors): nothing to keep 4-bit.
+        (
+            "/fine-tune",
+            json!({"dataset_path": "d.jsonl", "output_path": "o", "hyperparameters": {"base_quantization": "packed"}}),
+            422,
+            "hyperparameters.base_quantization",
+        ),
     ];
     head.write_dataset("d.jsonl", 4);
     for (path, body, status, field) in cases {

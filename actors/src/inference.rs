@@ -91,7 +91,7 @@ impl Actor for InferenceActor {
             "inference replica loaded its model"
         );
         args.router
-            .set_model(&args.name, &loaded.name, &loaded.dtype);
+            .set_model(&args.name, &loaded.name, &loaded.dtype, &loaded.weights);
         let engine = Engine::start(loaded.model, loaded.tokenizer, args.engine);
         Ok(InferenceState {
             engine,

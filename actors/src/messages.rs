@@ -142,6 +142,9 @@ pub struct ReplicaInfo {
     /// The dtype it serves in and how it was chosen (`auto` probes bf16 on CPUs).
     #[serde(default)]
     pub dtype: Option<String>,
+    /// How its weights are held (4-bit packed, dequantised) and their size.
+    #[serde(default)]
+    pub weights: Option<String>,
     /// The deployment it serves (requests choose by it).
     #[serde(default)]
     pub deployment: String,

@@ -190,12 +190,14 @@ impl Router {
             .retain(|s| s.info.node != node);
     }
 
-    /// Records what replica `name` loaded: the model's name and its dtype (with how it was chosen).
-    pub fn set_model(&self, name: &str, model: &str, dtype: &str) {
+    /// Records what replica `name` loaded: the model's name, its dtype (with how it was chosen)
+    /// and how its weights are held.
+    pub fn set_model(&self, name: &str, model: &str, dtype: &str, weights: &str) {
         let mut slots = self.slots.write().expect("router");
         if let Some(slot) = slots.iter_mut().find(|s| s.info.name == name) {
             slot.info.model = Some(model.to_string());
             slot.info.dtype = Some(dtype.to_string());
+            slot.info.weights = Some(weights.to_string());
         }
     }
 
@@ -438,6 +440,7 @@ mod tests {
                 adapters: vec![],
                 model: None,
                 dtype: None,
+                weights: None,
                 deployment: "d".into(),
             },
             Arc::new(Accepting),

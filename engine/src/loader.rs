@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor};
 
-use crate::gguf::{GgufError, GgufFile};
+use crate::gguf::{GgmlType, GgufError, GgufFile};
 use crate::model::{Llama, ModelError};
 use crate::model_config::{ConfigError, LlamaConfig};
 use crate::packed::Int4Mode;
@@ -45,6 +45,8 @@ pub struct LoadedModel {
     pub name: String,
     /// The dtype it runs in and how that was chosen (for logs and `/cluster`).
     pub dtype: String,
+    /// How its weights are held (4-bit, 8-bit, dequantised) and their size (for `/cluster`).
+    pub weights: String,
 }
 
 /// The dtype Tessera runs on `device` with: float32 on the CPU (its bf16 GEMM is very slow),
@@ -230,6 +232,7 @@ fn load_holding(
     };
     let model = Llama::load(weights, config, devices, kind, mode)?;
     let (weight_bytes, packed, projections) = model.weight_bytes();
+    let weights = describe_weights(&model, mode, weight_bytes, packed, projections);
     tracing::info!(
         model = %path.display(),
         tp = devices.len(),
@@ -237,6 +240,7 @@ fn load_holding(
         weight_mib = weight_bytes >> 20,
         packed_projections = packed,
         projections,
+        weights = %weights,
         layers = model.config().num_hidden_layers,
         load_ms = started.elapsed().as_millis() as u64,
         "model loaded"
@@ -246,7 +250,41 @@ fn load_holding(
         tokenizer,
         name,
         dtype,
+        weights,
     })
+}
+
+/// How the weights are held, for logs and `/cluster`: e.g. "93 MiB: 210/210 projections 4-bit
+/// (int4 kernel, BFloat16 activations), embedding Q8_0" or "513 MiB, dequantised".
+fn describe_weights(
+    model: &Llama,
+    mode: Int4Mode,
+    bytes: u64,
+    packed: usize,
+    projections: usize,
+) -> String {
+    let mib = bytes >> 20;
+    if packed == 0 {
+        return match mode {
+            Int4Mode::Dense => format!("{mib} MiB, dequantised"),
+            _ => format!("{mib} MiB, dequantised (no Q4_0/Q4_1/Q4_K projection could stay 4-bit)"),
+        };
+    }
+    let how = match mode {
+        Int4Mode::Kernel(act) => format!("int4 kernel, {act:?} activations"),
+        _ => "dequantised per layer as used".to_string(),
+    };
+    let table = if model.has_q8_embedding() {
+        "embedding Q8_0"
+    } else {
+        "embedding float"
+    };
+    let rest = if packed < projections {
+        format!("; the other {} dequantised", projections - packed)
+    } else {
+        String::new()
+    };
+    format!("{mib} MiB: {packed}/{projections} projections 4-bit ({how}), {table}{rest}")
 }
 
 /// Reads only the model's configuration (no weights, no tokenizer): what a caller checks a request
@@ -276,6 +314,23 @@ pub fn read_config(path: &Path) -> Result<LlamaConfig, LoadError> {
             path: path.to_path_buf(),
         })
     }
+}
+
+/// How many of a model's layer weights are Q4_0, Q4_1 or Q4_K (what a packed base keeps 4-bit),
+/// from the GGUF header alone; 0 for a safetensors directory.
+pub fn four_bit_layer_weights(path: &Path) -> Result<usize, LoadError> {
+    if !path.exists() {
+        return Err(LoadError::NotFound(path.to_path_buf()));
+    }
+    if path.is_dir() || !is_gguf(path)? {
+        return Ok(0);
+    }
+    let g = GgufFile::open(path)?;
+    Ok(g.tensors
+        .iter()
+        .filter(|t| t.name.starts_with("blk.") && t.shape.len() == 2)
+        .filter(|t| matches!(t.ggml_type, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4K))
+        .count())
 }
 
 fn is_gguf(path: &Path) -> Result<bool, LoadError> {

@@ -862,6 +862,11 @@ impl Llama {
         self.lm_head.project(&self.norm.forward(x))
     }
 
+    /// Whether the embedding is held as a Q8_0 table (packed models).
+    pub fn has_q8_embedding(&self) -> bool {
+        matches!(self.embed, Table::Q8(_))
+    }
+
     /// Bytes the weights hold (embedding, `lm_head` when not tied, norms, projections), and how
     /// many of the projections are 4-bit packed out of how many.
     pub fn weight_bytes(&self) -> (u64, usize, usize) {

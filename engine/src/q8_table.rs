@@ -13,8 +13,9 @@ use crate::gguf::GgmlType;
 const GROUP: usize = 32;
 /// Rows of activations up to which the int8 kernel runs; more go to blocks + BLAS.
 const KERNEL_ROWS: i64 = 4;
-/// Table rows dequantised at once on the BLAS path (8192 × 576 float32: 18 MiB).
-const BLOCK_ROWS: i64 = 8192;
+/// Table rows dequantised at once on the BLAS path (1024 × 576 float32: 2.3 MiB, so a block is
+/// still in cache when the matmul reads it).
+const BLOCK_ROWS: i64 = 1024;
 
 /// A `[rows, cols]` table in Q8_0.
 pub struct Q8Table {
@@ -114,8 +115,12 @@ impl Q8Table {
         let cols = self.cols();
         let flat = x.reshape([-1, cols]);
         let m = flat.size()[0];
-        let y = if m <= KERNEL_ROWS && !x.requires_grad() && self.q.device() == Device::Cpu {
+        let cpu = self.q.device() == Device::Cpu;
+        let y = if m <= KERNEL_ROWS && !x.requires_grad() && cpu {
             self.kernel(&flat.to_kind(Kind::Float).contiguous())
+                .to_kind(x.kind())
+        } else if !x.requires_grad() && cpu {
+            self.blocks(&flat.to_kind(Kind::Float).contiguous())
                 .to_kind(x.kind())
         } else if x.requires_grad() {
             // Under autograd, one block: the gradient `∂y · table` is then the float model's
@@ -134,6 +139,50 @@ impl Q8Table {
         let mut shape = size;
         *shape.last_mut().expect("a dimension") = self.rows();
         y.reshape(shape.as_slice())
+    }
+
+    /// Blocks of rows dequantised into one cache-sized float32 buffer, each multiplied by BLAS:
+    /// `x` `[m, cols]` float32 contiguous on the CPU → `[m, rows]` float32.
+    fn blocks(&self, x: &Tensor) -> Tensor {
+        let (m, rows, cols) = (x.size()[0], self.rows(), self.cols());
+        let q = self.q.contiguous();
+        let d = self.d.contiguous();
+        let (ucols, groups) = (cols as usize, cols as usize / GROUP);
+        // SAFETY: contiguous CPU tensors of the sizes and dtypes read; they outlive the borrows.
+        let (qs, ds) = unsafe {
+            (
+                std::slice::from_raw_parts(q.data_ptr() as *const i8, rows as usize * ucols),
+                std::slice::from_raw_parts(d.data_ptr() as *const f32, rows as usize * groups),
+            )
+        };
+        let out = Tensor::empty([m, rows], (Kind::Float, Device::Cpu));
+        let buf = Tensor::empty([BLOCK_ROWS, cols], (Kind::Float, Device::Cpu));
+        for from in (0..rows).step_by(BLOCK_ROWS as usize) {
+            let n = BLOCK_ROWS.min(rows - from);
+            let (f, un) = (from as usize, n as usize);
+            {
+                // SAFETY: `buf` is a contiguous float32 CPU tensor of at least `n × cols` values,
+                // written here only, while no tensor op reads it.
+                let b = unsafe {
+                    std::slice::from_raw_parts_mut(buf.data_ptr() as *mut f32, un * ucols)
+                };
+                let half = un.div_ceil(2) * ucols;
+                let (lo, hi) = b.split_at_mut(half);
+                let (q_block, d_block) = (
+                    &qs[f * ucols..(f + un) * ucols],
+                    &ds[f * groups..(f + un) * groups],
+                );
+                let (q_lo, q_hi) = q_block.split_at(half);
+                let (d_lo, d_hi) = d_block.split_at(half / GROUP);
+                std::thread::scope(|scope| {
+                    scope.spawn(|| dequantize_into(q_hi, d_hi, hi));
+                    dequantize_into(q_lo, d_lo, lo);
+                });
+            }
+            let y = x.matmul(&buf.narrow(0, 0, n).tr());
+            out.narrow(1, from, n).copy_(&y);
+        }
+        out
     }
 
     /// The int8 kernel: `x` `[m, cols]` float32 contiguous on the CPU → `[m, rows]` float32.
@@ -221,6 +270,35 @@ fn dot_rows_portable(
     }
 }
 
+/// `out[i] = d[i / 32] · q[i]`.
+fn dequantize_into(q: &[i8], d: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { dequantize_into_avx2(q, d, out) };
+    }
+    dequantize_into_portable(q, d, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dequantize_into_avx2(q: &[i8], d: &[f32], out: &mut [f32]) {
+    dequantize_into_portable(q, d, out)
+}
+
+#[inline(always)]
+fn dequantize_into_portable(q: &[i8], d: &[f32], out: &mut [f32]) {
+    for ((o, q), &d) in out
+        .chunks_exact_mut(GROUP)
+        .zip(q.chunks_exact(GROUP))
+        .zip(d)
+    {
+        for (o, &q) in o.iter_mut().zip(q) {
+            *o = d * q as f32;
+        }
+    }
+}
+
 /// A 32-long dot product in eight lanes (so it vectorises without reassociating floats).
 #[inline(always)]
 fn dot32(x: &[f32], q: &[i8]) -> f32 {
@@ -256,14 +334,14 @@ mod tests {
 
     #[test]
     fn a_q8_table_looks_up_and_multiplies_as_its_dequantised_values() {
-        let (rows, cols) = (1000usize, 96usize);
+        let (rows, cols) = (2501usize, 96usize);
         let bytes = q8_bytes(rows, cols, 5);
         let dense =
             Tensor::from_slice(&dequantize("t", GgmlType::Q8_0, &bytes, rows * cols).unwrap())
                 .reshape([rows as i64, cols as i64]);
         let t = Q8Table::from_gguf(GgmlType::Q8_0, &bytes, rows, cols).unwrap();
         assert!(t.dequantize(Kind::Float).equal(&dense));
-        let ids = Tensor::from_slice(&[3i64, 999, 0, 3, 512, 7]).reshape([2, 3]);
+        let ids = Tensor::from_slice(&[3i64, 2500, 0, 3, 1512, 7]).reshape([2, 3]);
         let rows_got = t.lookup(&ids, Kind::Float);
         assert_eq!(rows_got.size(), [2, 3, cols as i64]);
         assert!(rows_got.equal(
@@ -271,7 +349,8 @@ mod tests {
                 .index_select(0, &ids.reshape([-1]))
                 .reshape([2, 3, -1])
         ));
-        // One to three rows take the kernel, more the blocks; both agree with the float matmul.
+        // Up to four rows take the kernel, more the blocks (three, the last partial and split
+        // unevenly between two threads); both agree with the float matmul.
         for m in [1i64, 3, 4, 5, 9] {
             let x = Tensor::from_slice(
                 &(0..m * cols as i64)

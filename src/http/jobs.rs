@@ -12,7 +12,7 @@ use axum::Json;
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 use tessera_actors::jobs::{JobEvent, JobPage, JobQuery, JobRecord, JobSpec, JobState, Priority};
-use tessera_engine::train::hyperparams::{Hyperparameters, TrainJob};
+use tessera_engine::train::hyperparams::{BaseQuantization, Hyperparameters, TrainJob};
 use tokio::sync::mpsc;
 use utoipa::{IntoParams, ToSchema};
 
@@ -141,8 +141,8 @@ pub async fn fine_tune(
         .into_response())
 }
 
-/// Refuses a `max_seq_length` beyond the base model's context (read from its config alone), and a
-/// `base_model` that is not a model.
+/// Refuses a `max_seq_length` beyond the base model's context (read from its config alone), a
+/// `base_model` that is not a model, and a packed base (`base_quantization`) without 4-bit weights.
 async fn check_context(
     state: &AppState,
     base_model: Option<&std::path::Path>,
@@ -151,10 +151,26 @@ async fn check_context(
     let path = base_model
         .unwrap_or(state.roots.served_model.as_path())
         .to_path_buf();
-    let config = tokio::task::spawn_blocking(move || tessera_engine::loader::read_config(&path))
-        .await
-        .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-        .map_err(|e| AppError::bad_request("base_model", format!("not a usable model: {e}")))?;
+    let packed = h.base_quantization == BaseQuantization::Packed;
+    let (config, four_bit) = tokio::task::spawn_blocking(move || {
+        let config = tessera_engine::loader::read_config(&path)?;
+        let four_bit = if packed {
+            tessera_engine::loader::four_bit_layer_weights(&path)?
+        } else {
+            0
+        };
+        Ok::<_, tessera_engine::loader::LoadError>((config, four_bit))
+    })
+    .await
+    .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+    .map_err(|e| AppError::bad_request("base_model", format!("not a usable model: {e}")))?;
+    if packed && four_bit == 0 {
+        return Err(AppError::invalid(
+            "hyperparameters.base_quantization",
+            "`packed` needs a GGUF base model with Q4_0, Q4_1 or Q4_K layer weights; this base has none"
+                .to_string(),
+        ));
+    }
     let context = config.max_position_embeddings;
     if h.max_seq_length > context {
         return Err(AppError::invalid(

@@ -52,6 +52,7 @@ impl Slot {
             adapters: Vec::new(),
             model: None,
             dtype: None,
+            weights: None,
             deployment: deployment.to_string(),
         }
     }
