@@ -862,6 +862,20 @@ impl Llama {
         self.lm_head.project(&self.norm.forward(x))
     }
 
+    /// `lm_head` as a float matrix `[vocab, hidden]` in the model's dtype: itself when it is one,
+    /// else its Q8_0 table dequantised (for training, which reads it once per micro-batch).
+    pub fn lm_head_dense(&self) -> Tensor {
+        match &self.lm_head {
+            Table::Dense(t) => t.shallow_clone(),
+            Table::Q8(t) => t.dequantize(self.kind),
+        }
+    }
+
+    /// [`Llama::head`] with `lm_head` given as `w` (from [`Llama::lm_head_dense`]).
+    pub fn head_with(&self, x: &Tensor, w: &Tensor) -> Tensor {
+        self.norm.forward(x).linear::<Tensor>(w, None)
+    }
+
     /// Whether the embedding is held as a Q8_0 table (packed models).
     pub fn has_q8_embedding(&self) -> bool {
         matches!(self.embed, Table::Q8(_))

@@ -373,7 +373,16 @@ fn micro_step(
     });
     let top = x.detach().set_requires_grad(true);
     let rows = (HEAD_CHUNK_LOGITS / model.config().vocab_size as i64).max(16);
-    let loss = chunked_head_loss(|h| model.head(h), &top, &targets, normaliser, rows);
+    // A Q8_0 lm_head (packed base) is dequantised once for all chunks, and dropped after them.
+    let lm_head = tch::no_grad(|| model.lm_head_dense());
+    let loss = chunked_head_loss(
+        |h| model.head_with(h, &lm_head),
+        &top,
+        &targets,
+        normaliser,
+        rows,
+    );
+    drop(lm_head);
     // Undefined when no position was supervised: then nothing flows back.
     let grad = top.grad();
     if !grad.defined() {
