@@ -82,6 +82,17 @@ impl LinearWeight {
     }
 }
 
+fn check_shape(name: &str, found: Vec<i64>, expected: &[i64]) -> Result<(), WeightsError> {
+    if found == expected {
+        return Ok(());
+    }
+    Err(WeightsError::Shape {
+        name: name.to_string(),
+        expected: expected.to_vec(),
+        found,
+    })
+}
+
 /// Projections that [`WeightMap::from_gguf`] may keep 4-bit.
 fn is_projection(name: &str) -> bool {
     [
@@ -208,14 +219,7 @@ impl WeightMap {
     /// Removes a linear layer's weight, 4-bit when it was kept so, checking its shape.
     pub fn take_linear(&mut self, name: &str, shape: &[i64]) -> Result<LinearWeight, WeightsError> {
         if let Some(w) = self.packed.remove(name) {
-            let found = vec![w.rows(), w.cols()];
-            if found != shape {
-                return Err(WeightsError::Shape {
-                    name: name.to_string(),
-                    expected: shape.to_vec(),
-                    found,
-                });
-            }
+            check_shape(name, vec![w.rows(), w.cols()], shape)?;
             return Ok(LinearWeight::Int4(w));
         }
         self.take(name, shape).map(LinearWeight::Dense)
@@ -224,14 +228,7 @@ impl WeightMap {
     /// Removes an embedding or `lm_head`, Q8_0 when it was kept so, checking its shape.
     pub fn take_table(&mut self, name: &str, shape: &[i64]) -> Result<TableWeight, WeightsError> {
         if let Some(t) = self.tables.remove(name) {
-            let found = vec![t.rows(), t.cols()];
-            if found != shape {
-                return Err(WeightsError::Shape {
-                    name: name.to_string(),
-                    expected: shape.to_vec(),
-                    found,
-                });
-            }
+            check_shape(name, vec![t.rows(), t.cols()], shape)?;
             return Ok(TableWeight::Q8(t));
         }
         self.take(name, shape).map(TableWeight::Dense)
@@ -245,13 +242,7 @@ impl WeightMap {
             .ok_or_else(|| WeightsError::Missing {
                 name: name.to_string(),
             })?;
-        if t.size() != shape {
-            return Err(WeightsError::Shape {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                found: t.size(),
-            });
-        }
+        check_shape(name, t.size(), shape)?;
         Ok(t)
     }
 

@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 use tessera_engine::engine::{Engine, EngineConfig, GenerateRequest};
 use tessera_engine::loader::{load_for_training, load_with, LoadError, Quantization};
 use tessera_engine::train::{
-    train, BaseQuantization, Hyperparameters, LrScheduler, TrainJob, TrainOptions, TrainOutcome,
+    train, BaseQuantization, Hyperparameters, TrainJob, TrainOptions, TrainOutcome,
 };
 use tessera_engine::SamplingParams;
 
@@ -30,23 +30,8 @@ fn job(dir: &std::path::Path, name: &str, epochs: usize, base: BaseQuantization)
         output_path: dir.join(name),
         base_model: None,
         hyperparameters: Hyperparameters {
-            lora_r: 8,
-            lora_alpha: 16.0,
-            lora_dropout: 0.0,
-            target_modules: vec![
-                "q_proj".into(),
-                "v_proj".into(),
-                "o_proj".into(),
-                "down_proj".into(),
-            ],
-            learning_rate: 5e-3,
-            num_epochs: epochs,
-            batch_size: 1,
-            gradient_accumulation_steps: 1,
-            warmup_ratio: 0.0,
-            lr_scheduler: LrScheduler::Constant,
             base_quantization: base,
-            ..Hyperparameters::default()
+            ..common::memorising(epochs)
         },
     }
 }

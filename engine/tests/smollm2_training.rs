@@ -7,9 +7,7 @@ mod common;
 use serde_json::json;
 use tch::{Device, Kind};
 use tessera_engine::engine::{Engine, EngineConfig, GenerateRequest};
-use tessera_engine::train::{
-    train, Hyperparameters, LrScheduler, TrainJob, TrainOptions, TrainOutcome,
-};
+use tessera_engine::train::{train, TrainJob, TrainOptions, TrainOutcome};
 use tessera_engine::SamplingParams;
 
 const PROMPT: &str = "The secret word of Tessera is";
@@ -31,24 +29,7 @@ fn a_trained_adapter_is_served_and_reproduces_what_it_learned() {
         dataset_path: data,
         output_path: out.clone(),
         base_model: None,
-        hyperparameters: Hyperparameters {
-            lora_r: 8,
-            lora_alpha: 16.0,
-            lora_dropout: 0.0,
-            target_modules: vec![
-                "q_proj".into(),
-                "v_proj".into(),
-                "o_proj".into(),
-                "down_proj".into(),
-            ],
-            learning_rate: 5e-3,
-            num_epochs: 25,
-            batch_size: 1,
-            gradient_accumulation_steps: 1,
-            warmup_ratio: 0.0,
-            lr_scheduler: LrScheduler::Constant,
-            ..Hyperparameters::default()
-        },
+        hyperparameters: common::memorising(25),
     };
     let mut losses = Vec::new();
     let outcome = train(

@@ -38,3 +38,26 @@ pub fn reference_dir() -> PathBuf {
     dir
 }
 pub mod tiny;
+
+/// Hyperparameters with which a few steps on SmolLM2 memorise one short answer (batch 1, constant
+/// learning rate, no dropout, r=8 on q/v/o/down).
+pub fn memorising(epochs: usize) -> tessera_engine::train::Hyperparameters {
+    tessera_engine::train::Hyperparameters {
+        lora_r: 8,
+        lora_alpha: 16.0,
+        lora_dropout: 0.0,
+        target_modules: vec![
+            "q_proj".into(),
+            "v_proj".into(),
+            "o_proj".into(),
+            "down_proj".into(),
+        ],
+        learning_rate: 5e-3,
+        num_epochs: epochs,
+        batch_size: 1,
+        gradient_accumulation_steps: 1,
+        warmup_ratio: 0.0,
+        lr_scheduler: tessera_engine::train::LrScheduler::Constant,
+        ..tessera_engine::train::Hyperparameters::default()
+    }
+}
