@@ -254,7 +254,7 @@ fn load_holding(
     })
 }
 
-/// How the weights are held, for logs and `/cluster`: e.g. "93 MiB: 210/210 projections 4-bit
+/// How the weights are held, for logs and `/cluster`: e.g. "93 MiB: 120/120 projections 4-bit
 /// (int4 kernel, BFloat16 activations), embedding Q8_0" or "513 MiB, dequantised".
 fn describe_weights(
     model: &Llama,

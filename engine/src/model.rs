@@ -12,7 +12,7 @@ use tch::{Device, Kind, Tensor};
 use crate::kv_cache::{KvCache, ShardLayout};
 use crate::lora::{LoraBatch, Proj};
 use crate::model_config::LlamaConfig;
-use crate::packed::{Int4Mode, Int4Weight, Linear};
+use crate::packed::{tensor_bytes, Int4Mode, Int4Weight, Linear};
 use crate::q8_table::Q8Table;
 use crate::step::{LogitRows, Segment, StepBatch};
 use crate::weights::{LinearWeight, TableWeight, WeightMap, WeightsError};
@@ -411,10 +411,7 @@ impl Table {
     }
 
     fn bytes(&self) -> u64 {
-        self.tensors()
-            .iter()
-            .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
-            .sum()
+        self.tensors().iter().map(tensor_bytes).sum()
     }
 
     /// Whether two tables are the same storage (a tied `lm_head`).
@@ -884,7 +881,7 @@ impl Llama {
     /// Bytes the weights hold (embedding, `lm_head` when not tied, norms, projections), and how
     /// many of the projections are 4-bit packed out of how many.
     pub fn weight_bytes(&self) -> (u64, usize, usize) {
-        let b = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+        let b = tensor_bytes;
         let mut bytes = self.embed.bytes() + b(&self.norm.weight);
         if !self.lm_head.same(&self.embed) {
             bytes += self.lm_head.bytes();

@@ -195,7 +195,8 @@ impl Int4Weight {
     }
 }
 
-fn tensor_bytes(t: &Tensor) -> u64 {
+/// Bytes a tensor's values take.
+pub fn tensor_bytes(t: &Tensor) -> u64 {
     (t.numel() * t.kind().elt_size_in_bytes()) as u64
 }
 

@@ -9,6 +9,7 @@ use half::f16;
 use tch::{Device, Kind, Tensor};
 
 use crate::gguf::GgmlType;
+use crate::packed::tensor_bytes;
 
 const GROUP: usize = 32;
 /// Rows of activations up to which the int8 kernel runs; more go to blocks + BLAS.
@@ -54,10 +55,7 @@ impl Q8Table {
 
     /// Bytes its tensors hold.
     pub fn bytes(&self) -> u64 {
-        [&self.q, &self.d]
-            .iter()
-            .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
-            .sum()
+        tensor_bytes(&self.q) + tensor_bytes(&self.d)
     }
 
     /// The same table on `device`.
