@@ -1,7 +1,8 @@
 //! Where a step's time goes: runs `--streams` greedy streams of `--new-tokens` tokens on a model
 //! and prints the scheduler's step breakdown (build, forward, attention, sample, stream).
 //!
-//! `cargo run --release --workspace --example step_breakdown -- MODEL [STREAMS] [NEW_TOKENS]`
+//! `cargo run --release --workspace --example step_breakdown -- MODEL [STREAMS] [NEW_TOKENS]
+//!     [dequantize|packed|auto]`
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -14,11 +15,23 @@ fn main() -> anyhow::Result<()> {
     let model = PathBuf::from(args.get(1).expect("MODEL path"));
     let streams: usize = args.get(2).map_or(Ok(32), |s| s.parse())?;
     let new_tokens: usize = args.get(3).map_or(Ok(64), |s| s.parse())?;
-    let loaded = tessera_engine::load(&model, &[tch::Device::Cpu], Some(tch::Kind::Float))?;
+    let quantization = match args.get(4).map(String::as_str) {
+        None | Some("dequantize") => tessera_engine::loader::Quantization::Dequantize,
+        Some("packed") => tessera_engine::loader::Quantization::Packed,
+        Some("auto") => tessera_engine::loader::Quantization::Auto,
+        Some(q) => anyhow::bail!("`{q}` is not dequantize, packed or auto"),
+    };
+    let loaded = tessera_engine::loader::load_with(
+        &model,
+        &[tch::Device::Cpu],
+        Some(tch::Kind::Float),
+        quantization,
+    )?;
     let prompt = loaded.tokenizer.encode(
         "Write a short story about a robot who learns to paint.",
         true,
     )?;
+    eprintln!("weights: {}", loaded.weights);
     let engine = Engine::start(loaded.model, loaded.tokenizer, EngineConfig::default());
     let run = |n: usize| -> anyhow::Result<f64> {
         let started = Instant::now();

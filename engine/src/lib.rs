@@ -15,6 +15,7 @@ pub mod engine;
 pub mod footprint;
 pub mod gguf;
 pub mod gguf_writer;
+pub mod int_dot;
 pub mod kv_cache;
 pub mod loader;
 pub mod lora;

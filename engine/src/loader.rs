@@ -143,10 +143,10 @@ pub fn load_with(
         match quantization {
             _ if devices != [Device::Cpu] => Int4Mode::Dense,
             Quantization::Dequantize => Int4Mode::Dense,
-            Quantization::Packed => Int4Mode::Kernel(crate::packed::probe().best_int4().0),
+            Quantization::Packed => crate::packed::probe().best().0,
             Quantization::Auto => crate::packed::probe()
-                .int4_if_faster()
-                .map_or(Int4Mode::Dense, Int4Mode::Kernel),
+                .packed_if_faster()
+                .unwrap_or(Int4Mode::Dense),
         }
     })
 }
@@ -272,6 +272,7 @@ fn describe_weights(
     }
     let how = match mode {
         Int4Mode::Kernel(act) => format!("int4 kernel, {act:?} activations"),
+        Int4Mode::IntDot => "integer kernel, 16-bit activations".to_string(),
         _ => "dequantised per layer as used".to_string(),
     };
     let table = if model.has_q8_embedding() {

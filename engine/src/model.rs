@@ -472,7 +472,7 @@ impl Llama {
         let place = |t: Tensor, dev: Device| t.to_kind(kind).to_device(dev).contiguous();
         // With packed projections, a Q8_0 embedding / lm_head stays 8-bit too.
         let compact = match int4 {
-            Int4Mode::Kernel(_) => tp == 1 && main == Device::Cpu,
+            Int4Mode::Kernel(_) | Int4Mode::IntDot => tp == 1 && main == Device::Cpu,
             Int4Mode::PerUse => tp == 1,
             Int4Mode::Dense => false,
         };
@@ -528,6 +528,7 @@ impl Llama {
                         let w = Int4Weight::cat(&ws);
                         match int4 {
                             Int4Mode::Kernel(act) => w.pack(act),
+                            Int4Mode::IntDot => w.for_int_dot(),
                             _ => Linear::Int4Dequant(w.to_device(main)),
                         }
                     } else {

@@ -13,6 +13,7 @@ use half::f16;
 use tch::{Device, Kind, Tensor};
 
 use crate::gguf::GgmlType;
+use crate::int_dot;
 
 /// Elements per group (a GGUF Q4 block).
 pub const GROUP: i64 = 32;
@@ -25,6 +26,9 @@ pub enum Int4Mode {
     /// Packed for torch's CPU int4 kernel, activations in this dtype (one CPU device; otherwise
     /// dequantised at load).
     Kernel(Kind),
+    /// Kept compact for Tessera's own kernel ([`Linear::Int4Dot`]): 16-bit activations for
+    /// decode-sized batches, dequantised blocks and BLAS for larger ones (one CPU device).
+    IntDot,
     /// Kept compact and dequantised one layer at a time, at each use ([`Linear::Int4Dequant`]):
     /// training on a 4-bit base. One device, any kind.
     PerUse,
@@ -168,6 +172,69 @@ impl Int4Weight {
         w.reshape([rows, cols]).to_kind(kind)
     }
 
+    /// Its values and (scale, min) pairs, read in place.
+    ///
+    /// # Safety
+    /// The weight must be on the CPU and contiguous, and outlive the slices.
+    unsafe fn host(&self) -> (&[u8], &[f32]) {
+        (
+            std::slice::from_raw_parts(self.q.data_ptr() as *const u8, self.q.numel()),
+            std::slice::from_raw_parts(self.sm.data_ptr() as *const f32, self.sm.numel()),
+        )
+    }
+
+    /// The same weight, contiguous on the CPU (for [`Linear::Int4Dot`]).
+    pub fn for_int_dot(self) -> Linear {
+        Linear::Int4Dot(Int4Weight {
+            q: self.q.to_device(Device::Cpu).contiguous(),
+            sm: self.sm.to_device(Device::Cpu).contiguous(),
+        })
+    }
+
+    /// `x · wᵀ` on the CPU: 16-bit activations through the integer kernel up to
+    /// [`INT_DOT_ROWS`] rows, dequantised blocks and BLAS for more. (Decode calls this a hundred
+    /// times a token: it makes as few tensor calls as it can.)
+    fn int_dot(&self, x: &Tensor) -> Tensor {
+        let (rows, cols) = (self.rows(), self.cols());
+        let kind = x.kind();
+        let flat = if kind == Kind::Float && x.is_contiguous() {
+            x.shallow_clone()
+        } else {
+            x.to_kind(Kind::Float).contiguous()
+        };
+        let m = flat.numel() as i64 / cols;
+        // SAFETY: `for_int_dot` made both tensors contiguous CPU ones; `self` outlives the call.
+        let (q, sm) = unsafe { self.host() };
+        let (ucols, groups) = (cols as usize, cols as usize / GROUP as usize);
+        let mut shape = x.size();
+        *shape.last_mut().expect("a dimension") = rows;
+        let y = if m <= INT_DOT_ROWS {
+            // SAFETY: `flat` is a contiguous float32 CPU tensor, alive and unwritten here.
+            let xs =
+                int_dot::QuantRows::quantize(unsafe { int_dot::floats(&flat) }, m as usize, ucols);
+            let y = Tensor::empty(shape.as_slice(), (Kind::Float, Device::Cpu));
+            // SAFETY: a new contiguous float32 tensor of `m × rows` values, written only here.
+            let out = unsafe { int_dot::floats_mut(&y) };
+            int_dot::int4_matmul_into(q, sm, rows as usize, &xs, out);
+            y
+        } else {
+            let flat = flat.view([m, cols]);
+            int_dot::blocks_matmul(&flat, rows, cols, |first, n, out| {
+                int_dot::dequantize_int4_into(
+                    &q[first * ucols / 2..(first + n) * ucols / 2],
+                    &sm[first * groups * 2..(first + n) * groups * 2],
+                    out,
+                )
+            })
+            .view(shape.as_slice())
+        };
+        if kind == Kind::Float {
+            y
+        } else {
+            y.to_kind(kind)
+        }
+    }
+
     /// Stacks weights by rows (fused projections).
     pub fn cat(parts: &[Int4Weight]) -> Self {
         let qs: Vec<&Tensor> = parts.iter().map(|p| &p.q).collect();
@@ -195,6 +262,11 @@ impl Int4Weight {
     }
 }
 
+/// Rows of activations up to which [`Linear::Int4Dot`] runs the 8-bit kernel; more take
+/// dequantised blocks and BLAS. On a 2-core EPYC (SmolLM2, `step_breakdown`) the kernel was
+/// faster at every decode size up to 32 streams: 1.8x the blocks at 8 and 16, 1.16x at 32.
+pub const INT_DOT_ROWS: i64 = 32;
+
 /// Bytes a tensor's values take.
 pub fn tensor_bytes(t: &Tensor) -> u64 {
     (t.numel() * t.kind().elt_size_in_bytes()) as u64
@@ -215,6 +287,10 @@ pub enum Linear {
     /// the QLoRA path. Differentiable in the input (the kernel is not), on any device, and only
     /// the layer at hand is ever dense.
     Int4Dequant(Int4Weight),
+    /// A 4-bit weight kept compact on the CPU, multiplied by Tessera's integer kernel on 16-bit
+    /// activations for decode-sized batches (`crate::int_dot`) and by dequantised blocks for
+    /// larger ones.
+    Int4Dot(Int4Weight),
 }
 
 impl Linear {
@@ -237,6 +313,7 @@ impl Linear {
                 y.to_kind(x.kind()).reshape(shape.as_slice())
             }
             Linear::Int4Dequant(w) => x.linear::<Tensor>(&w.dequantize(x.kind()), None),
+            Linear::Int4Dot(w) => w.int_dot(x),
         }
     }
 
@@ -245,7 +322,7 @@ impl Linear {
         match self {
             Linear::Dense(w) => w.size()[0],
             Linear::Int4 { out, .. } => *out,
-            Linear::Int4Dequant(w) => w.rows(),
+            Linear::Int4Dequant(w) | Linear::Int4Dot(w) => w.rows(),
         }
     }
 
@@ -254,7 +331,7 @@ impl Linear {
         match self {
             Linear::Dense(w) => tensor_bytes(w),
             Linear::Int4 { packed, sz, .. } => tensor_bytes(packed) + tensor_bytes(sz),
-            Linear::Int4Dequant(w) => w.bytes(),
+            Linear::Int4Dequant(w) | Linear::Int4Dot(w) => w.bytes(),
         }
     }
 
@@ -263,7 +340,9 @@ impl Linear {
         match self {
             Linear::Dense(w) => vec![w.shallow_clone()],
             Linear::Int4 { packed, sz, .. } => vec![packed.shallow_clone(), sz.shallow_clone()],
-            Linear::Int4Dequant(w) => vec![w.q.shallow_clone(), w.sm.shallow_clone()],
+            Linear::Int4Dequant(w) | Linear::Int4Dot(w) => {
+                vec![w.q.shallow_clone(), w.sm.shallow_clone()]
+            }
         }
     }
 
@@ -274,28 +353,33 @@ impl Linear {
 }
 
 /// Decode-sized matmul times on this CPU (one row of a SmolLM2-sized projection, `[1, 576]` by
-/// `[1536, 576]`): the float32 matmul and the int4 kernel with float32 and bfloat16 activations.
+/// `[1536, 576]`): the float32 matmul, torch's int4 kernel with float32 and bfloat16 activations,
+/// and Tessera's integer kernel on 16-bit activations.
 #[derive(Debug, Clone, Copy)]
 pub struct Probe {
     pub dense_f32_s: f64,
     pub int4_f32_s: f64,
     pub int4_bf16_s: f64,
+    pub int4_dot_s: f64,
 }
 
 impl Probe {
-    /// The faster activation dtype of the int4 kernel, with its time.
-    pub fn best_int4(&self) -> (Kind, f64) {
-        if self.int4_bf16_s < self.int4_f32_s {
-            (Kind::BFloat16, self.int4_bf16_s)
-        } else {
-            (Kind::Float, self.int4_f32_s)
-        }
+    /// The fastest way to hold 4-bit weights packed, with its time.
+    pub fn best(&self) -> (Int4Mode, f64) {
+        [
+            (Int4Mode::Kernel(Kind::Float), self.int4_f32_s),
+            (Int4Mode::Kernel(Kind::BFloat16), self.int4_bf16_s),
+            (Int4Mode::IntDot, self.int4_dot_s),
+        ]
+        .into_iter()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .expect("three candidates")
     }
 
-    /// The int4 kernel's activation dtype when it beats the float32 matmul, else `None`.
-    pub fn int4_if_faster(&self) -> Option<Kind> {
-        let (kind, s) = self.best_int4();
-        (s < self.dense_f32_s).then_some(kind)
+    /// [`Probe::best`] when it beats the float32 matmul, else `None`.
+    pub fn packed_if_faster(&self) -> Option<Int4Mode> {
+        let (mode, s) = self.best();
+        (s < self.dense_f32_s).then_some(mode)
     }
 }
 
@@ -319,11 +403,19 @@ pub fn probe() -> Probe {
         dense_f32_s: time(&Linear::Dense(w.dequantize(Kind::Float))),
         int4_f32_s: time(&w.pack(Kind::Float)),
         int4_bf16_s: time(&w.pack(Kind::BFloat16)),
+        int4_dot_s: time(
+            &Int4Weight {
+                q: w.q.shallow_clone(),
+                sm: w.sm.shallow_clone(),
+            }
+            .for_int_dot(),
+        ),
     };
     tracing::info!(
         dense_f32_us = p.dense_f32_s * 1e6,
         int4_f32_us = p.int4_f32_s * 1e6,
         int4_bf16_us = p.int4_bf16_s * 1e6,
+        int4_dot_us = p.int4_dot_s * 1e6,
         "int4 matmul probe (one decode row)"
     );
     p

@@ -9,13 +9,14 @@ use half::f16;
 use tch::{Device, Kind, Tensor};
 
 use crate::gguf::GgmlType;
+use crate::int_dot;
 use crate::packed::tensor_bytes;
 
 const GROUP: usize = 32;
-/// Rows of activations up to which the int8 kernel runs; more go to blocks + BLAS.
-const KERNEL_ROWS: i64 = 4;
-/// Table rows dequantised at once on the BLAS path (1024 × 576 float32: 2.3 MiB, so a block is
-/// still in cache when the matmul reads it).
+/// Rows of activations up to which the int8 kernel runs; more go to blocks + BLAS (the kernel
+/// measured faster up to 32 rows on the CPUs here, as `Linear::Int4Dot`'s).
+const KERNEL_ROWS: i64 = crate::packed::INT_DOT_ROWS;
+/// Table rows dequantised at once on the autograd-free path off the CPU.
 const BLOCK_ROWS: i64 = 1024;
 
 /// A `[rows, cols]` table in Q8_0.
@@ -139,132 +140,47 @@ impl Q8Table {
         y.reshape(shape.as_slice())
     }
 
+    /// Its values and scales, read in place.
+    ///
+    /// # Safety
+    /// The table must be on the CPU, and outlive the slices.
+    unsafe fn host(&self) -> (&[i8], &[f32]) {
+        (
+            std::slice::from_raw_parts(self.q.data_ptr() as *const i8, self.q.numel()),
+            std::slice::from_raw_parts(self.d.data_ptr() as *const f32, self.d.numel()),
+        )
+    }
+
     /// Blocks of rows dequantised into one cache-sized float32 buffer, each multiplied by BLAS:
     /// `x` `[m, cols]` float32 contiguous on the CPU → `[m, rows]` float32.
     fn blocks(&self, x: &Tensor) -> Tensor {
-        let (m, rows, cols) = (x.size()[0], self.rows(), self.cols());
-        let q = self.q.contiguous();
-        let d = self.d.contiguous();
+        let (rows, cols) = (self.rows(), self.cols());
         let (ucols, groups) = (cols as usize, cols as usize / GROUP);
-        // SAFETY: contiguous CPU tensors of the sizes and dtypes read; they outlive the borrows.
-        let (qs, ds) = unsafe {
-            (
-                std::slice::from_raw_parts(q.data_ptr() as *const i8, rows as usize * ucols),
-                std::slice::from_raw_parts(d.data_ptr() as *const f32, rows as usize * groups),
+        // SAFETY: a CPU table (the caller checked), contiguous since `from_gguf`.
+        let (qs, ds) = unsafe { self.host() };
+        int_dot::blocks_matmul(x, rows, cols, |first, n, out| {
+            dequantize_into(
+                &qs[first * ucols..(first + n) * ucols],
+                &ds[first * groups..(first + n) * groups],
+                out,
             )
-        };
-        let out = Tensor::empty([m, rows], (Kind::Float, Device::Cpu));
-        let buf = Tensor::empty([BLOCK_ROWS, cols], (Kind::Float, Device::Cpu));
-        for from in (0..rows).step_by(BLOCK_ROWS as usize) {
-            let n = BLOCK_ROWS.min(rows - from);
-            let (f, un) = (from as usize, n as usize);
-            {
-                // SAFETY: `buf` is a contiguous float32 CPU tensor of at least `n × cols` values,
-                // written here only, while no tensor op reads it.
-                let b = unsafe {
-                    std::slice::from_raw_parts_mut(buf.data_ptr() as *mut f32, un * ucols)
-                };
-                let half = un.div_ceil(2) * ucols;
-                let (lo, hi) = b.split_at_mut(half);
-                let (q_block, d_block) = (
-                    &qs[f * ucols..(f + un) * ucols],
-                    &ds[f * groups..(f + un) * groups],
-                );
-                let (q_lo, q_hi) = q_block.split_at(half);
-                let (d_lo, d_hi) = d_block.split_at(half / GROUP);
-                std::thread::scope(|scope| {
-                    scope.spawn(|| dequantize_into(q_hi, d_hi, hi));
-                    dequantize_into(q_lo, d_lo, lo);
-                });
-            }
-            let y = x.matmul(&buf.narrow(0, 0, n).tr());
-            out.narrow(1, from, n).copy_(&y);
-        }
-        out
+        })
     }
 
-    /// The int8 kernel: `x` `[m, cols]` float32 contiguous on the CPU → `[m, rows]` float32.
+    /// The integer kernel on 16-bit activations: `x` `[m, cols]` float32 contiguous on the CPU →
+    /// `[m, rows]` float32.
     fn kernel(&self, x: &Tensor) -> Tensor {
-        let (m, rows, cols) = (
-            x.size()[0] as usize,
-            self.rows() as usize,
+        let m = x.size()[0];
+        // SAFETY: a CPU table (the caller checked), contiguous since `from_gguf`; `x` is a
+        // contiguous float32 CPU tensor, alive and unwritten here.
+        let (qs, ds) = unsafe { self.host() };
+        let xs = int_dot::QuantRows::quantize(
+            unsafe { int_dot::floats(x) },
+            m as usize,
             self.cols() as usize,
         );
-        let q = self.q.contiguous();
-        let d = self.d.contiguous();
-        // SAFETY: contiguous CPU tensors of the sizes and dtypes read; they outlive the borrows.
-        let (xs, qs, ds) = unsafe {
-            (
-                std::slice::from_raw_parts(x.data_ptr() as *const f32, m * cols),
-                std::slice::from_raw_parts(q.data_ptr() as *const i8, rows * cols),
-                std::slice::from_raw_parts(d.data_ptr() as *const f32, rows * cols / GROUP),
-            )
-        };
-        // Output row-major by table row (`[rows, m]`), split between threads by table rows.
-        let mut out = vec![0f32; rows * m];
-        let threads = (tch::get_num_threads().max(1) as usize).min(16);
-        let per = rows.div_ceil(threads);
-        std::thread::scope(|scope| {
-            for (t, chunk) in out.chunks_mut(per * m).enumerate() {
-                let first = t * per;
-                scope.spawn(move || dot_rows(xs, m, cols, qs, ds, first, chunk));
-            }
-        });
-        Tensor::from_slice(&out)
-            .reshape([rows as i64, m as i64])
-            .transpose(0, 1)
-            .contiguous()
-    }
-}
-
-/// `out[(r − first)·m + i] = Σ_g d[r, g] · Σ_k x[i, 32g + k] · q[r, 32g + k]` for the table rows
-/// `first ..` that `out` covers.
-fn dot_rows(x: &[f32], m: usize, cols: usize, q: &[i8], d: &[f32], first: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2, checked just above.
-        return unsafe { dot_rows_avx2(x, m, cols, q, d, first, out) };
-    }
-    dot_rows_portable(x, m, cols, q, d, first, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dot_rows_avx2(
-    x: &[f32],
-    m: usize,
-    cols: usize,
-    q: &[i8],
-    d: &[f32],
-    first: usize,
-    out: &mut [f32],
-) {
-    dot_rows_portable(x, m, cols, q, d, first, out)
-}
-
-#[inline(always)]
-fn dot_rows_portable(
-    x: &[f32],
-    m: usize,
-    cols: usize,
-    q: &[i8],
-    d: &[f32],
-    first: usize,
-    out: &mut [f32],
-) {
-    let groups = cols / GROUP;
-    for (j, row_out) in out.chunks_mut(m).enumerate() {
-        let r = first + j;
-        let qr = &q[r * cols..(r + 1) * cols];
-        let dr = &d[r * groups..(r + 1) * groups];
-        for (i, o) in row_out.iter_mut().enumerate() {
-            let xi = &x[i * cols..(i + 1) * cols];
-            let mut total = 0f32;
-            for g in 0..groups {
-                total += dr[g] * dot32(&xi[g * GROUP..][..GROUP], &qr[g * GROUP..][..GROUP]);
-            }
-            *o = total;
-        }
+        Tensor::from_slice(&int_dot::int8_matmul(qs, ds, self.rows() as usize, &xs))
+            .reshape([m, self.rows()])
     }
 }
 
@@ -295,18 +211,6 @@ fn dequantize_into_portable(q: &[i8], d: &[f32], out: &mut [f32]) {
             *o = d * q as f32;
         }
     }
-}
-
-/// A 32-long dot product in eight lanes (so it vectorises without reassociating floats).
-#[inline(always)]
-fn dot32(x: &[f32], q: &[i8]) -> f32 {
-    let mut acc = [0f32; 8];
-    for c in 0..4 {
-        for l in 0..8 {
-            acc[l] += x[c * 8 + l] * q[c * 8 + l] as f32;
-        }
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
 #[cfg(test)]
@@ -347,16 +251,30 @@ mod tests {
                 .index_select(0, &ids.reshape([-1]))
                 .reshape([2, 3, -1])
         ));
-        // Up to four rows take the kernel, more the blocks (three, the last partial and split
-        // unevenly between two threads); both agree with the float matmul.
-        for m in [1i64, 3, 4, 5, 9] {
+        // Up to 32 rows take the kernel (in fours and a remainder), more the blocks (the last
+        // partial, split unevenly between threads); both agree with the float matmul.
+        for m in [1i64, 3, 4, 6, 32, 33, 41] {
             let x = Tensor::from_slice(
                 &(0..m * cols as i64)
                     .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
                     .collect::<Vec<_>>(),
             )
             .reshape([m, cols as i64]);
-            let want = x.linear::<Tensor>(&dense, None);
+            // The kernel multiplies 16-bit activations: against those, it is the float product.
+            let x_seen = if m <= KERNEL_ROWS {
+                let xs = int_dot::QuantRows::quantize(
+                    &Vec::<f32>::try_from(x.reshape([-1])).unwrap(),
+                    m as usize,
+                    cols,
+                );
+                let back: Vec<f32> = (0..xs.q.len())
+                    .map(|k| xs.q[k] as f32 * xs.d[k / GROUP])
+                    .collect();
+                Tensor::from_slice(&back).reshape([m, cols as i64])
+            } else {
+                x.shallow_clone()
+            };
+            let want = x_seen.linear::<Tensor>(&dense, None);
             let got = t.matmul_t(&x.unsqueeze(0));
             assert_eq!(got.size(), [1, m, rows as i64]);
             let diff = (got.squeeze_dim(0) - &want).abs().max().double_value(&[]);

@@ -2,8 +2,10 @@
 //! of 210), the model holds fewer weight bytes, and its predictions match the dequantised float32
 //! path: perplexity on a fixed text within 1% and the same next token almost everywhere, with
 //! float32 activations (the kernel's exact mode, on the first 256 tokens: it is slow on many rows)
-//! and with bfloat16 ones (its fast mode on most CPUs, on the whole text); the reference prompts'
-//! top-1 tokens are those of transformers.
+//! and with bfloat16 ones (its fast mode on most CPUs, on the whole text), and with Tessera's own
+//! integer kernel on 16-bit activations (decode: one token a step, so the kernel runs) and its
+//! dequantised blocks (the windows); the reference prompts' top-1 tokens are those of
+//! transformers.
 
 mod common;
 
@@ -58,20 +60,49 @@ fn text() -> String {
 /// Log-probabilities of each next token and the argmax at each position, over `ids` in
 /// windows of 512 tokens.
 fn predictions(model: &Llama, ids: &[i64]) -> (Vec<f64>, Vec<i64>) {
+    window_predictions(model, ids, 512, |model, chunk, cache| {
+        model.forward(
+            &Tensor::from_slice(chunk).view([1, -1]),
+            &[0],
+            cache,
+            None,
+            Logits::All,
+        )
+    })
+}
+
+/// [`predictions`] one token a step, as decode runs (one window of `ids`).
+fn decode_predictions(model: &Llama, ids: &[i64]) -> (Vec<f64>, Vec<i64>) {
+    window_predictions(model, ids, ids.len(), |model, chunk, cache| {
+        let rows: Vec<Tensor> = chunk
+            .iter()
+            .enumerate()
+            .map(|(pos, &id)| {
+                model.forward(
+                    &Tensor::from_slice(&[id]).view([1, 1]),
+                    &[pos as i64],
+                    cache,
+                    None,
+                    Logits::All,
+                )
+            })
+            .collect();
+        Tensor::cat(&rows, 1)
+    })
+}
+
+fn window_predictions(
+    model: &Llama,
+    ids: &[i64],
+    window: usize,
+    logits_of: impl Fn(&Llama, &[i64], &mut tessera_engine::kv_cache::KvCache) -> Tensor,
+) -> (Vec<f64>, Vec<i64>) {
     let (mut logprobs, mut argmax) = (Vec::new(), Vec::new());
-    for chunk in ids.chunks(512) {
+    for chunk in ids.chunks(window) {
         let mut cache = model.new_cache(1, chunk.len() as i64);
-        let logits = tch::no_grad(|| {
-            model.forward(
-                &Tensor::from_slice(chunk).view([1, -1]),
-                &[0],
-                &mut cache,
-                None,
-                Logits::All,
-            )
-        })
-        .squeeze_dim(0)
-        .to_kind(Kind::Double);
+        let logits = tch::no_grad(|| logits_of(model, chunk, &mut cache))
+            .squeeze_dim(0)
+            .to_kind(Kind::Double);
         let lp = logits.log_softmax(-1, Kind::Double);
         let n = chunk.len() as i64;
         let next = Tensor::from_slice(&chunk[1..]).view([-1, 1]);
@@ -104,8 +135,12 @@ fn packed_q4_weights_predict_like_the_dequantised_model() {
         &std::fs::read_to_string(common::reference_dir().join("expected.json")).unwrap(),
     )
     .unwrap();
-    for act in [Kind::Float, Kind::BFloat16] {
-        let (packed, _) = load(Int4Mode::Kernel(act));
+    for mode in [
+        Int4Mode::Kernel(Kind::Float),
+        Int4Mode::Kernel(Kind::BFloat16),
+        Int4Mode::IntDot,
+    ] {
+        let (packed, _) = load(mode);
         let (bytes, n_packed, total) = packed.weight_bytes();
         assert_eq!(
             (n_packed, total),
@@ -131,8 +166,13 @@ fn packed_q4_weights_predict_like_the_dequantised_model() {
             bytes as f64 <= 1.3 * file as f64,
             "packed weights {bytes} bytes, the GGUF's tensors {file}"
         );
-        // The kernel is slow with float32 activations on many rows: that mode gets one window.
-        let n = if act == Kind::Float { 256 } else { ids.len() };
+        // torch's kernel is slow with float32 activations on many rows: that mode gets one
+        // window.
+        let n = if mode == Int4Mode::Kernel(Kind::Float) {
+            256
+        } else {
+            ids.len()
+        };
         let (lp, top) = predictions(&packed, &ids[..n]);
         let ppl = perplexity(&lp);
         // One window of `n`, or all of them.
@@ -144,7 +184,7 @@ fn packed_q4_weights_predict_like_the_dequantised_model() {
         let agree =
             top.iter().zip(&dense_top).filter(|(a, b)| a == b).count() as f64 / top.len() as f64;
         eprintln!(
-            "{act:?} activations: perplexity {ppl:.4} vs {dense_ppl:.4} dequantised ({:+.3}%), \
+            "{mode:?}: perplexity {ppl:.4} vs {dense_ppl:.4} dequantised ({:+.3}%), \
              top-1 agreement {:.2}% over {} positions, weights {} MiB vs {} MiB",
             (ppl / dense_ppl - 1.0) * 100.0,
             agree * 100.0,
@@ -156,8 +196,31 @@ fn packed_q4_weights_predict_like_the_dequantised_model() {
             (ppl / dense_ppl - 1.0).abs() < 0.01,
             "perplexity {ppl} vs {dense_ppl}"
         );
-        let floor = if act == Kind::Float { 0.999 } else { 0.95 };
-        assert!(agree >= floor, "{act:?}: top-1 agreement {agree}");
+        let floor = if mode == Int4Mode::Kernel(Kind::BFloat16) {
+            0.95
+        } else {
+            0.999
+        };
+        assert!(agree >= floor, "{mode:?}: top-1 agreement {agree}");
+        if mode == Int4Mode::IntDot {
+            // Decode, one token a step: the integer kernel.
+            let n = 192;
+            let (lp, top) = decode_predictions(&packed, &ids[..n]);
+            let (ppl, dense_ppl) = (perplexity(&lp), perplexity(&dense_lp[..n - 1]));
+            let agree = top.iter().zip(&dense_top).filter(|(a, b)| a == b).count() as f64
+                / top.len() as f64;
+            eprintln!(
+                "{mode:?}, decoded a token a step: perplexity {ppl:.4} vs {dense_ppl:.4} \
+                 dequantised ({:+.3}%), top-1 agreement {:.2}% over {n} positions",
+                (ppl / dense_ppl - 1.0) * 100.0,
+                agree * 100.0,
+            );
+            assert!(
+                (ppl / dense_ppl - 1.0).abs() < 0.01,
+                "decoded: perplexity {ppl} vs {dense_ppl}"
+            );
+            assert!(agree >= 0.95, "decoded: top-1 agreement {agree}");
+        }
         // The shared reference prompts: the same next token as transformers.
         for case in reference["base"].as_array().unwrap() {
             let ids: Vec<i64> = case["input_ids"]
@@ -171,7 +234,7 @@ fn packed_q4_weights_predict_like_the_dequantised_model() {
             assert_eq!(
                 *top.last().unwrap(),
                 want,
-                "{act:?}: prompt {:?}",
+                "{mode:?}: prompt {:?}",
                 case["prompt"]
             );
         }

@@ -1,0 +1,698 @@
+//! Decode-sized matmuls of quantised weights in integers (issue 14), the way llama.cpp runs them
+//! on CPUs, with more precise activations: each row of activations is quantised per group of 32
+//! to 16 bits (`x ≈ d·q`, `q` int16, `d = max|x| / 32767`), and every group's dot product with a
+//! 4-bit or 8-bit weight is summed in integers (AVX2's `madd`: 16 products in one instruction)
+//! before its two scales apply. A decode step is bound by reading the weights; this reads half a
+//! byte (4-bit) or one byte (8-bit) per weight, with no float conversion per weight.
+//!
+//! Larger batches go the other way ([`blocks_matmul`]): blocks of weight rows are dequantised into
+//! one cache-sized float32 buffer and multiplied by BLAS, so they compute what the dequantised
+//! model computes.
+//!
+//! The work is split by weight rows over torch's own OpenMP threads ([`split_rows`]).
+
+use std::os::raw::{c_char, c_int, c_uint, c_void};
+use std::sync::OnceLock;
+
+use tch::{Device, Kind, Tensor};
+
+/// The largest quantised activation: 16-bit activations keep ~15 bits per group of 32 (8-bit
+/// ones, llama.cpp's, moved SmolLM2's decode perplexity by 1.2% and its argmax at 5% of
+/// positions; 16-bit ones cost ~10% more time).
+pub const QMAX: f32 = 32767.0;
+
+/// Elements per group (a GGUF Q4/Q8 block).
+pub const GROUP: usize = 32;
+
+/// Rows of activations quantised per group of 32: `q = round(x / d)`, `d = max|x| / 32767`, with
+/// each group's exact float sum (what a weight's per-group min multiplies).
+pub struct QuantRows {
+    /// `[m, cols]`.
+    pub q: Vec<i16>,
+    /// `[m, cols / 32]`.
+    pub d: Vec<f32>,
+    /// `[m, cols / 32]`: `Σ x` over the group.
+    pub sum: Vec<f32>,
+    pub m: usize,
+    pub cols: usize,
+}
+
+impl QuantRows {
+    /// `x`: `[m, cols]` row-major, `cols` a multiple of 32.
+    pub fn quantize(x: &[f32], m: usize, cols: usize) -> Self {
+        assert_eq!(x.len(), m * cols);
+        assert_eq!(cols % GROUP, 0);
+        let groups = m * cols / GROUP;
+        let mut out = Self {
+            q: vec![0i16; m * cols],
+            d: vec![0f32; groups],
+            sum: vec![0f32; groups],
+            m,
+            cols,
+        };
+        #[cfg(target_arch = "x86_64")]
+        if simd() {
+            // SAFETY: the CPU has AVX2 and FMA (`simd`).
+            unsafe { quantize_avx2(x, &mut out) };
+            return out;
+        }
+        quantize_portable(x, &mut out);
+        out
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_avx2(x: &[f32], out: &mut QuantRows) {
+    quantize_portable(x, out)
+}
+
+/// Rounds half to even (`vroundps` where it is vectorised).
+#[inline(always)]
+fn quantize_portable(x: &[f32], out: &mut QuantRows) {
+    for (((xs, qs), d), sum) in x
+        .chunks_exact(GROUP)
+        .zip(out.q.chunks_exact_mut(GROUP))
+        .zip(out.d.iter_mut())
+        .zip(out.sum.iter_mut())
+    {
+        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let inv = if amax > 0.0 { QMAX / amax } else { 0.0 };
+        for (q, &v) in qs.iter_mut().zip(xs) {
+            *q = (v * inv).round_ties_even() as i16;
+        }
+        *d = amax / QMAX;
+        *sum = xs.iter().sum();
+    }
+}
+
+/// A raw pointer to the output that threads write disjoint parts of.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every thread writes only its own rows' cells (see `split_rows`' callers).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The cell `i` (a method, so closures capture the whole `Sync` wrapper).
+    fn at(self, i: usize) -> *mut f32 {
+        // SAFETY (of the callers' writes): `i` is inside the buffer this points into.
+        self.0.wrapping_add(i)
+    }
+}
+
+/// torch's own OpenMP runtime (libgomp), found in the process at run time: splitting our kernels
+/// over its team of threads keeps one set of threads on the cores, the one torch's ops use (a
+/// second pool would compete with its spinning threads).
+struct Omp {
+    parallel: GompParallel,
+    thread_num: OmpInt,
+    num_threads: OmpInt,
+}
+
+/// `GOMP_parallel(fn, data, num_threads, flags)`.
+type GompParallel = unsafe extern "C" fn(extern "C" fn(*mut c_void), *mut c_void, c_uint, c_uint);
+/// `omp_get_thread_num()`, `omp_get_num_threads()`.
+type OmpInt = unsafe extern "C" fn() -> c_int;
+
+fn omp() -> Option<&'static Omp> {
+    static OMP: OnceLock<Option<Omp>> = OnceLock::new();
+    OMP.get_or_init(|| {
+        extern "C" {
+            fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+        }
+        let find = |name: &std::ffi::CStr| {
+            // SAFETY: RTLD_DEFAULT (null) searches the process' global symbols.
+            let p = unsafe { dlsym(std::ptr::null_mut(), name.as_ptr()) };
+            (!p.is_null()).then_some(p)
+        };
+        let (parallel, thread_num, num_threads) = (
+            find(c"GOMP_parallel")?,
+            find(c"omp_get_thread_num")?,
+            find(c"omp_get_num_threads")?,
+        );
+        // SAFETY: libgomp's ABI for these three functions.
+        unsafe {
+            Some(Omp {
+                parallel: std::mem::transmute::<*mut c_void, GompParallel>(parallel),
+                thread_num: std::mem::transmute::<*mut c_void, OmpInt>(thread_num),
+                num_threads: std::mem::transmute::<*mut c_void, OmpInt>(num_threads),
+            })
+        }
+    })
+    .as_ref()
+}
+
+/// The pool that takes all but the first share of a split where no OpenMP runtime is found
+/// (torch's thread count − 1 threads; `None` with one thread).
+fn pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let threads = torch_threads();
+        (threads > 1)
+            .then(|| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads - 1)
+                    .thread_name(|i| format!("tessera-intdot-{i}"))
+                    .build()
+                    .ok()
+            })
+            .flatten()
+    })
+    .as_ref()
+}
+
+fn torch_threads() -> usize {
+    (tch::get_num_threads().max(1) as usize).min(256)
+}
+
+/// What one OpenMP thread of [`split_rows`] runs.
+struct Shares<'a> {
+    f: &'a (dyn Fn(usize, usize) + Sync),
+    rows: usize,
+    align: usize,
+    omp: &'static Omp,
+}
+
+extern "C" fn run_share(data: *mut c_void) {
+    // SAFETY: `split_rows` passes a `Shares` that outlives the parallel region.
+    let s = unsafe { &*(data as *const Shares) };
+    let (t, n) = unsafe {
+        (
+            (s.omp.thread_num)() as usize,
+            (s.omp.num_threads)() as usize,
+        )
+    };
+    let per = s.rows.div_ceil(n.max(1)).div_ceil(s.align) * s.align;
+    let first = (t * per).min(s.rows);
+    let k = per.min(s.rows - first);
+    if k > 0 {
+        (s.f)(first, k);
+    }
+}
+
+/// Runs `f(first, n)` over `0..rows` in one share per thread (shares are multiples of `align`
+/// rows) and returns when all are done: on torch's OpenMP team (the calling thread takes the
+/// first share), else on a small pool.
+pub fn split_rows(rows: usize, align: usize, f: impl Fn(usize, usize) + Sync) {
+    let threads = torch_threads();
+    if threads <= 1 || rows < 2 * align {
+        return f(0, rows);
+    }
+    if let Some(omp) = omp() {
+        let shares = Shares {
+            f: &f,
+            rows,
+            align,
+            omp,
+        };
+        // SAFETY: libgomp runs `run_share` on `threads` threads, the caller among them, and
+        // returns after all of them; `shares` lives until then. A panic in `f` aborts.
+        unsafe {
+            (omp.parallel)(
+                run_share,
+                &shares as *const Shares as *mut c_void,
+                threads as c_uint,
+                0,
+            )
+        };
+        return;
+    }
+    let per = rows.div_ceil(threads).div_ceil(align) * align;
+    match pool() {
+        Some(pool) if per < rows => pool.in_place_scope(|scope| {
+            let f = &f;
+            for first in (per..rows).step_by(per) {
+                scope.spawn(move |_| f(first, per.min(rows - first)));
+            }
+            f(0, per);
+        }),
+        _ => f(0, rows),
+    }
+}
+
+/// `x · wᵀ` for a 4-bit weight (`q`: `[rows, cols / 2]` nibbles in GGUF's order, byte `j` of a
+/// group holding values `j` and `16 + j`; `sm`: `[rows, cols / 32]` pairs (scale, min), `w =
+/// q·scale + min`) on quantised activations: `[m, rows]` row-major.
+pub fn int4_matmul(q: &[u8], sm: &[f32], rows: usize, x: &QuantRows) -> Vec<f32> {
+    let mut out = vec![0f32; x.m * rows];
+    int4_matmul_into(q, sm, rows, x, &mut out);
+    out
+}
+
+/// [`int4_matmul`] into `out` (`m × rows`).
+pub fn int4_matmul_into(q: &[u8], sm: &[f32], rows: usize, x: &QuantRows, out: &mut [f32]) {
+    let cols = x.cols;
+    assert_eq!(q.len(), rows * cols / 2);
+    assert_eq!(sm.len(), rows * cols / GROUP * 2);
+    each_row(rows, x.m, out, |r, i0, v| {
+        let (wq, wsm) = (
+            &q[r * cols / 2..(r + 1) * cols / 2],
+            &sm[r * cols / GROUP * 2..(r + 1) * cols / GROUP * 2],
+        );
+        int4_dots(wq, wsm, x, i0, v)
+    });
+}
+
+/// Fills `out` (`m × rows`, row-major) split by weight rows between threads: `dots(r, i0, v)`
+/// writes weight row `r`'s products with activation rows `i0 .. i0 + v.len()` into `v`.
+fn each_row(
+    rows: usize,
+    m: usize,
+    out: &mut [f32],
+    dots: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
+    assert_eq!(out.len(), m * rows);
+    let ptr = OutPtr(out.as_mut_ptr());
+    split_rows(rows, 8, |first, n| {
+        let mut v = [0f32; ROWS_AT_ONCE];
+        for r in first..first + n {
+            for i0 in (0..m).step_by(ROWS_AT_ONCE) {
+                let k = ROWS_AT_ONCE.min(m - i0);
+                dots(r, i0, &mut v[..k]);
+                for (i, &v) in (i0..).zip(&v[..k]) {
+                    // SAFETY: `(i, r)` is inside `out`, and row `r` belongs to this share only.
+                    unsafe { *ptr.at(i * rows + r) = v };
+                }
+            }
+        }
+    });
+}
+
+/// `x · wᵀ` for an 8-bit weight (`q`: `[rows, cols]` int8, `d`: `[rows, cols / 32]`, `w = q·d`,
+/// GGUF's Q8_0) on quantised activations: `[m, rows]` row-major.
+pub fn int8_matmul(q: &[i8], d: &[f32], rows: usize, x: &QuantRows) -> Vec<f32> {
+    let cols = x.cols;
+    assert_eq!(q.len(), rows * cols);
+    assert_eq!(d.len(), rows * cols / GROUP);
+    let mut out = vec![0f32; x.m * rows];
+    each_row(rows, x.m, &mut out, |r, i0, v| {
+        let (wq, wd) = (
+            &q[r * cols..(r + 1) * cols],
+            &d[r * cols / GROUP..(r + 1) * cols / GROUP],
+        );
+        int8_dots(wq, wd, x, i0, v)
+    });
+    out
+}
+
+/// Activation rows one 4-bit weight row is multiplied with at once (its values unpacked once).
+const ROWS_AT_ONCE: usize = 4;
+
+/// One 4-bit weight row against activation rows `i0 .. i0 + out.len()` (at most
+/// [`ROWS_AT_ONCE`]). Each row's sum is the same whichever rows share the call.
+#[inline]
+fn int4_dots(wq: &[u8], wsm: &[f32], x: &QuantRows, i0: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: the CPU has AVX2 and FMA (`simd`); rows `i0 ..` exist in `x`.
+        unsafe {
+            match out.len() {
+                1 => int4_rows_avx2::<1>(wq, wsm, x, i0, out),
+                2 => int4_rows_avx2::<2>(wq, wsm, x, i0, out),
+                3 => int4_rows_avx2::<3>(wq, wsm, x, i0, out),
+                _ => int4_rows_avx2::<4>(wq, wsm, x, i0, out),
+            }
+        }
+        return;
+    }
+    for (k, o) in out.iter_mut().enumerate() {
+        *o = int4_dot(wq, wsm, x, i0 + k);
+    }
+}
+
+/// One 4-bit weight row against activation row `i` (the portable path).
+fn int4_dot(wq: &[u8], wsm: &[f32], x: &QuantRows, i: usize) -> f32 {
+    let groups = x.cols / GROUP;
+    let (xq, xd, xs) = (
+        &x.q[i * x.cols..(i + 1) * x.cols],
+        &x.d[i * groups..(i + 1) * groups],
+        &x.sum[i * groups..(i + 1) * groups],
+    );
+    let mut total = 0f32;
+    for g in 0..groups {
+        let (b, xg) = (&wq[g * 16..g * 16 + 16], &xq[g * GROUP..][..GROUP]);
+        let mut acc = 0i32;
+        for j in 0..16 {
+            acc += (b[j] & 0x0f) as i32 * xg[j] as i32 + (b[j] >> 4) as i32 * xg[16 + j] as i32;
+        }
+        total += wsm[2 * g] * xd[g] * acc as f32 + wsm[2 * g + 1] * xs[g];
+    }
+    total
+}
+
+/// One 8-bit weight row against activation rows `i0 .. i0 + out.len()` (at most
+/// [`ROWS_AT_ONCE`]).
+#[inline]
+fn int8_dots(wq: &[i8], wd: &[f32], x: &QuantRows, i0: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: the CPU has AVX2 and FMA (`simd`); rows `i0 ..` exist in `x`.
+        unsafe {
+            match out.len() {
+                1 => int8_rows_avx2::<1>(wq, wd, x, i0, out),
+                2 => int8_rows_avx2::<2>(wq, wd, x, i0, out),
+                3 => int8_rows_avx2::<3>(wq, wd, x, i0, out),
+                _ => int8_rows_avx2::<4>(wq, wd, x, i0, out),
+            }
+        }
+        return;
+    }
+    let groups = x.cols / GROUP;
+    for (k, o) in out.iter_mut().enumerate() {
+        let i = i0 + k;
+        let (xq, xd) = (
+            &x.q[i * x.cols..(i + 1) * x.cols],
+            &x.d[i * groups..(i + 1) * groups],
+        );
+        let mut total = 0f32;
+        for g in 0..groups {
+            let acc: i32 = wq[g * GROUP..][..GROUP]
+                .iter()
+                .zip(&xq[g * GROUP..][..GROUP])
+                .map(|(&w, &x)| w as i32 * x as i32)
+                .sum();
+            total += wd[g] * xd[g] * acc as f32;
+        }
+        *o = total;
+    }
+}
+
+/// Whether the AVX2 kernels can run here.
+#[cfg(target_arch = "x86_64")]
+fn simd() -> bool {
+    static SIMD: OnceLock<bool> = OnceLock::new();
+    *SIMD.get_or_init(|| {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// Group `g` of one 4-bit weight row against `N` activation rows, added to `acc` and `mins`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+unsafe fn int4_group_rows<const N: usize>(
+    wq: &[u8],
+    wsm: &[f32],
+    x: &QuantRows,
+    i0: usize,
+    g: usize,
+    acc: &mut [std::arch::x86_64::__m256; N],
+    mins: &mut [f32; N],
+) {
+    use std::arch::x86_64::*;
+    let (cols, groups) = (x.cols, x.cols / GROUP);
+    let b = _mm_loadu_si128(wq.as_ptr().add(g * 16) as *const __m128i);
+    let low = _mm_set1_epi8(0x0f);
+    // Values 0..16 of the group, then 16..32, widened to i16.
+    let w0 = _mm256_cvtepu8_epi16(_mm_and_si128(b, low));
+    let w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), low));
+    let (scale, min) = (*wsm.get_unchecked(2 * g), *wsm.get_unchecked(2 * g + 1));
+    for k in 0..N {
+        let row = i0 + k;
+        let xp = x.q.as_ptr().add(row * cols + g * GROUP);
+        let x0 = _mm256_loadu_si256(xp as *const __m256i);
+        let x1 = _mm256_loadu_si256(xp.add(16) as *const __m256i);
+        // i16 pairs summed to i32 (each sum at most 2·15·32767).
+        let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+        let s = _mm256_set1_ps(scale * *x.d.get_unchecked(row * groups + g));
+        acc[k] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p), acc[k]);
+        mins[k] += min * *x.sum.get_unchecked(row * groups + g);
+    }
+}
+
+/// `N` activation rows against one 4-bit weight row: each group's values are unpacked once and
+/// multiplied with every row's int16 values. Even and odd groups sum in two chains (so one's
+/// latency hides behind the other's), the same for any `N`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)]
+unsafe fn int4_rows_avx2<const N: usize>(
+    wq: &[u8],
+    wsm: &[f32],
+    x: &QuantRows,
+    i0: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (cols, groups) = (x.cols, x.cols / GROUP);
+    assert!(wq.len() * 2 == cols && wsm.len() == 2 * groups && (i0 + N) * cols <= x.q.len());
+    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
+    let (mut mins0, mut mins1) = ([0f32; N], [0f32; N]);
+    let mut g = 0;
+    while g + 1 < groups {
+        int4_group_rows::<N>(wq, wsm, x, i0, g, &mut acc0, &mut mins0);
+        int4_group_rows::<N>(wq, wsm, x, i0, g + 1, &mut acc1, &mut mins1);
+        g += 2;
+    }
+    if g < groups {
+        int4_group_rows::<N>(wq, wsm, x, i0, g, &mut acc0, &mut mins0);
+    }
+    let (acc, mins) = ([acc0, acc1], [mins0, mins1]);
+    for k in 0..N {
+        out[k] = hsum(_mm256_add_ps(acc[0][k], acc[1][k])) + (mins[0][k] + mins[1][k]);
+    }
+}
+
+/// `N` activation rows against one 8-bit weight row, each group widened to int16 once.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)]
+unsafe fn int8_rows_avx2<const N: usize>(
+    wq: &[i8],
+    wd: &[f32],
+    x: &QuantRows,
+    i0: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (cols, groups) = (x.cols, x.cols / GROUP);
+    assert!(wq.len() == cols && wd.len() == groups && (i0 + N) * cols <= x.q.len());
+    let mut acc = [_mm256_setzero_ps(); N];
+    for g in 0..groups {
+        let w = _mm256_loadu_si256(wq.as_ptr().add(g * GROUP) as *const __m256i);
+        let w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
+        let w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1));
+        let d = *wd.get_unchecked(g);
+        for k in 0..N {
+            let row = i0 + k;
+            let xp = x.q.as_ptr().add(row * cols + g * GROUP);
+            let x0 = _mm256_loadu_si256(xp as *const __m256i);
+            let x1 = _mm256_loadu_si256(xp.add(16) as *const __m256i);
+            // i16 pairs summed to i32 (each sum at most 2·128·32767).
+            let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+            let s = _mm256_set1_ps(d * *x.d.get_unchecked(row * groups + g));
+            acc[k] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p), acc[k]);
+        }
+    }
+    for k in 0..N {
+        out[k] = hsum(acc[k]);
+    }
+}
+
+/// `x · wᵀ` for `x` `[m, cols]` float32 contiguous on the CPU and a quantised weight of `rows ×
+/// cols`, by blocks: `dequantize(first, n, buf)` writes weight rows `first .. first + n` as
+/// float32 into `buf` (`n × cols`); each block is multiplied by BLAS while it is still in cache.
+/// `[m, rows]` float32.
+pub fn blocks_matmul(
+    x: &Tensor,
+    rows: i64,
+    cols: i64,
+    dequantize: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> Tensor {
+    // About 2 MiB of float32 a block, in whole groups of 16 rows.
+    let block = ((512 * 1024 / cols).max(16) / 16 * 16).min(rows);
+    let m = x.size()[0];
+    let out = Tensor::empty([m, rows], (Kind::Float, Device::Cpu));
+    let buf = Tensor::empty([block, cols], (Kind::Float, Device::Cpu));
+    let ucols = cols as usize;
+    let base = OutPtr(buf.data_ptr() as *mut f32);
+    for from in (0..rows).step_by(block as usize) {
+        let n = block.min(rows - from);
+        split_rows(n as usize, 1, |first, k| {
+            // SAFETY: `buf` is a contiguous float32 CPU tensor of `block × cols` values; each
+            // share writes its own rows, while no tensor op reads it.
+            let rows_out =
+                unsafe { std::slice::from_raw_parts_mut(base.at(first * ucols), k * ucols) };
+            dequantize(from as usize + first, k, rows_out);
+        });
+        let y = x.matmul(&buf.narrow(0, 0, n).tr());
+        out.narrow(1, from, n).copy_(&y);
+    }
+    out
+}
+
+/// A 4-bit weight's rows as float32 (`q` and `sm` as in [`int4_matmul`], `out` their `2·q.len()`
+/// values): `q·scale + min`, what `Int4Weight::dequantize` gives.
+pub fn dequantize_int4_into(q: &[u8], sm: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: the CPU has AVX2 and FMA (`simd`).
+        return unsafe { dequantize_int4_avx2(q, sm, out) };
+    }
+    dequantize_int4_portable(q, sm, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dequantize_int4_avx2(q: &[u8], sm: &[f32], out: &mut [f32]) {
+    dequantize_int4_portable(q, sm, out)
+}
+
+#[inline(always)]
+fn dequantize_int4_portable(q: &[u8], sm: &[f32], out: &mut [f32]) {
+    for ((o, b), p) in out
+        .chunks_exact_mut(GROUP)
+        .zip(q.chunks_exact(GROUP / 2))
+        .zip(sm.chunks_exact(2))
+    {
+        let (scale, min) = (p[0], p[1]);
+        let (lo, hi) = o.split_at_mut(GROUP / 2);
+        for ((l, h), &b) in lo.iter_mut().zip(hi.iter_mut()).zip(b) {
+            *l = (b & 0x0f) as f32 * scale + min;
+            *h = (b >> 4) as f32 * scale + min;
+        }
+    }
+}
+
+/// `x` as contiguous float32 `[m, cols]` rows (a copy when it is not already).
+pub fn float_rows(x: &Tensor) -> Tensor {
+    let cols = x.size()[x.dim() - 1];
+    x.reshape([-1, cols]).to_kind(Kind::Float).contiguous()
+}
+
+/// The values of a contiguous float32 CPU tensor.
+///
+/// # Safety
+/// `t` must be a contiguous float32 CPU tensor that outlives the slice and is not written while
+/// it is borrowed.
+pub unsafe fn floats(t: &Tensor) -> &[f32] {
+    std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel())
+}
+
+/// The values of a contiguous float32 CPU tensor, to write.
+///
+/// # Safety
+/// `t` must be a contiguous float32 CPU tensor that outlives the slice, read or written by
+/// nothing else while it is borrowed.
+#[allow(clippy::mut_from_ref)]
+pub unsafe fn floats_mut(t: &Tensor) -> &mut [f32] {
+    std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, t.numel())
+}
+
+/// Brings a `[m, rows]` row-major result back as a tensor of `like`'s leading shape and dtype.
+pub fn output(values: Vec<f32>, like: &Tensor, rows: i64) -> Tensor {
+    let mut shape = like.size();
+    *shape.last_mut().expect("a dimension") = rows;
+    Tensor::from_slice(&values)
+        .reshape(shape.as_slice())
+        .to_kind(like.kind())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed;
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn activations_quantise_within_half_a_step_per_group() {
+        let x = values(3 * 64, 1);
+        let q = QuantRows::quantize(&x, 3, 64);
+        for (g, xs) in x.chunks(GROUP).enumerate() {
+            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+            assert!((q.d[g] - amax / QMAX).abs() < 1e-9);
+            assert!((q.sum[g] - xs.iter().sum::<f32>()).abs() < 1e-5);
+            for (j, &v) in xs.iter().enumerate() {
+                let back = q.q[g * GROUP + j] as f32 * q.d[g];
+                assert!((back - v).abs() <= q.d[g] / 2.0 + 1e-6, "{v} → {back}");
+            }
+        }
+        let zeros = QuantRows::quantize(&[0.0; 32], 1, 32);
+        assert_eq!((zeros.q, zeros.d), (vec![0; 32], vec![0.0]));
+    }
+
+    /// The kernels against the float product of the dequantised weights with the dequantised
+    /// activations (the only rounding they make is the activations'; a 4-bit weight's min
+    /// multiplies the group's exact sum), over uneven shares of rows.
+    #[test]
+    fn int4_and_int8_rows_sum_as_the_dequantised_product() {
+        let (rows, cols, m) = (37usize, 96usize, 7usize);
+        let groups = cols / GROUP;
+        let x = QuantRows::quantize(&values(m * cols, 2), m, cols);
+        let xd: Vec<f32> = (0..m * cols)
+            .map(|k| x.q[k] as f32 * x.d[k / GROUP])
+            .collect();
+        let q4: Vec<u8> = values(rows * cols / 2, 3)
+            .iter()
+            .map(|v| ((v + 1.0) * 127.9) as u8)
+            .collect();
+        let sm: Vec<f32> = values(rows * groups * 2, 4)
+            .iter()
+            .map(|v| v * 0.1)
+            .collect();
+        let q8: Vec<i8> = q4.iter().chain(&q4).map(|&b| b as i8).collect();
+        let d8: Vec<f32> = sm[..rows * groups].to_vec();
+        let nibble = |r: usize, k: usize| {
+            let (g, j) = (k / GROUP, k % GROUP);
+            let b = q4[r * cols / 2 + g * 16 + j % 16];
+            (if j < 16 { b & 0x0f } else { b >> 4 }) as f64
+        };
+        let got4 = int4_matmul(&q4, &sm, rows, &x);
+        let got8 = int8_matmul(&q8, &d8, rows, &x);
+        for i in 0..m {
+            for r in 0..rows {
+                let scale = |k: usize| sm[(r * groups + k / GROUP) * 2] as f64;
+                let want4: f64 = (0..cols)
+                    .map(|k| nibble(r, k) * scale(k) * xd[i * cols + k] as f64)
+                    .sum::<f64>()
+                    + (0..groups)
+                        .map(|g| sm[(r * groups + g) * 2 + 1] as f64 * x.sum[i * groups + g] as f64)
+                        .sum::<f64>();
+                let want8: f64 = (0..cols)
+                    .map(|k| {
+                        q8[r * cols + k] as f64
+                            * d8[r * groups + k / GROUP] as f64
+                            * xd[i * cols + k] as f64
+                    })
+                    .sum();
+                let (g4, g8) = (got4[i * rows + r] as f64, got8[i * rows + r] as f64);
+                assert!((g4 - want4).abs() < 1e-4, "int4 ({i},{r}): {g4} vs {want4}");
+                assert!((g8 - want8).abs() < 1e-3, "int8 ({i},{r}): {g8} vs {want8}");
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_multiply_as_the_whole_weight() {
+        let (rows, cols, m) = (1000i64, 64i64, 5i64);
+        let w = Tensor::from_slice(&values((rows * cols) as usize, 5)).reshape([rows, cols]);
+        let x = Tensor::from_slice(&values((m * cols) as usize, 6)).reshape([m, cols]);
+        let wv = unsafe { floats(&w) }.to_vec();
+        let got = blocks_matmul(&x, rows, cols, |first, n, out| {
+            out.copy_from_slice(&wv[first * cols as usize..(first + n) * cols as usize])
+        });
+        let diff = (got - x.matmul(&w.tr())).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "{diff}");
+    }
+}
