@@ -18,7 +18,7 @@ use tch::{Device, Kind, Tensor};
 
 /// The largest quantised activation: 16-bit activations keep ~15 bits per group of 32 (8-bit
 /// ones, llama.cpp's, moved SmolLM2's decode perplexity by 1.2% and its argmax at 5% of
-/// positions; 16-bit ones cost ~10% more time).
+/// positions).
 pub const QMAX: f32 = 32767.0;
 
 /// Elements per group (a GGUF Q4/Q8 block).

@@ -2,7 +2,7 @@
 //! only while forward or backward is in it. The packed base holds well under half the bytes of the
 //! dequantised one; training on it takes exactly the steps training on the dequantised base takes
 //! (the per-layer dequantisation yields the same float32 values); and the adapter it writes is
-//! served on the dequantised path and on the packed int4 kernel, reproducing what it learned.
+//! served on the dequantised path and on the packed kernel, reproducing what it learned.
 
 mod common;
 
