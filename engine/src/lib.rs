@@ -24,7 +24,7 @@ pub mod model;
 pub mod model_config;
 pub mod packed;
 pub mod prefix_cache;
-pub mod q8_table;
+pub mod q8_weight;
 pub mod sampling;
 pub mod scheduler;
 pub mod sequence;

@@ -267,10 +267,19 @@ fn describe_weights(
     if packed == 0 {
         return match mode {
             Int4Mode::Dense => format!("{mib} MiB, dequantised"),
-            _ => format!("{mib} MiB, dequantised (no Q4_0/Q4_1/Q4_K projection could stay 4-bit)"),
+            _ => format!(
+                "{mib} MiB, dequantised (no Q4_0/Q4_1/Q4_K/Q8_0 projection could stay packed)"
+            ),
         };
     }
+    let eight = model.eight_bit_projections();
+    let bits = match (packed - eight, eight) {
+        (_, 0) => "4-bit".to_string(),
+        (0, _) => "8-bit".to_string(),
+        (four, eight) => format!("packed ({four} 4-bit, {eight} 8-bit)"),
+    };
     let how = match mode {
+        _ if eight == packed => "integer kernel, 16-bit activations".to_string(),
         Int4Mode::Kernel(act) => format!("int4 kernel, {act:?} activations"),
         Int4Mode::IntDot => "integer kernel, 16-bit activations".to_string(),
         _ => "dequantised per layer as used".to_string(),
@@ -285,7 +294,7 @@ fn describe_weights(
     } else {
         String::new()
     };
-    format!("{mib} MiB: {packed}/{projections} projections 4-bit ({how}), {table}{rest}")
+    format!("{mib} MiB: {packed}/{projections} projections {bits} ({how}), {table}{rest}")
 }
 
 /// Reads only the model's configuration (no weights, no tokenizer): what a caller checks a request

@@ -13,7 +13,7 @@ use crate::kv_cache::{KvCache, ShardLayout};
 use crate::lora::{LoraBatch, Proj};
 use crate::model_config::LlamaConfig;
 use crate::packed::{tensor_bytes, Int4Mode, Int4Weight, Linear};
-use crate::q8_table::Q8Table;
+use crate::q8_weight::Q8Weight;
 use crate::step::{LogitRows, Segment, StepBatch};
 use crate::weights::{LinearWeight, TableWeight, WeightMap, WeightsError};
 
@@ -376,7 +376,7 @@ impl BlockShard {
 /// 4-bit projections).
 enum Table {
     Dense(Tensor),
-    Q8(Q8Table),
+    Q8(Q8Weight),
 }
 
 impl Table {
@@ -515,14 +515,28 @@ impl Llama {
             let up = take("mlp.up_proj.weight", &[inter, h])?;
             let down = take("mlp.down_proj.weight", &[h, inter])?;
             let shards = if compact {
-                // Fused where every part is 4-bit; a part of another type makes it dense.
+                // Fused where every part is 4-bit, or every part 8-bit (not for QLoRA, which
+                // keeps only 4-bit parts compact); a part of another type makes it dense.
+                let all_8bit = |parts: &[LinearWeight]| {
+                    int4 != Int4Mode::PerUse
+                        && parts.iter().all(|p| matches!(p, LinearWeight::Int8(_)))
+                };
                 let fuse = |parts: Vec<LinearWeight>| -> Linear {
-                    if parts.iter().all(|p| matches!(p, LinearWeight::Int4(_))) {
+                    if all_8bit(&parts) {
+                        let ws: Vec<Q8Weight> = parts
+                            .into_iter()
+                            .filter_map(|p| match p {
+                                LinearWeight::Int8(w) => Some(w),
+                                _ => None,
+                            })
+                            .collect();
+                        Linear::Int8(Q8Weight::cat(&ws).to_device(main))
+                    } else if parts.iter().all(|p| matches!(p, LinearWeight::Int4(_))) {
                         let ws: Vec<Int4Weight> = parts
                             .into_iter()
-                            .map(|p| match p {
-                                LinearWeight::Int4(w) => w,
-                                LinearWeight::Dense(_) => unreachable!(),
+                            .filter_map(|p| match p {
+                                LinearWeight::Int4(w) => Some(w),
+                                _ => None,
                             })
                             .collect();
                         let w = Int4Weight::cat(&ws);
@@ -879,8 +893,18 @@ impl Llama {
         matches!(self.embed, Table::Q8(_))
     }
 
+    /// How many projections are held 8-bit (Q8_0).
+    pub fn eight_bit_projections(&self) -> usize {
+        self.blocks
+            .iter()
+            .flat_map(|b| &b.shards)
+            .flat_map(|s| [&s.qkv, &s.o, &s.gate_up, &s.down])
+            .filter(|w| w.is_8bit())
+            .count()
+    }
+
     /// Bytes the weights hold (embedding, `lm_head` when not tied, norms, projections), and how
-    /// many of the projections are 4-bit packed out of how many.
+    /// many of the projections are packed (4-bit or 8-bit) out of how many.
     pub fn weight_bytes(&self) -> (u64, usize, usize) {
         let b = tensor_bytes;
         let mut bytes = self.embed.bytes() + b(&self.norm.weight);

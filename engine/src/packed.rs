@@ -14,6 +14,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::gguf::GgmlType;
 use crate::int_dot;
+use crate::q8_weight::Q8Weight;
 
 /// Elements per group (a GGUF Q4 block).
 pub const GROUP: i64 = 32;
@@ -287,6 +288,9 @@ pub enum Linear {
     /// the QLoRA path. Differentiable in the input (the kernel is not), on any device, and only
     /// the layer at hand is ever dense.
     Int4Dequant(Int4Weight),
+    /// A Q8_0 weight kept 8-bit, multiplied as [`Q8Weight::matmul_t`] says (the integer kernel
+    /// for decode-sized batches on the CPU).
+    Int8(Q8Weight),
     /// A 4-bit weight kept compact on the CPU, multiplied by Tessera's integer kernel on 16-bit
     /// activations for decode-sized batches (`crate::int_dot`) and by dequantised blocks for
     /// larger ones.
@@ -314,6 +318,7 @@ impl Linear {
             }
             Linear::Int4Dequant(w) => x.linear::<Tensor>(&w.dequantize(x.kind()), None),
             Linear::Int4Dot(w) => w.int_dot(x),
+            Linear::Int8(w) => w.matmul_t(x),
         }
     }
 
@@ -323,6 +328,7 @@ impl Linear {
             Linear::Dense(w) => w.size()[0],
             Linear::Int4 { out, .. } => *out,
             Linear::Int4Dequant(w) | Linear::Int4Dot(w) => w.rows(),
+            Linear::Int8(w) => w.rows(),
         }
     }
 
@@ -332,6 +338,7 @@ impl Linear {
             Linear::Dense(w) => tensor_bytes(w),
             Linear::Int4 { packed, sz, .. } => tensor_bytes(packed) + tensor_bytes(sz),
             Linear::Int4Dequant(w) | Linear::Int4Dot(w) => w.bytes(),
+            Linear::Int8(w) => w.bytes(),
         }
     }
 
@@ -343,12 +350,18 @@ impl Linear {
             Linear::Int4Dequant(w) | Linear::Int4Dot(w) => {
                 vec![w.q.shallow_clone(), w.sm.shallow_clone()]
             }
+            Linear::Int8(w) => w.tensors(),
         }
     }
 
     /// Whether it is held 4-bit (either way).
     pub fn is_packed(&self) -> bool {
         !matches!(self, Linear::Dense(_))
+    }
+
+    /// Whether it is held 8-bit.
+    pub fn is_8bit(&self) -> bool {
+        matches!(self, Linear::Int8(_))
     }
 }
 

@@ -11,7 +11,7 @@ use crate::dequant::{dequantize, DequantError};
 use crate::gguf::{GgufError, GgufFile};
 use crate::model_config::LlamaConfig;
 use crate::packed::Int4Weight;
-use crate::q8_table::Q8Table;
+use crate::q8_weight::Q8Weight;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
@@ -43,17 +43,17 @@ pub enum WeightsError {
 }
 
 /// Tensors by Hugging Face name, on the CPU in their stored float type (GGUF: float32), and the
-/// linear weights kept 4-bit when asked ([`WeightMap::from_gguf`] with `pack`).
+/// linear weights kept 4-bit or 8-bit when asked ([`WeightMap::from_gguf`] with `pack`).
 pub struct WeightMap {
     tensors: HashMap<String, Tensor>,
-    packed: HashMap<String, Int4Weight>,
-    tables: HashMap<String, Q8Table>,
+    packed: HashMap<String, LinearWeight>,
+    tables: HashMap<String, Q8Weight>,
 }
 
 /// An embedding or `lm_head` as stored: float, or Q8_0.
 pub enum TableWeight {
     Dense(Tensor),
-    Q8(Q8Table),
+    Q8(Q8Weight),
 }
 
 impl TableWeight {
@@ -66,10 +66,11 @@ impl TableWeight {
     }
 }
 
-/// A linear layer's weight as stored: float, or 4-bit.
+/// A linear layer's weight as stored: float, 4-bit, or Q8_0.
 pub enum LinearWeight {
     Dense(Tensor),
     Int4(Int4Weight),
+    Int8(Q8Weight),
 }
 
 impl LinearWeight {
@@ -78,6 +79,7 @@ impl LinearWeight {
         match self {
             LinearWeight::Dense(t) => t,
             LinearWeight::Int4(w) => w.dequantize(Kind::Float),
+            LinearWeight::Int8(w) => w.dequantize(Kind::Float),
         }
     }
 }
@@ -93,7 +95,7 @@ fn check_shape(name: &str, found: Vec<i64>, expected: &[i64]) -> Result<(), Weig
     })
 }
 
-/// Projections that [`WeightMap::from_gguf`] may keep 4-bit.
+/// Projections that [`WeightMap::from_gguf`] may keep 4-bit or 8-bit.
 fn is_projection(name: &str) -> bool {
     [
         "self_attn.q_proj.weight",
@@ -159,7 +161,8 @@ impl WeightMap {
     }
 
     /// Every tensor of a GGUF file under its Hugging Face name: dequantised to float32, except,
-    /// with `pack`, the Q4_0 / Q4_1 / Q4_K projections, kept 4-bit ([`WeightMap::take_linear`]),
+    /// with `pack`, the Q4_0 / Q4_1 / Q4_K projections, kept 4-bit, and the Q8_0 ones, kept 8-bit
+    /// ([`WeightMap::take_linear`]),
     /// and a Q8_0 embedding or `lm_head`, kept 8-bit ([`WeightMap::take_table`]).
     pub fn from_gguf(g: &GgufFile, config: &LlamaConfig, pack: bool) -> Result<Self, WeightsError> {
         let mut tensors = HashMap::new();
@@ -179,13 +182,19 @@ impl WeightMap {
                 None
             };
             if pack && is_projection(&name) && info.shape.len() == 2 {
-                if let Some(w) =
-                    Int4Weight::from_gguf(info.ggml_type, &bytes, info.shape[0], info.shape[1])
-                {
-                    let w = match heads {
-                        Some(h) => w.map_rows(|t| unpermute_rope_rows(t, h)),
-                        None => w,
+                let (rows, cols) = (info.shape[0], info.shape[1]);
+                let unpermute = |t: &Tensor| match heads {
+                    Some(h) => unpermute_rope_rows(t, h),
+                    None => t.shallow_clone(),
+                };
+                let kept =
+                    if let Some(w) = Int4Weight::from_gguf(info.ggml_type, &bytes, rows, cols) {
+                        Some(LinearWeight::Int4(w.map_rows(unpermute)))
+                    } else {
+                        Q8Weight::from_gguf(info.ggml_type, &bytes, rows, cols)
+                            .map(|w| LinearWeight::Int8(w.map_rows(unpermute)))
                     };
+                if let Some(w) = kept {
                     packed.insert(name, w);
                     continue;
                 }
@@ -193,7 +202,7 @@ impl WeightMap {
             let is_table = name == "model.embed_tokens.weight" || name == "lm_head.weight";
             if pack && is_table && info.shape.len() == 2 {
                 if let Some(t) =
-                    Q8Table::from_gguf(info.ggml_type, &bytes, info.shape[0], info.shape[1])
+                    Q8Weight::from_gguf(info.ggml_type, &bytes, info.shape[0], info.shape[1])
                 {
                     tables.insert(name, t);
                     continue;
@@ -216,11 +225,16 @@ impl WeightMap {
         })
     }
 
-    /// Removes a linear layer's weight, 4-bit when it was kept so, checking its shape.
+    /// Removes a linear layer's weight, 4-bit or 8-bit when it was kept so, checking its shape.
     pub fn take_linear(&mut self, name: &str, shape: &[i64]) -> Result<LinearWeight, WeightsError> {
         if let Some(w) = self.packed.remove(name) {
-            check_shape(name, vec![w.rows(), w.cols()], shape)?;
-            return Ok(LinearWeight::Int4(w));
+            let found = match &w {
+                LinearWeight::Int4(w) => vec![w.rows(), w.cols()],
+                LinearWeight::Int8(w) => vec![w.rows(), w.cols()],
+                LinearWeight::Dense(t) => t.size(),
+            };
+            check_shape(name, found, shape)?;
+            return Ok(w);
         }
         self.take(name, shape).map(LinearWeight::Dense)
     }

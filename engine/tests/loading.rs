@@ -17,7 +17,8 @@ use tessera_engine::weights::{read_safetensors, WeightsError};
 
 /// Writes the tiny model of `dir` as a GGUF file the way llama.cpp's converter does (names, reversed
 /// dimensions, Q/K rows permuted for interleaved RoPE). `other_type` gives one tensor another ggml
-/// type: 6 (Q5_0, which Tessera does not dequantise) or 12 (Q4_K, random blocks with sane scales).
+/// type: 6 (Q5_0, which Tessera does not dequantise) or 12 (Q4_K, random blocks with sane scales);
+/// 8 writes every projection as Q8_0 (its values quantised).
 fn write_gguf(dir: &Path, out: &Path, other_type: Option<u32>) {
     let tensors = read_safetensors(&dir.join("model.safetensors")).unwrap();
     let mut w = GgufWriter::new();
@@ -72,7 +73,15 @@ fn write_gguf(dir: &Path, out: &Path, other_type: Option<u32>) {
         }
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
         let values: Vec<f32> = t.contiguous().view([-1]).try_into().unwrap();
-        if let (Some(ty), "blk.1.ffn_up.weight") = (other_type, gguf_name.as_str()) {
+        let projection = !gguf_name.ends_with("norm.weight") && gguf_name.starts_with("blk.");
+        if other_type == Some(8) && projection {
+            w.tensor(RawTensor {
+                name: gguf_name,
+                shape,
+                ggml_type: 8,
+                data: q8_0(&values),
+            });
+        } else if let (Some(ty), "blk.1.ffn_up.weight") = (other_type, gguf_name.as_str()) {
             let numel = values.len();
             let data = match ty {
                 6 => vec![0; numel / 32 * 22],
@@ -101,6 +110,24 @@ fn write_gguf(dir: &Path, out: &Path, other_type: Option<u32>) {
         }
     }
     w.write(out).unwrap();
+}
+
+/// GGUF's Q8_0 blocks of `values`: a float16 scale `max|x| / 127`, then 32 int8 values.
+fn q8_0(values: &[f32]) -> Vec<u8> {
+    values
+        .chunks(32)
+        .flat_map(|xs| {
+            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = half::f16::from_f32(amax / 127.0);
+            let inv = if amax > 0.0 { 1.0 / d.to_f32() } else { 0.0 };
+            let mut block = d.to_le_bytes().to_vec();
+            block.extend(
+                xs.iter()
+                    .map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8 as u8),
+            );
+            block
+        })
+        .collect()
 }
 
 fn gguf_name(hf: &str) -> String {
@@ -169,6 +196,57 @@ fn a_gguf_export_gives_the_logits_of_the_hf_directory() {
                 + 3 * tiny::HIDDEN * tiny::INTER);
     assert_eq!(bytes(&hf), params as u64 * 2);
     assert_eq!(bytes(&gguf), bytes(&hf));
+}
+
+/// Q8_0 projections loaded `packed` stay 8-bit (q/k/v and gate/up fused, Q/K rows unpermuted like
+/// the float ones) and give the logits of the same file dequantised: through the integer kernel
+/// for a decode-sized prompt and through dequantised blocks for a longer one.
+#[test]
+fn q8_0_projections_stay_8_bit_when_packed_and_predict_as_dequantised() {
+    use tessera_engine::loader::{load_with, Quantization};
+    let dir = tempfile::tempdir().unwrap();
+    let hf = tiny::write_model(&dir.path().join("m"), 4);
+    let gguf = dir.path().join("m.gguf");
+    write_gguf(&hf, &gguf, Some(8));
+    let load = |q| load_with(&gguf, &[Device::Cpu], Some(Kind::Float), q).unwrap();
+    let (dense, packed) = (load(Quantization::Dequantize), load(Quantization::Packed));
+    let projections = (tiny::LAYERS * 4) as usize;
+    assert!(
+        packed
+            .weights
+            .contains(&format!("{projections}/{projections} projections 8-bit")),
+        "{}",
+        packed.weights
+    );
+    let (dense_bytes, none, _) = dense.model.weight_bytes();
+    let (packed_bytes, all, _) = packed.model.weight_bytes();
+    assert_eq!((none, all), (0, projections));
+    assert!(
+        packed_bytes * 2 < dense_bytes,
+        "{packed_bytes} bytes packed, {dense_bytes} dequantised"
+    );
+    for len in [7usize, 45] {
+        let ids: Vec<i64> = (0..len as i64).map(|i| (i * 37 + 11) % 250).collect();
+        let logits = |m: &tessera_engine::model::Llama| {
+            let mut cache = m.new_cache(1, len as i64);
+            tch::no_grad(|| {
+                m.forward(
+                    &Tensor::from_slice(&ids).view([1, -1]),
+                    &[0],
+                    &mut cache,
+                    None,
+                    Logits::All,
+                )
+            })
+        };
+        let (want, got) = (logits(&dense.model), logits(&packed.model));
+        let diff = (&got - &want).abs().max().double_value(&[]);
+        let scale = want.abs().max().double_value(&[]);
+        assert!(
+            diff < 1e-3 * scale,
+            "{len} tokens: max |Δlogit| {diff} of {scale}"
+        );
+    }
 }
 
 #[test]

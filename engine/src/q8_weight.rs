@@ -1,9 +1,9 @@
-//! A Q8_0 token table kept 8-bit (issue 14): the embedding, and the `lm_head` it is tied to, as
-//! int8 values with one float32 scale per 32 (GGUF's Q8_0, `w = d·q`), a quarter of float32's
-//! bytes. A lookup dequantises only the rows it reads. The head's matmul reads the int8 rows with a
-//! small kernel for decode-sized batches (memory-bound: 1.1 bytes a weight instead of 4), and
-//! dequantises blocks of rows for BLAS otherwise (the whole table at once when autograd needs the
-//! graph: training's head, one chunk of positions at a time).
+//! A Q8_0 matrix kept 8-bit (issue 14): a token table (the embedding, and the `lm_head` it is tied
+//! to) or a projection, as int8 values with one float32 scale per 32 (GGUF's Q8_0, `w = d·q`), a
+//! quarter of float32's bytes. A lookup dequantises only the rows it reads. The matmul reads the
+//! int8 rows with the integer kernel (`crate::int_dot`) for decode-sized batches, and dequantises
+//! blocks of rows for BLAS otherwise (the whole matrix at once when autograd needs the graph:
+//! training's head, one chunk of positions at a time).
 
 use half::f16;
 use tch::{Device, Kind, Tensor};
@@ -19,15 +19,15 @@ const KERNEL_ROWS: i64 = crate::packed::INT_DOT_ROWS;
 /// Table rows dequantised at once on the autograd-free path off the CPU.
 const BLOCK_ROWS: i64 = 1024;
 
-/// A `[rows, cols]` table in Q8_0.
-pub struct Q8Table {
+/// A `[rows, cols]` matrix in Q8_0.
+pub struct Q8Weight {
     /// `[rows, cols]` int8.
     q: Tensor,
     /// `[rows, cols / 32]` float32.
     d: Tensor,
 }
 
-impl Q8Table {
+impl Q8Weight {
     /// Reads a GGUF Q8_0 tensor of `rows × cols` (`None` for another type or a partial block).
     pub fn from_gguf(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
         if ty != GgmlType::Q8_0 || cols % GROUP != 0 || bytes.len() != rows * cols / GROUP * 34 {
@@ -64,6 +64,24 @@ impl Q8Table {
         Self {
             q: self.q.to_device(device),
             d: self.d.to_device(device),
+        }
+    }
+
+    /// The same rows reordered by `f` (a function of a `[rows, n]` matrix that permutes rows).
+    pub fn map_rows(self, f: impl Fn(&Tensor) -> Tensor) -> Self {
+        Self {
+            q: f(&self.q).contiguous(),
+            d: f(&self.d).contiguous(),
+        }
+    }
+
+    /// Stacks matrices by rows (fused projections).
+    pub fn cat(parts: &[Q8Weight]) -> Self {
+        let qs: Vec<&Tensor> = parts.iter().map(|p| &p.q).collect();
+        let ds: Vec<&Tensor> = parts.iter().map(|p| &p.d).collect();
+        Self {
+            q: Tensor::cat(&qs, 0),
+            d: Tensor::cat(&ds, 0),
         }
     }
 
@@ -235,13 +253,13 @@ mod tests {
     }
 
     #[test]
-    fn a_q8_table_looks_up_and_multiplies_as_its_dequantised_values() {
+    fn a_q8_weight_looks_up_and_multiplies_as_its_dequantised_values() {
         let (rows, cols) = (2501usize, 96usize);
         let bytes = q8_bytes(rows, cols, 5);
         let dense =
             Tensor::from_slice(&dequantize("t", GgmlType::Q8_0, &bytes, rows * cols).unwrap())
                 .reshape([rows as i64, cols as i64]);
-        let t = Q8Table::from_gguf(GgmlType::Q8_0, &bytes, rows, cols).unwrap();
+        let t = Q8Weight::from_gguf(GgmlType::Q8_0, &bytes, rows, cols).unwrap();
         assert!(t.dequantize(Kind::Float).equal(&dense));
         let ids = Tensor::from_slice(&[3i64, 2500, 0, 3, 1512, 7]).reshape([2, 3]);
         let rows_got = t.lookup(&ids, Kind::Float);
@@ -280,15 +298,15 @@ mod tests {
             let diff = (got.squeeze_dim(0) - &want).abs().max().double_value(&[]);
             assert!(diff < 1e-4, "{m} rows: {diff}");
         }
-        assert!(Q8Table::from_gguf(GgmlType::Q4_0, &bytes, rows, cols).is_none());
-        assert!(Q8Table::from_gguf(GgmlType::Q8_0, &bytes[1..], rows, cols).is_none());
+        assert!(Q8Weight::from_gguf(GgmlType::Q4_0, &bytes, rows, cols).is_none());
+        assert!(Q8Weight::from_gguf(GgmlType::Q8_0, &bytes[1..], rows, cols).is_none());
     }
 
     #[test]
-    fn the_head_through_a_q8_table_is_differentiable_in_its_input() {
+    fn the_head_through_a_q8_weight_is_differentiable_in_its_input() {
         let (rows, cols) = (40usize, 64usize);
         let bytes = q8_bytes(rows, cols, 9);
-        let t = Q8Table::from_gguf(GgmlType::Q8_0, &bytes, rows, cols).unwrap();
+        let t = Q8Weight::from_gguf(GgmlType::Q8_0, &bytes, rows, cols).unwrap();
         let dense = t.dequantize(Kind::Float);
         let x = Tensor::ones([2, cols as i64], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         t.matmul_t(&x).sum(Kind::Float).backward();
