@@ -233,14 +233,7 @@ pub fn split_rows(rows: usize, align: usize, f: impl Fn(usize, usize) + Sync) {
 
 /// `x · wᵀ` for a 4-bit weight (`q`: `[rows, cols / 2]` nibbles in GGUF's order, byte `j` of a
 /// group holding values `j` and `16 + j`; `sm`: `[rows, cols / 32]` pairs (scale, min), `w =
-/// q·scale + min`) on quantised activations: `[m, rows]` row-major.
-pub fn int4_matmul(q: &[u8], sm: &[f32], rows: usize, x: &QuantRows) -> Vec<f32> {
-    let mut out = vec![0f32; x.m * rows];
-    int4_matmul_into(q, sm, rows, x, &mut out);
-    out
-}
-
-/// [`int4_matmul`] into `out` (`m × rows`).
+/// q·scale + min`) on quantised activations, into `out`: `[m, rows]` row-major.
 pub fn int4_matmul_into(q: &[u8], sm: &[f32], rows: usize, x: &QuantRows, out: &mut [f32]) {
     let cols = x.cols;
     assert_eq!(q.len(), rows * cols / 2);
@@ -280,24 +273,34 @@ fn each_row(
 }
 
 /// `x · wᵀ` for an 8-bit weight (`q`: `[rows, cols]` int8, `d`: `[rows, cols / 32]`, `w = q·d`,
-/// GGUF's Q8_0) on quantised activations: `[m, rows]` row-major.
-pub fn int8_matmul(q: &[i8], d: &[f32], rows: usize, x: &QuantRows) -> Vec<f32> {
+/// GGUF's Q8_0) on quantised activations, into `out`: `[m, rows]` row-major.
+pub fn int8_matmul_into(q: &[i8], d: &[f32], rows: usize, x: &QuantRows, out: &mut [f32]) {
     let cols = x.cols;
     assert_eq!(q.len(), rows * cols);
     assert_eq!(d.len(), rows * cols / GROUP);
-    let mut out = vec![0f32; x.m * rows];
-    each_row(rows, x.m, &mut out, |r, i0, v| {
+    each_row(rows, x.m, out, |r, i0, v| {
         let (wq, wd) = (
             &q[r * cols..(r + 1) * cols],
             &d[r * cols / GROUP..(r + 1) * cols / GROUP],
         );
         int8_dots(wq, wd, x, i0, v)
     });
-    out
 }
 
-/// Activation rows one 4-bit weight row is multiplied with at once (its values unpacked once).
+/// Activation rows one weight row is multiplied with at once (its values unpacked once).
 const ROWS_AT_ONCE: usize = 4;
+
+/// `f::<N>(args)` for `N` = `n` rows, 1 to [`ROWS_AT_ONCE`].
+macro_rules! by_rows {
+    ($n:expr, $f:ident($($arg:expr),*)) => {
+        match $n {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            _ => $f::<4>($($arg),*),
+        }
+    };
+}
 
 /// One 4-bit weight row against activation rows `i0 .. i0 + out.len()` (at most
 /// [`ROWS_AT_ONCE`]). Each row's sum is the same whichever rows share the call.
@@ -306,14 +309,7 @@ fn int4_dots(wq: &[u8], wsm: &[f32], x: &QuantRows, i0: usize, out: &mut [f32]) 
     #[cfg(target_arch = "x86_64")]
     if simd() {
         // SAFETY: the CPU has AVX2 and FMA (`simd`); rows `i0 ..` exist in `x`.
-        unsafe {
-            match out.len() {
-                1 => int4_rows_avx2::<1>(wq, wsm, x, i0, out),
-                2 => int4_rows_avx2::<2>(wq, wsm, x, i0, out),
-                3 => int4_rows_avx2::<3>(wq, wsm, x, i0, out),
-                _ => int4_rows_avx2::<4>(wq, wsm, x, i0, out),
-            }
-        }
+        unsafe { by_rows!(out.len(), int4_rows_avx2(wq, wsm, x, i0, out)) };
         return;
     }
     for (k, o) in out.iter_mut().enumerate() {
@@ -348,14 +344,7 @@ fn int8_dots(wq: &[i8], wd: &[f32], x: &QuantRows, i0: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if simd() {
         // SAFETY: the CPU has AVX2 and FMA (`simd`); rows `i0 ..` exist in `x`.
-        unsafe {
-            match out.len() {
-                1 => int8_rows_avx2::<1>(wq, wd, x, i0, out),
-                2 => int8_rows_avx2::<2>(wq, wd, x, i0, out),
-                3 => int8_rows_avx2::<3>(wq, wd, x, i0, out),
-                _ => int8_rows_avx2::<4>(wq, wd, x, i0, out),
-            }
-        }
+        unsafe { by_rows!(out.len(), int8_rows_avx2(wq, wd, x, i0, out)) };
         return;
     }
     let groups = x.cols / GROUP;
@@ -532,7 +521,7 @@ pub fn blocks_matmul(
     out
 }
 
-/// A 4-bit weight's rows as float32 (`q` and `sm` as in [`int4_matmul`], `out` their `2·q.len()`
+/// A 4-bit weight's rows as float32 (`q` and `sm` as in [`int4_matmul_into`], `out` their `2·q.len()`
 /// values): `q·scale + min`, what `Int4Weight::dequantize` gives.
 pub fn dequantize_int4_into(q: &[u8], sm: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -565,10 +554,33 @@ fn dequantize_int4_portable(q: &[u8], sm: &[f32], out: &mut [f32]) {
     }
 }
 
-/// `x` as contiguous float32 `[m, cols]` rows (a copy when it is not already).
-pub fn float_rows(x: &Tensor) -> Tensor {
-    let cols = x.size()[x.dim() - 1];
-    x.reshape([-1, cols]).to_kind(Kind::Float).contiguous()
+/// A Q8_0 weight's rows as float32 (`q` and `d` as in [`int8_matmul_into`]): `d·q`.
+pub fn dequantize_int8_into(q: &[i8], d: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: the CPU has AVX2 and FMA (`simd`).
+        return unsafe { dequantize_int8_avx2(q, d, out) };
+    }
+    dequantize_int8_portable(q, d, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dequantize_int8_avx2(q: &[i8], d: &[f32], out: &mut [f32]) {
+    dequantize_int8_portable(q, d, out)
+}
+
+#[inline(always)]
+fn dequantize_int8_portable(q: &[i8], d: &[f32], out: &mut [f32]) {
+    for ((o, q), &d) in out
+        .chunks_exact_mut(GROUP)
+        .zip(q.chunks_exact(GROUP))
+        .zip(d)
+    {
+        for (o, &q) in o.iter_mut().zip(q) {
+            *o = d * q as f32;
+        }
+    }
 }
 
 /// The values of a contiguous float32 CPU tensor.
@@ -588,15 +600,6 @@ pub unsafe fn floats(t: &Tensor) -> &[f32] {
 #[allow(clippy::mut_from_ref)]
 pub unsafe fn floats_mut(t: &Tensor) -> &mut [f32] {
     std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, t.numel())
-}
-
-/// Brings a `[m, rows]` row-major result back as a tensor of `like`'s leading shape and dtype.
-pub fn output(values: Vec<f32>, like: &Tensor, rows: i64) -> Tensor {
-    let mut shape = like.size();
-    *shape.last_mut().expect("a dimension") = rows;
-    Tensor::from_slice(&values)
-        .reshape(shape.as_slice())
-        .to_kind(like.kind())
 }
 
 #[cfg(test)]
@@ -658,8 +661,9 @@ mod tests {
             let b = q4[r * cols / 2 + g * 16 + j % 16];
             (if j < 16 { b & 0x0f } else { b >> 4 }) as f64
         };
-        let got4 = int4_matmul(&q4, &sm, rows, &x);
-        let got8 = int8_matmul(&q8, &d8, rows, &x);
+        let (mut got4, mut got8) = (vec![0f32; m * rows], vec![0f32; m * rows]);
+        int4_matmul_into(&q4, &sm, rows, &x, &mut got4);
+        int8_matmul_into(&q8, &d8, rows, &x, &mut got8);
         for i in 0..m {
             for r in 0..rows {
                 let scale = |k: usize| sm[(r * groups + k / GROUP) * 2] as f64;

@@ -177,7 +177,7 @@ impl Q8Weight {
         // SAFETY: a CPU table (the caller checked), contiguous since `from_gguf`.
         let (qs, ds) = unsafe { self.host() };
         int_dot::blocks_matmul(x, rows, cols, |first, n, out| {
-            dequantize_into(
+            int_dot::dequantize_int8_into(
                 &qs[first * ucols..(first + n) * ucols],
                 &ds[first * groups..(first + n) * groups],
                 out,
@@ -197,37 +197,12 @@ impl Q8Weight {
             m as usize,
             self.cols() as usize,
         );
-        Tensor::from_slice(&int_dot::int8_matmul(qs, ds, self.rows() as usize, &xs))
-            .reshape([m, self.rows()])
-    }
-}
-
-/// `out[i] = d[i / 32] · q[i]`.
-fn dequantize_into(q: &[i8], d: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2, checked just above.
-        return unsafe { dequantize_into_avx2(q, d, out) };
-    }
-    dequantize_into_portable(q, d, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dequantize_into_avx2(q: &[i8], d: &[f32], out: &mut [f32]) {
-    dequantize_into_portable(q, d, out)
-}
-
-#[inline(always)]
-fn dequantize_into_portable(q: &[i8], d: &[f32], out: &mut [f32]) {
-    for ((o, q), &d) in out
-        .chunks_exact_mut(GROUP)
-        .zip(q.chunks_exact(GROUP))
-        .zip(d)
-    {
-        for (o, &q) in o.iter_mut().zip(q) {
-            *o = d * q as f32;
-        }
+        let y = Tensor::empty([m, self.rows()], (Kind::Float, Device::Cpu));
+        // SAFETY: a new contiguous float32 tensor of `m × rows` values, written only here.
+        int_dot::int8_matmul_into(qs, ds, self.rows() as usize, &xs, unsafe {
+            int_dot::floats_mut(&y)
+        });
+        y
     }
 }
 
