@@ -29,6 +29,8 @@ pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
 pub mod step;
+#[cfg(test)]
+mod test_rng;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;

@@ -440,13 +440,8 @@ mod tests {
     use crate::dequant::dequantize;
 
     fn blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed;
-        let mut next = || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 33) as u32
-        };
+        let mut rng = crate::test_rng::Lcg::new(seed);
+        let mut next = || rng.next_u32();
         let mut out = Vec::new();
         for _ in 0..rows * cols / 32 {
             let d = f16::from_f32(0.001 + (next() % 1000) as f32 * 1e-5);
@@ -488,13 +483,8 @@ mod tests {
     #[test]
     fn q4_k_weights_unpack_to_the_dequantised_values() {
         let (rows, cols) = (32usize, 512usize);
-        let mut state = 11u64;
-        let mut next = || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 33) as u8
-        };
+        let mut rng = crate::test_rng::Lcg::new(11);
+        let mut next = || rng.next_u32() as u8;
         let bytes: Vec<u8> = (0..rows * cols / 256)
             .flat_map(|_| {
                 let mut block = vec![0u8; 144];

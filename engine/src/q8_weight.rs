@@ -212,13 +212,8 @@ mod tests {
     use crate::dequant::dequantize;
 
     fn q8_bytes(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed;
-        let mut next = || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 33) as u32
-        };
+        let mut rng = crate::test_rng::Lcg::new(seed);
+        let mut next = || rng.next_u32();
         let mut out = Vec::new();
         for _ in 0..rows * cols / GROUP {
             out.extend(f16::from_f32(0.001 + (next() % 1000) as f32 * 1e-5).to_le_bytes());

@@ -472,16 +472,7 @@ mod tests {
 
     /// Deterministic values in [-1, 1) (torch's global generator is shared by parallel tests).
     fn values(n: i64, seed: u64) -> Tensor {
-        let mut x = seed;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_slice(&v)
+        Tensor::from_slice(&crate::test_rng::Lcg::new(seed).units(n as usize))
     }
 
     #[test]
