@@ -2,7 +2,8 @@
 //! and prints the scheduler's step breakdown (build, forward, attention, sample, stream).
 //!
 //! `cargo run --release --workspace --example step_breakdown -- MODEL [STREAMS] [NEW_TOKENS]
-//!     [dequantize|packed|auto]`
+//!     [dequantize|packed|auto] [unfused]` (`unfused`: decode steps through torch's ops, not
+//!     the fused path of a packed model)
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -31,6 +32,9 @@ fn main() -> anyhow::Result<()> {
         "Write a short story about a robot who learns to paint.",
         true,
     )?;
+    if args.get(5).map(String::as_str) == Some("unfused") {
+        loaded.model.set_fused_decode(false);
+    }
     eprintln!("weights: {}", loaded.weights);
     let engine = Engine::start(loaded.model, loaded.tokenizer, EngineConfig::default());
     let run = |n: usize| -> anyhow::Result<f64> {

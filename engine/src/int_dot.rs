@@ -88,14 +88,14 @@ fn quantize_portable(x: &[f32], out: &mut QuantRows) {
 
 /// A raw pointer to the output that threads write disjoint parts of.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 // SAFETY: every thread writes only its own rows' cells (see `split_rows`' callers).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// The cell `i` (a method, so closures capture the whole `Sync` wrapper).
-    fn at(self, i: usize) -> *mut f32 {
+    pub(crate) fn at(self, i: usize) -> *mut f32 {
         // SAFETY (of the callers' writes): `i` is inside the buffer this points into.
         self.0.wrapping_add(i)
     }
@@ -236,30 +236,68 @@ pub fn split_rows(rows: usize, align: usize, f: impl Fn(usize, usize) + Sync) {
 /// q·scale + min`) on quantised activations, into `out`: `[m, rows]` row-major.
 pub fn int4_matmul_into(q: &[u8], sm: &[f32], rows: usize, x: &QuantRows, out: &mut [f32]) {
     let cols = x.cols;
+    let groups = cols / GROUP;
     assert_eq!(q.len(), rows * cols / 2);
-    assert_eq!(sm.len(), rows * cols / GROUP * 2);
-    each_row(rows, x.m, out, |r, i0, v| {
-        let (wq, wsm) = (
-            &q[r * cols / 2..(r + 1) * cols / 2],
-            &sm[r * cols / GROUP * 2..(r + 1) * cols / GROUP * 2],
-        );
-        int4_dots(wq, wsm, x, i0, v)
-    });
+    assert_eq!(sm.len(), rows * groups * 2);
+    each_row(
+        rows,
+        x.m,
+        out,
+        |r, i0, v| {
+            let (wq, wsm) = (
+                &q[r * cols / 2..(r + 1) * cols / 2],
+                &sm[r * groups * 2..(r + 1) * groups * 2],
+            );
+            int4_dots(wq, wsm, x, i0, v)
+        },
+        |r, v| {
+            #[cfg(target_arch = "x86_64")]
+            if simd() {
+                let (wq, wsm) = (
+                    &q[r * cols / 2..(r + WEIGHT_ROWS_AT_ONCE) * cols / 2],
+                    &sm[r * groups * 2..(r + WEIGHT_ROWS_AT_ONCE) * groups * 2],
+                );
+                // SAFETY: the CPU has AVX2 and FMA (`simd`).
+                unsafe { int4_weight_rows_avx2(wq, wsm, x, v) };
+                return true;
+            }
+            let _ = (r, v);
+            false
+        },
+    );
 }
 
+/// Weight rows one activation row is multiplied with at once (single-row decode).
+const WEIGHT_ROWS_AT_ONCE: usize = 4;
+
 /// Fills `out` (`m × rows`, row-major) split by weight rows between threads: `dots(r, i0, v)`
-/// writes weight row `r`'s products with activation rows `i0 .. i0 + v.len()` into `v`.
+/// writes weight row `r`'s products with activation rows `i0 .. i0 + v.len()` into `v`. With one
+/// activation row, `four(r, v)` first writes rows `r .. r + 4` at once where it can (it says
+/// whether it did): the activations are then read once for four weight rows.
 fn each_row(
     rows: usize,
     m: usize,
     out: &mut [f32],
     dots: impl Fn(usize, usize, &mut [f32]) + Sync,
+    four: impl Fn(usize, &mut [f32; WEIGHT_ROWS_AT_ONCE]) -> bool + Sync,
 ) {
     assert_eq!(out.len(), m * rows);
     let ptr = OutPtr(out.as_mut_ptr());
     split_rows(rows, 8, |first, n| {
+        let end = first + n;
+        let mut r = first;
+        if m == 1 {
+            let mut v = [0f32; WEIGHT_ROWS_AT_ONCE];
+            while r + WEIGHT_ROWS_AT_ONCE <= end && four(r, &mut v) {
+                for (k, &v) in v.iter().enumerate() {
+                    // SAFETY: row `r + k` is inside `out` and belongs to this share only.
+                    unsafe { *ptr.at(r + k) = v };
+                }
+                r += WEIGHT_ROWS_AT_ONCE;
+            }
+        }
         let mut v = [0f32; ROWS_AT_ONCE];
-        for r in first..first + n {
+        for r in r..end {
             for i0 in (0..m).step_by(ROWS_AT_ONCE) {
                 let k = ROWS_AT_ONCE.min(m - i0);
                 dots(r, i0, &mut v[..k]);
@@ -276,15 +314,35 @@ fn each_row(
 /// GGUF's Q8_0) on quantised activations, into `out`: `[m, rows]` row-major.
 pub fn int8_matmul_into(q: &[i8], d: &[f32], rows: usize, x: &QuantRows, out: &mut [f32]) {
     let cols = x.cols;
+    let groups = cols / GROUP;
     assert_eq!(q.len(), rows * cols);
-    assert_eq!(d.len(), rows * cols / GROUP);
-    each_row(rows, x.m, out, |r, i0, v| {
-        let (wq, wd) = (
-            &q[r * cols..(r + 1) * cols],
-            &d[r * cols / GROUP..(r + 1) * cols / GROUP],
-        );
-        int8_dots(wq, wd, x, i0, v)
-    });
+    assert_eq!(d.len(), rows * groups);
+    each_row(
+        rows,
+        x.m,
+        out,
+        |r, i0, v| {
+            let (wq, wd) = (
+                &q[r * cols..(r + 1) * cols],
+                &d[r * groups..(r + 1) * groups],
+            );
+            int8_dots(wq, wd, x, i0, v)
+        },
+        |r, v| {
+            #[cfg(target_arch = "x86_64")]
+            if simd() {
+                let (wq, wd) = (
+                    &q[r * cols..(r + WEIGHT_ROWS_AT_ONCE) * cols],
+                    &d[r * groups..(r + WEIGHT_ROWS_AT_ONCE) * groups],
+                );
+                // SAFETY: the CPU has AVX2 and FMA (`simd`).
+                unsafe { int8_weight_rows_avx2(wq, wd, x, v) };
+                return true;
+            }
+            let _ = (r, v);
+            false
+        },
+    );
 }
 
 /// Activation rows one weight row is multiplied with at once (its values unpacked once).
@@ -369,7 +427,7 @@ fn int8_dots(wq: &[i8], wd: &[f32], x: &QuantRows, i0: usize, out: &mut [f32]) {
 
 /// Whether the AVX2 kernels can run here.
 #[cfg(target_arch = "x86_64")]
-fn simd() -> bool {
+pub(crate) fn simd() -> bool {
     static SIMD: OnceLock<bool> = OnceLock::new();
     *SIMD.get_or_init(|| {
         std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
@@ -485,6 +543,132 @@ unsafe fn int8_rows_avx2<const N: usize>(
         }
     }
     for k in 0..N {
+        out[k] = hsum(acc[k]);
+    }
+}
+
+/// Asks for the cache line of `p` (never faults).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn prefetch<T>(p: *const T) {
+    use std::arch::x86_64::*;
+    _mm_prefetch(p as *const i8, _MM_HINT_T0);
+}
+
+/// Group `g` of four 4-bit weight rows against activation row 0, added to `acc` and `mins`: the
+/// same products and sums as [`int4_group_rows`] makes for each of them.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+unsafe fn int4_group_weight_rows(
+    wq: &[u8],
+    wsm: &[f32],
+    x: &QuantRows,
+    g: usize,
+    acc: &mut [std::arch::x86_64::__m256; WEIGHT_ROWS_AT_ONCE],
+    mins: &mut [f32; WEIGHT_ROWS_AT_ONCE],
+) {
+    use std::arch::x86_64::*;
+    let (cols, groups) = (x.cols, x.cols / GROUP);
+    let low = _mm_set1_epi8(0x0f);
+    let xp = x.q.as_ptr().add(g * GROUP);
+    let x0 = _mm256_loadu_si256(xp as *const __m256i);
+    let x1 = _mm256_loadu_si256(xp.add(16) as *const __m256i);
+    let (xd, xs) = (*x.d.get_unchecked(g), *x.sum.get_unchecked(g));
+    // The next four rows' same group, on its way while these are multiplied: four short
+    // interleaved streams are more than the hardware prefetcher follows (measured: a decode's
+    // projections ~15% faster with it, and without it the 8-bit head half as fast as one row at
+    // a time). A prefetch never faults, so past the end is harmless.
+    for k in WEIGHT_ROWS_AT_ONCE..2 * WEIGHT_ROWS_AT_ONCE {
+        prefetch(wq.as_ptr().wrapping_add(k * cols / 2 + g * 16));
+        prefetch(wsm.as_ptr().wrapping_add(2 * (k * groups + g)));
+    }
+    for k in 0..WEIGHT_ROWS_AT_ONCE {
+        let b = _mm_loadu_si128(wq.as_ptr().add(k * cols / 2 + g * 16) as *const __m128i);
+        let w0 = _mm256_cvtepu8_epi16(_mm_and_si128(b, low));
+        let w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), low));
+        let at = 2 * (k * groups + g);
+        let (scale, min) = (*wsm.get_unchecked(at), *wsm.get_unchecked(at + 1));
+        let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+        let s = _mm256_set1_ps(scale * xd);
+        acc[k] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p), acc[k]);
+        mins[k] += min * xs;
+    }
+}
+
+/// One activation row (row 0 of `x`) against four 4-bit weight rows (`wq`, `wsm`: theirs, one
+/// after the other): each group's activations are loaded once for the four, and the four rows'
+/// chains run side by side. Each row's sum is the one [`int4_rows_avx2`] gives (two chains of
+/// groups, the same operations in the same order), so a sequence's logits do not depend on
+/// whether it decodes alone.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)]
+unsafe fn int4_weight_rows_avx2(
+    wq: &[u8],
+    wsm: &[f32],
+    x: &QuantRows,
+    out: &mut [f32; WEIGHT_ROWS_AT_ONCE],
+) {
+    use std::arch::x86_64::*;
+    let (cols, groups) = (x.cols, x.cols / GROUP);
+    let n = WEIGHT_ROWS_AT_ONCE;
+    assert!(wq.len() * 2 == n * cols && wsm.len() == 2 * n * groups && cols <= x.q.len());
+    let (mut acc0, mut acc1) = (
+        [_mm256_setzero_ps(); WEIGHT_ROWS_AT_ONCE],
+        [_mm256_setzero_ps(); WEIGHT_ROWS_AT_ONCE],
+    );
+    let (mut mins0, mut mins1) = ([0f32; WEIGHT_ROWS_AT_ONCE], [0f32; WEIGHT_ROWS_AT_ONCE]);
+    let mut g = 0;
+    while g + 1 < groups {
+        int4_group_weight_rows(wq, wsm, x, g, &mut acc0, &mut mins0);
+        int4_group_weight_rows(wq, wsm, x, g + 1, &mut acc1, &mut mins1);
+        g += 2;
+    }
+    if g < groups {
+        int4_group_weight_rows(wq, wsm, x, g, &mut acc0, &mut mins0);
+    }
+    for k in 0..n {
+        out[k] = hsum(_mm256_add_ps(acc0[k], acc1[k])) + (mins0[k] + mins1[k]);
+    }
+}
+
+/// One activation row (row 0 of `x`) against four 8-bit weight rows (`wq`, `wd`: theirs, one
+/// after the other), each row's sum the one [`int8_rows_avx2`] gives.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)]
+unsafe fn int8_weight_rows_avx2(
+    wq: &[i8],
+    wd: &[f32],
+    x: &QuantRows,
+    out: &mut [f32; WEIGHT_ROWS_AT_ONCE],
+) {
+    use std::arch::x86_64::*;
+    let (cols, groups) = (x.cols, x.cols / GROUP);
+    let n = WEIGHT_ROWS_AT_ONCE;
+    assert!(wq.len() == n * cols && wd.len() == n * groups && cols <= x.q.len());
+    let mut acc = [_mm256_setzero_ps(); WEIGHT_ROWS_AT_ONCE];
+    for g in 0..groups {
+        let xp = x.q.as_ptr().add(g * GROUP);
+        let x0 = _mm256_loadu_si256(xp as *const __m256i);
+        let x1 = _mm256_loadu_si256(xp.add(16) as *const __m256i);
+        let xd = *x.d.get_unchecked(g);
+        // The next four rows' same group (as in `int4_group_weight_rows`).
+        for k in n..2 * n {
+            prefetch(wq.as_ptr().wrapping_add(k * cols + g * GROUP));
+            prefetch(wd.as_ptr().wrapping_add(k * groups + g));
+        }
+        for k in 0..n {
+            let w = _mm256_loadu_si256(wq.as_ptr().add(k * cols + g * GROUP) as *const __m256i);
+            let w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
+            let w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1));
+            let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+            let s = _mm256_set1_ps(*wd.get_unchecked(k * groups + g) * xd);
+            acc[k] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p), acc[k]);
+        }
+    }
+    for k in 0..n {
         out[k] = hsum(acc[k]);
     }
 }
@@ -632,7 +816,14 @@ mod tests {
     /// multiplies the group's exact sum), over uneven shares of rows.
     #[test]
     fn int4_and_int8_rows_sum_as_the_dequantised_product() {
-        let (rows, cols, m) = (37usize, 96usize, 7usize);
+        for m in [1usize, 7] {
+            rows_sum_as_the_dequantised_product(m);
+        }
+    }
+
+    /// `m` activation rows (one: four weight rows at a time, then the rest one by one).
+    fn rows_sum_as_the_dequantised_product(m: usize) {
+        let (rows, cols) = (37usize, 96usize);
         let groups = cols / GROUP;
         let x = QuantRows::quantize(&values(m * cols, 2), m, cols);
         let xd: Vec<f32> = (0..m * cols)
@@ -676,6 +867,34 @@ mod tests {
                 assert!((g4 - want4).abs() < 1e-4, "int4 ({i},{r}): {g4} vs {want4}");
                 assert!((g8 - want8).abs() < 1e-3, "int8 ({i},{r}): {g8} vs {want8}");
             }
+        }
+    }
+
+    /// A row's products are the same, bit for bit, whether it is multiplied alone (four weight
+    /// rows at a time) or with other rows (one weight row against up to four activation rows).
+    #[test]
+    fn a_row_alone_sums_as_in_a_batch() {
+        let (rows, cols, m) = (40usize, 160usize, 6usize);
+        let groups = cols / GROUP;
+        let xs = values(m * cols, 7);
+        let q4: Vec<u8> = values(rows * cols / 2, 8)
+            .iter()
+            .map(|v| ((v + 1.0) * 127.9) as u8)
+            .collect();
+        let sm = values(rows * groups * 2, 9);
+        let q8: Vec<i8> = q4.iter().chain(&q4).map(|&b| b as i8).collect();
+        let d8 = sm[..rows * groups].to_vec();
+        let batch = QuantRows::quantize(&xs, m, cols);
+        let (mut all4, mut all8) = (vec![0f32; m * rows], vec![0f32; m * rows]);
+        int4_matmul_into(&q4, &sm, rows, &batch, &mut all4);
+        int8_matmul_into(&q8, &d8, rows, &batch, &mut all8);
+        for i in 0..m {
+            let one = QuantRows::quantize(&xs[i * cols..(i + 1) * cols], 1, cols);
+            let (mut got4, mut got8) = (vec![0f32; rows], vec![0f32; rows]);
+            int4_matmul_into(&q4, &sm, rows, &one, &mut got4);
+            int8_matmul_into(&q8, &d8, rows, &one, &mut got8);
+            assert_eq!(got4, all4[i * rows..(i + 1) * rows], "int4 row {i}");
+            assert_eq!(got8, all8[i * rows..(i + 1) * rows], "int8 row {i}");
         }
     }
 

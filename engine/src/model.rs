@@ -4,7 +4,7 @@
 //! rows for o/down); the partial outputs are copied to the main device and added. With one device
 //! there is one shard and no copy. LoRA deltas come in through [`LoraBatch`], per batch row.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
@@ -16,6 +16,8 @@ use crate::packed::{tensor_bytes, Int4Mode, Int4Weight, Linear};
 use crate::q8_weight::Q8Weight;
 use crate::step::{LogitRows, Segment, StepBatch};
 use crate::weights::{LinearWeight, TableWeight, WeightMap, WeightsError};
+
+mod fused_decode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -433,6 +435,10 @@ pub struct Llama {
     layouts: Vec<ShardLayout>,
     /// Time spent in attention by packed steps, in nanoseconds (for the step breakdown).
     attention_ns: AtomicU64,
+    /// Whether decode steps can take the fused path (`fused_decode::supported`).
+    fused_supported: bool,
+    /// Whether they do (on where supported; [`Llama::set_fused_decode`]).
+    fused_decode: AtomicBool,
 }
 
 impl Llama {
@@ -624,7 +630,17 @@ impl Llama {
             ropes,
             layouts,
             attention_ns: AtomicU64::new(0),
+            fused_supported: fused_decode::supported(int4, devices, kind),
+            fused_decode: AtomicBool::new(fused_decode::supported(int4, devices, kind)),
         })
+    }
+
+    /// Turns fused decode steps (`model/fused_decode.rs`) on or off, where the model supports
+    /// them (for comparisons: both paths compute the same step). Returns whether they are on.
+    pub fn set_fused_decode(&self, on: bool) -> bool {
+        let on = on && self.fused_supported;
+        self.fused_decode.store(on, Ordering::Relaxed);
+        on
     }
 
     /// Time spent in attention (KV writes, SDPA, output gather) by packed steps so far.
@@ -713,6 +729,9 @@ impl Llama {
         lora: Option<&LoraBatch>,
     ) -> Tensor {
         cache.ensure(step.slots_needed(), step.max_keys());
+        if self.fuses(step, lora.is_some()) {
+            return self.fused_decode_step(step, cache);
+        }
         let tables = self.step_tables(step);
         let tokens = Tensor::from_slice(&step.tokens);
         let mut x = self.embed.lookup(&tokens.to_device(self.main), self.kind);

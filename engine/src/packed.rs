@@ -210,13 +210,12 @@ impl Int4Weight {
         let mut shape = x.size();
         *shape.last_mut().expect("a dimension") = rows;
         let y = if m <= INT_DOT_ROWS {
-            // SAFETY: `flat` is a contiguous float32 CPU tensor, alive and unwritten here.
-            let xs =
-                int_dot::QuantRows::quantize(unsafe { int_dot::floats(&flat) }, m as usize, ucols);
             let y = Tensor::empty(shape.as_slice(), (Kind::Float, Device::Cpu));
-            // SAFETY: a new contiguous float32 tensor of `m × rows` values, written only here.
-            let out = unsafe { int_dot::floats_mut(&y) };
-            int_dot::int4_matmul_into(q, sm, rows as usize, &xs, out);
+            // SAFETY: `flat` is a contiguous float32 CPU tensor, alive and unwritten here; `y` a
+            // new contiguous float32 tensor of `m × rows` values, written only here.
+            self.kernel_rows(unsafe { int_dot::floats(&flat) }, m as usize, unsafe {
+                int_dot::floats_mut(&y)
+            });
             y
         } else {
             let flat = flat.view([m, cols]);
@@ -234,6 +233,15 @@ impl Int4Weight {
         } else {
             y.to_kind(kind)
         }
+    }
+
+    /// The integer kernel on `m` rows of float32 values (`x` `[m, cols]`, `out` `[m, rows]`,
+    /// row-major), for a weight made by [`Int4Weight::for_int_dot`].
+    fn kernel_rows(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        // SAFETY: `for_int_dot` made both tensors contiguous CPU ones; `self` outlives the call.
+        let (q, sm) = unsafe { self.host() };
+        let xs = int_dot::QuantRows::quantize(x, m, self.cols() as usize);
+        int_dot::int4_matmul_into(q, sm, self.rows() as usize, &xs, out);
     }
 
     /// Stacks weights by rows (fused projections).
@@ -319,6 +327,21 @@ impl Linear {
             Linear::Int4Dequant(w) => x.linear::<Tensor>(&w.dequantize(x.kind()), None),
             Linear::Int4Dot(w) => w.int_dot(x),
             Linear::Int8(w) => w.matmul_t(x),
+        }
+    }
+
+    /// `x · wᵀ` for `m` rows of float32 values on the CPU (`x` `[m, in]`, `out` `[m, out]`,
+    /// row-major), as [`Linear::apply`] computes it: the integer kernels without making a tensor,
+    /// any other weight through `apply` on a copy (the fused decode step's matmul).
+    pub fn apply_rows(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        match self {
+            Linear::Int4Dot(w) if m as i64 <= INT_DOT_ROWS => w.kernel_rows(x, m, out),
+            Linear::Int8(w) if w.kernel_takes(m) => w.kernel_rows(x, m, out),
+            _ => {
+                let xt = Tensor::from_slice(x).view([m as i64, -1]);
+                let y = self.apply(&xt).to_kind(Kind::Float).contiguous();
+                y.copy_data(out, out.len());
+            }
         }
     }
 

@@ -189,20 +189,50 @@ impl Q8Weight {
     /// `[m, rows]` float32.
     fn kernel(&self, x: &Tensor) -> Tensor {
         let m = x.size()[0];
-        // SAFETY: a CPU table (the caller checked), contiguous since `from_gguf`; `x` is a
-        // contiguous float32 CPU tensor, alive and unwritten here.
-        let (qs, ds) = unsafe { self.host() };
-        let xs = int_dot::QuantRows::quantize(
-            unsafe { int_dot::floats(x) },
-            m as usize,
-            self.cols() as usize,
-        );
         let y = Tensor::empty([m, self.rows()], (Kind::Float, Device::Cpu));
-        // SAFETY: a new contiguous float32 tensor of `m × rows` values, written only here.
-        int_dot::int8_matmul_into(qs, ds, self.rows() as usize, &xs, unsafe {
+        // SAFETY: `x` is a contiguous float32 CPU tensor, alive and unwritten here; `y` a new
+        // contiguous float32 tensor of `m × rows` values, written only here.
+        self.kernel_rows(unsafe { int_dot::floats(x) }, m as usize, unsafe {
             int_dot::floats_mut(&y)
         });
         y
+    }
+
+    /// Whether [`Q8Weight::kernel_rows`] takes `m` rows (a CPU weight, decode-sized).
+    pub fn kernel_takes(&self, m: usize) -> bool {
+        m as i64 <= KERNEL_ROWS && self.q.device() == Device::Cpu
+    }
+
+    /// The integer kernel on `m` rows of float32 values (`x` `[m, cols]`, `out` `[m, rows]`,
+    /// row-major). The weight must be on the CPU ([`Q8Weight::kernel_takes`]).
+    pub fn kernel_rows(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        assert_eq!(
+            self.q.device(),
+            Device::Cpu,
+            "the int8 kernel runs on the CPU"
+        );
+        // SAFETY: a CPU table (checked), contiguous since `from_gguf`; `self` outlives the call.
+        let (qs, ds) = unsafe { self.host() };
+        let xs = int_dot::QuantRows::quantize(x, m, self.cols() as usize);
+        int_dot::int8_matmul_into(qs, ds, self.rows() as usize, &xs, out);
+    }
+
+    /// Rows `ids` dequantised into `out` (`[ids, cols]` float32, row-major), on the CPU.
+    pub fn lookup_rows(&self, ids: &[i64], out: &mut [f32]) {
+        assert_eq!(self.q.device(), Device::Cpu, "a CPU table");
+        let cols = self.cols() as usize;
+        let groups = cols / GROUP;
+        // SAFETY: a CPU table (checked), contiguous since `from_gguf`; `self` outlives the call.
+        let (qs, ds) = unsafe { self.host() };
+        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(cols)) {
+            let id = usize::try_from(id).expect("a token id");
+            assert!(id < self.rows() as usize, "token {id} outside the table");
+            int_dot::dequantize_int8_into(
+                &qs[id * cols..(id + 1) * cols],
+                &ds[id * groups..(id + 1) * groups],
+                row,
+            );
+        }
     }
 }
 

@@ -38,6 +38,7 @@ pub fn reference_dir() -> PathBuf {
     dir
 }
 pub mod tiny;
+pub mod tiny_gguf;
 
 /// Hyperparameters with which a few steps on SmolLM2 memorise one short answer (batch 1, constant
 /// learning rate, no dropout, r=8 on q/v/o/down).
