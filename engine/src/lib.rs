@@ -33,6 +33,7 @@ pub mod step;
 mod test_rng;
 pub mod tokenizer;
 pub mod train;
+pub mod vec_exp;
 pub mod weights;
 
 pub use chat_template::ChatMessage;

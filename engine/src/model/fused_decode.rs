@@ -141,10 +141,7 @@ impl Llama {
                 .zip(act.chunks_exact_mut(inter))
             {
                 let (gate, up) = gu.split_at(inter);
-                for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-                    // torch's silu: g / (1 + e^-g).
-                    *o = g / (1.0 + (-g).exp()) * u;
-                }
+                crate::vec_exp::silu_mul(gate, up, out);
             }
             shard.down.apply_rows(&act, m, &mut proj);
             add(&mut x, &proj);
