@@ -84,13 +84,8 @@ fn fused_decode_steps_compute_what_the_op_by_op_path_computes() {
     let hf = tiny::write_model(&dir.path().join("m"), 7);
     let gguf = dir.path().join("m.gguf");
     write_gguf(&hf, &gguf, Some(2));
-    let packed = load_with(
-        &gguf,
-        &[Device::Cpu],
-        Some(Kind::Float),
-        Quantization::Packed,
-    )
-    .unwrap();
+    let load = |q| load_with(&gguf, &[Device::Cpu], Some(Kind::Float), q).unwrap();
+    let packed = load(Quantization::Packed);
     let projections = (tiny::LAYERS * 4) as usize;
     assert!(
         packed
@@ -132,12 +127,6 @@ fn fused_decode_steps_compute_what_the_op_by_op_path_computes() {
         assert_eq!(fused_tokens, op_tokens, "{mode:?}");
     }
     // The dequantised model (the reference path) keeps torch's ops.
-    let dense = load_with(
-        &gguf,
-        &[Device::Cpu],
-        Some(Kind::Float),
-        Quantization::Dequantize,
-    )
-    .unwrap();
+    let dense = load(Quantization::Dequantize);
     assert!(!dense.model.set_fused_decode(true));
 }
