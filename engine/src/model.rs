@@ -619,6 +619,7 @@ impl Llama {
                 kv_heads: kvl,
             })
             .collect();
+        let fused = fused_decode::supported(int4, devices, kind);
         Ok(Self {
             config,
             kind,
@@ -630,8 +631,8 @@ impl Llama {
             ropes,
             layouts,
             attention_ns: AtomicU64::new(0),
-            fused_supported: fused_decode::supported(int4, devices, kind),
-            fused_decode: AtomicBool::new(fused_decode::supported(int4, devices, kind)),
+            fused_supported: fused,
+            fused_decode: AtomicBool::new(fused),
         })
     }
 
