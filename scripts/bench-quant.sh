@@ -93,6 +93,10 @@ print(f"{'resident weight MiB (engine)':34} {mib(d['resident_weight_bytes']):10.
       f"{mib(p['resident_weight_bytes']):10.1f} {p['resident_weight_bytes'] / d['resident_weight_bytes']:7.2f}")
 print(f"{'RSS after load MiB':34} {mib(d['rss_after_load_bytes']):10.1f} {mib(p['rss_after_load_bytes']):10.1f} "
       f"{p['rss_after_load_bytes'] / max(d['rss_after_load_bytes'], 1):7.2f}")
+if d.get("peak_rss_bytes") and p.get("peak_rss_bytes"):
+    print(f"{'peak RSS MiB (whole benchmark)':34} {mib(d['peak_rss_bytes']):10.1f} {mib(p['peak_rss_bytes']):10.1f} "
+          f"{p['peak_rss_bytes'] / d['peak_rss_bytes']:7.2f}")
+print(f"allocator: {p.get('allocator', 'unknown')}")
 if gguf_bytes:
     print(f"GGUF tensor bytes {mib(gguf_bytes):.1f} MiB: packed resident weights are "
           f"{p['resident_weight_bytes'] / gguf_bytes:.2f}x (target <= 1.3x)")

@@ -6,28 +6,30 @@
 # (warm-up) and the last (which writes Tessera's final checkpoint). Prints tokens/s and peak RSS
 # with ratios. Not a test.
 #
-#   scripts/bench-train.sh [MODEL] [--threads N] [--runs 3] [--baseline PATH]
+#   scripts/bench-train.sh [MODEL] [--threads N] [--runs 3] [--baseline PATH] [--features jemalloc]
 #
 # --baseline adds a row for another build of the bench_train example (e.g. one built from main),
-# measured in the same alternation.
+# measured in the same alternation. --features builds Tessera's side with those cargo features
+# (`jemalloc`: jemalloc as the process's allocator, engine/src/allocator.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
 . scripts/setup-reference.sh
 . scripts/bench-lib.sh
-model= threads=0 runs=3 baseline=
+model= threads=0 runs=3 baseline= features=
 while [ $# -gt 0 ]; do
     case "$1" in
         --threads) threads="$2"; shift 2 ;;
         --runs) runs="$2"; shift 2 ;;
         --baseline) baseline="$2"; shift 2 ;;
+        --features) features="$2"; shift 2 ;;
         --*) echo "bench-train: unknown option $1" >&2; exit 2 ;;
         *) model="$1"; shift ;;
     esac
 done
 model="${model:-$(scripts/fetch-model.sh)}"
 # --workspace: the same dependency features as the release head, so nothing builds twice.
-cargo build --release --locked --workspace --example bench_train
+cargo build --release --locked --workspace --example bench_train ${features:+--features "$features"}
 bench_threads "$threads"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

@@ -36,3 +36,5 @@ TESSERA_PYTHON=$(command -v python)
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked "$@"
+# The opt-in jemalloc build (engine/src/allocator.rs): libtorch's allocations reach it.
+cargo test -p tessera-engine --locked --features jemalloc --lib allocator

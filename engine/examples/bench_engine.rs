@@ -264,9 +264,21 @@ fn main() -> anyhow::Result<()> {
             "packed_projections": packed_projections,
             "projections": projections,
             "rss_after_load_bytes": rss_after_load,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "allocator": tessera_engine::allocator::name(),
         })
     );
     Ok(())
+}
+
+/// This process's peak resident memory (Linux `VmHWM`), 0 where unknown.
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// This process's resident memory (Linux `/proc/self/statm`), 0 where unknown.

@@ -106,6 +106,7 @@ fn main() -> anyhow::Result<()> {
             "gradient_checkpointing": checkpointing,
             "packed_base": packed,
             "weight_mib": weight_bytes as f64 / (1 << 20) as f64,
+            "allocator": tessera_engine::allocator::name(),
         })
     );
     Ok(())

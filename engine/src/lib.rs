@@ -6,8 +6,10 @@
 //! * [`model`], [`kv_cache`]: the tensor-parallel Llama decoder and its cache.
 //! * [`lora`], [`adapter_cache`]: PEFT adapters, applied per batch row without merging.
 //! * [`sampling`], [`sequence`], [`scheduler`], [`engine`]: continuous batching and streaming.
+//! * [`allocator`]: jemalloc as the process's allocator, libtorch's included.
 
 pub mod adapter_cache;
+pub mod allocator;
 pub mod chat_template;
 pub mod dequant;
 pub mod dequant_k;
