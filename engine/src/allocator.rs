@@ -12,8 +12,9 @@
 //! unprefixed, its `malloc`, `free`, `posix_memalign`, ... are the executable's, which come first
 //! in the dynamic linker's lookup, so libtorch's and libstdc++'s calls bind to them too
 //! ([`serves_libtorch`] checks that). It keeps freed pages in size-classed runs for reuse, and the
-//! same trainer peaks at ~0.93 GB at the same speed. It is not the default because single-stream
-//! decode measured 10-15% slower under it on the 2-core EPYC machines (not yet understood).
+//! same trainer peaks at ~0.93 GB at the same speed. It is not the default yet: single-stream decode
+//! measured slower under it in most runs on the 2-core EPYC machines (median of four single runs
+//! 68 against 77 tokens/s, ranges 63-83 and 64-86 overlapping); a quiet machine has to settle it.
 
 #[cfg(all(feature = "jemalloc", target_os = "linux"))]
 #[global_allocator]
