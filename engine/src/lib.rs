@@ -6,7 +6,7 @@
 //! * [`model`], [`kv_cache`]: the tensor-parallel Llama decoder and its cache.
 //! * [`lora`], [`adapter_cache`]: PEFT adapters, applied per batch row without merging.
 //! * [`sampling`], [`sequence`], [`scheduler`], [`engine`]: continuous batching and streaming.
-//! * [`allocator`]: jemalloc as the process's allocator, libtorch's included.
+//! * [`allocator`]: freed memory handed back after a job; opt-in jemalloc for the whole process.
 
 pub mod adapter_cache;
 pub mod allocator;
