@@ -77,17 +77,24 @@ fn main() -> anyhow::Result<()> {
             ..Hyperparameters::default()
         },
     };
-    let mut marks = Vec::new();
-    let start = Instant::now();
-    train(
-        &loaded.model,
-        &loaded.tokenizer,
-        &job,
-        &TrainOptions::default(),
-        |p| {
-            marks.push((start.elapsed().as_secs_f64(), p.step));
-        },
-    )?;
+    // On a thread of its own, as the trainer actor runs a job (so it allocates in the arena such
+    // a thread gets, not the main thread's heap).
+    let marks = std::thread::Builder::new()
+        .name("tessera-bench-trainer".into())
+        .spawn(move || {
+            let mut marks = Vec::new();
+            let start = Instant::now();
+            train(
+                &loaded.model,
+                &loaded.tokenizer,
+                &job,
+                &TrainOptions::default(),
+                |p| marks.push((start.elapsed().as_secs_f64(), p.step)),
+            )
+            .map(|_| marks)
+        })?
+        .join()
+        .expect("the training thread panicked")?;
     // Tokens of steps 2..n-1 over their time (the first warms up, the last saves a checkpoint).
     let tokens_per_step = 4.0 * 256.0;
     assert!(marks.len() >= 3, "the dataset needs at least 3 steps");

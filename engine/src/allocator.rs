@@ -3,18 +3,20 @@
 //! libtorch allocates every CPU tensor with `posix_memalign` and frees it as soon as the tensor
 //! goes. Under glibc's malloc (the default build) a training step's churn of megabyte tensors
 //! stays in the process: glibc raises its mmap threshold to the largest block freed so far, so
-//! later tensors come from the heap, which fragments (measured: a packed SmolLM2 trainer peaks at
-//! ~1.37 GB, of which ~0.44 GB is such retained memory). Asking glibc to return memory as it goes
-//! (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`) halves training speed, every tensor then
-//! paying its page faults. [`release_free_memory`] returns it once a job has ended.
+//! later tensors come from the heap, which fragments (measured: a packed SmolLM2 trainer's RSS
+//! held ~0.44 GB of freed memory at the end of a backward). Asking glibc to return memory as it
+//! goes (`MALLOC_MMAP_THRESHOLD_` of 1 MiB, `MALLOC_TRIM_THRESHOLD_`) halves training speed, every
+//! tensor then paying its page faults. [`release_free_memory`] returns it at chosen points
+//! instead: the trainer calls it between the phases of a recomputed step and when a job ends.
 //!
 //! With the `jemalloc` feature, jemalloc is the allocator of the whole process: linked
 //! unprefixed, its `malloc`, `free`, `posix_memalign`, ... are the executable's, which come first
 //! in the dynamic linker's lookup, so libtorch's and libstdc++'s calls bind to them too
-//! ([`serves_libtorch`] checks that). It keeps freed pages in size-classed runs for reuse, and the
-//! same trainer peaks at ~0.93 GB at the same speed. It is not the default yet: single-stream decode
-//! measured slower under it in most runs on the 2-core EPYC machines (median of four single runs
-//! 68 against 77 tokens/s, ranges 63-83 and 64-86 overlapping); a quiet machine has to settle it.
+//! ([`serves_libtorch`] checks that). It keeps freed pages in size-classed runs for reuse, and a
+//! packed trainer peaked at ~0.93 GB at the same speed. It is not the default: serving under it
+//! peaked at 2030-2149 MiB against 1369-1370 under glibc (bench_engine, packed SmolLM2, 1 and 32
+//! streams, six alternating runs each), and single-stream decode measured a median 72 against 80
+//! tokens/s (ranges 60-83 and 61-84).
 
 #[cfg(all(feature = "jemalloc", target_os = "linux"))]
 #[global_allocator]

@@ -705,6 +705,36 @@ pub fn blocks_matmul(
     out
 }
 
+/// `g · w` for `g` `[m, rows]` float32 contiguous on the CPU and the same quantised weight as
+/// [`blocks_matmul`]'s (`rows × cols`, its rows written by `dequantize`): the gradient of
+/// `x · wᵀ` with respect to `x`, block by block (`Σ g[:, block] · w[block]`), with no float copy
+/// of the whole weight. `[m, cols]` float32.
+pub fn blocks_matmul_back(
+    g: &Tensor,
+    rows: i64,
+    cols: i64,
+    dequantize: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> Tensor {
+    let block = ((512 * 1024 / cols).max(16) / 16 * 16).min(rows);
+    let m = g.size()[0];
+    let mut out = Tensor::zeros([m, cols], (Kind::Float, Device::Cpu));
+    let buf = Tensor::empty([block, cols], (Kind::Float, Device::Cpu));
+    let ucols = cols as usize;
+    let base = OutPtr(buf.data_ptr() as *mut f32);
+    for from in (0..rows).step_by(block as usize) {
+        let n = block.min(rows - from);
+        split_rows(n as usize, 1, |first, k| {
+            // SAFETY: as in `blocks_matmul`: each share writes its own rows of `buf`, which no
+            // tensor op reads meanwhile.
+            let rows_out =
+                unsafe { std::slice::from_raw_parts_mut(base.at(first * ucols), k * ucols) };
+            dequantize(from as usize + first, k, rows_out);
+        });
+        let _ = out.addmm_(&g.narrow(1, from, n), &buf.narrow(0, 0, n));
+    }
+    out
+}
+
 /// A 4-bit weight's rows as float32 (`q` and `sm` as in [`int4_matmul_into`], `out` their `2·q.len()`
 /// values): `q·scale + min`, what `Int4Weight::dequantize` gives.
 pub fn dequantize_int4_into(q: &[u8], sm: &[f32], out: &mut [f32]) {

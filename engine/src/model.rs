@@ -422,6 +422,34 @@ impl Table {
     }
 }
 
+/// A frozen `lm_head` ([`Llama::frozen_head`]) as training's head uses it: logits without
+/// autograd, and their gradient taken back to the head's input by hand, so a packed base's Q8_0
+/// table is read a block of rows at a time both ways (its float copy was 113 MiB for SmolLM2, the
+/// largest tensor of a packed trainer's peak).
+pub enum FrozenHead {
+    Dense(Tensor),
+    Q8(Q8Weight),
+}
+
+impl FrozenHead {
+    /// `x · lm_headᵀ` (`x` `[m, hidden]`, not recorded by autograd): `[m, vocab]` float32.
+    pub fn logits(&self, x: &Tensor) -> Tensor {
+        tch::no_grad(|| match self {
+            FrozenHead::Dense(w) => x.linear::<Tensor>(w, None).to_kind(Kind::Float),
+            FrozenHead::Q8(t) => t.matmul_t_blocks(x),
+        })
+    }
+
+    /// `g · lm_head`: the gradient of [`FrozenHead::logits`] with respect to `x`, given theirs
+    /// (`g` `[m, vocab]`); `[m, hidden]` in `kind` (the input's dtype).
+    pub fn input_grad(&self, g: &Tensor, kind: Kind) -> Tensor {
+        tch::no_grad(|| match self {
+            FrozenHead::Dense(w) => g.to_kind(w.kind()).matmul(w).to_kind(kind),
+            FrozenHead::Q8(t) => t.matmul_blocks(g).to_kind(kind),
+        })
+    }
+}
+
 /// A Llama-family causal language model, possibly split over several devices.
 pub struct Llama {
     config: LlamaConfig,
@@ -894,18 +922,18 @@ impl Llama {
         self.lm_head.project(&self.norm.forward(x))
     }
 
-    /// `lm_head` as a float matrix `[vocab, hidden]` in the model's dtype: itself when it is one,
-    /// else its Q8_0 table dequantised (for training, which reads it once per micro-batch).
-    pub fn lm_head_dense(&self) -> Tensor {
+    /// `lm_head`, frozen, for training's head: the float matrix, or the Q8_0 table of a packed
+    /// base, which is then read by blocks and never held whole in float.
+    pub fn frozen_head(&self) -> FrozenHead {
         match &self.lm_head {
-            Table::Dense(t) => t.shallow_clone(),
-            Table::Q8(t) => t.dequantize(self.kind),
+            Table::Dense(t) => FrozenHead::Dense(t.shallow_clone()),
+            Table::Q8(t) => FrozenHead::Q8(t.shallow_clone()),
         }
     }
 
-    /// [`Llama::head`] with `lm_head` given as `w` (from [`Llama::lm_head_dense`]).
-    pub fn head_with(&self, x: &Tensor, w: &Tensor) -> Tensor {
-        self.norm.forward(x).linear::<Tensor>(w, None)
+    /// The final norm ahead of `lm_head` (under autograd when `x` requires grad).
+    pub fn final_norm(&self, x: &Tensor) -> Tensor {
+        self.norm.forward(x)
     }
 
     /// Whether the embedding is held as a Q8_0 table (packed models).

@@ -158,6 +158,49 @@ impl Q8Weight {
         y.reshape(shape.as_slice())
     }
 
+    /// `x · tableᵀ` in float32 by blocks of dequantised rows, never the whole table at once, and
+    /// without autograd (training's head on a packed base: [`Q8Weight::matmul_blocks`] gives the
+    /// input's gradient). `x` `[m, cols]` → `[m, rows]` float32.
+    pub fn matmul_t_blocks(&self, x: &Tensor) -> Tensor {
+        let x = x.to_kind(Kind::Float).contiguous();
+        if self.q.device() == Device::Cpu {
+            return self.blocks(&x);
+        }
+        let parts: Vec<Tensor> = (0..self.rows())
+            .step_by(BLOCK_ROWS as usize)
+            .map(|from| {
+                let n = BLOCK_ROWS.min(self.rows() - from);
+                x.linear::<Tensor>(&self.block(from, n, Kind::Float), None)
+            })
+            .collect();
+        Tensor::cat(&parts, 1)
+    }
+
+    /// `g · table` in float32 by blocks of dequantised rows: the gradient of `x · tableᵀ` with
+    /// respect to `x`, given the output's gradient `g` `[m, rows]`. `[m, cols]` float32.
+    pub fn matmul_blocks(&self, g: &Tensor) -> Tensor {
+        let g = g.to_kind(Kind::Float).contiguous();
+        if self.q.device() == Device::Cpu {
+            let (rows, cols) = (self.rows(), self.cols());
+            let (ucols, groups) = (cols as usize, cols as usize / GROUP);
+            // SAFETY: a CPU table (checked), contiguous since `from_gguf`.
+            let (qs, ds) = unsafe { self.host() };
+            return int_dot::blocks_matmul_back(&g, rows, cols, |first, n, out| {
+                int_dot::dequantize_int8_into(
+                    &qs[first * ucols..(first + n) * ucols],
+                    &ds[first * groups..(first + n) * groups],
+                    out,
+                )
+            });
+        }
+        let mut out = Tensor::zeros([g.size()[0], self.cols()], (Kind::Float, g.device()));
+        for from in (0..self.rows()).step_by(BLOCK_ROWS as usize) {
+            let n = BLOCK_ROWS.min(self.rows() - from);
+            let _ = out.addmm_(&g.narrow(1, from, n), &self.block(from, n, Kind::Float));
+        }
+        out
+    }
+
     /// Its values and scales, read in place.
     ///
     /// # Safety
@@ -300,6 +343,29 @@ mod tests {
         }
         assert!(Q8Weight::from_gguf(GgmlType::Q4_0, &bytes, rows, cols).is_none());
         assert!(Q8Weight::from_gguf(GgmlType::Q8_0, &bytes[1..], rows, cols).is_none());
+    }
+
+    #[test]
+    fn block_products_are_the_dequantised_tables_both_ways() {
+        // More rows than one block (2 MiB of float32 rows, here 8192 of 64), the last partial.
+        let (rows, cols) = (9001usize, 64usize);
+        let bytes = q8_bytes(rows, cols, 11);
+        let t = Q8Weight::from_gguf(GgmlType::Q8_0, &bytes, rows, cols).unwrap();
+        let dense = t.dequantize(Kind::Float);
+        let x = Tensor::from_slice(&crate::test_rng::Lcg::new(3).units(42 * cols))
+            .reshape([42, cols as i64]);
+        let y = t.matmul_t_blocks(&x);
+        let diff = (&y - x.linear::<Tensor>(&dense, None))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff < 1e-4, "x · tableᵀ off by {diff}");
+        let g = Tensor::from_slice(&crate::test_rng::Lcg::new(4).units(42 * rows))
+            .reshape([42, rows as i64]);
+        let back = t.matmul_blocks(&g);
+        assert_eq!(back.size(), [42, cols as i64]);
+        let diff = (&back - g.matmul(&dense)).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "g · table off by {diff}");
     }
 
     #[test]

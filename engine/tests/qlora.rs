@@ -61,7 +61,7 @@ fn lora_trains_on_the_packed_base_as_on_the_dequantised_one_and_serves_on_both_p
     let path = common::smollm2_path();
     let dir = tempfile::tempdir().unwrap();
 
-    // The same three steps on both bases: the same losses and the same adapter, bit for bit.
+    // The same three steps on both bases: the same losses and adapter, up to rounding (below).
     let dense = load_for_training(&path, Device::Cpu, Some(Kind::Float), false).unwrap();
     let (dense_bytes, dense_packed, projections) = dense.model.weight_bytes();
     assert_eq!(dense_packed, 0);
@@ -95,16 +95,37 @@ fn lora_trains_on_the_packed_base_as_on_the_dequantised_one_and_serves_on_both_p
         &packed.tokenizer,
         &job(dir.path(), "packed", 3, BaseQuantization::Packed),
     );
-    assert_eq!(packed_losses, dense_losses, "the same steps on either base");
+    // The same steps up to rounding: the packed base's projections dequantise to the dequantised
+    // base's values exactly, but its Q8_0 head is read by blocks of rows (never whole in float),
+    // so the head's gradient sums in another order. The first step's loss is the same bit for bit.
+    assert_eq!(packed_losses[0], dense_losses[0], "the first loss");
+    for (p, d) in packed_losses.iter().zip(&dense_losses) {
+        assert!(
+            (p - d).abs() <= 1e-5 * d.abs(),
+            "the same steps on either base: {packed_losses:?} against {dense_losses:?}"
+        );
+    }
+    // AdamW moves a weight by about the learning rate a step whatever its gradient's size, so a
+    // gradient near zero that rounds the other way can move it the other way: at most
+    // 2 · lr · steps apart, and on average far less.
+    let lr = common::memorising(3).learning_rate;
     let (a, b) = (
         adapter_tensors(&dir.path().join("dense")),
         adapter_tensors(&dir.path().join("packed")),
     );
     assert_eq!(a.len(), b.len());
+    let (mut total, mut count) = (0.0, 0i64);
     for ((ka, ta), (kb, tb)) in a.iter().zip(&b) {
         assert_eq!(ka, kb);
-        assert!(ta.equal(tb), "{ka} differs");
+        let diff = (ta - tb).abs();
+        let max = diff.max().double_value(&[]);
+        assert!(max <= 2.0 * lr * 3.0, "{ka} differs by {max}");
+        total += diff.sum(Kind::Double).double_value(&[]);
+        count += diff.numel() as i64;
     }
+    let mean = total / count as f64;
+    eprintln!("adapters on either base: mean |difference| {mean:.3e} (learning rate {lr})");
+    assert!(mean <= 1e-4 * lr, "mean difference {mean}");
 
     // Memorise the answer on the packed base; the frozen base is untouched.
     let out = dir.path().join("memorised");
