@@ -674,19 +674,47 @@ unsafe fn int8_weight_rows_avx2(
 }
 
 /// `x · wᵀ` for `x` `[m, cols]` float32 contiguous on the CPU and a quantised weight of `rows ×
-/// cols`, by blocks: `dequantize(first, n, buf)` writes weight rows `first .. first + n` as
-/// float32 into `buf` (`n × cols`); each block is multiplied by BLAS while it is still in cache.
-/// `[m, rows]` float32.
+/// cols`, by blocks ([`for_each_block`]): each block is multiplied by BLAS while it is still in
+/// cache. `[m, rows]` float32.
 pub fn blocks_matmul(
     x: &Tensor,
     rows: i64,
     cols: i64,
     dequantize: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) -> Tensor {
-    // About 2 MiB of float32 a block, in whole groups of 16 rows.
+    let out = Tensor::empty([x.size()[0], rows], (Kind::Float, Device::Cpu));
+    for_each_block(rows, cols, dequantize, |from, w| {
+        out.narrow(1, from, w.size()[0]).copy_(&x.matmul(&w.tr()));
+    });
+    out
+}
+
+/// `g · w` for `g` `[m, rows]` float32 contiguous on the CPU and the same quantised weight as
+/// [`blocks_matmul`]'s: the gradient of `x · wᵀ` with respect to `x`, block by block
+/// (`Σ g[:, block] · w[block]`), with no float copy of the whole weight. `[m, cols]` float32.
+pub fn blocks_matmul_back(
+    g: &Tensor,
+    rows: i64,
+    cols: i64,
+    dequantize: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> Tensor {
+    let mut out = Tensor::zeros([g.size()[0], cols], (Kind::Float, Device::Cpu));
+    for_each_block(rows, cols, dequantize, |from, w| {
+        let _ = out.addmm_(&g.narrow(1, from, w.size()[0]), w);
+    });
+    out
+}
+
+/// Calls `f(first_row, block)` for consecutive blocks of a quantised weight's `rows × cols`,
+/// about 2 MiB of float32 each (whole groups of 16 rows): `dequantize(first, n, buf)` writes
+/// weight rows `first .. first + n` as float32 into one reused buffer, split over the threads.
+fn for_each_block(
+    rows: i64,
+    cols: i64,
+    dequantize: impl Fn(usize, usize, &mut [f32]) + Sync,
+    mut f: impl FnMut(i64, &Tensor),
+) {
     let block = ((512 * 1024 / cols).max(16) / 16 * 16).min(rows);
-    let m = x.size()[0];
-    let out = Tensor::empty([m, rows], (Kind::Float, Device::Cpu));
     let buf = Tensor::empty([block, cols], (Kind::Float, Device::Cpu));
     let ucols = cols as usize;
     let base = OutPtr(buf.data_ptr() as *mut f32);
@@ -699,40 +727,8 @@ pub fn blocks_matmul(
                 unsafe { std::slice::from_raw_parts_mut(base.at(first * ucols), k * ucols) };
             dequantize(from as usize + first, k, rows_out);
         });
-        let y = x.matmul(&buf.narrow(0, 0, n).tr());
-        out.narrow(1, from, n).copy_(&y);
+        f(from, &buf.narrow(0, 0, n));
     }
-    out
-}
-
-/// `g · w` for `g` `[m, rows]` float32 contiguous on the CPU and the same quantised weight as
-/// [`blocks_matmul`]'s (`rows × cols`, its rows written by `dequantize`): the gradient of
-/// `x · wᵀ` with respect to `x`, block by block (`Σ g[:, block] · w[block]`), with no float copy
-/// of the whole weight. `[m, cols]` float32.
-pub fn blocks_matmul_back(
-    g: &Tensor,
-    rows: i64,
-    cols: i64,
-    dequantize: impl Fn(usize, usize, &mut [f32]) + Sync,
-) -> Tensor {
-    let block = ((512 * 1024 / cols).max(16) / 16 * 16).min(rows);
-    let m = g.size()[0];
-    let mut out = Tensor::zeros([m, cols], (Kind::Float, Device::Cpu));
-    let buf = Tensor::empty([block, cols], (Kind::Float, Device::Cpu));
-    let ucols = cols as usize;
-    let base = OutPtr(buf.data_ptr() as *mut f32);
-    for from in (0..rows).step_by(block as usize) {
-        let n = block.min(rows - from);
-        split_rows(n as usize, 1, |first, k| {
-            // SAFETY: as in `blocks_matmul`: each share writes its own rows of `buf`, which no
-            // tensor op reads meanwhile.
-            let rows_out =
-                unsafe { std::slice::from_raw_parts_mut(base.at(first * ucols), k * ucols) };
-            dequantize(from as usize + first, k, rows_out);
-        });
-        let _ = out.addmm_(&g.narrow(1, from, n), &buf.narrow(0, 0, n));
-    }
-    out
 }
 
 /// A 4-bit weight's rows as float32 (`q` and `sm` as in [`int4_matmul_into`], `out` their `2·q.len()`

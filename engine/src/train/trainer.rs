@@ -428,10 +428,10 @@ fn micro_step(
 /// at the start of a micro-batch, before the head, and every this many layers of the backward.
 /// Under glibc, a step's freed tensors otherwise stay resident as heap fragments and the
 /// backward's working set piles up on them: a packed SmolLM2 trainer (seq 256, batch 4, 2
-/// threads) peaked at 1127-1178 MiB without these calls and 957 MiB with them (single runs; 55
-/// against 64 tokens/s, within this machine's noise; each call costs the page faults of memory
-/// reused after it, and a call every layer cost ~20%). Not on the path without recompute, whose
-/// gigabytes of saved activations would be faulted in again each step.
+/// threads) peaked at 1127-1178 MiB without these calls and 907-957 MiB with them, ~10% slower
+/// (each call costs the page faults of memory reused after it; a call every layer cost ~20%).
+/// Not on the path without recompute, whose gigabytes of saved activations would be faulted in
+/// again each step.
 const TRIM_EVERY_LAYERS: usize = 8;
 
 /// Logits per chunk of the head's loss: 2 Mi float32 values (8 MiB; SmolLM2's vocabulary makes
