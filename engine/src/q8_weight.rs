@@ -2,8 +2,9 @@
 //! to) or a projection, as int8 values with one float32 scale per 32 (GGUF's Q8_0, `w = d·q`), a
 //! quarter of float32's bytes. A lookup dequantises only the rows it reads. The matmul reads the
 //! int8 rows with the integer kernel (`crate::int_dot`) for decode-sized batches, and dequantises
-//! blocks of rows for BLAS otherwise (the whole matrix at once when autograd needs the graph:
-//! training's head, one chunk of positions at a time).
+//! blocks of rows for BLAS otherwise (the whole matrix at once when autograd needs the graph).
+//! Training's head takes its logits and their gradient by blocks without autograd
+//! ([`Q8Weight::matmul_t_blocks`], [`Q8Weight::matmul_blocks`]).
 
 use half::f16;
 use tch::{Device, Kind, Tensor};
