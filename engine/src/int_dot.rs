@@ -674,8 +674,8 @@ unsafe fn int8_weight_rows_avx2(
 }
 
 /// `x · wᵀ` for `x` `[m, cols]` float32 contiguous on the CPU and a quantised weight of `rows ×
-/// cols`, by blocks of about 2 MiB of dequantised rows: each block is multiplied by BLAS while it is still in
-/// cache. `[m, rows]` float32.
+/// cols`, by blocks of about 2 MiB of dequantised rows: each block is multiplied by BLAS while it
+/// is still in cache. `[m, rows]` float32.
 pub fn blocks_matmul(
     x: &Tensor,
     rows: i64,
