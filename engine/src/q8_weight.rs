@@ -145,14 +145,7 @@ impl Q8Weight {
             // own matmul, bit for bit (a sum over blocks would round differently).
             flat.linear::<Tensor>(&self.dequantize(x.kind()), None)
         } else {
-            let parts: Vec<Tensor> = (0..self.rows())
-                .step_by(BLOCK_ROWS as usize)
-                .map(|from| {
-                    let n = BLOCK_ROWS.min(self.rows() - from);
-                    flat.linear::<Tensor>(&self.block(from, n, x.kind()), None)
-                })
-                .collect();
-            Tensor::cat(&parts, 1)
+            self.device_blocks(&flat, x.kind())
         };
         let mut shape = size;
         *shape.last_mut().expect("a dimension") = self.rows();
@@ -165,16 +158,10 @@ impl Q8Weight {
     pub fn matmul_t_blocks(&self, x: &Tensor) -> Tensor {
         let x = x.to_kind(Kind::Float).contiguous();
         if self.q.device() == Device::Cpu {
-            return self.blocks(&x);
+            self.blocks(&x)
+        } else {
+            self.device_blocks(&x, Kind::Float)
         }
-        let parts: Vec<Tensor> = (0..self.rows())
-            .step_by(BLOCK_ROWS as usize)
-            .map(|from| {
-                let n = BLOCK_ROWS.min(self.rows() - from);
-                x.linear::<Tensor>(&self.block(from, n, Kind::Float), None)
-            })
-            .collect();
-        Tensor::cat(&parts, 1)
     }
 
     /// `g · table` in float32 by blocks of dequantised rows: the gradient of `x · tableᵀ` with
@@ -182,17 +169,9 @@ impl Q8Weight {
     pub fn matmul_blocks(&self, g: &Tensor) -> Tensor {
         let g = g.to_kind(Kind::Float).contiguous();
         if self.q.device() == Device::Cpu {
-            let (rows, cols) = (self.rows(), self.cols());
-            let (ucols, groups) = (cols as usize, cols as usize / GROUP);
-            // SAFETY: a CPU table (checked), contiguous since `from_gguf`.
-            let (qs, ds) = unsafe { self.host() };
-            return int_dot::blocks_matmul_back(&g, rows, cols, |first, n, out| {
-                int_dot::dequantize_int8_into(
-                    &qs[first * ucols..(first + n) * ucols],
-                    &ds[first * groups..(first + n) * groups],
-                    out,
-                )
-            });
+            // SAFETY: a CPU table (checked).
+            let rows = unsafe { self.row_writer() };
+            return int_dot::blocks_matmul_back(&g, self.rows(), self.cols(), rows);
         }
         let mut out = Tensor::zeros([g.size()[0], self.cols()], (Kind::Float, g.device()));
         for from in (0..self.rows()).step_by(BLOCK_ROWS as usize) {
@@ -200,6 +179,19 @@ impl Q8Weight {
             let _ = out.addmm_(&g.narrow(1, from, n), &self.block(from, n, Kind::Float));
         }
         out
+    }
+
+    /// `x · tableᵀ` off the CPU, `BLOCK_ROWS` rows of the table dequantised to `kind` at a time:
+    /// `x` `[m, cols]` → `[m, rows]`.
+    fn device_blocks(&self, x: &Tensor, kind: Kind) -> Tensor {
+        let parts: Vec<Tensor> = (0..self.rows())
+            .step_by(BLOCK_ROWS as usize)
+            .map(|from| {
+                let n = BLOCK_ROWS.min(self.rows() - from);
+                x.linear::<Tensor>(&self.block(from, n, kind), None)
+            })
+            .collect();
+        Tensor::cat(&parts, 1)
     }
 
     /// Its values and scales, read in place.
@@ -216,17 +208,28 @@ impl Q8Weight {
     /// Blocks of rows dequantised into one cache-sized float32 buffer, each multiplied by BLAS:
     /// `x` `[m, cols]` float32 contiguous on the CPU → `[m, rows]` float32.
     fn blocks(&self, x: &Tensor) -> Tensor {
-        let (rows, cols) = (self.rows(), self.cols());
-        let (ucols, groups) = (cols as usize, cols as usize / GROUP);
-        // SAFETY: a CPU table (the caller checked), contiguous since `from_gguf`.
+        // SAFETY: a CPU table (the caller checked).
+        let rows = unsafe { self.row_writer() };
+        int_dot::blocks_matmul(x, self.rows(), self.cols(), rows)
+    }
+
+    /// `(first, n, out)` ↦ rows `first .. first + n` dequantised into `out` as float32: the
+    /// `dequantize` of `int_dot`'s block products.
+    ///
+    /// # Safety
+    /// The table must be on the CPU, and outlive the closure.
+    unsafe fn row_writer(&self) -> impl Fn(usize, usize, &mut [f32]) + Sync + '_ {
+        let cols = self.cols() as usize;
+        let groups = cols / GROUP;
+        // SAFETY: the caller's (a CPU table); contiguous since `from_gguf`.
         let (qs, ds) = unsafe { self.host() };
-        int_dot::blocks_matmul(x, rows, cols, |first, n, out| {
+        move |first, n, out| {
             int_dot::dequantize_int8_into(
-                &qs[first * ucols..(first + n) * ucols],
+                &qs[first * cols..(first + n) * cols],
                 &ds[first * groups..(first + n) * groups],
                 out,
             )
-        })
+        }
     }
 
     /// The integer kernel on 16-bit activations: `x` `[m, cols]` float32 contiguous on the CPU →
