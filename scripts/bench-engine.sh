@@ -57,6 +57,7 @@ print(f"{'measure':38} {'tessera':>10} {'transformers':>13} {'ratio':>7}  target
 n = t["streams"]
 rows = [("single-stream decode tok/s", "single_stream_decode_tok_s", True,
          ">= 1.0 (GPU)" if gpu else ">= 1.2"),
+        ("single stream with an adapter tok/s", "single_stream_adapter_decode_tok_s", True, ""),
         (f"{n} streams tok/s", "batch32_tok_s", True, ">= 1.5 (GPU)" if gpu else ">= 3.0"),
         (f"{n} streams, 8 adapters tok/s", "batch32_8_adapters_tok_s", True, ""),
         ("load a new r=16 adapter ms", "adapter_load_ms", False, "<= 50 ms"),
@@ -69,4 +70,6 @@ print(f"{'single stream / roofline':38} {t['roofline_fraction']:10.2f} "
       f"{r['roofline_fraction']:13.2f} {'':7}  >= 0.8")
 mixed = t["batch32_8_adapters_tok_s"] / t["batch32_tok_s"]
 print(f"{'8 adapters / base-only (tessera)':38} {mixed:10.2f} {'':13} {'':7}  >= 0.8")
+alone = t["single_stream_adapter_decode_tok_s"] / t["single_stream_decode_tok_s"]
+print(f"{'one adapter / base-only, 1 stream':38} {alone:10.2f} {'':13} {'':7}  >= 0.8")
 PY

@@ -83,6 +83,7 @@ print(f"threads {d['threads']}, median of {d['runs']} runs, prompt {d['prompt_to
 mib = lambda b: b / 2**20
 rows = [
     ("single-stream decode tok/s", "single_stream_decode_tok_s", ">= 2.0 (and >= 1.0x llama.cpp)"),
+    ("single stream with an adapter tok/s", "single_stream_adapter_decode_tok_s", ""),
     (f"{d['streams']} streams tok/s", "batch32_tok_s", ">= 1.0"),
     (f"{d['streams']} streams, 8 adapters tok/s", "batch32_8_adapters_tok_s", ""),
 ]

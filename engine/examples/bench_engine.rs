@@ -1,7 +1,8 @@
 //! Engine throughput on a real model, printed as JSON for `scripts/bench-engine.sh`:
-//! single-stream decode tokens/s (and its fraction of the batch-1 bandwidth roofline), N concurrent
-//! streams, N streams over 8 adapters, adapter load. Every measured shape is warmed up first; each
-//! figure is the median of `--runs` runs, each after a printed load-average check.
+//! single-stream decode tokens/s (and its fraction of the batch-1 bandwidth roofline), the same with
+//! an adapter, N concurrent streams, N streams over 8 adapters, adapter load. Every measured shape
+//! is warmed up first; each figure is the median of `--runs` runs, each after a printed
+//! load-average check.
 //!
 //! `cargo run --release -p tessera-engine --example bench_engine -- MODEL ADAPTER_DIR
 //!     [--device cpu|cuda:0] [--dtype float32|bfloat16|float16] [--threads N] [--runs 3]
@@ -212,10 +213,14 @@ fn main() -> anyhow::Result<()> {
     };
     eprintln!("bench: warm-up (1 stream, {streams} streams, {streams} streams over adapters)");
     run(1, new_tokens, false)?;
+    run(1, 8, true)?;
     run(streams, 8, false)?;
     run(streams, 8, true)?; // also loads the adapters once, like a warm server
     let single = measure("tessera single stream", &|| {
         run(1, new_tokens, false).map(|r| r.1)
+    })?;
+    let single_adapter = measure("tessera single stream, adapter", &|| {
+        run(1, new_tokens, true).map(|r| r.1)
     })?;
     let batch = measure(&format!("tessera {streams} streams"), &|| {
         run(streams, new_tokens, false).map(|r| r.0)
@@ -254,6 +259,7 @@ fn main() -> anyhow::Result<()> {
             "roofline_tok_s": roofline,
             "single_stream_decode_tok_s": single,
             "roofline_fraction": single / roofline,
+            "single_stream_adapter_decode_tok_s": single_adapter,
             "batch32_tok_s": batch,
             "batch32_8_adapters_tok_s": mixed,
             "adapter_load_ms": median(loads),

@@ -8,6 +8,8 @@
 //!   `[rows, R]` mask per distinct column layout, built once per step and shared by every layer.
 //!   Each LoRA projection is then two GEMMs for the whole step, `((x·Aᵀ) ⊙ mask)·Bᵀ`, whatever mix
 //!   of adapters (and rows with none) it holds; projections no row's adapter targets are skipped.
+//!   An inference batch also keeps each row's rank columns as index ranges, for the fused decode
+//!   step, which applies LoRA row by row on flat buffers (`model/fused_decode.rs`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,7 +29,13 @@ pub struct LoraSlice {
     mask: Option<Tensor>,
     /// Dropout on the LoRA input and its seed (training only).
     dropout: Option<(f64, u64)>,
+    /// What `mask` says, as each row's rank columns (inference batches only).
+    columns: Option<RowColumns>,
 }
+
+/// Per row of a step, the rank columns `(offset, rank)` of its adapter in a stacked slice, or
+/// `None` where the row's adapter does not target the projection (or the row has none).
+pub type RowColumns = Arc<[Option<(usize, usize)>]>;
 
 impl LoraSlice {
     /// `scale · (x·Aᵀ)·Bᵀ` per row, for `x` of shape `[rows, in]` (or `[rows, t, in]`).
@@ -55,6 +63,29 @@ impl LoraSlice {
             out.to_kind(x.kind())
         }
     }
+
+    /// A, B × scale and each row's rank columns, for computing an inference batch row by row
+    /// (`None` for a training batch).
+    pub fn by_rows(&self) -> Option<RowWise<'_>> {
+        match (&self.columns, self.dropout) {
+            (Some(columns), None) => Some(RowWise {
+                a: &self.a,
+                b: &self.b,
+                columns,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// One projection's LoRA of an inference batch, row by row.
+pub struct RowWise<'a> {
+    /// `[R, in]`, contiguous.
+    pub a: &'a Tensor,
+    /// `[out, R]` (B × scale), contiguous.
+    pub b: &'a Tensor,
+    /// Each row's rank columns.
+    pub columns: &'a [Option<(usize, usize)>],
 }
 
 /// The column layout of one stacked slice: `(adapter index in the bank, rank)` in order.
@@ -147,6 +178,7 @@ impl LoraBank {
         let first = rows.iter().find_map(|r| *r)?;
         let uniform = rows.iter().all(|r| *r == Some(first));
         let mut masks: HashMap<(*const Layout, usize), Tensor> = HashMap::new();
+        let mut columns: HashMap<*const Layout, RowColumns> = HashMap::new();
         let slices = self
             .slices
             .iter()
@@ -157,13 +189,19 @@ impl LoraBank {
                 if !slice.layout.iter().any(|(a, _)| rows.contains(&Some(*a))) {
                     return None;
                 }
+                let layout = Arc::as_ptr(&slice.layout);
+                let cols = columns
+                    .entry(layout)
+                    .or_insert_with(|| row_columns(&slice.layout, rows))
+                    .clone();
                 let mask = if uniform && slice.layout.len() == 1 {
                     None
                 } else {
+                    let total = slice.a.size()[0] as usize;
                     Some(
                         masks
-                            .entry((Arc::as_ptr(&slice.layout), s))
-                            .or_insert_with(|| row_mask(&slice.layout, rows, devices[s], kind))
+                            .entry((layout, s))
+                            .or_insert_with(|| row_mask(&cols, total, devices[s], kind))
                             .shallow_clone(),
                     )
                 };
@@ -172,6 +210,7 @@ impl LoraBank {
                     b: slice.b.shallow_clone(),
                     mask,
                     dropout: None,
+                    columns: Some(cols),
                 })
             })
             .collect();
@@ -224,6 +263,7 @@ impl LoraBatch {
                         dropout,
                         seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
                     )),
+                    columns: None,
                 })
             })
             .collect();
@@ -244,6 +284,11 @@ impl LoraBatch {
                         .as_ref()
                         .map(|m| m.repeat_interleave_self_int(t, Some(0), None)),
                     dropout: s.dropout,
+                    columns: s.columns.as_ref().map(|c| {
+                        c.iter()
+                            .flat_map(|r| std::iter::repeat_n(*r, t as usize))
+                            .collect()
+                    }),
                 })
             })
             .collect();
@@ -256,24 +301,52 @@ impl LoraBatch {
     pub fn get(&self, layer: usize, proj: Proj, shard: usize) -> Option<&LoraSlice> {
         self.slices[(layer * 7 + proj.index()) * self.shards + shard].as_ref()
     }
+
+    /// Whether every slice can be computed row by row on float32 CPU buffers
+    /// ([`LoraSlice::by_rows`]): an inference batch on one CPU device in float32.
+    pub fn by_rows_on_cpu(&self) -> bool {
+        self.shards == 1
+            && self.slices.iter().flatten().all(|s| {
+                s.by_rows().is_some()
+                    && [&s.a, &s.b].iter().all(|t| {
+                        t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous()
+                    })
+            })
+    }
 }
 
-/// `[rows, R]` with ones where the rank column belongs to the row's adapter.
-fn row_mask(layout: &[(usize, i64)], rows: &[Option<usize>], device: Device, kind: Kind) -> Tensor {
-    let total: i64 = layout.iter().map(|(_, r)| r).sum();
-    let mut data = vec![0f32; rows.len() * total as usize];
-    for (row, adapter) in rows.iter().enumerate() {
-        let mut offset = 0i64;
-        for &(i, r) in layout {
-            if *adapter == Some(i) {
-                let start = row * total as usize + offset as usize;
-                data[start..start + r as usize].fill(1.0);
+/// Each row's rank columns in a slice stacked as `layout`.
+fn row_columns(layout: &[(usize, i64)], rows: &[Option<usize>]) -> RowColumns {
+    rows.iter()
+        .map(|adapter| {
+            let mut offset = 0;
+            for &(i, r) in layout {
+                if *adapter == Some(i) {
+                    return Some((offset, r as usize));
+                }
+                offset += r as usize;
             }
-            offset += r;
+            None
+        })
+        .collect()
+}
+
+/// `[rows, total]` with ones in each row's rank columns.
+fn row_mask(
+    columns: &[Option<(usize, usize)>],
+    total: usize,
+    device: Device,
+    kind: Kind,
+) -> Tensor {
+    let mut data = vec![0f32; columns.len() * total];
+    for (row, cols) in columns.iter().enumerate() {
+        if let Some((offset, r)) = *cols {
+            let start = row * total + offset;
+            data[start..start + r].fill(1.0);
         }
     }
     Tensor::from_slice(&data)
-        .view([rows.len() as i64, total])
+        .view([columns.len() as i64, total as i64])
         .to_kind(kind)
         .to_device(device)
 }
@@ -284,12 +357,9 @@ mod tests {
 
     #[test]
     fn mask_selects_each_rows_slice() {
-        let m = row_mask(
-            &[(0, 2), (1, 3)],
-            &[Some(1), None, Some(0)],
-            Device::Cpu,
-            Kind::Float,
-        );
+        let columns = row_columns(&[(0, 2), (1, 3)], &[Some(1), None, Some(0)]);
+        assert_eq!(&columns[..], &[Some((2, 3)), None, Some((0, 2))]);
+        let m = row_mask(&columns, 5, Device::Cpu, Kind::Float);
         let v: Vec<f32> = Vec::try_from(m.reshape([-1])).unwrap();
         assert_eq!(
             v,

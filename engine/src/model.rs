@@ -467,6 +467,8 @@ pub struct Llama {
     fused_supported: bool,
     /// Whether they do (on where supported; [`Llama::set_fused_decode`]).
     fused_decode: AtomicBool,
+    /// Steps taken the fused way so far.
+    fused_steps: AtomicU64,
 }
 
 impl Llama {
@@ -661,6 +663,7 @@ impl Llama {
             attention_ns: AtomicU64::new(0),
             fused_supported: fused,
             fused_decode: AtomicBool::new(fused),
+            fused_steps: AtomicU64::new(0),
         })
     }
 
@@ -670,6 +673,11 @@ impl Llama {
         let on = on && self.fused_supported;
         self.fused_decode.store(on, Ordering::Relaxed);
         on
+    }
+
+    /// Steps taken the fused way (`model/fused_decode.rs`) so far.
+    pub fn fused_steps(&self) -> u64 {
+        self.fused_steps.load(Ordering::Relaxed)
     }
 
     /// Time spent in attention (KV writes, SDPA, output gather) by packed steps so far.
@@ -758,8 +766,9 @@ impl Llama {
         lora: Option<&LoraBatch>,
     ) -> Tensor {
         cache.ensure(step.slots_needed(), step.max_keys());
-        if self.fuses(step, lora.is_some()) {
-            return self.fused_decode_step(step, cache);
+        if self.fuses(step, lora) {
+            self.fused_steps.fetch_add(1, Ordering::Relaxed);
+            return self.fused_decode_step(step, cache, lora);
         }
         let tables = self.step_tables(step);
         let tokens = Tensor::from_slice(&step.tokens);

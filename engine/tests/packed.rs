@@ -5,13 +5,18 @@
 //! and with bfloat16 ones (its fast mode on most CPUs, on the whole text), and with Tessera's own
 //! integer kernel on 16-bit activations (decode: one token a step, so the kernel runs) and its
 //! dequantised blocks (the windows); the reference prompts' top-1 tokens are those of
-//! transformers.
+//! transformers, and with the reference's PEFT adapter, decoded a token a step, those of
+//! transformers + PEFT.
 
 mod common;
+
+use std::sync::Arc;
 
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 use tessera_engine::gguf::GgufFile;
+use tessera_engine::lora::LoraAdapter;
+use tessera_engine::lora_bank::LoraBatch;
 use tessera_engine::model::{Llama, Logits};
 use tessera_engine::model_config::LlamaConfig;
 use tessera_engine::packed::Int4Mode;
@@ -237,6 +242,58 @@ fn packed_q4_weights_predict_like_the_dequantised_model() {
                 "{mode:?}: prompt {:?}",
                 case["prompt"]
             );
+        }
+    }
+}
+
+/// The shared reference's PEFT adapter on the packed model, decoding one token a step (fused
+/// decode steps with the adapter's rows): at the end of each of its prompts, the same next token
+/// as transformers + PEFT on the dequantised model.
+#[test]
+fn packed_decode_with_a_peft_adapter_predicts_like_peft() {
+    let (packed, _) = load(Int4Mode::IntDot);
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(common::reference_dir().join("expected.json")).unwrap(),
+    )
+    .unwrap();
+    let layers = packed.config().num_hidden_layers;
+    for entry in reference["adapters"].as_array().unwrap() {
+        let dir = common::reference_dir().join(entry["path"].as_str().unwrap());
+        let adapter = Arc::new(
+            LoraAdapter::load(&dir, packed.config())
+                .unwrap()
+                .place(&[Device::Cpu], Kind::Float),
+        );
+        let lora = LoraBatch::new(&[adapter], &[Some(0)], layers, &[Device::Cpu], Kind::Float);
+        for case in entry["cases"].as_array().unwrap() {
+            let ids: Vec<i64> = case["input_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap())
+                .collect();
+            let fused_before = packed.fused_steps();
+            let mut cache = packed.new_cache(1, ids.len() as i64);
+            let mut last = None;
+            for (pos, &id) in ids.iter().enumerate() {
+                last = Some(tch::no_grad(|| {
+                    packed.forward(
+                        &Tensor::from_slice(&[id]).view([1, 1]),
+                        &[pos as i64],
+                        &mut cache,
+                        lora.as_ref(),
+                        Logits::Last,
+                    )
+                }));
+            }
+            assert_eq!(
+                packed.fused_steps() - fused_before,
+                ids.len() as u64,
+                "every step fused"
+            );
+            let top = last.unwrap().view([-1]).argmax(-1, false).int64_value(&[]);
+            let want = case["last_logits_top10"]["ids"][0].as_i64().unwrap();
+            assert_eq!(top, want, "{}: prompt {:?}", entry["name"], case["prompt"]);
         }
     }
 }

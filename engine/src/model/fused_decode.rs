@@ -1,8 +1,9 @@
 //! Decode steps in one pass of plain Rust over a packed model (issue 14). A step of decode rows
-//! only (one token per sequence, up to [`INT_DOT_ROWS`] sequences), on one CPU device in float32
-//! and without LoRA, runs every layer over flat float32 buffers: projections through the integer
-//! kernels ([`crate::packed::Linear::apply_rows`]), RMSNorm, RoPE, SwiGLU and attention as loops here, keys and
-//! values written into and read from the KV pool in place.
+//! only (one token per sequence, up to [`INT_DOT_ROWS`] sequences), on one CPU device in float32,
+//! runs every layer over flat float32 buffers: projections through the integer kernels
+//! ([`crate::packed::Linear::apply_rows`]), each row's LoRA delta (its adapter's rank columns of
+//! the step's [`LoraBatch`]), RMSNorm, RoPE, SwiGLU and attention as loops here, keys and values
+//! written into and read from the KV pool in place.
 //!
 //! Why: the op-by-op path makes about forty torch calls a layer, and on the small CPUs here their
 //! dispatch cost more than the 4-bit matmuls themselves (SmolLM2: ~15 of ~25 ms a token). This
@@ -19,6 +20,8 @@ use tch::{Device, Kind, Tensor};
 use super::{Llama, Table};
 use crate::int_dot::{self, OutPtr};
 use crate::kv_cache::KvCache;
+use crate::lora::Proj;
+use crate::lora_bank::{LoraBatch, LoraSlice};
 use crate::packed::{Int4Mode, INT_DOT_ROWS};
 use crate::step::StepBatch;
 
@@ -32,10 +35,11 @@ pub(super) fn supported(int4: Int4Mode, devices: &[Device], kind: Kind) -> bool 
 
 impl Llama {
     /// Whether `step` takes the fused path: decode rows only, at most [`INT_DOT_ROWS`] of them,
-    /// positions inside the rotary tables, no LoRA, and fused steps on for this model.
-    pub(super) fn fuses(&self, step: &StepBatch, lora: bool) -> bool {
+    /// positions inside the rotary tables, LoRA (if any) computable row by row on the CPU, and
+    /// fused steps on for this model.
+    pub(super) fn fuses(&self, step: &StepBatch, lora: Option<&LoraBatch>) -> bool {
         let m = step.segments.len();
-        !lora
+        lora.is_none_or(LoraBatch::by_rows_on_cpu)
             && self.fused_decode.load(Ordering::Relaxed)
             && m > 0
             && m as i64 <= INT_DOT_ROWS
@@ -46,9 +50,14 @@ impl Llama {
                 .all(|s| s.start >= 0 && (s.start as usize) < self.config.max_position_embeddings)
     }
 
-    /// One decode step the fused way (`step` as [`Llama::fuses`] takes): the logits of its rows,
-    /// `[rows, vocab]` float32.
-    pub(super) fn fused_decode_step(&self, step: &StepBatch, cache: &mut KvCache) -> Tensor {
+    /// One decode step the fused way (`step` and `lora` as [`Llama::fuses`] takes): the logits of
+    /// its rows, `[rows, vocab]` float32.
+    pub(super) fn fused_decode_step(
+        &self,
+        step: &StepBatch,
+        cache: &mut KvCache,
+        lora: Option<&LoraBatch>,
+    ) -> Tensor {
         let c = &self.config;
         let m = step.segments.len();
         let (hidden, inter) = (c.hidden_size, c.intermediate_size);
@@ -83,10 +92,21 @@ impl Llama {
             slot_stride: kv_heads * cache.capacity() as usize * d,
         };
         let mut attention = std::time::Duration::ZERO;
+        // Each projection's LoRA slices in this layer, with where their outputs start.
+        let deltas = |layer: usize, parts: &[(Proj, usize)]| -> Vec<(&LoraSlice, usize)> {
+            lora.map_or_else(Vec::new, |l| {
+                parts
+                    .iter()
+                    .filter_map(|&(p, at)| Some((l.get(layer, p, 0)?, at)))
+                    .collect()
+            })
+        };
         for (layer, block) in self.blocks.iter().enumerate() {
             let shard = &block.shards[0];
             rms_norm(&x, &block.input_norm, &mut h);
             shard.qkv.apply_rows(&h, m, &mut qkv);
+            let qkv_parts = [(Proj::Q, 0), (Proj::K, q_cols), (Proj::V, q_cols + kv_cols)];
+            add_lora(&deltas(layer, &qkv_parts), &h, m, &mut qkv);
             let started = Instant::now();
             for (row, out) in rows.iter().zip(qkv.chunks_exact_mut(qkv_cols)) {
                 let at = row.pos * d;
@@ -133,9 +153,12 @@ impl Llama {
             );
             attention += started.elapsed();
             shard.o.apply_rows(&attn, m, &mut proj);
+            add_lora(&deltas(layer, &[(Proj::O, 0)]), &attn, m, &mut proj);
             add(&mut x, &proj);
             rms_norm(&x, &block.post_norm, &mut h);
             shard.gate_up.apply_rows(&h, m, &mut gate_up);
+            let gate_up_parts = [(Proj::Gate, 0), (Proj::Up, inter)];
+            add_lora(&deltas(layer, &gate_up_parts), &h, m, &mut gate_up);
             for (gu, out) in gate_up
                 .chunks_exact(2 * inter)
                 .zip(act.chunks_exact_mut(inter))
@@ -144,6 +167,7 @@ impl Llama {
                 crate::vec_exp::silu_mul(gate, up, out);
             }
             shard.down.apply_rows(&act, m, &mut proj);
+            add_lora(&deltas(layer, &[(Proj::Down, 0)]), &act, m, &mut proj);
             add(&mut x, &proj);
         }
         self.attention_ns
@@ -252,6 +276,114 @@ fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32]) {
         let (a, b) = (x[i], x[i + half]);
         x[i] = a * cos[i] + b * sin[i];
         x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+/// Adds each row's LoRA delta `scale · (x·Aᵀ)·Bᵀ` of every slice in `slices` to its part of
+/// `out` (`[rows, cols]`; a slice's part starts at the column paired with it): `x·Aᵀ` over the
+/// row's rank columns only, then `·Bᵀ` over them, as the op-by-op path's masked GEMMs compute it
+/// (a masked column adds an exact zero there). Rows split between threads.
+fn add_lora(slices: &[(&LoraSlice, usize)], x: &[f32], rows: usize, out: &mut [f32]) {
+    if slices.is_empty() || rows == 0 {
+        return;
+    }
+    let (inputs, cols) = (x.len() / rows, out.len() / rows);
+    let parts: Vec<Part> = slices
+        .iter()
+        .map(|&(slice, at)| {
+            let rows = slice.by_rows().expect("fused steps take inference batches");
+            // SAFETY: A and B are contiguous float32 CPU tensors (`by_rows_on_cpu`), held by the
+            // step's batch and read only while it runs.
+            let (a, b) = unsafe { (int_dot::floats(rows.a), int_dot::floats(rows.b)) };
+            Part {
+                a,
+                b,
+                total: a.len() / inputs,
+                columns: rows.columns,
+                at,
+            }
+        })
+        .collect();
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    int_dot::split_rows(rows, 1, |first, n| {
+        let mut xa = Vec::new();
+        for row in first..first + n {
+            let x = &x[row * inputs..(row + 1) * inputs];
+            // SAFETY: row `row` of `out` belongs to this share only.
+            let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(row * cols), cols) };
+            for p in &parts {
+                let Some((offset, rank)) = p.columns[row] else {
+                    continue;
+                };
+                xa.resize(rank, 0.0);
+                let a = &p.a[offset * inputs..];
+                row_delta(x, a, p.b, p.total, offset, &mut xa, &mut out[p.at..]);
+            }
+        }
+    });
+}
+
+/// One LoRA slice of [`add_lora`] as flat values.
+struct Part<'a> {
+    /// `[total, inputs]`.
+    a: &'a [f32],
+    /// `[outputs, total]`.
+    b: &'a [f32],
+    total: usize,
+    columns: &'a [Option<(usize, usize)>],
+    /// The first column of its output in the projection's.
+    at: usize,
+}
+
+/// One row's delta of one adapter: `xa = A_r·x`, then `out[o] += B[o, offset..offset + r]·xa`
+/// for each of B's rows (`a`: the adapter's A rows first; `b`: `[out, total]`).
+fn row_delta(
+    x: &[f32],
+    a: &[f32],
+    b: &[f32],
+    total: usize,
+    offset: usize,
+    xa: &mut [f32],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if int_dot::simd() {
+        // SAFETY: the CPU has AVX2 and FMA (`simd`).
+        return unsafe { row_delta_avx2(x, a, b, total, offset, xa, out) };
+    }
+    row_delta_portable(x, a, b, total, offset, xa, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_delta_avx2(
+    x: &[f32],
+    a: &[f32],
+    b: &[f32],
+    total: usize,
+    offset: usize,
+    xa: &mut [f32],
+    out: &mut [f32],
+) {
+    row_delta_portable(x, a, b, total, offset, xa, out)
+}
+
+#[inline(always)]
+fn row_delta_portable(
+    x: &[f32],
+    a: &[f32],
+    b: &[f32],
+    total: usize,
+    offset: usize,
+    xa: &mut [f32],
+    out: &mut [f32],
+) {
+    let (inputs, rank) = (x.len(), xa.len());
+    for (j, v) in xa.iter_mut().enumerate() {
+        *v = dot(&a[j * inputs..(j + 1) * inputs], x);
+    }
+    for (o, b_row) in out.iter_mut().zip(b.chunks_exact(total)) {
+        *o += dot(&b_row[offset..offset + rank], xa);
     }
 }
 
