@@ -12,7 +12,7 @@ fn half(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-/// Q2_K (84 bytes): scales[16] (low nibble scale, high nibble min), qs[64] (2 bits), d, dmin.
+/// Q2_K (84 bytes): `scales[16]` (low nibble scale, high nibble min), `qs[64]` (2 bits), d, dmin.
 pub fn q2_k(b: &[u8], out: &mut Vec<f32>) {
     let (scales, qs) = (&b[0..16], &b[16..80]);
     let (d, min) = (half(b, 80), half(b, 82));
@@ -32,7 +32,7 @@ pub fn q2_k(b: &[u8], out: &mut Vec<f32>) {
     }
 }
 
-/// Q3_K (110 bytes): hmask[32] (the third bit), qs[64] (low 2 bits), scales[12] (16 6-bit
+/// Q3_K (110 bytes): `hmask[32]` (the third bit), `qs[64]` (low 2 bits), `scales[12]` (16 6-bit
 /// scales), d.
 pub fn q3_k(b: &[u8], out: &mut Vec<f32>) {
     let (hmask, qs, packed) = (&b[0..32], &b[32..96], &b[96..108]);
@@ -90,7 +90,7 @@ pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
     (d as f32, m as f32)
 }
 
-/// Q4_K (144 bytes): d, dmin, scales[12] (8 6-bit scales and mins), qs[128] (4 bits).
+/// Q4_K (144 bytes): d, dmin, `scales[12]` (8 6-bit scales and mins), `qs[128]` (4 bits).
 pub fn q4_k(b: &[u8], out: &mut Vec<f32>) {
     let (d, min) = (half(b, 0), half(b, 2));
     let (scales, qs) = (&b[4..16], &b[16..144]);
@@ -103,7 +103,7 @@ pub fn q4_k(b: &[u8], out: &mut Vec<f32>) {
     }
 }
 
-/// Q5_K (176 bytes): d, dmin, scales[12], qh[32] (the fifth bit), qs[128] (low 4 bits).
+/// Q5_K (176 bytes): d, dmin, `scales[12]`, `qh[32]` (the fifth bit), `qs[128]` (low 4 bits).
 pub fn q5_k(b: &[u8], out: &mut Vec<f32>) {
     let (d, min) = (half(b, 0), half(b, 2));
     let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
@@ -125,7 +125,7 @@ pub fn q5_k(b: &[u8], out: &mut Vec<f32>) {
     }
 }
 
-/// Q6_K (210 bytes): ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16] (int8), d.
+/// Q6_K (210 bytes): `ql[128]` (low 4 bits), `qh[64]` (high 2 bits), `scales[16]` (int8), d.
 pub fn q6_k(b: &[u8], out: &mut Vec<f32>) {
     let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
     let d = half(b, 208);
@@ -148,7 +148,7 @@ pub fn q6_k(b: &[u8], out: &mut Vec<f32>) {
     }
 }
 
-/// Q8_K (292 bytes): d (f32), qs[256] (int8), bsums[16] (int16, for dot products only).
+/// Q8_K (292 bytes): d (f32), `qs[256]` (int8), `bsums[16]` (int16, for dot products only).
 pub fn q8_k(b: &[u8], out: &mut Vec<f32>) {
     let d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     out.extend(b[4..260].iter().map(|&q| d * (q as i8) as f32));
