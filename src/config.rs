@@ -157,8 +157,8 @@ pub struct ModelConfig {
     pub name: String,
     /// Replicas of the default deployment (0: every inference slot).
     pub replicas: u32,
-    /// How a GGUF's 4-bit weights are held: dequantised, packed, or auto (packed where the int4
-    /// kernel measures faster).
+    /// How a GGUF's 4-bit weights are held: dequantised, packed, or auto (packed on a GPU, and on
+    /// the CPU where a packed kernel measures faster).
     pub quantization: tessera_engine::loader::Quantization,
 }
 

@@ -116,10 +116,13 @@ pub enum Quantization {
     /// Dequantised to the model's dtype at load (the reference path).
     #[default]
     Dequantize,
-    /// Q4_0 / Q4_1 / Q4_K projections stay 4-bit and run on torch's int4 kernel (one CPU device; other
-    /// types and devices are dequantised, said in the log).
+    /// Q4_0 / Q4_1 / Q4_K projections stay 4-bit (and Q8_0 ones 8-bit on the CPU) on one CPU
+    /// device (Tessera's integer kernel or torch's int4 kernel, whichever a probe measures
+    /// faster) or one CUDA device (torch's CUDA int4 kernel); other types, and tensor parallel
+    /// models, are dequantised, said in the log.
     Packed,
-    /// Packed when the int4 kernel measures faster than the float matmul at decode here.
+    /// On the CPU, packed when a kernel measures faster than the float matmul at decode here; on
+    /// one CUDA device, packed.
     Auto,
 }
 
@@ -137,12 +140,16 @@ pub fn load_with(
     quantization: Quantization,
 ) -> Result<LoadedModel, LoadError> {
     load_holding(path, devices, kind, || {
-        if quantization != Quantization::Dequantize && devices != [Device::Cpu] {
-            tracing::warn!(devices = ?devices, ?quantization, "packed 4-bit weights run on one CPU device only; dequantising");
+        let one_cuda = matches!(devices, [Device::Cuda(_)]);
+        if quantization != Quantization::Dequantize && devices != [Device::Cpu] && !one_cuda {
+            tracing::warn!(devices = ?devices, ?quantization, "packed 4-bit weights run on one device only (CPU or CUDA), not tensor parallel; dequantising");
         }
         match quantization {
-            _ if devices != [Device::Cpu] => Int4Mode::Dense,
             Quantization::Dequantize => Int4Mode::Dense,
+            // torch's CUDA int4 kernel takes bfloat16 activations; where it exists it is used
+            // (decode on a GPU is bound by reading weights).
+            _ if one_cuda => Int4Mode::Kernel(Kind::BFloat16),
+            _ if devices != [Device::Cpu] => Int4Mode::Dense,
             Quantization::Packed => crate::packed::probe().best().0,
             Quantization::Auto => crate::packed::probe()
                 .packed_if_faster()
@@ -280,6 +287,9 @@ fn describe_weights(
     };
     let how = match mode {
         _ if eight == packed => "integer kernel, 16-bit activations".to_string(),
+        Int4Mode::Kernel(act) if model.main_device().is_cuda() => {
+            format!("CUDA int4 kernel, {act:?} activations")
+        }
         Int4Mode::Kernel(act) => format!("int4 kernel, {act:?} activations"),
         Int4Mode::IntDot => "integer kernel, 16-bit activations".to_string(),
         _ => "dequantised per layer as used".to_string(),

@@ -506,15 +506,19 @@ impl Llama {
             c.intermediate_size as i64,
         );
         let place = |t: Tensor, dev: Device| t.to_kind(kind).to_device(dev).contiguous();
-        // With packed projections, a Q8_0 embedding / lm_head stays 8-bit too.
-        let compact = match int4 {
+        // Packed projections on one CPU device (and QLoRA's on one device): Q8_0 projections and
+        // a Q8_0 embedding / lm_head stay 8-bit too. On one CUDA device 4-bit projections go to
+        // torch's CUDA int4 kernel, 8-bit ones and the tables are dequantised.
+        let compact_8bit = match int4 {
             Int4Mode::Kernel(_) | Int4Mode::IntDot => tp == 1 && main == Device::Cpu,
             Int4Mode::PerUse => tp == 1,
             Int4Mode::Dense => false,
         };
+        let compact =
+            compact_8bit || (matches!(int4, Int4Mode::Kernel(_)) && tp == 1 && main.is_cuda());
         let table = |w: &mut WeightMap, name: &str| -> Result<Table, ModelError> {
             Ok(match w.take_table(name, &[v, h])? {
-                TableWeight::Q8(t) if compact => Table::Q8(t.to_device(main)),
+                TableWeight::Q8(t) if compact_8bit => Table::Q8(t.to_device(main)),
                 other => Table::Dense(place(other.dense(), main)),
             })
         };
@@ -554,7 +558,8 @@ impl Llama {
                 // Fused where every part is 4-bit, or every part 8-bit (not for QLoRA, which
                 // keeps only 4-bit parts compact); a part of another type makes it dense.
                 let all_8bit = |parts: &[LinearWeight]| {
-                    int4 != Int4Mode::PerUse
+                    compact_8bit
+                        && int4 != Int4Mode::PerUse
                         && parts.iter().all(|p| matches!(p, LinearWeight::Int8(_)))
                 };
                 let fuse = |parts: Vec<LinearWeight>| -> Linear {
@@ -577,6 +582,7 @@ impl Llama {
                             .collect();
                         let w = Int4Weight::cat(&ws);
                         match int4 {
+                            Int4Mode::Kernel(_) if main.is_cuda() => w.pack_for_cuda(main),
                             Int4Mode::Kernel(act) => w.pack(act),
                             Int4Mode::IntDot => w.for_int_dot(),
                             _ => Linear::Int4Dequant(w.to_device(main)),

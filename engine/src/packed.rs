@@ -8,6 +8,11 @@
 //! (`../shared/notes/cpu-facts.md`), so [`Linear::Int4`] carries the activation dtype chosen at
 //! load, and its output comes back in the caller's dtype. LoRA deltas and everything around the
 //! matmul are unchanged.
+//!
+//! On one CUDA device the same weights go to torch's CUDA int4 kernel (`_weight_int4pack_mm`,
+//! tinygemm: bfloat16 activations, the same groups and `(q − 8)·scale + zero`), packed by
+//! `_convert_weight_to_int4pack` from `[rows, cols / 2]` bytes that hold value `2i` in the high
+//! nibble of byte `i` and `2i + 1` in the low one ([`Int4Weight::pack_for_cuda`]).
 
 use half::f16;
 use tch::{Device, Kind, Tensor};
@@ -20,12 +25,15 @@ use crate::q8_weight::Q8Weight;
 pub const GROUP: i64 = 32;
 
 /// How a model holds the 4-bit weights its GGUF file gives it.
+///
+/// The packed modes hold them on one device: `Kernel` on the CPU or one CUDA device (there with
+/// bfloat16 activations), `IntDot` on the CPU; a tensor parallel model dequantises them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Int4Mode {
     /// Dequantised at load (the reference path).
     Dense,
-    /// Packed for torch's CPU int4 kernel, activations in this dtype (one CPU device; otherwise
-    /// dequantised at load).
+    /// Packed for torch's int4 kernel, activations in this dtype: the CPU kernel (float32 or
+    /// bfloat16), or on one CUDA device the CUDA one (bfloat16).
     Kernel(Kind),
     /// Kept compact for Tessera's own kernel ([`Linear::Int4Dot`]): 16-bit activations for
     /// decode-sized batches, dequantised blocks and BLAS for larger ones (one CPU device).
@@ -259,15 +267,54 @@ impl Int4Weight {
     pub fn pack(&self, act: Kind) -> Linear {
         let (rows, cols) = (self.rows(), self.cols());
         let q = self.unpack().reshape([rows, cols]).to_kind(Kind::Int);
-        let scale = self.sm.narrow(2, 0, 1);
-        let zero = self.sm.narrow(2, 1, 1) + &scale * 8.0;
-        let sz = Tensor::cat(&[scale, zero], 2);
         Linear::Int4 {
             packed: q.internal_convert_weight_to_int4pack_for_cpu(2),
-            sz: sz.transpose(0, 1).to_kind(act).contiguous(),
+            sz: self.scales_and_zeros().to_kind(act).contiguous(),
             out: rows,
             act,
         }
+    }
+
+    /// The kernels' `[cols / 32, rows, 2]` (scale, zero) per group, float32: `zero = min +
+    /// 8·scale`, since they compute `(q − 8)·scale + zero`.
+    fn scales_and_zeros(&self) -> Tensor {
+        let scale = self.sm.narrow(2, 0, 1);
+        let zero = self.sm.narrow(2, 1, 1) + &scale * 8.0;
+        Tensor::cat(&[scale, zero], 2).transpose(0, 1)
+    }
+
+    /// Packs it for torch's CUDA int4 kernel on `device` (bfloat16 activations, scales and
+    /// zeros): the values in [`Int4Weight::cuda_bytes`]' order, as many inner k-tiles (8, 4 or
+    /// 2 of 16 values) as the columns allow.
+    pub fn pack_for_cuda(&self, device: Device) -> Linear {
+        let (rows, cols) = (self.rows(), self.cols());
+        let inner = [8, 4, 2]
+            .into_iter()
+            .find(|t| cols % (t * 16) == 0)
+            .expect("columns come in groups of 32");
+        Linear::Int4 {
+            packed: self
+                .cuda_bytes()
+                .to_device(device)
+                .internal_convert_weight_to_int4pack(inner),
+            sz: self
+                .scales_and_zeros()
+                .to_kind(Kind::BFloat16)
+                .to_device(device)
+                .contiguous(),
+            out: rows,
+            act: Kind::BFloat16,
+        }
+    }
+
+    /// The values as `[rows, cols / 2]` uint8 in the order torch's CUDA packing reads: value
+    /// `2i` of a row in the high nibble of byte `i`, value `2i + 1` in the low nibble.
+    pub fn cuda_bytes(&self) -> Tensor {
+        let (rows, cols) = (self.rows(), self.cols());
+        let values = self.unpack().reshape([rows, cols]).to_kind(Kind::Int);
+        let even = values.slice(1, 0, cols, 2);
+        let odd = values.slice(1, 1, cols, 2);
+        (even * 16 + odd).to_kind(Kind::Uint8).contiguous()
     }
 }
 
@@ -284,8 +331,9 @@ pub fn tensor_bytes(t: &Tensor) -> u64 {
 /// The weight of a linear layer.
 pub enum Linear {
     Dense(Tensor),
-    /// Packed 4-bit weight `[out, in/2]` uint8, scales and zeros `[in/32, out, 2]`, applied to
-    /// activations converted to `act` (torch's CPU int4 kernel).
+    /// A 4-bit weight packed for torch's int4 kernel (the CPU one, or the CUDA one where the
+    /// tensors are on a CUDA device), scales and zeros `[in/32, out, 2]`, applied to activations
+    /// converted to `act`.
     Int4 {
         packed: Tensor,
         sz: Tensor,
@@ -319,7 +367,12 @@ impl Linear {
                 let size = x.size();
                 let cols = size[size.len() - 1];
                 let flat = x.reshape([-1, cols]).to_kind(*act);
-                let y = flat.internal_weight_int4pack_mm_for_cpu(packed, GROUP, sz);
+                let y = if packed.device().is_cuda() {
+                    flat.contiguous()
+                        .internal_weight_int4pack_mm(packed, GROUP, sz)
+                } else {
+                    flat.internal_weight_int4pack_mm_for_cpu(packed, GROUP, sz)
+                };
                 let mut shape = size;
                 *shape.last_mut().expect("a dimension") = *out;
                 y.to_kind(x.kind()).reshape(shape.as_slice())
@@ -529,6 +582,33 @@ mod tests {
         let got = w.pack(Kind::Float).apply(&x);
         let diff = f64::try_from((got - x.linear::<Tensor>(&dense, None)).abs().max()).unwrap();
         assert!(diff < 1e-3, "{diff}");
+    }
+
+    /// What the CUDA packing takes, checked where there is no GPU (the kernel itself:
+    /// `tests/packed_cuda.rs`): byte `i` of a row holds value `2i` in its high nibble and `2i + 1`
+    /// in its low one, and the kernels' scales and zeros give back the weight by their formula.
+    #[test]
+    fn cuda_bytes_pair_values_high_nibble_first_and_zeros_follow_the_kernel_formula() {
+        let (rows, cols) = (16usize, 96usize);
+        let bytes = blocks(GgmlType::Q4_1, rows, cols, 5);
+        let w = Int4Weight::from_gguf(GgmlType::Q4_1, &bytes, rows, cols).unwrap();
+        let packed = w.cuda_bytes();
+        assert_eq!(packed.size(), [rows as i64, cols as i64 / 2]);
+        assert_eq!(packed.kind(), Kind::Uint8);
+        let packed: Vec<u8> = Vec::try_from(packed.reshape([-1])).unwrap();
+        let values = w.unpack().reshape([rows as i64, cols as i64]);
+        let values: Vec<u8> = Vec::try_from(values.reshape([-1])).unwrap();
+        for (pair, byte) in values.chunks_exact(2).zip(&packed) {
+            assert_eq!((byte >> 4, byte & 0x0f), (pair[0], pair[1]));
+        }
+        // (q − 8)·scale + zero, each group's pair broadcast over its 32 columns.
+        let sz = w.scales_and_zeros().transpose(0, 1); // [rows, groups, 2]
+        let q = w.unpack().to_kind(Kind::Float); // [rows, groups, 32]
+        let rebuilt = (q - 8.0) * sz.narrow(2, 0, 1) + sz.narrow(2, 1, 1);
+        let dense =
+            Tensor::from_slice(&dequantize("w", GgmlType::Q4_1, &bytes, rows * cols).unwrap());
+        let diff = f64::try_from((rebuilt.reshape([-1]) - dense).abs().max()).unwrap();
+        assert!(diff < 1e-6, "{diff}");
     }
 
     #[test]
