@@ -291,15 +291,15 @@ fn add_lora(slices: &[(&LoraSlice, usize)], x: &[f32], rows: usize, out: &mut [f
     let parts: Vec<Part> = slices
         .iter()
         .map(|&(slice, at)| {
-            let rows = slice.by_rows().expect("fused steps take inference batches");
+            let view = slice.by_rows().expect("fused steps take inference batches");
             // SAFETY: A and B are contiguous float32 CPU tensors (`by_rows_on_cpu`), held by the
             // step's batch and read only while it runs.
-            let (a, b) = unsafe { (int_dot::floats(rows.a), int_dot::floats(rows.b)) };
+            let (a, b) = unsafe { (int_dot::floats(view.a), int_dot::floats(view.b)) };
             Part {
                 a,
                 b,
                 total: a.len() / inputs,
-                columns: rows.columns,
+                columns: view.columns,
                 at,
             }
         })
