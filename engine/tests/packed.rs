@@ -12,7 +12,6 @@ mod common;
 
 use std::sync::Arc;
 
-use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 use tessera_engine::gguf::GgufFile;
 use tessera_engine::lora::LoraAdapter;
@@ -136,10 +135,7 @@ fn packed_q4_weights_predict_like_the_dequantised_model() {
     let (dense_bytes, dense_packed, projections) = dense.weight_bytes();
     assert_eq!(dense_packed, 0);
     drop(dense);
-    let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(common::reference_dir().join("expected.json")).unwrap(),
-    )
-    .unwrap();
+    let reference = common::reference();
     for mode in [
         Int4Mode::Kernel(Kind::Float),
         Int4Mode::Kernel(Kind::BFloat16),
@@ -228,14 +224,9 @@ fn packed_q4_weights_predict_like_the_dequantised_model() {
         }
         // The shared reference prompts: the same next token as transformers.
         for case in reference["base"].as_array().unwrap() {
-            let ids: Vec<i64> = case["input_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_i64().unwrap())
-                .collect();
+            let ids = common::input_ids(case);
             let (_, top) = predictions(&packed, &ids);
-            let want = case["last_logits_top10"]["ids"][0].as_i64().unwrap();
+            let want = common::next_token(case);
             assert_eq!(
                 *top.last().unwrap(),
                 want,
@@ -252,10 +243,7 @@ fn packed_q4_weights_predict_like_the_dequantised_model() {
 #[test]
 fn packed_decode_with_a_peft_adapter_predicts_like_peft() {
     let (packed, _) = load(Int4Mode::IntDot);
-    let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(common::reference_dir().join("expected.json")).unwrap(),
-    )
-    .unwrap();
+    let reference = common::reference();
     let layers = packed.config().num_hidden_layers;
     for entry in reference["adapters"].as_array().unwrap() {
         let dir = common::reference_dir().join(entry["path"].as_str().unwrap());
@@ -266,12 +254,7 @@ fn packed_decode_with_a_peft_adapter_predicts_like_peft() {
         );
         let lora = LoraBatch::new(&[adapter], &[Some(0)], layers, &[Device::Cpu], Kind::Float);
         for case in entry["cases"].as_array().unwrap() {
-            let ids: Vec<i64> = case["input_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_i64().unwrap())
-                .collect();
+            let ids = common::input_ids(case);
             let fused_before = packed.fused_steps();
             let mut cache = packed.new_cache(1, ids.len() as i64);
             let mut last = None;
@@ -292,7 +275,7 @@ fn packed_decode_with_a_peft_adapter_predicts_like_peft() {
                 "every step fused"
             );
             let top = last.unwrap().view([-1]).argmax(-1, false).int64_value(&[]);
-            let want = case["last_logits_top10"]["ids"][0].as_i64().unwrap();
+            let want = common::next_token(case);
             assert_eq!(top, want, "{}: prompt {:?}", entry["name"], case["prompt"]);
         }
     }

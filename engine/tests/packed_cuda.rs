@@ -13,7 +13,6 @@ mod common;
 
 use common::tiny;
 use common::tiny_gguf::write_gguf;
-use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 use tessera_engine::gguf::GgmlType;
 use tessera_engine::loader::{load_with, Quantization};
@@ -149,22 +148,14 @@ fn smollm2_packed_on_cuda_gives_the_reference_next_tokens() {
         "{}",
         loaded.weights
     );
-    let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(common::reference_dir().join("expected.json")).unwrap(),
-    )
-    .unwrap();
+    let reference = common::reference();
     for case in reference["base"].as_array().unwrap() {
-        let ids: Vec<i64> = case["input_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_i64().unwrap())
-            .collect();
+        let ids = common::input_ids(case);
         let top = logits(&loaded.model, &ids)
             .get(ids.len() as i64 - 1)
             .argmax(-1, false)
             .int64_value(&[]);
-        let want = case["last_logits_top10"]["ids"][0].as_i64().unwrap();
+        let want = common::next_token(case);
         assert_eq!(top, want, "prompt {:?}", case["prompt"]);
     }
 }

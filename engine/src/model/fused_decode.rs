@@ -316,8 +316,7 @@ fn add_lora(slices: &[(&LoraSlice, usize)], x: &[f32], rows: usize, out: &mut [f
                     continue;
                 };
                 xa.resize(rank, 0.0);
-                let a = &p.a[offset * inputs..];
-                row_delta(x, a, p.b, p.total, offset, &mut xa, &mut out[p.at..]);
+                row_delta(p, x, offset, &mut xa, &mut out[p.at..]);
             }
         }
     });
@@ -335,54 +334,31 @@ struct Part<'a> {
     at: usize,
 }
 
-/// One row's delta of one adapter: `xa = A_r·x`, then `out[o] += B[o, offset..offset + r]·xa`
-/// for each of B's rows (`a`: the adapter's A rows first; `b`: `[out, total]`).
-fn row_delta(
-    x: &[f32],
-    a: &[f32],
-    b: &[f32],
-    total: usize,
-    offset: usize,
-    xa: &mut [f32],
-    out: &mut [f32],
-) {
+/// One row's delta of one part: `xa = A_r·x` over the row's rank columns `offset ..` (as many as
+/// `xa` holds), then `out[o] += B[o, offset ..]·xa` for each of B's rows.
+fn row_delta(part: &Part, x: &[f32], offset: usize, xa: &mut [f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if int_dot::simd() {
         // SAFETY: the CPU has AVX2 and FMA (`simd`).
-        return unsafe { row_delta_avx2(x, a, b, total, offset, xa, out) };
+        return unsafe { row_delta_avx2(part, x, offset, xa, out) };
     }
-    row_delta_portable(x, a, b, total, offset, xa, out)
+    row_delta_portable(part, x, offset, xa, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn row_delta_avx2(
-    x: &[f32],
-    a: &[f32],
-    b: &[f32],
-    total: usize,
-    offset: usize,
-    xa: &mut [f32],
-    out: &mut [f32],
-) {
-    row_delta_portable(x, a, b, total, offset, xa, out)
+unsafe fn row_delta_avx2(part: &Part, x: &[f32], offset: usize, xa: &mut [f32], out: &mut [f32]) {
+    row_delta_portable(part, x, offset, xa, out)
 }
 
 #[inline(always)]
-fn row_delta_portable(
-    x: &[f32],
-    a: &[f32],
-    b: &[f32],
-    total: usize,
-    offset: usize,
-    xa: &mut [f32],
-    out: &mut [f32],
-) {
+fn row_delta_portable(part: &Part, x: &[f32], offset: usize, xa: &mut [f32], out: &mut [f32]) {
     let (inputs, rank) = (x.len(), xa.len());
-    for (j, v) in xa.iter_mut().enumerate() {
-        *v = dot(&a[j * inputs..(j + 1) * inputs], x);
+    let a = &part.a[offset * inputs..(offset + rank) * inputs];
+    for (v, a_row) in xa.iter_mut().zip(a.chunks_exact(inputs)) {
+        *v = dot(a_row, x);
     }
-    for (o, b_row) in out.iter_mut().zip(b.chunks_exact(total)) {
+    for (o, b_row) in out.iter_mut().zip(part.b.chunks_exact(part.total)) {
         *o += dot(&b_row[offset..offset + rank], xa);
     }
 }

@@ -37,6 +37,27 @@ pub fn reference_dir() -> PathBuf {
     );
     dir
 }
+/// The reference outputs (`expected.json` in [`reference_dir`]).
+pub fn reference() -> serde_json::Value {
+    let path = reference_dir().join("expected.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// A reference case's prompt token ids.
+pub fn input_ids(case: &serde_json::Value) -> Vec<i64> {
+    case["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect()
+}
+
+/// A reference case's next token: transformers' top-1 at the prompt's last position.
+pub fn next_token(case: &serde_json::Value) -> i64 {
+    case["last_logits_top10"]["ids"][0].as_i64().unwrap()
+}
+
 pub mod tiny;
 pub mod tiny_gguf;
 
