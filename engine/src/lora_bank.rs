@@ -103,6 +103,9 @@ pub struct LoraBank {
     shards: usize,
     /// Indexed by `(layer * 7 + proj) * shards + shard`.
     slices: Vec<Option<BankSlice>>,
+    /// Whether every A and B is a contiguous float32 CPU tensor of one shard (what computing
+    /// row by row reads), checked once here rather than at every step.
+    host_f32: bool,
 }
 
 impl LoraBank {
@@ -146,10 +149,17 @@ impl LoraBank {
                 }
             }
         }
+        let host_f32 = shards == 1
+            && slices.iter().flatten().all(|s| {
+                [&s.a, &s.b].iter().all(|t| {
+                    t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous()
+                })
+            });
         Self {
             adapters,
             shards,
             slices,
+            host_f32,
         }
     }
 
@@ -217,6 +227,7 @@ impl LoraBank {
         Some(LoraBatch {
             shards: self.shards,
             slices,
+            host_f32: self.host_f32,
         })
     }
 }
@@ -226,6 +237,8 @@ pub struct LoraBatch {
     shards: usize,
     /// Indexed by `(layer * 7 + proj) * shards + shard`.
     slices: Vec<Option<LoraSlice>>,
+    /// Its bank's [`LoraBank`] `host_f32` (false for a training batch).
+    host_f32: bool,
 }
 
 impl LoraBatch {
@@ -267,7 +280,11 @@ impl LoraBatch {
                 })
             })
             .collect();
-        Self { shards: 1, slices }
+        Self {
+            shards: 1,
+            slices,
+            host_f32: false,
+        }
     }
 
     /// The same batch with every row repeated `t` times in place (a row of `t` tokens, flattened).
@@ -295,6 +312,7 @@ impl LoraBatch {
         Self {
             shards: self.shards,
             slices,
+            host_f32: self.host_f32,
         }
     }
 
@@ -305,13 +323,7 @@ impl LoraBatch {
     /// Whether every slice can be computed row by row on float32 CPU buffers
     /// ([`LoraSlice::by_rows`]): an inference batch on one CPU device in float32.
     pub fn by_rows_on_cpu(&self) -> bool {
-        self.shards == 1
-            && self.slices.iter().flatten().all(|s| {
-                s.by_rows().is_some()
-                    && [&s.a, &s.b].iter().all(|t| {
-                        t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous()
-                    })
-            })
+        self.host_f32 && self.slices.iter().flatten().all(|s| s.by_rows().is_some())
     }
 }
 
