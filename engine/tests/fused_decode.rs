@@ -172,16 +172,7 @@ fn fused_decode_steps_apply_each_rows_adapter() {
     write_gguf(&hf, &gguf, Some(2));
     // Two adapters stacked differently per projection: one of rank 4 on every projection, one
     // of rank 8 on q and v only (so q's slice holds both, k's only the first).
-    let every = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
-    let a = tiny::write_adapter(&dir.path().join("a"), 4, 8.0, &every, 1);
+    let a = tiny::write_adapter(&dir.path().join("a"), 4, 8.0, &tiny::ALL_TARGETS, 1);
     let b = tiny::write_adapter(&dir.path().join("b"), 8, 16.0, &["q_proj", "v_proj"], 2);
     let bank = |model: &Llama| {
         let placed = [&a, &b]

@@ -26,21 +26,7 @@ fn models() -> Models {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny::write_model(&dir.path().join("model"), 1);
     let adapter_a = tiny::write_adapter(&dir.path().join("a"), 4, 8.0, &["q_proj", "v_proj"], 2);
-    let adapter_b = tiny::write_adapter(
-        &dir.path().join("b"),
-        8,
-        16.0,
-        &[
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
-        3,
-    );
+    let adapter_b = tiny::write_adapter(&dir.path().join("b"), 8, 16.0, &tiny::ALL_TARGETS, 3);
     Models {
         _dir: dir,
         model,

@@ -15,6 +15,16 @@ pub const LAYERS: i64 = 2;
 /// 256 byte tokens, then `<s>` (256) and `</s>` (257), padded to 260.
 pub const VOCAB: i64 = 260;
 pub const EOS: u32 = 257;
+/// Every projection a LoRA adapter can target, by PEFT's module names.
+pub const ALL_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 /// A seeded normal generator of its own (splitmix64 + Box-Muller): torch's global generator is
 /// shared by the tests of a binary running on parallel threads, so a model drawn from it depends
