@@ -116,13 +116,14 @@ pub enum Quantization {
     /// Dequantised to the model's dtype at load (the reference path).
     #[default]
     Dequantize,
-    /// Q4_0 / Q4_1 / Q4_K projections stay 4-bit (and Q8_0 ones 8-bit on the CPU) on one CPU
-    /// device (Tessera's integer kernel or torch's int4 kernel, whichever a probe measures
-    /// faster) or one CUDA device (torch's CUDA int4 kernel); other types, and tensor parallel
-    /// models, are dequantised, said in the log.
+    /// Q4_0 / Q4_1 / Q4_K projections stay 4-bit (and Q8_0 ones 8-bit on the CPU) on CPU
+    /// devices (Tessera's integer kernel or torch's int4 kernel, whichever a probe measures
+    /// faster) or CUDA devices (torch's CUDA int4 kernel), a tensor parallel model's shards each
+    /// packed; other types, and shards whose columns split a 32-column group, are dequantised
+    /// (the weights line of the log and `/cluster` counts the projections kept packed).
     Packed,
-    /// On the CPU, packed when a kernel measures faster than the float matmul at decode here; on
-    /// one CUDA device, packed.
+    /// On CPUs, packed when a kernel measures faster than the float matmul at decode here; on
+    /// CUDA devices, packed.
     Auto,
 }
 
@@ -140,16 +141,17 @@ pub fn load_with(
     quantization: Quantization,
 ) -> Result<LoadedModel, LoadError> {
     load_holding(path, devices, kind, || {
-        let one_cuda = matches!(devices, [Device::Cuda(_)]);
-        if quantization != Quantization::Dequantize && devices != [Device::Cpu] && !one_cuda {
-            tracing::warn!(devices = ?devices, ?quantization, "packed 4-bit weights run on one device only (CPU or CUDA), not tensor parallel; dequantising");
+        let all_cpu = devices.iter().all(|d| *d == Device::Cpu);
+        let all_cuda = devices.iter().all(|d| d.is_cuda());
+        if quantization != Quantization::Dequantize && !all_cpu && !all_cuda {
+            tracing::warn!(devices = ?devices, ?quantization, "packed 4-bit weights run on CPU devices or CUDA ones, not on a mix; dequantising");
         }
         match quantization {
             Quantization::Dequantize => Int4Mode::Dense,
             // torch's CUDA int4 kernel takes bfloat16 activations; where it exists it is used
             // (decode on a GPU is bound by reading weights).
-            _ if one_cuda => Int4Mode::Kernel(Kind::BFloat16),
-            _ if devices != [Device::Cpu] => Int4Mode::Dense,
+            _ if all_cuda => Int4Mode::Kernel(Kind::BFloat16),
+            _ if !all_cpu => Int4Mode::Dense,
             Quantization::Packed => crate::packed::probe().best().0,
             Quantization::Auto => crate::packed::probe()
                 .packed_if_faster()
@@ -304,7 +306,11 @@ fn describe_weights(
     } else {
         String::new()
     };
-    format!("{mib} MiB: {packed}/{projections} projections {bits} ({how}), {table}{rest}")
+    let shards = match model.tensor_parallel() {
+        1 => String::new(),
+        tp => format!(" (tensor parallel: each projection counted once per shard, {tp} shards)"),
+    };
+    format!("{mib} MiB: {packed}/{projections} projections {bits} ({how}), {table}{rest}{shards}")
 }
 
 /// Reads only the model's configuration (no weights, no tokenizer): what a caller checks a request

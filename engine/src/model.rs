@@ -450,6 +450,57 @@ impl FrozenHead {
     }
 }
 
+/// One shard's weight on `dev` from the parts stacked by rows (q|k|v, gate|up, or one part):
+/// one 8-bit weight where every part is 8-bit (CPU only, not for QLoRA, which keeps only 4-bit
+/// parts compact), one 4-bit weight held as `int4` says where every part is 4-bit (their rows a
+/// multiple of 16, as the kernels take them), and a float matrix otherwise.
+fn fuse_parts(parts: Vec<LinearWeight>, dev: Device, kind: Kind, int4: Int4Mode) -> Linear {
+    let all_8bit = int4 != Int4Mode::PerUse
+        && dev == Device::Cpu
+        && parts.iter().all(|p| matches!(p, LinearWeight::Int8(_)));
+    let rows: i64 = parts
+        .iter()
+        .map(|p| match p {
+            LinearWeight::Int4(w) => w.rows(),
+            _ => 0,
+        })
+        .sum();
+    let all_4bit = rows % 16 == 0 && parts.iter().all(|p| matches!(p, LinearWeight::Int4(_)));
+    if all_8bit {
+        let ws: Vec<Q8Weight> = parts
+            .into_iter()
+            .filter_map(|p| match p {
+                LinearWeight::Int8(w) => Some(w),
+                _ => None,
+            })
+            .collect();
+        Linear::Int8(Q8Weight::cat(&ws).to_device(dev))
+    } else if all_4bit {
+        let ws: Vec<Int4Weight> = parts
+            .into_iter()
+            .filter_map(|p| match p {
+                LinearWeight::Int4(w) => Some(w),
+                _ => None,
+            })
+            .collect();
+        let w = Int4Weight::cat(&ws);
+        match int4 {
+            Int4Mode::Kernel(_) if dev.is_cuda() => w.pack_for_cuda(dev),
+            Int4Mode::Kernel(act) => w.pack(act),
+            Int4Mode::IntDot => w.for_int_dot(),
+            _ => Linear::Int4Dequant(w.to_device(dev)),
+        }
+    } else {
+        let dense: Vec<Tensor> = parts.into_iter().map(LinearWeight::dense).collect();
+        Linear::Dense(
+            Tensor::cat(&dense, 0)
+                .to_kind(kind)
+                .to_device(dev)
+                .contiguous(),
+        )
+    }
+}
+
 /// A Llama-family causal language model, possibly split over several devices.
 pub struct Llama {
     config: LlamaConfig,
@@ -474,8 +525,9 @@ pub struct Llama {
 impl Llama {
     /// Builds the model from Hugging Face-named weights, sharded over `devices` (the tensor
     /// parallel degree is `devices.len()`; the first device holds embedding, norms and `lm_head`).
-    /// Projections the map kept 4-bit are held as `int4` says (packed modes need one device, the
-    /// kernel one a CPU; elsewhere they are dequantised).
+    /// Projections the map kept 4-bit are held as `int4` says (packed modes need CPU devices or
+    /// CUDA ones, each shard packed; on a mix, or for QLoRA on several devices, they are
+    /// dequantised).
     pub fn load(
         mut weights: WeightMap,
         config: LlamaConfig,
@@ -506,16 +558,18 @@ impl Llama {
             c.intermediate_size as i64,
         );
         let place = |t: Tensor, dev: Device| t.to_kind(kind).to_device(dev).contiguous();
-        // Packed projections on one CPU device (and QLoRA's on one device): Q8_0 projections and
-        // a Q8_0 embedding / lm_head stay 8-bit too. On one CUDA device 4-bit projections go to
-        // torch's CUDA int4 kernel, 8-bit ones and the tables are dequantised.
+        // Packed projections on CPU devices (and QLoRA's on one device): Q8_0 projections and a
+        // Q8_0 embedding / lm_head stay 8-bit too. On CUDA devices 4-bit projections go to
+        // torch's CUDA int4 kernel, 8-bit ones and the tables are dequantised. A tensor parallel
+        // model packs each shard's rows (q, k, v, gate, up) or columns (o, down).
+        let all_cpu = devices.iter().all(|d| *d == Device::Cpu);
+        let all_cuda = devices.iter().all(|d| d.is_cuda());
         let compact_8bit = match int4 {
-            Int4Mode::Kernel(_) | Int4Mode::IntDot => tp == 1 && main == Device::Cpu,
+            Int4Mode::Kernel(_) | Int4Mode::IntDot => all_cpu,
             Int4Mode::PerUse => tp == 1,
             Int4Mode::Dense => false,
         };
-        let compact =
-            compact_8bit || (matches!(int4, Int4Mode::Kernel(_)) && tp == 1 && main.is_cuda());
+        let compact = compact_8bit || (matches!(int4, Int4Mode::Kernel(_)) && all_cuda);
         let table = |w: &mut WeightMap, name: &str| -> Result<Table, ModelError> {
             Ok(match w.take_table(name, &[v, h])? {
                 TableWeight::Q8(t) if compact_8bit => Table::Q8(t.to_device(main)),
@@ -554,90 +608,38 @@ impl Llama {
             let gate = take("mlp.gate_proj.weight", &[inter, h])?;
             let up = take("mlp.up_proj.weight", &[inter, h])?;
             let down = take("mlp.down_proj.weight", &[h, inter])?;
-            let shards = if compact {
-                // Fused where every part is 4-bit, or every part 8-bit (not for QLoRA, which
-                // keeps only 4-bit parts compact); a part of another type makes it dense.
-                let all_8bit = |parts: &[LinearWeight]| {
-                    compact_8bit
-                        && int4 != Int4Mode::PerUse
-                        && parts.iter().all(|p| matches!(p, LinearWeight::Int8(_)))
-                };
-                let fuse = |parts: Vec<LinearWeight>| -> Linear {
-                    if all_8bit(&parts) {
-                        let ws: Vec<Q8Weight> = parts
-                            .into_iter()
-                            .filter_map(|p| match p {
-                                LinearWeight::Int8(w) => Some(w),
-                                _ => None,
-                            })
-                            .collect();
-                        Linear::Int8(Q8Weight::cat(&ws).to_device(main))
-                    } else if parts.iter().all(|p| matches!(p, LinearWeight::Int4(_))) {
-                        let ws: Vec<Int4Weight> = parts
-                            .into_iter()
-                            .filter_map(|p| match p {
-                                LinearWeight::Int4(w) => Some(w),
-                                _ => None,
-                            })
-                            .collect();
-                        let w = Int4Weight::cat(&ws);
-                        match int4 {
-                            Int4Mode::Kernel(_) if main.is_cuda() => w.pack_for_cuda(main),
-                            Int4Mode::Kernel(act) => w.pack(act),
-                            Int4Mode::IntDot => w.for_int_dot(),
-                            _ => Linear::Int4Dequant(w.to_device(main)),
-                        }
-                    } else {
-                        let dense: Vec<Tensor> =
-                            parts.into_iter().map(LinearWeight::dense).collect();
-                        Linear::Dense(place(Tensor::cat(&dense, 0), main))
-                    }
-                };
-                vec![BlockShard {
-                    device: main,
-                    heads,
-                    kv_heads,
-                    qkv: fuse(vec![q, k, vw]),
-                    o: fuse(vec![o]),
-                    gate_up: fuse(vec![gate, up]),
-                    down: fuse(vec![down]),
-                }]
-            } else {
-                let (q, k, vw, o) = (q.dense(), k.dense(), vw.dense(), o.dense());
-                let (gate, up, down) = (gate.dense(), up.dense(), down.dense());
-                devices
-                    .iter()
-                    .enumerate()
-                    .map(|(s, &dev)| {
-                        let s = s as i64;
-                        BlockShard {
-                            device: dev,
-                            heads: hl,
-                            kv_heads: kvl,
-                            qkv: Linear::Dense(place(
-                                Tensor::cat(
-                                    &[
-                                        q.narrow(0, s * hl * d, hl * d),
-                                        k.narrow(0, s * kvl * d, kvl * d),
-                                        vw.narrow(0, s * kvl * d, kvl * d),
-                                    ],
-                                    0,
-                                ),
-                                dev,
-                            )),
-                            o: Linear::Dense(place(o.narrow(1, s * hl * d, hl * d), dev)),
-                            gate_up: Linear::Dense(place(
-                                Tensor::cat(
-                                    &[gate.narrow(0, s * il, il), up.narrow(0, s * il, il)],
-                                    0,
-                                ),
-                                dev,
-                            )),
-                            down: Linear::Dense(place(down.narrow(1, s * il, il), dev)),
-                        }
-                    })
-                    .collect()
+            let held = |w: LinearWeight| {
+                if compact {
+                    w
+                } else {
+                    LinearWeight::Dense(w.dense())
+                }
             };
+            let (q, k, vw, o) = (held(q), held(k), held(vw), held(o));
+            let (gate, up, down) = (held(gate), held(up), held(down));
+            let shards = devices
+                .iter()
+                .enumerate()
+                .map(|(s, &dev)| {
+                    let s = s as i64;
+                    let rows = |w: &LinearWeight, n: i64| w.narrow_rows(s * n, n);
+                    let cols = |w: &LinearWeight, n: i64| w.narrow_cols(s * n, n);
+                    let fuse = |parts: Vec<LinearWeight>| fuse_parts(parts, dev, kind, int4);
+                    BlockShard {
+                        device: dev,
+                        heads: hl,
+                        kv_heads: kvl,
+                        qkv: fuse(vec![
+                            rows(&q, hl * d),
+                            rows(&k, kvl * d),
+                            rows(&vw, kvl * d),
+                        ]),
+                        o: fuse(vec![cols(&o, hl * d)]),
+                        gate_up: fuse(vec![rows(&gate, il), rows(&up, il)]),
+                        down: fuse(vec![cols(&down, il)]),
+                    }
+                })
+                .collect();
             blocks.push(Block {
                 input_norm: norm(&mut weights, &format!("{p}.input_layernorm.weight"))?,
                 post_norm: norm(

@@ -7,9 +7,11 @@
 //! The kernel takes float32 or bfloat16 activations; which one is faster depends on the CPU
 //! (`../shared/notes/cpu-facts.md`), so [`Linear::Int4`] carries the activation dtype chosen at
 //! load, and its output comes back in the caller's dtype. LoRA deltas and everything around the
-//! matmul are unchanged.
+//! matmul are unchanged. A tensor parallel model packs each shard's slice: output rows for q, k,
+//! v, gate and up, input columns for o and down (whole 32-column groups; a slice that would split
+//! one is dequantised).
 //!
-//! On one CUDA device the same weights go to torch's CUDA int4 kernel (`_weight_int4pack_mm`,
+//! On CUDA devices the same weights go to torch's CUDA int4 kernel (`_weight_int4pack_mm`,
 //! tinygemm: bfloat16 activations, the same groups and `(q − 8)·scale + zero`), packed by
 //! `_convert_weight_to_int4pack` from `[rows, cols / 2]` bytes that hold value `2i` in the high
 //! nibble of byte `i` and `2i + 1` in the low one ([`Int4Weight::pack_for_cuda`]).
@@ -26,14 +28,15 @@ pub const GROUP: i64 = 32;
 
 /// How a model holds the 4-bit weights its GGUF file gives it.
 ///
-/// The packed modes hold them on one device: `Kernel` on the CPU or one CUDA device (there with
-/// bfloat16 activations), `IntDot` on the CPU; a tensor parallel model dequantises them.
+/// The packed modes hold them on CPU or CUDA devices: `Kernel` on CPUs or CUDA devices (there with
+/// bfloat16 activations), `IntDot` on CPUs; a tensor parallel model's shards are packed the same
+/// way (`PerUse`, for training, takes one device).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Int4Mode {
     /// Dequantised at load (the reference path).
     Dense,
     /// Packed for torch's int4 kernel, activations in this dtype: the CPU kernel (float32 or
-    /// bfloat16), or on one CUDA device the CUDA one (bfloat16).
+    /// bfloat16), or on CUDA devices the CUDA one (bfloat16).
     Kernel(Kind),
     /// Kept compact for Tessera's own kernel ([`Linear::Int4Dot`]): 16-bit activations for
     /// decode-sized batches, dequantised blocks and BLAS for larger ones (one CPU device).
@@ -250,6 +253,23 @@ impl Int4Weight {
         let (q, sm) = unsafe { self.host() };
         let xs = int_dot::QuantRows::quantize(x, m, self.cols() as usize);
         int_dot::int4_matmul_into(q, sm, self.rows() as usize, &xs, out);
+    }
+
+    /// Rows `start .. start + len`: a column-parallel shard (q, k, v, gate, up).
+    pub fn narrow_rows(&self, start: i64, len: i64) -> Self {
+        Self {
+            q: self.q.narrow(0, start, len).contiguous(),
+            sm: self.sm.narrow(0, start, len).contiguous(),
+        }
+    }
+
+    /// Columns `start .. start + len`: a row-parallel shard (o, down). `None` unless both fall
+    /// on group boundaries (a group's scale and min cover 32 columns).
+    pub fn narrow_cols(&self, start: i64, len: i64) -> Option<Self> {
+        (start % GROUP == 0 && len % GROUP == 0).then(|| Self {
+            q: self.q.narrow(1, start / 2, len / 2).contiguous(),
+            sm: self.sm.narrow(1, start / GROUP, len / GROUP).contiguous(),
+        })
     }
 
     /// Stacks weights by rows (fused projections).

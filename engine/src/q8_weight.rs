@@ -76,6 +76,24 @@ impl Q8Weight {
         }
     }
 
+    /// Rows `start .. start + len`: a column-parallel shard.
+    pub fn narrow_rows(&self, start: i64, len: i64) -> Self {
+        Self {
+            q: self.q.narrow(0, start, len).contiguous(),
+            d: self.d.narrow(0, start, len).contiguous(),
+        }
+    }
+
+    /// Columns `start .. start + len`: a row-parallel shard. `None` unless both fall on block
+    /// boundaries (a block's scale covers 32 columns).
+    pub fn narrow_cols(&self, start: i64, len: i64) -> Option<Self> {
+        let group = GROUP as i64;
+        (start % group == 0 && len % group == 0).then(|| Self {
+            q: self.q.narrow(1, start, len).contiguous(),
+            d: self.d.narrow(1, start / group, len / group).contiguous(),
+        })
+    }
+
     /// Stacks matrices by rows (fused projections).
     pub fn cat(parts: &[Q8Weight]) -> Self {
         let qs: Vec<&Tensor> = parts.iter().map(|p| &p.q).collect();

@@ -82,6 +82,30 @@ impl LinearWeight {
             LinearWeight::Int8(w) => w.dequantize(Kind::Float),
         }
     }
+
+    /// Output rows `start .. start + len` (a column-parallel shard), held as it is.
+    pub fn narrow_rows(&self, start: i64, len: i64) -> LinearWeight {
+        match self {
+            LinearWeight::Dense(t) => LinearWeight::Dense(t.narrow(0, start, len)),
+            LinearWeight::Int4(w) => LinearWeight::Int4(w.narrow_rows(start, len)),
+            LinearWeight::Int8(w) => LinearWeight::Int8(w.narrow_rows(start, len)),
+        }
+    }
+
+    /// Input columns `start .. start + len` (a row-parallel shard): held as it is where the
+    /// columns fall on the quantisation's 32-column groups, dequantised where they do not.
+    pub fn narrow_cols(&self, start: i64, len: i64) -> LinearWeight {
+        let dense = |t: Tensor| LinearWeight::Dense(t.narrow(1, start, len));
+        match self {
+            LinearWeight::Dense(t) => dense(t.shallow_clone()),
+            LinearWeight::Int4(w) => w
+                .narrow_cols(start, len)
+                .map_or_else(|| dense(w.dequantize(Kind::Float)), LinearWeight::Int4),
+            LinearWeight::Int8(w) => w
+                .narrow_cols(start, len)
+                .map_or_else(|| dense(w.dequantize(Kind::Float)), LinearWeight::Int8),
+        }
+    }
 }
 
 fn check_shape(name: &str, found: Vec<i64>, expected: &[i64]) -> Result<(), WeightsError> {

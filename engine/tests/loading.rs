@@ -270,3 +270,105 @@ fn bad_adapters_are_refused_with_the_reason() {
     let err = LoraAdapter::load(&root.path().join("missing"), &config).unwrap_err();
     assert!(matches!(err, LoraError::Io { .. }), "{err}");
 }
+
+/// A packed model split over 2 and 3 devices (CPU devices stand in for GPUs, as in the tensor
+/// parallel tests of `tiny_engine.rs`) keeps each shard's slice packed and gives the logits of
+/// the packed model on one device, in both CPU int4 modes, for Q4_0 and Q8_0 projections, with a
+/// LoRA adapter on one row: a prompt, then a decode step on the cache. The tiny model's o rows
+/// split into 48 columns at degree 2, which would cut a 32-column group: those shards are
+/// dequantised and counted so.
+#[test]
+fn packed_shards_of_a_tensor_parallel_model_predict_like_one_packed_device() {
+    use std::sync::Arc;
+    use tessera_engine::gguf::GgufFile;
+    use tessera_engine::loader::{load_with, Quantization};
+    use tessera_engine::lora::LoraBatch;
+    use tessera_engine::model::Llama;
+    use tessera_engine::model_config::LlamaConfig;
+    use tessera_engine::packed::Int4Mode;
+    use tessera_engine::weights::WeightMap;
+
+    let dir = tempfile::tempdir().unwrap();
+    let hf = tiny::write_model(&dir.path().join("m"), 4);
+    let adapter = tiny::write_adapter(&dir.path().join("a"), 4, 8.0, &tiny::ALL_TARGETS, 3);
+    let prompt: Vec<i64> = vec![256, 84, 104, 101, 32, 113, 117, 105, 99, 107, 32, 98];
+    let t = prompt.len() as i64;
+    let logits = |gguf: &Path, devices: &[Device], mode: Int4Mode| -> (Tensor, usize, usize) {
+        let g = GgufFile::open(gguf).unwrap();
+        let config = LlamaConfig::from_gguf(&g).unwrap();
+        let weights = WeightMap::from_gguf(&g, &config, true).unwrap();
+        let model = Llama::load(weights, config, devices, Kind::Float, mode).unwrap();
+        let (_, packed, total) = model.weight_bytes();
+        let placed = LoraAdapter::load(&adapter, model.config())
+            .unwrap()
+            .place(devices, Kind::Float);
+        let lora = LoraBatch::new(
+            &[Arc::new(placed)],
+            &[None, Some(0)],
+            model.config().num_hidden_layers,
+            devices,
+            Kind::Float,
+        );
+        let tokens = Tensor::from_slice(&prompt).view([1, -1]).repeat([2, 1]);
+        let out = tch::no_grad(|| {
+            let mut cache = model.new_cache(2, t + 1);
+            let all = model.forward(&tokens, &[0, 0], &mut cache, lora.as_ref(), Logits::All);
+            let next = Tensor::from_slice(&[5i64, 9]).view([2, 1]);
+            let step = model.forward(&next, &[t, t], &mut cache, lora.as_ref(), Logits::Last);
+            Tensor::cat(&[all, step], 1)
+        });
+        (out, packed, total)
+    };
+    let per_shard = (tiny::LAYERS * 4) as usize;
+    for ggml_type in [2, 8] {
+        let gguf = dir.path().join(format!("m{ggml_type}.gguf"));
+        write_gguf(&hf, &gguf, Some(ggml_type));
+        // Torch's kernel on float32 activations sums in another order per shard; the integer
+        // kernel also quantises each shard's slice of the input on its own.
+        for (mode, tolerance) in [
+            (Int4Mode::Kernel(Kind::Float), 1e-4),
+            (Int4Mode::IntDot, 2e-3),
+        ] {
+            let (one, packed, total) = logits(&gguf, &[Device::Cpu], mode);
+            assert_eq!((packed, total), (per_shard, per_shard), "{mode:?}");
+            for tp in [2usize, 3] {
+                let (many, packed, total) = logits(&gguf, &vec![Device::Cpu; tp], mode);
+                // Degree 2: o's 48 columns a shard split a group, so o is dequantised (one per
+                // layer and shard); degree 3: 32 columns, every shard packed.
+                let dense_o = if tp == 2 {
+                    tiny::LAYERS as usize * tp
+                } else {
+                    0
+                };
+                assert_eq!(total, per_shard * tp, "{mode:?}, TP={tp}");
+                assert_eq!(packed, total - dense_o, "{mode:?}, TP={tp}");
+                let diff = (&many - &one).abs().max().double_value(&[]);
+                let scale = one.abs().max().double_value(&[]);
+                assert!(
+                    diff <= tolerance * scale,
+                    "type {ggml_type}, {mode:?}, TP={tp}: max |Δlogit| {diff} of {scale}"
+                );
+                assert_eq!(
+                    many.argmax(-1, false),
+                    one.argmax(-1, false),
+                    "type {ggml_type}, {mode:?}, TP={tp}"
+                );
+            }
+        }
+        // The loader packs them too (its probe picks the kernel), and says so.
+        let loaded = load_with(
+            &gguf,
+            &[Device::Cpu; 3],
+            Some(Kind::Float),
+            Quantization::Packed,
+        )
+        .unwrap();
+        let all = per_shard * 3;
+        assert!(
+            loaded.weights.contains(&format!("{all}/{all} projections"))
+                && loaded.weights.contains("3 shards"),
+            "{}",
+            loaded.weights
+        );
+    }
+}

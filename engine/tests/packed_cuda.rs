@@ -7,6 +7,8 @@
 //!   of inner k-tiles the packing picks (2, 4, 8) and for decode- and prefill-sized inputs.
 //! - A tiny model written as a Q4_0 GGUF and loaded packed on the GPU holds its projections 4-bit
 //!   and predicts like the same file dequantised on the GPU (both bfloat16).
+//! - The same model split three ways over the GPU (tensor parallel) packs every shard and
+//!   predicts like it on one.
 //! - SmolLM2 packed on the GPU gives the shared reference prompts' next tokens (transformers').
 
 mod common;
@@ -126,6 +128,41 @@ fn a_tiny_q4_0_model_packed_on_cuda_predicts_like_it_dequantised() {
     let agree = p
         .argmax(-1, false)
         .eq_tensor(&d.argmax(-1, false))
+        .to_kind(Kind::Float)
+        .mean(Kind::Float)
+        .double_value(&[]);
+    assert!(agree >= 0.9, "top-1 agreement {agree}");
+}
+
+/// Tensor parallel over the one GPU listed three times (each shard its own CUDA tensors, as on
+/// three GPUs): every shard's slice packed for the CUDA kernel, the same predictions as one.
+#[test]
+#[ignore = "needs a CUDA device: scripts/gpu-check.sh"]
+fn a_tiny_q4_0_model_packed_in_three_cuda_shards_predicts_like_one() {
+    let gpu = cuda();
+    let dir = tempfile::tempdir().unwrap();
+    let hf = tiny::write_model(&dir.path().join("m"), 3);
+    let gguf = dir.path().join("m.gguf");
+    write_gguf(&hf, &gguf, Some(2));
+    let load = |devices: &[Device]| {
+        load_with(&gguf, devices, Some(Kind::BFloat16), Quantization::Packed).unwrap()
+    };
+    let (one, three) = (load(&[gpu]), load(&[gpu; 3]));
+    let all = (tiny::LAYERS * 4 * 3) as usize;
+    let (_, packed, total) = three.model.weight_bytes();
+    assert_eq!((packed, total), (all, all), "{}", three.weights);
+    assert!(
+        three.weights.contains("CUDA int4 kernel"),
+        "{}",
+        three.weights
+    );
+    let ids: Vec<i64> = (0..40).map(|i| (i * 53 + 7) % tiny::VOCAB).collect();
+    let (a, b) = (logits(&one.model, &ids), logits(&three.model, &ids));
+    let rel = (&a - &b).abs().max().double_value(&[]) / a.abs().max().double_value(&[]);
+    assert!(rel < 0.05, "relative logit difference {rel}");
+    let agree = a
+        .argmax(-1, false)
+        .eq_tensor(&b.argmax(-1, false))
         .to_kind(Kind::Float)
         .mean(Kind::Float)
         .double_value(&[]);
