@@ -293,12 +293,14 @@ fn packed_shards_of_a_tensor_parallel_model_predict_like_one_packed_device() {
     let adapter = tiny::write_adapter(&dir.path().join("a"), 4, 8.0, &tiny::ALL_TARGETS, 3);
     let prompt: Vec<i64> = vec![256, 84, 104, 101, 32, 113, 117, 105, 99, 107, 32, 98];
     let t = prompt.len() as i64;
-    let logits = |gguf: &Path, devices: &[Device], mode: Int4Mode| -> (Tensor, usize, usize) {
+    // The logits, bytes held, and projections packed out of how many.
+    type Run = (Tensor, u64, usize, usize);
+    let logits = |gguf: &Path, devices: &[Device], mode: Int4Mode| -> Run {
         let g = GgufFile::open(gguf).unwrap();
         let config = LlamaConfig::from_gguf(&g).unwrap();
         let weights = WeightMap::from_gguf(&g, &config, true).unwrap();
         let model = Llama::load(weights, config, devices, Kind::Float, mode).unwrap();
-        let (_, packed, total) = model.weight_bytes();
+        let (bytes, packed, total) = model.weight_bytes();
         let placed = LoraAdapter::load(&adapter, model.config())
             .unwrap()
             .place(devices, Kind::Float);
@@ -317,7 +319,7 @@ fn packed_shards_of_a_tensor_parallel_model_predict_like_one_packed_device() {
             let step = model.forward(&next, &[t, t], &mut cache, lora.as_ref(), Logits::Last);
             Tensor::cat(&[all, step], 1)
         });
-        (out, packed, total)
+        (out, bytes, packed, total)
     };
     let per_shard = (tiny::LAYERS * 4) as usize;
     for ggml_type in [2, 8] {
@@ -329,10 +331,10 @@ fn packed_shards_of_a_tensor_parallel_model_predict_like_one_packed_device() {
             (Int4Mode::Kernel(Kind::Float), 1e-4),
             (Int4Mode::IntDot, 2e-3),
         ] {
-            let (one, packed, total) = logits(&gguf, &[Device::Cpu], mode);
+            let (one, one_bytes, packed, total) = logits(&gguf, &[Device::Cpu], mode);
             assert_eq!((packed, total), (per_shard, per_shard), "{mode:?}");
             for tp in [2usize, 3] {
-                let (many, packed, total) = logits(&gguf, &vec![Device::Cpu; tp], mode);
+                let (many, bytes, packed, total) = logits(&gguf, &vec![Device::Cpu; tp], mode);
                 // Degree 2: o's 48 columns a shard split a group, so o is dequantised (one per
                 // layer and shard); degree 3: 32 columns, every shard packed.
                 let dense_o = if tp == 2 {
@@ -342,6 +344,10 @@ fn packed_shards_of_a_tensor_parallel_model_predict_like_one_packed_device() {
                 };
                 assert_eq!(total, per_shard * tp, "{mode:?}, TP={tp}");
                 assert_eq!(packed, total - dense_o, "{mode:?}, TP={tp}");
+                // Every shard packed: the shards together hold what one device holds.
+                if tp == 3 {
+                    assert_eq!(bytes, one_bytes, "{mode:?}");
+                }
                 let diff = (&many - &one).abs().max().double_value(&[]);
                 let scale = one.abs().max().double_value(&[]);
                 assert!(
