@@ -455,49 +455,30 @@ impl FrozenHead {
 /// parts compact), one 4-bit weight held as `int4` says where every part is 4-bit (their rows a
 /// multiple of 16, as the kernels take them), and a float matrix otherwise.
 fn fuse_parts(parts: Vec<LinearWeight>, dev: Device, kind: Kind, int4: Int4Mode) -> Linear {
-    let all_8bit = int4 != Int4Mode::PerUse
-        && dev == Device::Cpu
-        && parts.iter().all(|p| matches!(p, LinearWeight::Int8(_)));
-    let rows: i64 = parts
-        .iter()
-        .map(|p| match p {
-            LinearWeight::Int4(w) => w.rows(),
-            _ => 0,
-        })
-        .sum();
-    let all_4bit = rows % 16 == 0 && parts.iter().all(|p| matches!(p, LinearWeight::Int4(_)));
-    if all_8bit {
-        let ws: Vec<Q8Weight> = parts
-            .into_iter()
-            .filter_map(|p| match p {
-                LinearWeight::Int8(w) => Some(w),
-                _ => None,
-            })
-            .collect();
-        Linear::Int8(Q8Weight::cat(&ws).to_device(dev))
-    } else if all_4bit {
-        let ws: Vec<Int4Weight> = parts
-            .into_iter()
-            .filter_map(|p| match p {
-                LinearWeight::Int4(w) => Some(w),
-                _ => None,
-            })
-            .collect();
-        let w = Int4Weight::cat(&ws);
-        match int4 {
-            Int4Mode::Kernel(_) if dev.is_cuda() => w.pack_for_cuda(dev),
-            Int4Mode::Kernel(act) => w.pack(act),
-            Int4Mode::IntDot => w.for_int_dot(),
-            _ => Linear::Int4Dequant(w.to_device(dev)),
+    let int8: Option<Vec<&Q8Weight>> = parts.iter().map(LinearWeight::as_int8).collect();
+    let int4s: Option<Vec<&Int4Weight>> = parts.iter().map(LinearWeight::as_int4).collect();
+    match (int8, int4s) {
+        (Some(ws), _) if int4 != Int4Mode::PerUse && dev == Device::Cpu => {
+            Linear::Int8(Q8Weight::cat(&ws).to_device(dev))
         }
-    } else {
-        let dense: Vec<Tensor> = parts.into_iter().map(LinearWeight::dense).collect();
-        Linear::Dense(
-            Tensor::cat(&dense, 0)
-                .to_kind(kind)
-                .to_device(dev)
-                .contiguous(),
-        )
+        (_, Some(ws)) if ws.iter().map(|w| w.rows()).sum::<i64>() % 16 == 0 => {
+            let w = Int4Weight::cat(&ws);
+            match int4 {
+                Int4Mode::Kernel(_) if dev.is_cuda() => w.pack_for_cuda(dev),
+                Int4Mode::Kernel(act) => w.pack(act),
+                Int4Mode::IntDot => w.for_int_dot(),
+                _ => Linear::Int4Dequant(w.to_device(dev)),
+            }
+        }
+        _ => {
+            let dense: Vec<Tensor> = parts.into_iter().map(LinearWeight::dense).collect();
+            Linear::Dense(
+                Tensor::cat(&dense, 0)
+                    .to_kind(kind)
+                    .to_device(dev)
+                    .contiguous(),
+            )
+        }
     }
 }
 

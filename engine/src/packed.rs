@@ -273,7 +273,7 @@ impl Int4Weight {
     }
 
     /// Stacks weights by rows (fused projections).
-    pub fn cat(parts: &[Int4Weight]) -> Self {
+    pub fn cat(parts: &[&Int4Weight]) -> Self {
         let qs: Vec<&Tensor> = parts.iter().map(|p| &p.q).collect();
         let sms: Vec<&Tensor> = parts.iter().map(|p| &p.sm).collect();
         Self {
@@ -649,7 +649,7 @@ mod tests {
         )
         .unwrap();
         let (da, db) = (a.dequantize(Kind::Float), b.dequantize(Kind::Float));
-        let both = Int4Weight::cat(&[a, b]);
+        let both = Int4Weight::cat(&[&a, &b]);
         assert!(both
             .dequantize(Kind::Float)
             .equal(&Tensor::cat(&[&da, &db], 0)));

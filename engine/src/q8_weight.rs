@@ -95,7 +95,7 @@ impl Q8Weight {
     }
 
     /// Stacks matrices by rows (fused projections).
-    pub fn cat(parts: &[Q8Weight]) -> Self {
+    pub fn cat(parts: &[&Q8Weight]) -> Self {
         let qs: Vec<&Tensor> = parts.iter().map(|p| &p.q).collect();
         let ds: Vec<&Tensor> = parts.iter().map(|p| &p.d).collect();
         Self {

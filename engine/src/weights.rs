@@ -83,6 +83,22 @@ impl LinearWeight {
         }
     }
 
+    /// The 4-bit weight, if it is one.
+    pub fn as_int4(&self) -> Option<&Int4Weight> {
+        match self {
+            LinearWeight::Int4(w) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// The Q8_0 weight, if it is one.
+    pub fn as_int8(&self) -> Option<&Q8Weight> {
+        match self {
+            LinearWeight::Int8(w) => Some(w),
+            _ => None,
+        }
+    }
+
     /// Output rows `start .. start + len` (a column-parallel shard), held as it is.
     pub fn narrow_rows(&self, start: i64, len: i64) -> LinearWeight {
         match self {
