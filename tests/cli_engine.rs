@@ -1,30 +1,12 @@
 //! `tessera generate` and `tessera train` on SmolLM2, as a user runs them.
 
-use std::path::PathBuf;
 use std::process::Command;
 
+#[path = "../engine/tests/common/reference.rs"]
+mod reference;
+use reference::{reference, smollm2_path as smollm2};
+
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
-
-fn smollm2() -> PathBuf {
-    let path = std::env::var_os("TESSERA_MODEL_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap())
-                .join(".cache/tessera/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    assert!(
-        path.exists(),
-        "{} missing: run scripts/fetch-model.sh",
-        path.display()
-    );
-    path
-}
-
-fn reference() -> serde_json::Value {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/smollm2/expected.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
 
 fn tessera(args: &[&str]) -> std::process::Output {
     Command::new(BIN)

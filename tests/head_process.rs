@@ -298,8 +298,7 @@ fn smollm2_serves_the_readme_requests_and_a_disconnect_cancels() {
         greedy["text"].as_str().unwrap().contains("Paris"),
         "{greedy}"
     );
-    let adapter = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/reference/smollm2/adapters/lora_qv_r8");
+    let adapter = support::reference::reference_adapter();
     copy_dir(&adapter, &head.adapters.join("lora_qv_r8"));
     let (status, r) = head.post(
         "/chat",

@@ -9,7 +9,7 @@
 //!   and predicts like the same file dequantised on the GPU (both bfloat16).
 //! - The same model split three ways over the GPU (tensor parallel) packs every shard and
 //!   predicts like it on one.
-//! - SmolLM2 packed on the GPU gives the shared reference prompts' next tokens (transformers').
+//! - SmolLM2 packed on the GPU gives the reference prompts' next tokens (transformers').
 
 mod common;
 

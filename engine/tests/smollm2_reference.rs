@@ -1,6 +1,6 @@
-//! SmolLM2-135M-Instruct (the GGUF file) against transformers + PEFT ground truth in
-//! `../shared/reference/smollm2`: token ids, chat template text, logits, greedy continuations,
-//! with and without the shared PEFT adapter.
+//! SmolLM2-135M-Instruct (the GGUF file) against the ground truth transformers + PEFT make from it
+//! (`scripts/make-reference.sh`, read through `common::reference_dir`): token ids, chat template
+//! text, logits, greedy continuations, with and without the reference's seeded PEFT adapter.
 
 mod common;
 

@@ -13,6 +13,11 @@ use tessera::config::{Config, Sources};
 #[path = "../../engine/tests/common/tiny.rs"]
 pub mod tiny;
 
+#[path = "../../engine/tests/common/reference.rs"]
+pub mod reference;
+#[allow(unused_imports)]
+pub use reference::smollm2_path as smollm2;
+
 pub mod cluster;
 
 pub struct Head {
@@ -274,14 +279,4 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// The default SmolLM2 GGUF (`TESSERA_MODEL_PATH`, else the models cache).
-pub fn smollm2() -> PathBuf {
-    std::env::var_os("TESSERA_MODEL_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap())
-                .join(".cache/tessera/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        })
 }

@@ -1,47 +1,9 @@
-//! Where the tests find the default model and the reference outputs.
+//! What the engine's tests share: the default model and its reference, tiny models, settings.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-
-/// The SmolLM2 GGUF: `$TESSERA_MODEL_PATH` (set by scripts/test.sh), else the models cache.
-pub fn smollm2_path() -> PathBuf {
-    let path = match std::env::var_os("TESSERA_MODEL_PATH") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => {
-            let cache = std::env::var_os("TESSERA_CACHE")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/tessera")
-                });
-            cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        }
-    };
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-model.sh (scripts/test.sh does)",
-        path.display()
-    );
-    path
-}
-
-/// `../shared/reference/smollm2` beside the checkout (CI has it there too), or `$TESSERA_REFERENCE_DIR`.
-pub fn reference_dir() -> PathBuf {
-    let dir = match std::env::var_os("TESSERA_REFERENCE_DIR") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/smollm2"),
-    };
-    assert!(
-        dir.join("expected.json").exists(),
-        "no reference outputs at {}",
-        dir.display()
-    );
-    dir
-}
-/// The reference outputs (`expected.json` in [`reference_dir`]).
-pub fn reference() -> serde_json::Value {
-    let path = reference_dir().join("expected.json");
-    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
-}
+mod reference;
+#[allow(unused_imports)]
+pub use reference::*;
 
 /// A reference case's prompt token ids.
 pub fn input_ids(case: &serde_json::Value) -> Vec<i64> {
@@ -61,8 +23,13 @@ pub fn next_token(case: &serde_json::Value) -> i64 {
 pub mod tiny;
 pub mod tiny_gguf;
 
-/// Hyperparameters with which a few steps on SmolLM2 memorise one short answer (batch 1, constant
-/// learning rate, no dropout, r=8 on q/v/o/down).
+/// Hyperparameters with which a few steps on SmolLM2 memorise one short answer (batch 1, no
+/// dropout, r=8 on q/v/o/down), in Adam's stable regime: a learning rate of 3e-3 decaying linearly
+/// to zero. At a constant 5e-3 (what these tests used before) the loss reached ~5e-4 and then
+/// spiked (to 3.5 and 7.9, gradient norm ~10^3) as Adam's momentum carried the early steps past
+/// the minimum, and PEFT + torch's AdamW did the same; whether the run recovered depended on the
+/// CPU's rounding. With the decay, 20 steps fall smoothly to ~2e-4 on either CPU code path and in
+/// PEFT alike.
 pub fn memorising(epochs: usize) -> tessera_engine::train::Hyperparameters {
     tessera_engine::train::Hyperparameters {
         lora_r: 8,
@@ -74,12 +41,31 @@ pub fn memorising(epochs: usize) -> tessera_engine::train::Hyperparameters {
             "o_proj".into(),
             "down_proj".into(),
         ],
-        learning_rate: 5e-3,
+        learning_rate: 3e-3,
         num_epochs: epochs,
         batch_size: 1,
         gradient_accumulation_steps: 1,
         warmup_ratio: 0.0,
-        lr_scheduler: tessera_engine::train::LrScheduler::Constant,
+        lr_scheduler: tessera_engine::train::LrScheduler::Linear,
         ..tessera_engine::train::Hyperparameters::default()
     }
+}
+
+/// Steps that [`memorising`] takes to learn its answer.
+pub const MEMORISING_EPOCHS: usize = 20;
+
+/// What a memorising run must show, whatever the CPU's rounding: the loss falls below 1% of its
+/// start within the first half of the steps and stays under 2% of it to the end.
+pub fn assert_memorised(losses: &[f64]) {
+    eprintln!("losses: {losses:?}");
+    let first = losses[0];
+    let half = losses.len() / 2;
+    assert!(
+        losses[..half].iter().any(|&l| l < 0.01 * first),
+        "the loss never fell below 1% of its start in the first half: {losses:?}"
+    );
+    assert!(
+        losses[half..].iter().all(|&l| l < 0.02 * first),
+        "the loss did not stay below 2% of its start: {losses:?}"
+    );
 }
