@@ -53,8 +53,8 @@ fn a_packed_head_serves_and_fine_tunes_on_its_four_bit_base() {
                 "base_quantization": "packed",
                 "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
                 "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"],
-                "learning_rate": 5e-3, "num_epochs": 25, "batch_size": 1,
-                "gradient_accumulation_steps": 1, "warmup_ratio": 0.0, "lr_scheduler": "constant"
+                "learning_rate": 3e-3, "num_epochs": 20, "batch_size": 1,
+                "gradient_accumulation_steps": 1, "warmup_ratio": 0.0, "lr_scheduler": "linear"
             }
         }),
     );
