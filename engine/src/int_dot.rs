@@ -16,6 +16,8 @@ use std::sync::OnceLock;
 
 use tch::{Device, Kind, Tensor};
 
+use crate::cpu::simd;
+
 /// The largest quantised activation: 16-bit activations keep ~15 bits per group of 32 (8-bit
 /// ones, llama.cpp's, moved SmolLM2's decode perplexity by 1.2% and its argmax at 5% of
 /// positions).
@@ -423,15 +425,6 @@ fn int8_dots(wq: &[i8], wd: &[f32], x: &QuantRows, i0: usize, out: &mut [f32]) {
         }
         *o = total;
     }
-}
-
-/// Whether the AVX2 kernels can run here.
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn simd() -> bool {
-    static SIMD: OnceLock<bool> = OnceLock::new();
-    *SIMD.get_or_init(|| {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    })
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -9,7 +9,7 @@
 /// across them.
 pub fn sum_exp(x: &[f32], shift: f32) -> f64 {
     #[cfg(target_arch = "x86_64")]
-    if crate::int_dot::simd() {
+    if crate::cpu::simd() {
         // SAFETY: the CPU has AVX2 and FMA (`simd`).
         return unsafe { sum_exp_avx2(x, shift) };
     }
@@ -22,7 +22,7 @@ pub fn sum_exp(x: &[f32], shift: f32) -> f64 {
 pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert!(gate.len() == out.len() && up.len() == out.len());
     #[cfg(target_arch = "x86_64")]
-    if crate::int_dot::simd() {
+    if crate::cpu::simd() {
         // SAFETY: the CPU has AVX2 and FMA (`simd`).
         return unsafe { silu_mul_avx2(gate, up, out) };
     }

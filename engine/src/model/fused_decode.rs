@@ -338,7 +338,7 @@ struct Part<'a> {
 /// `xa` holds), then `out[o] += B[o, offset ..]·xa` for each of B's rows.
 fn row_delta(part: &Part, x: &[f32], offset: usize, xa: &mut [f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if int_dot::simd() {
+    if crate::cpu::simd() {
         // SAFETY: the CPU has AVX2 and FMA (`simd`).
         return unsafe { row_delta_avx2(part, x, offset, xa, out) };
     }
@@ -410,7 +410,7 @@ fn attend(
 /// `out`.
 fn attend_head(q: &[f32], k: &[f32], v: &[f32], scores: &mut [f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if int_dot::simd() {
+    if crate::cpu::simd() {
         // SAFETY: the CPU has AVX2 and FMA (`simd`).
         return unsafe { attend_head_avx2(q, k, v, scores, out) };
     }
