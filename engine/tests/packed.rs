@@ -218,8 +218,7 @@ fn predicts_like_the_dequantised_model(mode: Int4Mode) {
     } else {
         perplexity(&dense_lp[..n - 1])
     };
-    let agree =
-        top.iter().zip(dense_top).filter(|(a, b)| a == b).count() as f64 / top.len() as f64;
+    let agree = top.iter().zip(dense_top).filter(|(a, b)| a == b).count() as f64 / top.len() as f64;
     eprintln!(
         "{mode:?}: perplexity {ppl:.4} vs {dense_ppl:.4} dequantised ({:+.3}%), \
          top-1 agreement {:.2}% over {} positions, weights {} MiB vs {} MiB",
