@@ -14,8 +14,8 @@ use tch::{Device, Kind};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::lora::{AdapterKey, LoraAdapter, LoraError, PlacedAdapter};
-use crate::model::Llama;
-use crate::model_config::LlamaConfig;
+use crate::model::Model;
+use crate::model::ModelConfig;
 use crate::sampling::{ParamError, Sampled, SamplingParams};
 use crate::scheduler::{AdapterLoader, Scheduler, SchedulerConfig, SchedulerStats, Waiting};
 use crate::sequence::{Event, FinishReason, Sequence};
@@ -74,7 +74,7 @@ struct Inner {
     tx: Mutex<Option<mpsc::Sender<Command>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     tokenizer: Arc<Tokenizer>,
-    model_config: LlamaConfig,
+    model_config: ModelConfig,
     config: EngineConfig,
     queued: Arc<AtomicUsize>,
     next_id: AtomicU64,
@@ -101,7 +101,7 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the engine thread (and its adapter loader) for `model`.
-    pub fn start(model: Llama, tokenizer: Tokenizer, config: EngineConfig) -> Self {
+    pub fn start(model: Model, tokenizer: Tokenizer, config: EngineConfig) -> Self {
         let tokenizer = Arc::new(tokenizer);
         let queued = Arc::new(AtomicUsize::new(0));
         let stats = Arc::new(Mutex::new(SchedulerStats::default()));
@@ -151,7 +151,7 @@ impl Engine {
         &self.inner.tokenizer
     }
 
-    pub fn model_config(&self) -> &LlamaConfig {
+    pub fn model_config(&self) -> &ModelConfig {
         &self.inner.model_config
     }
 
@@ -348,7 +348,7 @@ impl AdapterLoader for ChannelLoader {
 
 /// The adapter loader: reads, checks, shards and places adapters, then mails them back.
 fn spawn_loader(
-    config: LlamaConfig,
+    config: ModelConfig,
     devices: Vec<Device>,
     kind: Kind,
     reply: mpsc::Sender<Command>,

@@ -20,7 +20,7 @@ const MAX_ARRAY_LEN: u64 = 1 << 28;
 const MAX_DIMS: u32 = 8;
 /// Arrays of arrays nest at most this deep (llama.cpp writes none).
 const MAX_ARRAY_DEPTH: usize = 4;
-/// Metadata values (array items included) in one file: Llama 3's tokenizer holds about 400k.
+/// Metadata values (array items included) in one file: Model 3's tokenizer holds about 400k.
 const MAX_METADATA_VALUES: u64 = 1 << 24;
 /// Vector capacity reserved up front at most; beyond it vectors grow as items are actually read.
 const MAX_RESERVE: u64 = 1 << 16;

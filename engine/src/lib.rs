@@ -1,7 +1,7 @@
 //! Tessera's model engine: everything that touches tensors. No actors, no HTTP.
 //!
 //! * [`gguf`], [`gguf_writer`], [`dequant`]: llama.cpp's GGUF files, read, written, dequantised.
-//! * [`model_config`], [`weights`], [`loader`]: a model path into weights on their devices.
+//! * [`weights`], [`loader`]: a model path into weights on their devices.
 //! * [`tokenizer`], [`chat_template`]: text in and out.
 //! * [`model`], [`kv_cache`]: the tensor-parallel Llama decoder and its cache.
 //! * [`lora`], [`adapter_cache`]: PEFT adapters, applied per batch row without merging.
@@ -20,11 +20,11 @@ pub mod gguf;
 pub mod gguf_writer;
 pub mod int_dot;
 pub mod kv_cache;
+pub mod linear;
 pub mod loader;
 pub mod lora;
 pub mod lora_bank;
 pub mod model;
-pub mod model_config;
 pub mod packed;
 pub mod prefix_cache;
 pub mod q8_weight;

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 use crate::gguf::{GgmlType, GgufError, GgufFile};
-use crate::model::{Llama, ModelError};
-use crate::model_config::{ConfigError, LlamaConfig};
+use crate::model::{ConfigError, ModelConfig};
+use crate::model::{Model, ModelError};
 use crate::packed::Int4Mode;
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use crate::weights::{WeightMap, WeightsError};
@@ -39,7 +39,7 @@ pub enum LoadError {
 
 /// What [`load`] returns.
 pub struct LoadedModel {
-    pub model: Llama,
+    pub model: Model,
     pub tokenizer: Tokenizer,
     /// A short name for logs and `/v1/models` (the directory or file stem).
     pub name: String,
@@ -215,7 +215,7 @@ fn load_holding(
             path: config_path.clone(),
             source,
         })?;
-        let config = LlamaConfig::from_hf_json(&text).map_err(|source| LoadError::Config {
+        let config = ModelConfig::from_hf_json(&text).map_err(|source| LoadError::Config {
             path: config_path,
             source,
         })?;
@@ -223,7 +223,7 @@ fn load_holding(
         (WeightMap::from_safetensors_dir(path)?, config, tokenizer)
     } else if is_gguf(path)? {
         let g = GgufFile::open(path)?;
-        let config = LlamaConfig::from_gguf(&g).map_err(|source| LoadError::Config {
+        let config = ModelConfig::from_gguf(&g).map_err(|source| LoadError::Config {
             path: path.to_path_buf(),
             source,
         })?;
@@ -239,7 +239,7 @@ fn load_holding(
             path: path.to_path_buf(),
         });
     };
-    let model = Llama::load(weights, config, devices, kind, mode)?;
+    let model = Model::load(weights, config, devices, kind, mode)?;
     let (weight_bytes, packed, projections) = model.weight_bytes();
     let weights = describe_weights(&model, mode, weight_bytes, packed, projections);
     tracing::info!(
@@ -266,7 +266,7 @@ fn load_holding(
 /// How the weights are held, for logs and `/cluster`: e.g. "93 MiB: 120/120 projections 4-bit
 /// (int4 kernel, BFloat16 activations), embedding Q8_0" or "513 MiB, dequantised".
 fn describe_weights(
-    model: &Llama,
+    model: &Model,
     mode: Int4Mode,
     bytes: u64,
     packed: usize,
@@ -315,7 +315,7 @@ fn describe_weights(
 
 /// Reads only the model's configuration (no weights, no tokenizer): what a caller checks a request
 /// against (the context length) before queueing work on the model.
-pub fn read_config(path: &Path) -> Result<LlamaConfig, LoadError> {
+pub fn read_config(path: &Path) -> Result<ModelConfig, LoadError> {
     if !path.exists() {
         return Err(LoadError::NotFound(path.to_path_buf()));
     }
@@ -325,13 +325,13 @@ pub fn read_config(path: &Path) -> Result<LlamaConfig, LoadError> {
             path: config_path.clone(),
             source,
         })?;
-        LlamaConfig::from_hf_json(&text).map_err(|source| LoadError::Config {
+        ModelConfig::from_hf_json(&text).map_err(|source| LoadError::Config {
             path: config_path,
             source,
         })
     } else if is_gguf(path)? {
         let g = GgufFile::open(path)?;
-        LlamaConfig::from_gguf(&g).map_err(|source| LoadError::Config {
+        ModelConfig::from_gguf(&g).map_err(|source| LoadError::Config {
             path: path.to_path_buf(),
             source,
         })

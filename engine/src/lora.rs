@@ -17,7 +17,7 @@ use std::time::SystemTime;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::model_config::LlamaConfig;
+use crate::model::ModelConfig;
 use crate::weights::{parse_safetensors, WeightsError};
 
 pub use crate::lora_bank::{LoraBatch, LoraSlice};
@@ -80,7 +80,7 @@ impl Proj {
     }
 
     /// `(in_features, out_features)` in the full (unsharded) model.
-    pub fn dims(self, c: &LlamaConfig) -> (i64, i64) {
+    pub fn dims(self, c: &ModelConfig) -> (i64, i64) {
         let h = c.hidden_size as i64;
         let q = (c.num_attention_heads * c.head_dim) as i64;
         let kv = (c.num_key_value_heads * c.head_dim) as i64;
@@ -260,7 +260,7 @@ impl std::fmt::Debug for LoraAdapter {
 
 impl LoraAdapter {
     /// Loads a PEFT adapter directory and checks it against the model's shapes.
-    pub fn load(dir: &Path, model: &LlamaConfig) -> Result<Self, LoraError> {
+    pub fn load(dir: &Path, model: &ModelConfig) -> Result<Self, LoraError> {
         let key = AdapterKey::of(dir)?;
         let path = key.path.clone();
         let config_path = path.join("adapter_config.json");

@@ -5,7 +5,7 @@
 //! and each 32-element sub-block of Q4_K is `d·sc · q − dmin·m` (its 6-bit scale and min expanded).
 //!
 //! The kernel takes float32 or bfloat16 activations; which one is faster depends on the CPU
-//! (`../shared/notes/cpu-facts.md`), so [`Linear::Int4`] carries the activation dtype chosen at
+//! (`../shared/notes/cpu-facts.md`), so the packed weight carries the activation dtype chosen at
 //! load, and its output comes back in the caller's dtype. LoRA deltas and everything around the
 //! matmul are unchanged. A tensor parallel model packs each shard's slice: output rows for q, k,
 //! v, gate and up, input columns for o and down (whole 32-column groups; a slice that would split
@@ -21,7 +21,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::gguf::GgmlType;
 use crate::int_dot;
-use crate::q8_weight::Q8Weight;
+use crate::linear::{Held, Linear};
 
 /// Elements per group (a GGUF Q4 block).
 pub const GROUP: i64 = 32;
@@ -38,10 +38,10 @@ pub enum Int4Mode {
     /// Packed for torch's int4 kernel, activations in this dtype: the CPU kernel (float32 or
     /// bfloat16), or on CUDA devices the CUDA one (bfloat16).
     Kernel(Kind),
-    /// Kept compact for Tessera's own kernel ([`Linear::Int4Dot`]): 16-bit activations for
+    /// Kept compact for Tessera's own kernel (`crate::int_dot`): 16-bit activations for
     /// decode-sized batches, dequantised blocks and BLAS for larger ones (one CPU device).
     IntDot,
-    /// Kept compact and dequantised one layer at a time, at each use ([`Linear::Int4Dequant`]):
+    /// Kept compact and dequantised one layer at a time, at each use (`linear::Held::Int4PerUse`):
     /// training on a 4-bit base. One device, any kind.
     PerUse,
 }
@@ -195,18 +195,18 @@ impl Int4Weight {
         )
     }
 
-    /// The same weight, contiguous on the CPU (for [`Linear::Int4Dot`]).
+    /// The same weight, contiguous on the CPU (for Tessera's integer kernel).
     pub fn for_int_dot(self) -> Linear {
-        Linear::Int4Dot(Int4Weight {
+        Linear::from_held(Held::Int4Dot(Int4Weight {
             q: self.q.to_device(Device::Cpu).contiguous(),
             sm: self.sm.to_device(Device::Cpu).contiguous(),
-        })
+        }))
     }
 
     /// `x · wᵀ` on the CPU: 16-bit activations through the integer kernel up to
     /// [`INT_DOT_ROWS`] rows, dequantised blocks and BLAS for more. (Decode calls this a hundred
     /// times a token: it makes as few tensor calls as it can.)
-    fn int_dot(&self, x: &Tensor) -> Tensor {
+    pub(crate) fn int_dot(&self, x: &Tensor) -> Tensor {
         let (rows, cols) = (self.rows(), self.cols());
         let kind = x.kind();
         let flat = if kind == Kind::Float && x.is_contiguous() {
@@ -248,7 +248,7 @@ impl Int4Weight {
 
     /// The integer kernel on `m` rows of float32 values (`x` `[m, cols]`, `out` `[m, rows]`,
     /// row-major), for a weight made by [`Int4Weight::for_int_dot`].
-    fn kernel_rows(&self, x: &[f32], m: usize, out: &mut [f32]) {
+    pub(crate) fn kernel_rows(&self, x: &[f32], m: usize, out: &mut [f32]) {
         // SAFETY: `for_int_dot` made both tensors contiguous CPU ones; `self` outlives the call.
         let (q, sm) = unsafe { self.host() };
         let xs = int_dot::QuantRows::quantize(x, m, self.cols() as usize);
@@ -287,12 +287,12 @@ impl Int4Weight {
     pub fn pack(&self, act: Kind) -> Linear {
         let (rows, cols) = (self.rows(), self.cols());
         let q = self.unpack().reshape([rows, cols]).to_kind(Kind::Int);
-        Linear::Int4 {
+        Linear::from_held(Held::Int4Cpu {
             packed: q.internal_convert_weight_to_int4pack_for_cpu(2),
             sz: self.scales_and_zeros().to_kind(act).contiguous(),
             out: rows,
             act,
-        }
+        })
     }
 
     /// The kernels' `[cols / 32, rows, 2]` (scale, zero) per group, float32: `zero = min +
@@ -312,7 +312,7 @@ impl Int4Weight {
             .into_iter()
             .find(|t| cols % (t * 16) == 0)
             .expect("columns come in groups of 32");
-        Linear::Int4 {
+        Linear::from_held(Held::Int4Cuda {
             packed: self
                 .cuda_bytes()
                 .to_device(device)
@@ -323,8 +323,7 @@ impl Int4Weight {
                 .to_device(device)
                 .contiguous(),
             out: rows,
-            act: Kind::BFloat16,
-        }
+        })
     }
 
     /// The values as `[rows, cols / 2]` uint8 in the order torch's CUDA packing reads: value
@@ -338,7 +337,7 @@ impl Int4Weight {
     }
 }
 
-/// Rows of activations up to which [`Linear::Int4Dot`] runs the integer kernel; more take
+/// Rows of activations up to which Tessera's integer kernel runs the integer kernel; more take
 /// dequantised blocks and BLAS. On the 2-core EPYC here (SmolLM2, `step_breakdown`), the kernel
 /// decoded 16 streams 1.6x faster than the blocks, and 32 on par.
 pub const INT_DOT_ROWS: i64 = 32;
@@ -346,119 +345,6 @@ pub const INT_DOT_ROWS: i64 = 32;
 /// Bytes a tensor's values take.
 pub fn tensor_bytes(t: &Tensor) -> u64 {
     (t.numel() * t.kind().elt_size_in_bytes()) as u64
-}
-
-/// The weight of a linear layer.
-pub enum Linear {
-    Dense(Tensor),
-    /// A 4-bit weight packed for torch's int4 kernel (the CPU one, or the CUDA one where the
-    /// tensors are on a CUDA device), scales and zeros `[in/32, out, 2]`, applied to activations
-    /// converted to `act`.
-    Int4 {
-        packed: Tensor,
-        sz: Tensor,
-        out: i64,
-        act: Kind,
-    },
-    /// A 4-bit weight dequantised to the activations' dtype at each use and dropped after it:
-    /// the QLoRA path. Differentiable in the input (the kernel is not), on any device, and only
-    /// the layer at hand is ever dense.
-    Int4Dequant(Int4Weight),
-    /// A Q8_0 weight kept 8-bit, multiplied as [`Q8Weight::matmul_t`] says (the integer kernel
-    /// for decode-sized batches on the CPU).
-    Int8(Q8Weight),
-    /// A 4-bit weight kept compact on the CPU, multiplied by Tessera's integer kernel on 16-bit
-    /// activations for decode-sized batches (`crate::int_dot`) and by dequantised blocks for
-    /// larger ones.
-    Int4Dot(Int4Weight),
-}
-
-impl Linear {
-    /// `x · wᵀ` for `x` of shape `[..., in]`.
-    pub fn apply(&self, x: &Tensor) -> Tensor {
-        match self {
-            Linear::Dense(w) => x.linear::<Tensor>(w, None),
-            Linear::Int4 {
-                packed,
-                sz,
-                out,
-                act,
-            } => {
-                let size = x.size();
-                let cols = size[size.len() - 1];
-                let flat = x.reshape([-1, cols]).to_kind(*act);
-                let y = if packed.device().is_cuda() {
-                    flat.contiguous()
-                        .internal_weight_int4pack_mm(packed, GROUP, sz)
-                } else {
-                    flat.internal_weight_int4pack_mm_for_cpu(packed, GROUP, sz)
-                };
-                let mut shape = size;
-                *shape.last_mut().expect("a dimension") = *out;
-                y.to_kind(x.kind()).reshape(shape.as_slice())
-            }
-            Linear::Int4Dequant(w) => x.linear::<Tensor>(&w.dequantize(x.kind()), None),
-            Linear::Int4Dot(w) => w.int_dot(x),
-            Linear::Int8(w) => w.matmul_t(x),
-        }
-    }
-
-    /// `x · wᵀ` for `m` rows of float32 values on the CPU (`x` `[m, in]`, `out` `[m, out]`,
-    /// row-major), as [`Linear::apply`] computes it: the integer kernels without making a tensor,
-    /// any other weight through `apply` on a copy (the fused decode step's matmul).
-    pub fn apply_rows(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        match self {
-            Linear::Int4Dot(w) if m as i64 <= INT_DOT_ROWS => w.kernel_rows(x, m, out),
-            Linear::Int8(w) if w.kernel_takes(m) => w.kernel_rows(x, m, out),
-            _ => {
-                let xt = Tensor::from_slice(x).view([m as i64, -1]);
-                let y = self.apply(&xt).to_kind(Kind::Float).contiguous();
-                y.copy_data(out, out.len());
-            }
-        }
-    }
-
-    /// Rows of the output (`out_features`).
-    pub fn out_features(&self) -> i64 {
-        match self {
-            Linear::Dense(w) => w.size()[0],
-            Linear::Int4 { out, .. } => *out,
-            Linear::Int4Dequant(w) | Linear::Int4Dot(w) => w.rows(),
-            Linear::Int8(w) => w.rows(),
-        }
-    }
-
-    /// Bytes its tensors hold.
-    pub fn bytes(&self) -> u64 {
-        match self {
-            Linear::Dense(w) => tensor_bytes(w),
-            Linear::Int4 { packed, sz, .. } => tensor_bytes(packed) + tensor_bytes(sz),
-            Linear::Int4Dequant(w) | Linear::Int4Dot(w) => w.bytes(),
-            Linear::Int8(w) => w.bytes(),
-        }
-    }
-
-    /// Its tensors (for checks that training leaves the base untouched).
-    pub fn tensors(&self) -> Vec<Tensor> {
-        match self {
-            Linear::Dense(w) => vec![w.shallow_clone()],
-            Linear::Int4 { packed, sz, .. } => vec![packed.shallow_clone(), sz.shallow_clone()],
-            Linear::Int4Dequant(w) | Linear::Int4Dot(w) => {
-                vec![w.q.shallow_clone(), w.sm.shallow_clone()]
-            }
-            Linear::Int8(w) => w.tensors(),
-        }
-    }
-
-    /// Whether it is held 4-bit (either way).
-    pub fn is_packed(&self) -> bool {
-        !matches!(self, Linear::Dense(_))
-    }
-
-    /// Whether it is held 8-bit.
-    pub fn is_8bit(&self) -> bool {
-        matches!(self, Linear::Int8(_))
-    }
 }
 
 /// Decode-sized matmul times on this CPU (one row of a SmolLM2-sized projection, `[1, 576]` by
@@ -509,7 +395,7 @@ pub fn probe() -> Probe {
         t.elapsed().as_secs_f64() / 20.0
     };
     let p = Probe {
-        dense_f32_s: time(&Linear::Dense(w.dequantize(Kind::Float))),
+        dense_f32_s: time(&Linear::dense(w.dequantize(Kind::Float))),
         int4_f32_s: time(&w.pack(Kind::Float)),
         int4_bf16_s: time(&w.pack(Kind::BFloat16)),
         int4_dot_s: time(

@@ -25,7 +25,7 @@ use crate::adapter_cache::AdapterCache;
 use crate::kv_cache::{KvCache, SlotAllocator};
 use crate::lora::{AdapterKey, PlacedAdapter};
 use crate::lora_bank::LoraBank;
-use crate::model::Llama;
+use crate::model::Model;
 use crate::prefix_cache::{AdapterTag, PrefixCache};
 use crate::sampling::{sample_batch, RowSampling};
 use crate::sequence::{FinishReason, Progress, Sequence};
@@ -117,7 +117,7 @@ pub struct StepTimes {
 }
 
 pub(crate) struct Scheduler {
-    model: Llama,
+    model: Model,
     tokenizer: Arc<Tokenizer>,
     config: SchedulerConfig,
     waiting: VecDeque<Waiting>,
@@ -157,7 +157,7 @@ fn adapter_tag(seq: &Sequence) -> AdapterTag {
 
 impl Scheduler {
     pub fn new(
-        model: Llama,
+        model: Model,
         tokenizer: Arc<Tokenizer>,
         config: SchedulerConfig,
         queued: Arc<AtomicUsize>,

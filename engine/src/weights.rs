@@ -9,7 +9,7 @@ use tch::{Kind, Tensor};
 
 use crate::dequant::{dequantize, DequantError};
 use crate::gguf::{GgufError, GgufFile};
-use crate::model_config::LlamaConfig;
+use crate::model::ModelConfig;
 use crate::packed::Int4Weight;
 use crate::q8_weight::Q8Weight;
 
@@ -204,7 +204,7 @@ impl WeightMap {
     /// with `pack`, the Q4_0 / Q4_1 / Q4_K projections, kept 4-bit, and the Q8_0 ones, kept 8-bit
     /// ([`WeightMap::take_linear`]),
     /// and a Q8_0 embedding or `lm_head`, kept 8-bit ([`WeightMap::take_table`]).
-    pub fn from_gguf(g: &GgufFile, config: &LlamaConfig, pack: bool) -> Result<Self, WeightsError> {
+    pub fn from_gguf(g: &GgufFile, config: &ModelConfig, pack: bool) -> Result<Self, WeightsError> {
         let mut tensors = HashMap::new();
         let mut packed = HashMap::new();
         let mut tables = HashMap::new();

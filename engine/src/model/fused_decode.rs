@@ -1,9 +1,11 @@
 //! Decode steps in one pass of plain Rust over a packed model (issue 14). A step of decode rows
 //! only (one token per sequence, up to [`INT_DOT_ROWS`] sequences), on one CPU device in float32,
 //! runs every layer over flat float32 buffers: projections through the integer kernels
-//! ([`crate::packed::Linear::apply_rows`]), each row's LoRA delta (its adapter's rank columns of
-//! the step's [`LoraBatch`]), RMSNorm, RoPE, SwiGLU and attention as loops here, keys and values
-//! written into and read from the KV pool in place.
+//! ([`crate::linear::Linear::apply_rows`]), each row's LoRA delta (its adapter's rank columns of
+//! the step's [`LoraBatch`]), RMSNorm, q/k norms, RoPE, the gated activation and attention (the
+//! layer's window, the model's scale and soft-cap) as loops here, keys and values written into
+//! and read from the KV pool in place. It reads the same [`Architecture`](super::Architecture)
+//! as the op-by-op block.
 //!
 //! Why: the op-by-op path makes about forty torch calls a layer, and on the small CPUs here their
 //! dispatch cost more than the 4-bit matmuls themselves (SmolLM2: ~15 of ~25 ms a token). This
@@ -17,23 +19,17 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use super::{Llama, Table};
+use super::config::Activation;
+use super::norm::RmsNorm;
+use super::Model;
 use crate::int_dot::{self, OutPtr};
 use crate::kv_cache::KvCache;
 use crate::lora::Proj;
 use crate::lora_bank::{LoraBatch, LoraSlice};
-use crate::packed::{Int4Mode, INT_DOT_ROWS};
+use crate::packed::INT_DOT_ROWS;
 use crate::step::StepBatch;
 
-/// Whether a model loaded this way can take fused decode steps: one CPU device, float32, weights
-/// held for inference (the packed modes; the dequantised reference path keeps torch's ops).
-pub(super) fn supported(int4: Int4Mode, devices: &[Device], kind: Kind) -> bool {
-    matches!(int4, Int4Mode::IntDot | Int4Mode::Kernel(_))
-        && devices == [Device::Cpu]
-        && kind == Kind::Float
-}
-
-impl Llama {
+impl Model {
     /// Whether `step` takes the fused path: decode rows only, at most [`INT_DOT_ROWS`] of them,
     /// positions inside the rotary tables, LoRA (if any) computable row by row on the CPU, and
     /// fused steps on for this model.
@@ -66,16 +62,26 @@ impl Llama {
         let qkv_cols = q_cols + 2 * kv_cols;
         let mut x = vec![0f32; m * hidden];
         self.embed.lookup_rows(&step.tokens, &mut x);
+        if let Some(scale) = &self.embed_scale {
+            let scale = scale.double_value(&[]) as f32;
+            x.iter_mut().for_each(|v| *v *= scale);
+        }
+        let arch = &c.arch;
+        let scoring = self.scoring();
+        let scale = scoring.scale.unwrap_or(1.0 / (c.head_dim as f64).sqrt()) as f32;
+        let softcap = scoring.softcap.map(|c| c as f32);
         let mut h = vec![0f32; m * hidden];
         let mut qkv = vec![0f32; m * qkv_cols];
         let mut attn = vec![0f32; m * q_cols];
         let mut proj = vec![0f32; m * hidden];
         let mut gate_up = vec![0f32; m * 2 * inter];
         let mut act = vec![0f32; m * inter];
-        let rope = &self.ropes[0];
         // SAFETY: the rotary tables are contiguous float32 CPU tensors (`Rope::new`, a float32
-        // model on the CPU: `supported`), owned by `self`, never written after load.
-        let (cos, sin) = unsafe { (int_dot::floats(&rope.cos), int_dot::floats(&rope.sin)) };
+        // model on the CPU: `HoldPolicy::fuses_decode`), owned by `self`, never written after load.
+        let tables: Vec<(&[f32], &[f32])> = self.ropes[0]
+            .iter()
+            .map(|r| unsafe { (int_dot::floats(&r.cos), int_dot::floats(&r.sin)) })
+            .collect();
         let rows: Vec<Row> = step
             .segments
             .iter()
@@ -103,12 +109,19 @@ impl Llama {
         };
         for (layer, block) in self.blocks.iter().enumerate() {
             let shard = &block.shards[0];
+            let (cos, sin) = tables[block.rope];
+            let window = self.windows.kinds[block.window];
             rms_norm(&x, &block.input_norm, &mut h);
             shard.qkv.apply_rows(&h, m, &mut qkv);
             let qkv_parts = [(Proj::Q, 0), (Proj::K, q_cols), (Proj::V, q_cols + kv_cols)];
             add_lora(&deltas(layer, &qkv_parts), &h, m, &mut qkv);
             let started = Instant::now();
             for (row, out) in rows.iter().zip(qkv.chunks_exact_mut(qkv_cols)) {
+                let (q, rest) = out.split_at_mut(q_cols);
+                if let (Some(qn), Some(kn)) = (&shard.q_norm, &shard.k_norm) {
+                    rms_norm_in_place(q, qn);
+                    rms_norm_in_place(&mut rest[..kv_cols], kn);
+                }
                 let at = row.pos * d;
                 let (cos, sin) = (&cos[at..at + d], &sin[at..at + d]);
                 for head in out[..q_cols + kv_cols].chunks_exact_mut(d) {
@@ -149,13 +162,21 @@ impl Llama {
                     keys: keys as *const f32,
                     values: values as *const f32,
                 },
+                Scores {
+                    scale,
+                    softcap,
+                    window,
+                },
                 &mut attn,
             );
             attention += started.elapsed();
             shard.o.apply_rows(&attn, m, &mut proj);
             add_lora(&deltas(layer, &[(Proj::O, 0)]), &attn, m, &mut proj);
+            if let Some(n) = &block.post_attn_norm {
+                rms_norm_in_place(&mut proj, n);
+            }
             add(&mut x, &proj);
-            rms_norm(&x, &block.post_norm, &mut h);
+            rms_norm(&x, &block.pre_mlp_norm, &mut h);
             shard.gate_up.apply_rows(&h, m, &mut gate_up);
             let gate_up_parts = [(Proj::Gate, 0), (Proj::Up, inter)];
             add_lora(&deltas(layer, &gate_up_parts), &h, m, &mut gate_up);
@@ -164,10 +185,16 @@ impl Llama {
                 .zip(act.chunks_exact_mut(inter))
             {
                 let (gate, up) = gu.split_at(inter);
-                crate::vec_exp::silu_mul(gate, up, out);
+                match arch.activation {
+                    Activation::Silu => crate::vec_exp::silu_mul(gate, up, out),
+                    Activation::GeluTanh => gelu_tanh_mul(gate, up, out),
+                }
             }
             shard.down.apply_rows(&act, m, &mut proj);
             add_lora(&deltas(layer, &[(Proj::Down, 0)]), &act, m, &mut proj);
+            if let Some(n) = &block.post_mlp_norm {
+                rms_norm_in_place(&mut proj, n);
+            }
             add(&mut x, &proj);
         }
         self.attention_ns
@@ -176,34 +203,8 @@ impl Llama {
         let logits = Tensor::empty([m as i64, c.vocab_size as i64], (Kind::Float, Device::Cpu));
         // SAFETY: a new contiguous float32 CPU tensor of `m × vocab` values, written only here.
         self.lm_head
-            .project_rows(&h, m, unsafe { int_dot::floats_mut(&logits) });
-        logits
-    }
-}
-
-impl Table {
-    /// Rows `ids` into `out` (`[ids, hidden]` float32) on the CPU.
-    fn lookup_rows(&self, ids: &[i64], out: &mut [f32]) {
-        match self {
-            Table::Q8(t) => t.lookup_rows(ids, out),
-            Table::Dense(t) => {
-                let rows = t.index_select(0, &Tensor::from_slice(ids));
-                rows.to_kind(Kind::Float).copy_data(out, out.len());
-            }
-        }
-    }
-
-    /// `x · tableᵀ` for `m` rows of float32 values, into `out` (`[m, rows]`).
-    fn project_rows(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        match self {
-            Table::Q8(t) if t.kernel_takes(m) => t.kernel_rows(x, m, out),
-            _ => {
-                let y = self.project(&Tensor::from_slice(x).view([m as i64, -1]));
-                y.to_kind(Kind::Float)
-                    .contiguous()
-                    .copy_data(out, out.len());
-            }
-        }
+            .apply_rows(&h, m, unsafe { int_dot::floats_mut(&logits) });
+        self.cap_logits(logits)
     }
 }
 
@@ -253,8 +254,15 @@ impl Pool {
     }
 }
 
+/// `x · rsqrt(mean(x²) + eps) · weight` over each run of the weight's length, in place (the
+/// q/k norms over each head, the norms after attention and the MLP over each row).
+fn rms_norm_in_place(x: &mut [f32], norm: &RmsNorm) {
+    let copy = x.to_vec();
+    rms_norm(&copy, norm, x);
+}
+
 /// `x · rsqrt(mean(x²) + eps) · weight`, row by row (`x`, `out`: `[rows, hidden]`).
-fn rms_norm(x: &[f32], norm: &super::RmsNorm, out: &mut [f32]) {
+fn rms_norm(x: &[f32], norm: &RmsNorm, out: &mut [f32]) {
     // SAFETY: the norm's weight is a contiguous float32 CPU tensor (a float32 CPU model), owned
     // by the model, never written after load.
     let w = unsafe { int_dot::floats(&norm.weight) };
@@ -363,20 +371,41 @@ fn row_delta_portable(part: &Part, x: &[f32], offset: usize, xa: &mut [f32], out
     }
 }
 
+/// `gelu_tanh(gate)·up` into `out`: torch's `gelu(approximate="tanh")`,
+/// `0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³)))`, times the up projection.
+fn gelu_tanh_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    const BETA: f32 = std::f32::consts::SQRT_2 * std::f32::consts::FRAC_2_SQRT_PI * 0.5;
+    const KAPPA: f32 = 0.044715;
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        let inner = BETA * (g + KAPPA * g * g * g);
+        *o = 0.5 * g * (1.0 + inner.tanh()) * u;
+    }
+}
+
 fn add(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
     }
 }
 
-/// Attention of every row over its slot's keys `0 ..= pos`, all query heads of a key/value head
-/// together, split between threads by (row, key/value head); into `out` (`[rows, heads·d]`).
+/// How a layer scores: the scale of `q·k`, the soft-cap, the window.
+#[derive(Clone, Copy)]
+struct Scores {
+    scale: f32,
+    softcap: Option<f32>,
+    window: Option<usize>,
+}
+
+/// Attention of every row over its slot's keys up to `pos` (within the window), all query heads
+/// of a key/value head together, split between threads by (row, key/value head); into `out`
+/// (`[rows, heads·d]`).
 fn attend(
     dims: &AttentionDims,
     rows: &[Row],
     qkv: &[f32],
     qkv_cols: usize,
     pool: Pool,
+    how: Scores,
     out: &mut [f32],
 ) {
     let (heads, kv_heads, d) = (dims.heads, dims.kv_heads, dims.d);
@@ -387,9 +416,10 @@ fn attend(
         for unit in first..first + n {
             let (r, g) = (unit / kv_heads, unit % kv_heads);
             let row = &rows[r];
-            let keys = row.pos + 1;
-            let base = dims.at(row, g, 0);
-            // SAFETY: positions `0 ..= pos` of this slot's head `g` are inside the pool, and
+            let first = how.window.map_or(0, |w| (row.pos + 1).saturating_sub(w));
+            let keys = row.pos + 1 - first;
+            let base = dims.at(row, g, first);
+            // SAFETY: positions `first ..= pos` of this slot's head `g` are inside the pool, and
             // nothing writes the pool while `attend` runs.
             let (k, v) = unsafe { pool.read(base, keys * d) };
             for j in 0..group {
@@ -400,36 +430,52 @@ fn attend(
                     std::slice::from_raw_parts_mut(out_ptr.at(r * heads * d + hq * d), d)
                 };
                 scores.resize(keys, 0.0);
-                attend_head(q, k, v, &mut scores, o);
+                attend_head(q, k, v, how, &mut scores, o);
             }
         }
     });
 }
 
-/// One query head over `keys` keys and values (`k`, `v`: `[keys, d]`): softmax(q·kᵀ/√d)·v into
-/// `out`.
-fn attend_head(q: &[f32], k: &[f32], v: &[f32], scores: &mut [f32], out: &mut [f32]) {
+/// One query head over `keys` keys and values (`k`, `v`: `[keys, d]`):
+/// softmax(cap(q·kᵀ·scale))·v into `out`.
+fn attend_head(q: &[f32], k: &[f32], v: &[f32], how: Scores, scores: &mut [f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::simd() {
         // SAFETY: the CPU has AVX2 and FMA (`simd`).
-        return unsafe { attend_head_avx2(q, k, v, scores, out) };
+        return unsafe { attend_head_avx2(q, k, v, how, scores, out) };
     }
-    attend_head_portable(q, k, v, scores, out)
+    attend_head_portable(q, k, v, how, scores, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_head_avx2(q: &[f32], k: &[f32], v: &[f32], scores: &mut [f32], out: &mut [f32]) {
-    attend_head_portable(q, k, v, scores, out)
+unsafe fn attend_head_avx2(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    how: Scores,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    attend_head_portable(q, k, v, how, scores, out)
 }
 
 #[inline(always)]
-fn attend_head_portable(q: &[f32], k: &[f32], v: &[f32], scores: &mut [f32], out: &mut [f32]) {
+fn attend_head_portable(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    how: Scores,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
     let d = q.len();
-    let scale = 1.0 / (d as f32).sqrt();
     let mut max = f32::NEG_INFINITY;
     for (s, key) in scores.iter_mut().zip(k.chunks_exact(d)) {
-        *s = dot(q, key) * scale;
+        *s = dot(q, key) * how.scale;
+        if let Some(cap) = how.softcap {
+            *s = (*s / cap).tanh() * cap;
+        }
         max = max.max(*s);
     }
     let mut total = 0f32;

@@ -8,7 +8,7 @@ use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
 use crate::lora::{LoraBatch, Proj};
-use crate::model_config::LlamaConfig;
+use crate::model::ModelConfig;
 use crate::train::hyperparams::Hyperparameters;
 use crate::weights::read_safetensors;
 
@@ -19,7 +19,7 @@ pub struct LoraParams {
 }
 
 impl LoraParams {
-    pub fn init(config: &LlamaConfig, h: &Hyperparameters, device: Device) -> Self {
+    pub fn init(config: &ModelConfig, h: &Hyperparameters, device: Device) -> Self {
         use rand::{Rng, SeedableRng};
         let targets = h.targets();
         let opts = (Kind::Float, device);

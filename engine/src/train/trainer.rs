@@ -15,7 +15,8 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Reduction, Tensor};
 
-use crate::model::{FrozenHead, Llama};
+use crate::linear::Linear;
+use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 use crate::train::checkpoint::{self, Fence, TrainerState};
 pub use crate::train::checkpoint::{checkpoint_step, latest_checkpoint};
@@ -108,7 +109,7 @@ pub struct TrainOptions {
 /// ends, the memory its steps freed goes back to the system (the allocator keeps freed pages for
 /// reuse while the job runs).
 pub fn train(
-    model: &Llama,
+    model: &Model,
     tokenizer: &Tokenizer,
     job: &TrainJob,
     options: &TrainOptions,
@@ -120,7 +121,7 @@ pub fn train(
 }
 
 fn run_job(
-    model: &Llama,
+    model: &Model,
     tokenizer: &Tokenizer,
     job: &TrainJob,
     options: &TrainOptions,
@@ -358,7 +359,7 @@ fn token_loss(logits: &Tensor, targets: &Tensor) -> Tensor {
 
 /// Forward and backward of one micro-batch; returns its share of the step's loss.
 fn micro_step(
-    model: &Llama,
+    model: &Model,
     lora: &crate::lora::LoraBatch,
     examples: &[&Example],
     normaliser: f64,
@@ -393,7 +394,8 @@ fn micro_step(
     let rows = (HEAD_CHUNK_LOGITS / model.config().vocab_size as i64).max(16);
     let loss = chunked_head_loss(
         |h| model.final_norm(h),
-        &model.frozen_head(),
+        model.frozen_head(),
+        model.config().arch.final_softcap,
         &top,
         &targets,
         normaliser,
@@ -444,11 +446,13 @@ const HEAD_CHUNK_LOGITS: i64 = 2 << 20;
 /// The head's loss over `top` (`[b, T, hidden]`, a leaf that requires grad) and its backward, run
 /// `rows` positions at a time so only one chunk's logits exist at once; the gradient accumulates
 /// in `top.grad()`. Per chunk, `norm` runs under autograd; the frozen `head`'s logits and their
-/// gradient back to the norm's output are taken by hand ([`FrozenHead`]), so a packed base's
+/// gradient back to the norm's output are taken by hand ([`Linear::frozen_logits`],
+/// [`Linear::input_grad`]; the final soft-cap, where the model has one, under autograd), so a packed base's
 /// Q8_0 head is never whole in float. Returns the loss (divided by `normaliser`).
 fn chunked_head_loss(
     norm: impl Fn(&Tensor) -> Tensor,
-    head: &FrozenHead,
+    head: &Linear,
+    softcap: Option<f64>,
     top: &Tensor,
     targets: &Tensor,
     normaliser: f64,
@@ -473,7 +477,11 @@ fn chunked_head_loss(
             continue;
         }
         let normed = norm(&top.reshape([-1, hidden]).narrow(0, start, len));
-        let logits = head.logits(&normed.detach()).set_requires_grad(true);
+        let raw = head.frozen_logits(&normed.detach()).set_requires_grad(true);
+        let logits = match softcap {
+            Some(cap) => (&raw / cap).tanh() * cap,
+            None => raw.shallow_clone(),
+        };
         let loss = logits.cross_entropy_loss::<Tensor>(
             &targets.narrow(0, start, len),
             None,
@@ -483,14 +491,14 @@ fn chunked_head_loss(
         ) / normaliser;
         loss.backward();
         total += loss.double_value(&[]);
-        let back = head.input_grad(&logits.grad(), normed.kind());
+        let back = head.input_grad(&raw.grad(), normed.kind());
         (normed * back).sum(Kind::Float).backward();
     }
     total
 }
 
 /// Mean token loss over `examples` with dropout off.
-fn evaluate(model: &Llama, lora: &LoraParams, examples: &[Example], batch_size: usize) -> f64 {
+fn evaluate(model: &Model, lora: &LoraParams, examples: &[Example], batch_size: usize) -> f64 {
     let batch = lora.batch(0.0, 0);
     let (mut total, mut count) = (0.0, 0usize);
     tch::no_grad(|| {
@@ -533,10 +541,10 @@ mod tests {
         let whole = x.detach().set_requires_grad(true);
         let loss = token_loss(&norm(&whole).linear::<Tensor>(&w, None), &targets) / 3.0;
         loss.backward();
-        let head = FrozenHead::Dense(w.shallow_clone());
+        let head = Linear::dense(w.shallow_clone());
         for rows in [1, 3, 4, 14, 100] {
             let top = x.detach().set_requires_grad(true);
-            let chunked = chunked_head_loss(norm, &head, &top, &targets, 3.0, rows);
+            let chunked = chunked_head_loss(norm, &head, None, &top, &targets, 3.0, rows);
             assert!(
                 (chunked - loss.double_value(&[])).abs() < 1e-5,
                 "rows {rows}"
@@ -547,7 +555,10 @@ mod tests {
         // Nothing supervised: no loss, no gradient.
         let top = x.detach().set_requires_grad(true);
         let none = Tensor::full([b, t], -100, (Kind::Int64, Device::Cpu));
-        assert_eq!(chunked_head_loss(norm, &head, &top, &none, 1.0, 4), 0.0);
+        assert_eq!(
+            chunked_head_loss(norm, &head, None, &top, &none, 1.0, 4),
+            0.0
+        );
         assert!(!top.grad().defined());
     }
 
@@ -566,15 +577,15 @@ mod tests {
             bytes.extend((0..32).map(|_| (rng.next_u32() & 0xff) as u8));
         }
         let table = Q8Weight::from_gguf(GgmlType::Q8_0, &bytes, v as usize, h as usize).unwrap();
-        let dense = FrozenHead::Dense(table.dequantize(Kind::Float));
-        let packed = FrozenHead::Q8(table);
+        let dense = Linear::dense(table.dequantize(Kind::Float));
+        let packed = Linear::int8(table);
         let x = values(b * t * h, 3).reshape([b, t, h]);
         let ids: Vec<i64> = (0..b * t).map(|i| (i * 4447) % v).collect();
         let targets = Tensor::from_slice(&ids).reshape([b, t]);
         let norm = |x: &Tensor| x * 2.0;
-        let run = |head: &FrozenHead| {
+        let run = |head: &Linear| {
             let top = x.detach().set_requires_grad(true);
-            let loss = chunked_head_loss(norm, head, &top, &targets, 5.0, 4);
+            let loss = chunked_head_loss(norm, head, None, &top, &targets, 5.0, 4);
             (loss, top.grad())
         };
         let (want, want_grad) = run(&dense);
