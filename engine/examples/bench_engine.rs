@@ -18,7 +18,7 @@ use serde_json::json;
 use tch::{Device, Kind, Tensor};
 use tessera_engine::engine::{Engine, EngineConfig, GenerateRequest};
 use tessera_engine::lora::{LoraAdapter, Proj};
-use tessera_engine::model_config::LlamaConfig;
+use tessera_engine::model::ModelConfig;
 use tessera_engine::scheduler::SchedulerConfig;
 use tessera_engine::{Event, SamplingParams};
 
@@ -88,7 +88,7 @@ fn bandwidth_gb_s(device: Device) -> f64 {
 
 /// Bytes of weights one decode step reads: every layer, the final norm and the output matrix (the
 /// embedding table only through one row per token).
-fn decode_weight_bytes(c: &LlamaConfig, kind: Kind) -> f64 {
+fn decode_weight_bytes(c: &ModelConfig, kind: Kind) -> f64 {
     let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
     let q = (c.num_attention_heads * c.head_dim) as f64;
     let kv = (c.num_key_value_heads * c.head_dim) as f64;
@@ -296,7 +296,7 @@ fn rss_bytes() -> u64 {
 }
 
 /// A random PEFT adapter of rank `r` on q, k, v and o (B not zero, so it does change outputs).
-fn write_adapter(dir: &Path, c: &LlamaConfig, r: i64, seed: i64) -> anyhow::Result<PathBuf> {
+fn write_adapter(dir: &Path, c: &ModelConfig, r: i64, seed: i64) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     tch::manual_seed(seed);
     let targets = [Proj::Q, Proj::K, Proj::V, Proj::O];

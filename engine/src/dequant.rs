@@ -1,5 +1,5 @@
-//! Dequantisation of GGUF tensor data to float32: F32, F16, BF16, Q8_0, Q4_0, Q4_1 and the
-//! K-quants Q2_K to Q8_K ([`crate::dequant_k`]), the block formats of llama.cpp's
+//! Dequantisation of GGUF tensor data to float32: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1
+//! and the K-quants Q2_K to Q8_K ([`crate::dequant_k`]), the block formats of llama.cpp's
 //! `ggml-quants.c`. Other types (IQ formats and the like) are refused by name.
 
 use half::{bf16, f16};
@@ -11,7 +11,7 @@ use crate::gguf::GgmlType;
 pub enum DequantError {
     #[error(
         "tensor `{tensor}` uses ggml type {ty:?}, which Tessera does not dequantise \
-         (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K)"
+         (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K)"
     )]
     Unsupported { tensor: String, ty: GgmlType },
     #[error(
@@ -43,6 +43,8 @@ pub fn dequantize(
         GgmlType::Q8_0 => (32, 34),
         GgmlType::Q4_0 => (32, 18),
         GgmlType::Q4_1 => (32, 20),
+        GgmlType::Q5_0 => (32, 22),
+        GgmlType::Q5_1 => (32, 24),
         GgmlType::Q2K
         | GgmlType::Q3K
         | GgmlType::Q4K
@@ -114,6 +116,19 @@ pub fn dequantize(
                 out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
             }
         }
+        GgmlType::Q5_0 => {
+            for b in bytes.chunks_exact(22) {
+                let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                out.extend(q5_values(&b[2..]).map(|q| (q as i32 - 16) as f32 * d));
+            }
+        }
+        GgmlType::Q5_1 => {
+            for b in bytes.chunks_exact(24) {
+                let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                let m = f16::from_le_bytes([b[2], b[3]]).to_f32();
+                out.extend(q5_values(&b[4..]).map(|q| q as f32 * d + m));
+            }
+        }
         GgmlType::Q2K
         | GgmlType::Q3K
         | GgmlType::Q4K
@@ -135,6 +150,22 @@ pub fn dequantize(
         _ => unreachable!("checked above"),
     }
     Ok(out)
+}
+
+/// The 32 5-bit values (`0..32`, in order) of a Q5_0 / Q5_1 block from its `qh` (4 bytes: bit
+/// `j` is the fifth bit of value `j`) and `qs` (16 bytes: value `j`'s low four bits in the low
+/// nibble of byte `j`, value `16 + j`'s in the high nibble), as `ggml-quants.c` lays them out.
+pub fn q5_values(block: &[u8]) -> impl Iterator<Item = u8> + '_ {
+    let qh = u32::from_le_bytes([block[0], block[1], block[2], block[3]]);
+    let qs = &block[4..20];
+    (0..32).map(move |i| {
+        let (low, high) = if i < 16 {
+            (qs[i] & 0x0f, (qh >> i) & 1)
+        } else {
+            (qs[i - 16] >> 4, (qh >> i) & 1)
+        };
+        low | ((high as u8) << 4)
+    })
 }
 
 #[cfg(test)]
@@ -205,7 +236,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_tensor() {
-        let e = dequantize("blk.0.attn_q.weight", GgmlType::Q5_0, &[0; 22], 32).unwrap_err();
+        let e = dequantize("blk.0.attn_q.weight", GgmlType::Other(16), &[0; 66], 256).unwrap_err();
         assert!(matches!(e, DequantError::Unsupported { .. }));
         assert!(e.to_string().contains("blk.0.attn_q.weight"), "{e}");
         let e = dequantize("x", GgmlType::Q8_0, &[0; 34], 16).unwrap_err();

@@ -220,7 +220,11 @@ fn load_holding(
             source,
         })?;
         let tokenizer = Tokenizer::from_hf_dir(path, &config.eos_token_ids)?;
-        (WeightMap::from_safetensors_dir(path)?, config, tokenizer)
+        (
+            WeightMap::from_safetensors_dir(path)?.split_fused(&config),
+            config,
+            tokenizer,
+        )
     } else if is_gguf(path)? {
         let g = GgufFile::open(path)?;
         let config = ModelConfig::from_gguf(&g).map_err(|source| LoadError::Config {

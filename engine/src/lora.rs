@@ -100,6 +100,96 @@ impl Proj {
     }
 }
 
+/// A module a PEFT adapter targets: one projection, or a fused checkpoint module (Phi-3's
+/// `qkv_proj` and `gate_up_proj`), whose LoRA is one A and one B over the parts' stacked outputs.
+/// Tessera applies a fused module's LoRA as one slice per part: the shared A and that part's rows
+/// of B, which computes the same delta.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Module {
+    One(Proj),
+    Qkv,
+    GateUp,
+}
+
+impl Module {
+    /// PEFT's module name (`q_proj`, `qkv_proj`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Module::One(p) => p.name(),
+            Module::Qkv => "qkv_proj",
+            Module::GateUp => "gate_up_proj",
+        }
+    }
+
+    /// The module path inside a decoder layer.
+    pub fn path(self) -> &'static str {
+        match self {
+            Module::One(p) => p.module(),
+            Module::Qkv => "self_attn.qkv_proj",
+            Module::GateUp => "mlp.gate_up_proj",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Module> {
+        match name {
+            "qkv_proj" => Some(Module::Qkv),
+            "gate_up_proj" => Some(Module::GateUp),
+            _ => Proj::from_name(name).map(Module::One),
+        }
+    }
+
+    fn from_path(path: &str) -> Option<Module> {
+        [Module::Qkv, Module::GateUp]
+            .into_iter()
+            .chain(Proj::ALL.map(Module::One))
+            .find(|m| m.path() == path)
+    }
+
+    /// Its projections with the first row and the rows of each in the module's output.
+    pub fn parts(self, c: &ModelConfig) -> Vec<(Proj, i64, i64)> {
+        let mut start = 0;
+        let projs: &[Proj] = match self {
+            Module::One(p) => return vec![(p, 0, p.dims(c).1)],
+            Module::Qkv => &[Proj::Q, Proj::K, Proj::V],
+            Module::GateUp => &[Proj::Gate, Proj::Up],
+        };
+        projs
+            .iter()
+            .map(|&p| {
+                let rows = p.dims(c).1;
+                start += rows;
+                (p, start - rows, rows)
+            })
+            .collect()
+    }
+
+    /// `(in_features, out_features)` of the whole module.
+    pub fn dims(self, c: &ModelConfig) -> (i64, i64) {
+        let parts = self.parts(c);
+        (parts[0].0.dims(c).0, parts.iter().map(|p| p.2).sum())
+    }
+
+    /// The modules a checkpoint has for `projs`: fused ones where the family's checkpoint fuses
+    /// them (all of q, k, v, or gate and up, then), one per projection otherwise.
+    pub fn for_targets(projs: &[Proj], c: &ModelConfig) -> Vec<Module> {
+        if !c.arch.fused_checkpoint_modules {
+            return projs.iter().map(|&p| Module::One(p)).collect();
+        }
+        let mut out = Vec::new();
+        for &p in projs {
+            let m = match p {
+                Proj::Q | Proj::K | Proj::V => Module::Qkv,
+                Proj::Gate | Proj::Up => Module::GateUp,
+                other => Module::One(other),
+            };
+            if !out.contains(&m) {
+                out.push(m);
+            }
+        }
+        out
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoraError {
     #[error("adapter {path}: {source}")]
@@ -111,7 +201,7 @@ pub enum LoraError {
     Config { path: PathBuf, message: String },
     #[error("adapter {path}: {feature} is not supported")]
     Unsupported { path: PathBuf, feature: String },
-    #[error("adapter {path}: unknown target module `{module}` (supported: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")]
+    #[error("adapter {path}: unknown target module `{module}` (supported: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, and Phi-3's qkv_proj, gate_up_proj)")]
     UnknownTarget { path: PathBuf, module: String },
     #[error("adapter {path}: unexpected tensor `{key}`")]
     UnexpectedKey { path: PathBuf, key: String },
@@ -299,18 +389,19 @@ impl LoraAdapter {
         }
         let names = match &cfg.target_modules {
             TargetModules::List(list) => list.clone(),
-            TargetModules::One(s) if s == "all-linear" => {
-                Proj::ALL.iter().map(|p| p.name().to_string()).collect()
-            }
+            TargetModules::One(s) if s == "all-linear" => Module::for_targets(&Proj::ALL, model)
+                .iter()
+                .map(|m| m.name().to_string())
+                .collect(),
             TargetModules::One(s) => vec![s.clone()],
         };
-        let mut targets = Vec::new();
+        let mut modules = Vec::new();
         for name in names {
-            let proj = Proj::from_name(&name).ok_or_else(|| LoraError::UnknownTarget {
+            let module = Module::from_name(&name).ok_or_else(|| LoraError::UnknownTarget {
                 path: path.clone(),
                 module: name.clone(),
             })?;
-            targets.push(proj);
+            modules.push(module);
         }
 
         let file = path.join("adapter_model.safetensors");
@@ -328,17 +419,17 @@ impl LoraAdapter {
         let mut weights: Vec<[Option<(Tensor, Tensor)>; 7]> = (0..model.num_hidden_layers)
             .map(|_| Default::default())
             .collect();
-        let mut halves: HashMap<(usize, Proj), (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+        let mut halves: HashMap<(usize, Module), (Option<Tensor>, Option<Tensor>)> = HashMap::new();
         for (name, tensor) in tensors {
             let unexpected = || LoraError::UnexpectedKey {
                 path: path.clone(),
                 key: name.clone(),
             };
-            let (layer, proj, is_a) = parse_key(&name).ok_or_else(unexpected)?;
-            if layer >= model.num_hidden_layers || !targets.contains(&proj) {
+            let (layer, module, is_a) = parse_key(&name).ok_or_else(unexpected)?;
+            if layer >= model.num_hidden_layers || !modules.contains(&module) {
                 return Err(unexpected());
             }
-            let (fan_in, fan_out) = proj.dims(model);
+            let (fan_in, fan_out) = module.dims(model);
             let expected = if is_a {
                 vec![cfg.r, fan_in]
             } else {
@@ -352,7 +443,7 @@ impl LoraAdapter {
                     found: tensor.size(),
                 });
             }
-            let slot = halves.entry((layer, proj)).or_default();
+            let slot = halves.entry((layer, module)).or_default();
             let t = tensor.to_kind(Kind::Float);
             if is_a {
                 slot.0 = Some(t);
@@ -363,10 +454,19 @@ impl LoraAdapter {
         if halves.is_empty() {
             return Err(LoraError::Empty { path });
         }
-        for ((layer, proj), pair) in halves {
-            let key = format!("layers.{layer}.{}", proj.module());
+        let mut targets = Vec::new();
+        for ((layer, module), pair) in halves {
+            let key = format!("layers.{layer}.{}", module.path());
             match pair {
-                (Some(a), Some(b)) => weights[layer][proj.index()] = Some((a, b)),
+                (Some(a), Some(b)) => {
+                    for (proj, start, rows) in module.parts(model) {
+                        weights[layer][proj.index()] =
+                            Some((a.shallow_clone(), b.narrow(0, start, rows)));
+                        if !targets.contains(&proj) {
+                            targets.push(proj);
+                        }
+                    }
+                }
                 (Some(_), None) => {
                     return Err(LoraError::Unpaired {
                         path,
@@ -447,8 +547,9 @@ impl LoraAdapter {
     }
 }
 
-/// `base_model.model.model.layers.{L}.{self_attn|mlp}.{proj}.lora_{A|B}.weight` → (L, proj, is_A).
-fn parse_key(key: &str) -> Option<(usize, Proj, bool)> {
+/// `base_model.model.model.layers.{L}.{self_attn|mlp}.{module}.lora_{A|B}.weight` → (L, module,
+/// is_A).
+fn parse_key(key: &str) -> Option<(usize, Module, bool)> {
     let rest = key.strip_prefix("base_model.model.model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
     let layer = layer.parse().ok()?;
@@ -458,8 +559,7 @@ fn parse_key(key: &str) -> Option<(usize, Proj, bool)> {
         "B.weight" => false,
         _ => return None,
     };
-    let proj = Proj::ALL.into_iter().find(|p| p.module() == module)?;
-    Some((layer, proj, is_a))
+    Some((layer, Module::from_path(module)?, is_a))
 }
 
 /// (A, B × scale) of one projection, one pair per shard.
@@ -532,11 +632,15 @@ mod tests {
     fn peft_keys_parse() {
         assert_eq!(
             parse_key("base_model.model.model.layers.7.mlp.down_proj.lora_B.weight"),
-            Some((7, Proj::Down, false))
+            Some((7, Module::One(Proj::Down), false))
         );
         assert_eq!(
             parse_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"),
-            Some((0, Proj::Q, true))
+            Some((0, Module::One(Proj::Q), true))
+        );
+        assert_eq!(
+            parse_key("base_model.model.model.layers.2.self_attn.qkv_proj.lora_B.weight"),
+            Some((2, Module::Qkv, false))
         );
         assert_eq!(
             parse_key("model.layers.0.self_attn.q_proj.lora_A.weight"),

@@ -1,4 +1,4 @@
-//! A Q8_0 matrix kept 8-bit (issue 14): a token table (the embedding, and the `lm_head` it is tied
+//! A Q8_0 matrix (or a Q5_0 one, exactly) kept 8-bit (issue 14): a token table (the embedding, and the `lm_head` it is tied
 //! to) or a projection, as int8 values with one float32 scale per 32 (GGUF's Q8_0, `w = d·q`), a
 //! quarter of float32's bytes. A lookup dequantises only the rows it reads. The matmul reads the
 //! int8 rows with the integer kernel (`crate::int_dot`) for decode-sized batches, and dequantises
@@ -29,16 +29,26 @@ pub struct Q8Weight {
 }
 
 impl Q8Weight {
-    /// Reads a GGUF Q8_0 tensor of `rows × cols` (`None` for another type or a partial block).
+    /// Reads a GGUF Q8_0 tensor of `rows × cols`, or a Q5_0 one, whose values `(q − 16)·d` are
+    /// 8-bit values with the same scale exactly (`None` for another type or a partial block).
     pub fn from_gguf(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        if ty != GgmlType::Q8_0 || cols % GROUP != 0 || bytes.len() != rows * cols / GROUP * 34 {
+        let block_bytes = match ty {
+            GgmlType::Q8_0 => 34,
+            GgmlType::Q5_0 => 22,
+            _ => return None,
+        };
+        if cols % GROUP != 0 || bytes.len() != rows * cols / GROUP * block_bytes {
             return None;
         }
         let mut q = Vec::with_capacity(rows * cols);
         let mut d = Vec::with_capacity(rows * cols / GROUP);
-        for b in bytes.chunks_exact(34) {
+        for b in bytes.chunks_exact(block_bytes) {
             d.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
-            q.extend(b[2..].iter().map(|&v| v as i8));
+            if ty == GgmlType::Q8_0 {
+                q.extend(b[2..].iter().map(|&v| v as i8));
+            } else {
+                q.extend(crate::dequant::q5_values(&b[2..]).map(|v| v as i8 - 16));
+            }
         }
         let (rows, cols) = (rows as i64, cols as i64);
         Some(Self {
@@ -401,5 +411,22 @@ mod tests {
         let want = dense.sum_dim_intlist([0i64].as_slice(), false, Kind::Float);
         let diff = (x.grad() - want.unsqueeze(0)).abs().max().double_value(&[]);
         assert!(diff < 1e-5, "{diff}");
+    }
+
+    #[test]
+    fn a_q5_0_tensor_is_held_8_bit_with_its_exact_values() {
+        let (rows, cols) = (16usize, 64usize);
+        let mut rng = crate::test_rng::Lcg::new(21);
+        let mut bytes = Vec::new();
+        for _ in 0..rows * cols / GROUP {
+            bytes.extend(f16::from_f32(0.002 + (rng.next_u32() % 100) as f32 * 1e-4).to_le_bytes());
+            bytes.extend((0..20).map(|_| (rng.next_u32() & 0xff) as u8));
+        }
+        let dense =
+            Tensor::from_slice(&dequantize("t", GgmlType::Q5_0, &bytes, rows * cols).unwrap())
+                .reshape([rows as i64, cols as i64]);
+        let t = Q8Weight::from_gguf(GgmlType::Q5_0, &bytes, rows, cols).unwrap();
+        assert!(t.dequantize(Kind::Float).equal(&dense));
+        assert!(Q8Weight::from_gguf(GgmlType::Q5_1, &bytes, rows, cols).is_none());
     }
 }

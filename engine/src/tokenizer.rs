@@ -319,6 +319,8 @@ fn common_prefix(a: &str, b: &str) -> usize {
 }
 
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's (and Qwen3's) split: Llama 3's with single digits.
+const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn read(path: &Path) -> Result<String, TokenizerError> {
     std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
@@ -345,15 +347,15 @@ fn byte_level_spec(
         // SmolLM: single digits split off before byte-level BPE.
         "smollm" => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, byte_level]}),
-        "llama-bpe" | "llama3" => json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": false},
-            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
+        "llama-bpe" | "llama3" | "llama-v3" => split_then_bytes(LLAMA3_PATTERN),
+        // Qwen2, Qwen2.5 and Qwen3 (`Qwen2Tokenizer`'s split: single digits).
+        "qwen2" | "deepseek-r1-qwen" => split_then_bytes(QWEN2_PATTERN),
         other => {
             return Err(TokenizerError::GgufKey {
                 key: "tokenizer.ggml.pre".into(),
                 message: format!(
-                    "is `{other}`; supported pre-tokenizers: default, gpt2, smollm, llama-bpe"
-                ),
+                "is `{other}`; supported pre-tokenizers: default, gpt2, smollm, llama-bpe, qwen2"
+            ),
             })
         }
     };
@@ -374,26 +376,57 @@ fn byte_level_spec(
     }))
 }
 
+/// A split by `pattern` (isolated), then byte-level encoding without its own regex.
+fn split_then_bytes(pattern: &str) -> Json {
+    json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]})
+}
+
 /// `tokenizer.json` of a GGUF `llama` (SentencePiece) vocabulary, as transformers builds it from
 /// the same file (`LlamaTokenizer`): BPE over `▁`-spaced text with byte fallback (`<0x41>`), the
 /// merges the file lists or, as usual, the ones its scores imply ([`merges_from_scores`]), a
-/// `▁` prepended to the first word unless `tokenizer.ggml.add_space_prefix` is false.
+/// `▁` prepended to the first word unless `tokenizer.ggml.add_space_prefix` is false. Two
+/// families differ, as in transformers' GGUF conversion: Gemma files store a token of several
+/// spaces as spaces (respelled `▁▁…`) and rank merges by file position, not score; Phi-3
+/// prepends `▁` to the whole text (a normalizer) rather than to the first word.
 fn sentencepiece_spec(
     g: &GgufFile,
     tokens: &[String],
     added: Vec<Json>,
 ) -> Result<Json, TokenizerError> {
+    let arch = g.architecture().unwrap_or("llama");
+    let gemma = arch.starts_with("gemma");
+    let respelled: Vec<String>;
+    let tokens = if gemma {
+        respelled = tokens
+            .iter()
+            .map(|t| {
+                if t.contains(' ') && t.trim().is_empty() {
+                    "\u{2581}".repeat(t.chars().count())
+                } else {
+                    t.clone()
+                }
+            })
+            .collect();
+        &respelled[..]
+    } else {
+        tokens
+    };
     let merges: Vec<Json> = match g.get("tokenizer.ggml.merges") {
         Some(_) => strings(g, "tokenizer.ggml.merges")?
             .into_iter()
             .map(Json::String)
             .collect(),
         None => {
-            let scores: Vec<f64> = g
-                .get_array("tokenizer.ggml.scores")?
-                .iter()
-                .map(|v| v.as_f64().unwrap_or(0.0))
-                .collect();
+            let scores: Vec<f64> = if gemma {
+                (0..tokens.len()).map(|i| -(i as f64)).collect()
+            } else {
+                g.get_array("tokenizer.ggml.scores")?
+                    .iter()
+                    .map(|v| v.as_f64().unwrap_or(0.0))
+                    .collect()
+            };
             merges_from_scores(tokens, &scores)
                 .into_iter()
                 .map(|(l, r)| json!([l, r]))
@@ -418,14 +451,27 @@ fn sentencepiece_spec(
     if prefix {
         decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
     }
+    let (normalizer, pre_tokenizer) = if arch == "phi3" {
+        (
+            json!({"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "\u{2581}"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]}),
+            Json::Null,
+        )
+    } else {
+        (
+            Json::Null,
+            json!({"type": "Metaspace", "replacement": "\u{2581}",
+                   "prepend_scheme": if prefix { "first" } else { "never" }, "split": false}),
+        )
+    };
     Ok(json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
         "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}",
-                          "prepend_scheme": if prefix { "first" } else { "never" }, "split": false},
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
         "post_processor": null,
         "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {"type": "BPE", "dropout": null, "unk_token": unk,

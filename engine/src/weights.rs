@@ -1,6 +1,8 @@
 //! Model weights by Hugging Face name, loaded on the CPU from a safetensors model directory (one
 //! file or shards with `model.safetensors.index.json`) or from a GGUF file (dequantised, with
-//! llama.cpp's Q/K row permutation undone), then taken one by one with their shape checked.
+//! llama.cpp's Q/K row permutation undone on Llama-architecture files), then taken one by one with
+//! their shape checked. Fused checkpoint modules (Phi-3's `qkv_proj` and `gate_up_proj`, a GGUF
+//! `attn_qkv`) are split into q, k, v and gate, up by rows, so the model sees one naming.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,7 +11,7 @@ use tch::{Kind, Tensor};
 
 use crate::dequant::{dequantize, DequantError};
 use crate::gguf::{GgufError, GgufFile};
-use crate::model::ModelConfig;
+use crate::model::{Family, ModelConfig};
 use crate::packed::Int4Weight;
 use crate::q8_weight::Q8Weight;
 
@@ -99,6 +101,15 @@ impl LinearWeight {
         }
     }
 
+    /// The same rows reordered by `f` (a function of a `[rows, n]` matrix that permutes rows).
+    pub fn map_rows(self, f: impl Fn(&Tensor) -> Tensor) -> LinearWeight {
+        match self {
+            LinearWeight::Dense(t) => LinearWeight::Dense(f(&t)),
+            LinearWeight::Int4(w) => LinearWeight::Int4(w.map_rows(f)),
+            LinearWeight::Int8(w) => LinearWeight::Int8(w.map_rows(f)),
+        }
+    }
+
     /// Output rows `start .. start + len` (a column-parallel shard), held as it is.
     pub fn narrow_rows(&self, start: i64, len: i64) -> LinearWeight {
         match self {
@@ -142,12 +153,63 @@ fn is_projection(name: &str) -> bool {
         "self_attn.k_proj.weight",
         "self_attn.v_proj.weight",
         "self_attn.o_proj.weight",
+        "self_attn.qkv_proj.weight",
         "mlp.gate_proj.weight",
         "mlp.up_proj.weight",
         "mlp.down_proj.weight",
+        "mlp.gate_up_proj.weight",
     ]
     .iter()
     .any(|p| name.ends_with(p))
+}
+
+/// The parts of a fused checkpoint tensor (`…qkv_proj.weight|bias`, `…gate_up_proj.weight`) as
+/// (name, first row, rows); `None` for any other tensor.
+fn fused_parts(name: &str, c: &ModelConfig) -> Option<Vec<(String, i64, i64)>> {
+    let d = c.head_dim as i64;
+    let (q, kv, ff) = (
+        c.num_attention_heads as i64 * d,
+        c.num_key_value_heads as i64 * d,
+        c.intermediate_size as i64,
+    );
+    let (prefix, suffix, parts): (&str, &str, Vec<(&str, i64)>) =
+        if let Some((p, s)) = name.split_once("self_attn.qkv_proj.") {
+            (p, s, vec![("q_proj", q), ("k_proj", kv), ("v_proj", kv)])
+        } else if let Some((p, s)) = name.split_once("mlp.gate_up_proj.") {
+            (p, s, vec![("gate_proj", ff), ("up_proj", ff)])
+        } else {
+            return None;
+        };
+    let module = if parts.len() == 3 { "self_attn" } else { "mlp" };
+    let mut start = 0;
+    Some(
+        parts
+            .into_iter()
+            .map(|(part, rows)| {
+                start += rows;
+                (
+                    format!("{prefix}{module}.{part}.{suffix}"),
+                    start - rows,
+                    rows,
+                )
+            })
+            .collect(),
+    )
+}
+
+/// How many heads a q or k projection's rows hold (the rows llama.cpp's converter permutes on
+/// Llama-architecture files), `None` for other tensors.
+fn rope_heads(name: &str, c: &ModelConfig) -> Option<i64> {
+    if !matches!(c.arch.family, Family::Llama | Family::Mistral) {
+        return None;
+    }
+    if name.ends_with("self_attn.q_proj.weight") {
+        Some(c.num_attention_heads as i64)
+    } else if name.ends_with("self_attn.k_proj.weight") {
+        Some(c.num_key_value_heads as i64)
+    } else {
+        None
+    }
 }
 
 impl WeightMap {
@@ -201,41 +263,39 @@ impl WeightMap {
     }
 
     /// Every tensor of a GGUF file under its Hugging Face name: dequantised to float32, except,
-    /// with `pack`, the Q4_0 / Q4_1 / Q4_K projections, kept 4-bit, and the Q8_0 ones, kept 8-bit
-    /// ([`WeightMap::take_linear`]),
-    /// and a Q8_0 embedding or `lm_head`, kept 8-bit ([`WeightMap::take_table`]).
+    /// with `pack`, the Q4_0 / Q4_1 / Q4_K projections, kept 4-bit, and the Q8_0 (and Q5_0)
+    /// ones, kept 8-bit ([`WeightMap::take_linear`]), and a Q8_0 embedding or `lm_head`, kept
+    /// 8-bit ([`WeightMap::take_table`]).
     pub fn from_gguf(g: &GgufFile, config: &ModelConfig, pack: bool) -> Result<Self, WeightsError> {
         let mut tensors = HashMap::new();
         let mut packed = HashMap::new();
         let mut tables = HashMap::new();
         for info in &g.tensors {
-            let Some(name) = hf_name(&info.name) else {
+            let Some(name) = hf_name(&info.name, config.arch.family) else {
                 tracing::debug!(tensor = %info.name, "GGUF tensor not used by the model");
                 continue;
             };
             let bytes = g.read_tensor_bytes(info)?;
-            let heads = if name.ends_with("self_attn.q_proj.weight") {
-                Some(config.num_attention_heads as i64)
-            } else if name.ends_with("self_attn.k_proj.weight") {
-                Some(config.num_key_value_heads as i64)
-            } else {
-                None
-            };
+            let rows = info.shape.first().copied().unwrap_or(1) as i64;
+            let pieces =
+                fused_parts(&name, config).unwrap_or_else(|| vec![(name.clone(), 0, rows)]);
             if pack && is_projection(&name) && info.shape.len() == 2 {
                 let (rows, cols) = (info.shape[0], info.shape[1]);
-                let unpermute = |t: &Tensor| match heads {
-                    Some(h) => unpermute_rope_rows(t, h),
-                    None => t.shallow_clone(),
-                };
-                let kept =
-                    if let Some(w) = Int4Weight::from_gguf(info.ggml_type, &bytes, rows, cols) {
-                        Some(LinearWeight::Int4(w.map_rows(unpermute)))
-                    } else {
+                let whole = Int4Weight::from_gguf(info.ggml_type, &bytes, rows, cols)
+                    .map(LinearWeight::Int4)
+                    .or_else(|| {
                         Q8Weight::from_gguf(info.ggml_type, &bytes, rows, cols)
-                            .map(|w| LinearWeight::Int8(w.map_rows(unpermute)))
-                    };
-                if let Some(w) = kept {
-                    packed.insert(name, w);
+                            .map(LinearWeight::Int8)
+                    });
+                if let Some(whole) = whole {
+                    for (part, start, len) in pieces {
+                        let w = whole.narrow_rows(start, len);
+                        let w = match rope_heads(&part, config) {
+                            Some(h) => w.map_rows(|t| unpermute_rope_rows(t, h)),
+                            None => w,
+                        };
+                        packed.insert(part, w);
+                    }
                     continue;
                 }
             }
@@ -250,19 +310,40 @@ impl WeightMap {
             }
             let values = dequantize(&info.name, info.ggml_type, &bytes, info.numel())?;
             let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
-            let mut t = Tensor::from_slice(&values).reshape(&shape);
-            if name.ends_with("self_attn.q_proj.weight") {
-                t = unpermute_rope_rows(&t, config.num_attention_heads as i64);
-            } else if name.ends_with("self_attn.k_proj.weight") {
-                t = unpermute_rope_rows(&t, config.num_key_value_heads as i64);
+            let whole = Tensor::from_slice(&values).reshape(&shape);
+            for (part, start, len) in pieces {
+                let t = whole.narrow(0, start, len).contiguous();
+                let t = match rope_heads(&part, config) {
+                    Some(h) => unpermute_rope_rows(&t, h),
+                    None => t,
+                };
+                tensors.insert(part, t);
             }
-            tensors.insert(name, t);
         }
         Ok(Self {
             tensors,
             packed,
             tables,
         })
+    }
+
+    /// Splits the fused checkpoint tensors of a Hugging Face directory (Phi-3's `qkv_proj` and
+    /// `gate_up_proj`) into their parts by rows.
+    pub fn split_fused(mut self, config: &ModelConfig) -> Self {
+        let fused: Vec<String> = self
+            .tensors
+            .keys()
+            .filter(|n| fused_parts(n, config).is_some())
+            .cloned()
+            .collect();
+        for name in fused {
+            let t = self.tensors.remove(&name).expect("listed above");
+            for (part, start, len) in fused_parts(&name, config).expect("fused") {
+                self.tensors
+                    .insert(part, t.narrow(0, start, len).contiguous());
+            }
+        }
+        self
     }
 
     /// Removes a linear layer's weight, 4-bit or 8-bit when it was kept so, checking its shape.
@@ -357,8 +438,9 @@ fn unpermute_rope_rows(w: &Tensor, heads: i64) -> Tensor {
         .reshape([rows, cols])
 }
 
-/// GGUF tensor name → Hugging Face name (`None` for tensors the model does not use).
-fn hf_name(gguf: &str) -> Option<String> {
+/// GGUF tensor name → Hugging Face name under `family`'s checkpoint naming (`None` for tensors
+/// the model does not use, such as `rope_freqs.weight`, which the configuration reads).
+fn hf_name(gguf: &str, family: Family) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -368,22 +450,36 @@ fn hf_name(gguf: &str) -> Option<String> {
     if let Some(name) = fixed {
         return Some(name.to_string());
     }
+    let gemma = matches!(family, Family::Gemma2 | Family::Gemma3);
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, part) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let hf = match part {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
+    let (module, kind) = part.rsplit_once('.')?;
+    let hf = match module {
+        "attn_norm" => "input_layernorm",
+        // Llama's norm before the MLP; Gemma's `pre_feedforward_layernorm`.
+        "ffn_norm" if gemma => "pre_feedforward_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "post_attention_norm" => "post_attention_layernorm",
+        "post_ffw_norm" => "post_feedforward_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_qkv" => "self_attn.qkv_proj",
+        "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "ffn_gate" => "mlp.gate_proj",
+        // Phi-3 stores gate|up as one `ffn_up`.
+        "ffn_up" if family == Family::Phi3 => "mlp.gate_up_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
         _ => return None,
     };
-    Some(format!("model.layers.{layer}.{hf}"))
+    if !matches!(kind, "weight" | "bias") {
+        return None;
+    }
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
 
 #[cfg(test)]
@@ -407,13 +503,29 @@ mod tests {
     #[test]
     fn gguf_names_map_to_hf_names() {
         assert_eq!(
-            hf_name("blk.12.attn_q.weight").as_deref(),
+            hf_name("blk.12.attn_q.weight", Family::Llama).as_deref(),
             Some("model.layers.12.self_attn.q_proj.weight")
         );
         assert_eq!(
-            hf_name("token_embd.weight").as_deref(),
+            hf_name("token_embd.weight", Family::Llama).as_deref(),
             Some("model.embed_tokens.weight")
         );
-        assert_eq!(hf_name("rope_freqs.weight"), None);
+        assert_eq!(hf_name("rope_freqs.weight", Family::Llama), None);
+        assert_eq!(
+            hf_name("blk.0.ffn_norm.weight", Family::Gemma3).as_deref(),
+            Some("model.layers.0.pre_feedforward_layernorm.weight")
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_norm.weight", Family::Qwen2).as_deref(),
+            Some("model.layers.0.post_attention_layernorm.weight")
+        );
+        assert_eq!(
+            hf_name("blk.3.attn_q.bias", Family::Qwen2).as_deref(),
+            Some("model.layers.3.self_attn.q_proj.bias")
+        );
+        assert_eq!(
+            hf_name("blk.1.ffn_up.weight", Family::Phi3).as_deref(),
+            Some("model.layers.1.mlp.gate_up_proj.weight")
+        );
     }
 }

@@ -16,8 +16,8 @@ use tessera_engine::gguf::GgufFile;
 use tessera_engine::loader::{load_with, Quantization};
 use tessera_engine::lora::LoraAdapter;
 use tessera_engine::lora_bank::LoraBank;
-use tessera_engine::model::Llama;
-use tessera_engine::model_config::LlamaConfig;
+use tessera_engine::model::Model;
+use tessera_engine::model::ModelConfig;
 use tessera_engine::packed::Int4Mode;
 use tessera_engine::step::{LogitRows, Segment, StepBatch};
 use tessera_engine::weights::WeightMap;
@@ -40,7 +40,7 @@ type Adapters<'a> = Option<(&'a LoraBank, [Option<usize>; 3])>;
 /// Greedy decoding of [`PROMPTS`] for `steps` steps, with `adapters` if given: the logits of every
 /// decode step and each sequence's tokens. Every third step only the first sequence decodes (a
 /// one-row step).
-fn decode(model: &Llama, steps: usize, adapters: Adapters) -> (Vec<Tensor>, Vec<Vec<i64>>) {
+fn decode(model: &Model, steps: usize, adapters: Adapters) -> (Vec<Tensor>, Vec<Vec<i64>>) {
     let mut cache = model.new_cache(6, 32);
     let mut seqs: Vec<(i64, i64, Vec<i64>)> = Vec::new();
     let lora = |rows: Vec<Option<usize>>| {
@@ -97,7 +97,7 @@ fn decode(model: &Llama, steps: usize, adapters: Adapters) -> (Vec<Tensor>, Vec<
 /// agree, and returns the fused logits of the first mode.
 fn compare_paths(
     gguf: &std::path::Path,
-    adapters: &dyn Fn(&Llama) -> Option<LoraBank>,
+    adapters: &dyn Fn(&Model) -> Option<LoraBank>,
     rows: [Option<usize>; 3],
 ) -> Vec<Tensor> {
     let mut first = None;
@@ -111,9 +111,9 @@ fn compare_paths(
         (Int4Mode::IntDot, 1e-3),
     ] {
         let g = GgufFile::open(gguf).unwrap();
-        let config = LlamaConfig::from_gguf(&g).unwrap();
+        let config = ModelConfig::from_gguf(&g).unwrap();
         let weights = WeightMap::from_gguf(&g, &config, true).unwrap();
-        let model = Llama::load(weights, config, &[Device::Cpu], Kind::Float, mode).unwrap();
+        let model = Model::load(weights, config, &[Device::Cpu], Kind::Float, mode).unwrap();
         let bank = adapters(&model);
         let with = bank.as_ref().map(|b| (b, rows));
         assert!(
@@ -174,7 +174,7 @@ fn fused_decode_steps_apply_each_rows_adapter() {
     // of rank 8 on q and v only (so q's slice holds both, k's only the first).
     let a = tiny::write_adapter(&dir.path().join("a"), 4, 8.0, &tiny::ALL_TARGETS, 1);
     let b = tiny::write_adapter(&dir.path().join("b"), 8, 16.0, &["q_proj", "v_proj"], 2);
-    let bank = |model: &Llama| {
+    let bank = |model: &Model| {
         let placed = [&a, &b]
             .iter()
             .map(|d| {

@@ -46,7 +46,7 @@ static ALLOCATOR: Tracking = Tracking;
 /// No single allocation while parsing a small file may exceed this.
 const ALLOCATION_LIMIT: usize = 16 << 20;
 
-/// A complete tiny Llama GGUF: the metadata `LlamaConfig::from_gguf` reads, a tokenizer vocabulary,
+/// A complete tiny Llama GGUF: the metadata `ModelConfig::from_gguf` reads, a tokenizer vocabulary,
 /// a nested array, and two F32 tensors.
 fn tiny_gguf() -> Vec<u8> {
     let mut w = GgufWriter::new();
@@ -89,7 +89,7 @@ fn open(dir: &Path, bytes: &[u8]) -> (Result<GgufFile, GgufError>, usize) {
     let result = GgufFile::open(&path);
     if let Ok(g) = &result {
         // What a loader does next must not panic either.
-        let _ = tessera_engine::model_config::LlamaConfig::from_gguf(g);
+        let _ = tessera_engine::model::ModelConfig::from_gguf(g);
         let _ = tessera_engine::loader::read_config(&path);
     }
     (result, LARGEST.with(Cell::get))
@@ -101,7 +101,7 @@ fn the_tiny_file_parses() {
     let (g, _) = open(dir.path(), &tiny_gguf());
     let g = g.unwrap();
     assert_eq!(g.tensors.len(), 2);
-    let config = tessera_engine::model_config::LlamaConfig::from_gguf(&g).unwrap();
+    let config = tessera_engine::model::ModelConfig::from_gguf(&g).unwrap();
     assert_eq!(config.max_position_embeddings, 64);
 }
 

@@ -87,7 +87,7 @@ fn q8_0_projections_stay_8_bit_when_packed_and_predict_as_dequantised() {
     );
     for len in [7usize, 45] {
         let ids: Vec<i64> = (0..len as i64).map(|i| (i * 37 + 11) % 250).collect();
-        let logits = |m: &tessera_engine::model::Llama| {
+        let logits = |m: &tessera_engine::model::Model| {
             let mut cache = m.new_cache(1, len as i64);
             tch::no_grad(|| {
                 m.forward(
@@ -114,10 +114,10 @@ fn a_gguf_with_an_unsupported_quant_type_names_the_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let hf = tiny::write_model(&dir.path().join("m"), 4);
     let gguf = dir.path().join("m.gguf");
-    write_gguf(&hf, &gguf, Some(6));
+    write_gguf(&hf, &gguf, Some(9));
     let err = tessera_engine::load(&gguf, &[Device::Cpu], None)
         .err()
-        .expect("Q5_0 refused");
+        .expect("Q8_1 refused");
     assert!(
         matches!(
             err,
@@ -199,10 +199,10 @@ fn truncated_or_incomplete_safetensors_are_typed_errors() {
     assert!(matches!(err, LoadError::UnknownFormat { .. }), "{err:?}");
 }
 
-fn tiny_config() -> tessera_engine::model_config::LlamaConfig {
+fn tiny_config() -> tessera_engine::model::ModelConfig {
     let dir = tempfile::tempdir().unwrap();
     let hf = tiny::write_model(dir.path(), 4);
-    tessera_engine::model_config::LlamaConfig::from_hf_json(
+    tessera_engine::model::ModelConfig::from_hf_json(
         &std::fs::read_to_string(hf.join("config.json")).unwrap(),
     )
     .unwrap()
@@ -283,8 +283,8 @@ fn packed_shards_of_a_tensor_parallel_model_predict_like_one_packed_device() {
     use tessera_engine::gguf::GgufFile;
     use tessera_engine::loader::{load_with, Quantization};
     use tessera_engine::lora::LoraBatch;
-    use tessera_engine::model::Llama;
-    use tessera_engine::model_config::LlamaConfig;
+    use tessera_engine::model::Model;
+    use tessera_engine::model::ModelConfig;
     use tessera_engine::packed::Int4Mode;
     use tessera_engine::weights::WeightMap;
 
@@ -297,9 +297,9 @@ fn packed_shards_of_a_tensor_parallel_model_predict_like_one_packed_device() {
     type Run = (Tensor, u64, usize, usize);
     let logits = |gguf: &Path, devices: &[Device], mode: Int4Mode| -> Run {
         let g = GgufFile::open(gguf).unwrap();
-        let config = LlamaConfig::from_gguf(&g).unwrap();
+        let config = ModelConfig::from_gguf(&g).unwrap();
         let weights = WeightMap::from_gguf(&g, &config, true).unwrap();
-        let model = Llama::load(weights, config, devices, Kind::Float, mode).unwrap();
+        let model = Model::load(weights, config, devices, Kind::Float, mode).unwrap();
         let (bytes, packed, total) = model.weight_bytes();
         let placed = LoraAdapter::load(&adapter, model.config())
             .unwrap()

@@ -16,19 +16,19 @@ use tch::{Device, Kind, Tensor};
 use tessera_engine::gguf::GgufFile;
 use tessera_engine::lora::LoraAdapter;
 use tessera_engine::lora_bank::LoraBatch;
-use tessera_engine::model::{Llama, Logits};
-use tessera_engine::model_config::LlamaConfig;
+use tessera_engine::model::ModelConfig;
+use tessera_engine::model::{Logits, Model};
 use tessera_engine::packed::Int4Mode;
 use tessera_engine::tokenizer::Tokenizer;
 use tessera_engine::weights::WeightMap;
 
-fn load(int4: Int4Mode) -> (Llama, Tokenizer) {
+fn load(int4: Int4Mode) -> (Model, Tokenizer) {
     let path = common::smollm2_path();
     let g = GgufFile::open(&path).unwrap();
-    let config = LlamaConfig::from_gguf(&g).unwrap();
+    let config = ModelConfig::from_gguf(&g).unwrap();
     let tokenizer = Tokenizer::from_gguf(&g).unwrap();
     let weights = WeightMap::from_gguf(&g, &config, int4 != Int4Mode::Dense).unwrap();
-    let model = Llama::load(weights, config, &[Device::Cpu], Kind::Float, int4).unwrap();
+    let model = Model::load(weights, config, &[Device::Cpu], Kind::Float, int4).unwrap();
     (model, tokenizer)
 }
 
@@ -63,7 +63,7 @@ fn text() -> String {
 
 /// Log-probabilities of each next token and the argmax at each position, over `ids` in
 /// windows of 512 tokens.
-fn predictions(model: &Llama, ids: &[i64]) -> (Vec<f64>, Vec<i64>) {
+fn predictions(model: &Model, ids: &[i64]) -> (Vec<f64>, Vec<i64>) {
     window_predictions(model, ids, 512, |model, chunk, cache| {
         model.forward(
             &Tensor::from_slice(chunk).view([1, -1]),
@@ -76,7 +76,7 @@ fn predictions(model: &Llama, ids: &[i64]) -> (Vec<f64>, Vec<i64>) {
 }
 
 /// [`predictions`] one token a step, as decode runs (one window of `ids`).
-fn decode_predictions(model: &Llama, ids: &[i64]) -> (Vec<f64>, Vec<i64>) {
+fn decode_predictions(model: &Model, ids: &[i64]) -> (Vec<f64>, Vec<i64>) {
     window_predictions(model, ids, ids.len(), |model, chunk, cache| {
         let rows: Vec<Tensor> = chunk
             .iter()
@@ -96,10 +96,10 @@ fn decode_predictions(model: &Llama, ids: &[i64]) -> (Vec<f64>, Vec<i64>) {
 }
 
 fn window_predictions(
-    model: &Llama,
+    model: &Model,
     ids: &[i64],
     window: usize,
-    logits_of: impl Fn(&Llama, &[i64], &mut tessera_engine::kv_cache::KvCache) -> Tensor,
+    logits_of: impl Fn(&Model, &[i64], &mut tessera_engine::kv_cache::KvCache) -> Tensor,
 ) -> (Vec<f64>, Vec<i64>) {
     let (mut logprobs, mut argmax) = (Vec::new(), Vec::new());
     for chunk in ids.chunks(window) {

@@ -18,7 +18,7 @@ use common::tiny_gguf::write_gguf;
 use tch::{Device, Kind, Tensor};
 use tessera_engine::gguf::GgmlType;
 use tessera_engine::loader::{load_with, Quantization};
-use tessera_engine::model::{Llama, Logits};
+use tessera_engine::model::{Logits, Model};
 use tessera_engine::packed::Int4Weight;
 
 fn cuda() -> Device {
@@ -77,7 +77,7 @@ fn a_weight_packed_for_cuda_multiplies_like_its_dequantised_values() {
 }
 
 /// Every position's logits of `ids` (one sequence from position 0), float32 on the CPU.
-fn logits(model: &Llama, ids: &[i64]) -> Tensor {
+fn logits(model: &Model, ids: &[i64]) -> Tensor {
     let mut cache = model.new_cache(1, ids.len() as i64);
     tch::no_grad(|| {
         model.forward(

@@ -37,7 +37,7 @@ fn job(dir: &std::path::Path, name: &str, epochs: usize, base: BaseQuantization)
 }
 
 fn run(
-    model: &tessera_engine::model::Llama,
+    model: &tessera_engine::model::Model,
     tok: &tessera_engine::tokenizer::Tokenizer,
     job: &TrainJob,
 ) -> Vec<f64> {

@@ -10,7 +10,7 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 use tessera_engine::engine::{Engine, EngineConfig, GenerateRequest};
 use tessera_engine::lora::{LoraAdapter, LoraBatch};
-use tessera_engine::model::{Llama, Logits};
+use tessera_engine::model::{Logits, Model};
 use tessera_engine::tokenizer::Tokenizer;
 use tessera_engine::{ChatMessage, SamplingParams};
 
@@ -78,7 +78,7 @@ fn floats(v: &Value) -> Vec<f32> {
 }
 
 /// Checks prompt logits of every case of `cases` (with `adapter` applied to every row).
-fn check_logits(model: &Llama, cases: &Value, adapter: Option<&str>, tolerance: f32) {
+fn check_logits(model: &Model, cases: &Value, adapter: Option<&str>, tolerance: f32) {
     let f = fixture();
     let tokenizer = f.engine.tokenizer();
     let loaded_adapter = adapter.map(|rel| {

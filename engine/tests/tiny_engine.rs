@@ -10,7 +10,7 @@ use common::tiny;
 use tch::{Device, Kind, Tensor};
 use tessera_engine::engine::{Completion, Engine, EngineConfig, GenerateRequest, SubmitError};
 use tessera_engine::lora::{LoraAdapter, LoraBatch};
-use tessera_engine::model::{Llama, Logits};
+use tessera_engine::model::{Logits, Model};
 use tessera_engine::scheduler::SchedulerConfig;
 use tessera_engine::tokenizer::IncrementalDecoder;
 use tessera_engine::{Event, FinishReason, SamplingParams};
@@ -160,7 +160,7 @@ fn a_batch_mixing_adapters_gives_each_row_what_it_gets_alone() {
 /// Full-prompt logits of a model on `devices`, with adapter B on the second row.
 fn logits_on(m: &Models, devices: &[Device]) -> Tensor {
     let loaded = tessera_engine::load(&m.model, devices, Some(Kind::Float)).unwrap();
-    let model: Llama = loaded.model;
+    let model: Model = loaded.model;
     let adapter = LoraAdapter::load(&m.adapter_b, model.config()).unwrap();
     let placed = std::sync::Arc::new(adapter.place(devices, Kind::Float));
     let lora = LoraBatch::new(

@@ -62,7 +62,7 @@ fn quick() -> Hyperparameters {
 
 struct Setup {
     dir: tempfile::TempDir,
-    model: tessera_engine::model::Llama,
+    model: tessera_engine::model::Model,
     tokenizer: tessera_engine::tokenizer::Tokenizer,
     model_dir: PathBuf,
 }

@@ -548,8 +548,8 @@ impl ModelConfig {
             }
         }
         let theta = f("rope.freq_base").unwrap_or(defaults(family).rope_theta);
-        // Scaling: linear as a key; Llama 3's as the converter's `rope_freqs.weight` tensor,
-        // read with the weights (the loader fills `RopeScaling::Factors` in).
+        // Scaling: linear as a key; Llama 3's as the converter's `rope_freqs.weight` tensor
+        // (a divisor per frequency).
         let scaling = match g.get_str(&key("rope.scaling.type")).ok() {
             None | Some("none") => RopeScaling::None,
             Some("linear") => RopeScaling::Linear {
@@ -561,6 +561,22 @@ impl ModelConfig {
                     format!("rope scaling `{other}` (supported: none, linear, llama3)"),
                 ))
             }
+        };
+        let scaling = match g.tensor("rope_freqs.weight") {
+            Some(info) if scaling == RopeScaling::None => {
+                let bytes = g.read_tensor_bytes(info)?;
+                let values =
+                    crate::dequant::dequantize(&info.name, info.ggml_type, &bytes, info.numel())
+                        .map_err(|e| invalid("rope_freqs.weight", e.to_string()))?;
+                if values.len() != head_dim / 2 {
+                    return Err(invalid(
+                        "rope_freqs.weight",
+                        format!("{} factors for head_dim {head_dim}", values.len()),
+                    ));
+                }
+                RopeScaling::Factors(values)
+            }
+            _ => scaling,
         };
         let full = Rope { theta, scaling };
         // Sliding windows as llama.cpp reads them: Gemma 2 (window 4096 by default, every

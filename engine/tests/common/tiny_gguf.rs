@@ -11,7 +11,7 @@ use super::tiny;
 
 /// Writes the tiny model of `dir` as a GGUF file the way llama.cpp's converter does (names, reversed
 /// dimensions, Q/K rows permuted for interleaved RoPE). `other_type` gives one tensor another ggml
-/// type: 6 (Q5_0, which Tessera does not dequantise) or 12 (Q4_K, random blocks with sane scales);
+/// type: 9 (Q8_1, which Tessera does not dequantise) or 12 (Q4_K, random blocks with sane scales);
 /// 8 writes every projection as Q8_0, 2 every projection as Q4_0 and the embedding and `lm_head`
 /// as Q8_0 (an Ollama-style file: all of it kept compact when packed), their values quantised.
 pub fn write_gguf(dir: &Path, out: &Path, other_type: Option<u32>) {
@@ -87,7 +87,7 @@ pub fn write_gguf(dir: &Path, out: &Path, other_type: Option<u32>) {
         } else if let (Some(ty), "blk.1.ffn_up.weight") = (other_type, gguf_name.as_str()) {
             let numel = values.len();
             let data = match ty {
-                6 => vec![0; numel / 32 * 22],
+                9 => vec![0; numel / 32 * 36],
                 12 => (0..numel / 256)
                     .flat_map(|i| {
                         // d and dmin small, then scales and 4-bit values from a fixed pattern.
