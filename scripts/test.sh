@@ -10,8 +10,10 @@ TESSERA_MODEL_PATH=$(scripts/fetch-model.sh)
 # transformers, peft and gguf (pinned) make the reference and check K-quants and SentencePiece
 # vocabularies; the official `openai` client checks the OpenAI-compatible routes.
 . scripts/setup-reference.sh
-export TESSERA_REFERENCE_DIR
+export TESSERA_REFERENCE_DIR TESSERA_LLAMA_CONVERT
 TESSERA_REFERENCE_DIR=$(scripts/make-reference.sh)
+# llama.cpp's converter writes the GGUF files of the model-family tests (engine/tests/families.rs).
+TESSERA_LLAMA_CONVERT=$(scripts/fetch-llama-convert.sh)
 # schemathesis fuzzes every route from /openapi.json (tests/schema_fuzz.rs, tests/schema_fuzz.py).
 python -c "import schemathesis" 2>/dev/null || python -m pip install --quiet "schemathesis>=4,<5"
 # The dashboard test drives Debian's chromium through chromedriver (tests/dashboard.py, Selenium).
@@ -42,6 +44,6 @@ cargo test --workspace --locked "$@"
 ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2 \
     TESSERA_CPU_KERNELS=scalar cargo test -p tessera-engine --locked \
     --test smollm2_reference --test smollm2_training --test qlora --test packed \
-    --test fused_decode --test training -- --skip bfloat16_activations
+    --test fused_decode --test training --test families -- --skip bfloat16_activations
 # The opt-in jemalloc build (engine/src/allocator.rs): libtorch's allocations reach it.
 cargo test -p tessera-engine --locked --features jemalloc --lib allocator

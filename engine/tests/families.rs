@@ -6,7 +6,9 @@
 //! greedy ids over a prompt longer than every window, the same with a random PEFT adapter on every
 //! projection (transformers + PEFT), and the same token ids for a sample text. The Q8_0 GGUF the
 //! converter also writes runs packed (8-bit weights, fused decode steps) as it runs dequantised,
-//! and a tensor parallel split over two CPU devices computes what one device does.
+//! and a tensor parallel split over two CPU devices computes what one device does. Fine-tuning a
+//! LoRA adapter on the family (Phi-3's fused modules included) writes an adapter that PEFT loads
+//! on the transformers model and that gives the same greedy ids there as in Tessera.
 //!
 //! The script needs Python with transformers, peft, sentencepiece and the converter from
 //! `scripts/fetch-llama-convert.sh` (`TESSERA_LLAMA_CONVERT`); scripts/test.sh provides them and
@@ -24,14 +26,16 @@ use tessera_engine::engine::{Engine, EngineConfig, GenerateRequest};
 use tessera_engine::loader::{load_with, Quantization};
 use tessera_engine::lora::{LoraAdapter, LoraBatch};
 use tessera_engine::model::{Logits, Model};
+use tessera_engine::train::{train, Hyperparameters, LrScheduler, TrainJob, TrainOptions};
 use tessera_engine::SamplingParams;
 
 /// Logits within this of transformers' (float32, absolute).
 const TOLERANCE: f64 = 1e-3;
 
-/// Runs `tiny_family.py FAMILY` into a new directory; `None` (with the reason printed) where its
-/// tools are missing and not required.
-fn make(family: &str) -> Option<tempfile::TempDir> {
+/// The directory `tiny_family.py FAMILY` wrote, made once per version of the script and the
+/// converter (under `<cache>/families/`, so the test command's second pass and later runs reuse
+/// it); `None` (with the reason printed) where its tools are missing and not required.
+fn make(family: &str) -> Option<PathBuf> {
     let required = std::env::var_os("TESSERA_REQUIRE_TRANSFORMERS").is_some();
     let convert = match std::env::var_os("TESSERA_LLAMA_CONVERT") {
         Some(d) if !d.is_empty() => PathBuf::from(d),
@@ -45,13 +49,24 @@ fn make(family: &str) -> Option<tempfile::TempDir> {
             return None;
         }
     };
-    let python = std::env::var("TESSERA_PYTHON").unwrap_or_else(|_| "python3".into());
-    let dir = tempfile::tempdir().unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/families/tiny_family.py");
+    // FNV-1a over the script and the converter's directory name.
+    let mut key = 0xcbf2_9ce4_8422_2325u64;
+    let source = std::fs::read(&script).unwrap();
+    for b in source.iter().chain(convert.to_string_lossy().as_bytes()) {
+        key = (key ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let dir = common::cache().join(format!("families/{key:016x}/{family}"));
+    if dir.join("expected.json").exists() {
+        return Some(dir);
+    }
+    let python = std::env::var("TESSERA_PYTHON").unwrap_or_else(|_| "python3".into());
+    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+    let tmp = tempfile::tempdir_in(dir.parent().unwrap()).unwrap();
     let out = Command::new(&python)
         .arg(&script)
         .arg(family)
-        .arg(dir.path())
+        .arg(tmp.path())
         .arg(&convert)
         .output()
         .expect("run python");
@@ -61,6 +76,8 @@ fn make(family: &str) -> Option<tempfile::TempDir> {
         eprintln!("skipping {family}: {why}");
         return None;
     }
+    // Another process may have made it meanwhile: either copy will do.
+    let _ = std::fs::rename(tmp.keep(), &dir);
     Some(dir)
 }
 
@@ -170,7 +187,7 @@ fn check_family(family: &str) {
     let Some(dir) = make(family) else {
         return;
     };
-    let dir = dir.path();
+    let dir = dir.as_path();
     let expected: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let prompt = ids(&expected["input_ids"]);
@@ -271,6 +288,8 @@ fn check_family(family: &str) {
         "{family}: every packed decode step took the fused path"
     );
 
+    fine_tune_round_trip(family, dir, &prompt);
+
     // Tensor parallel over two CPU devices computes what one device does.
     let one = tessera_engine::load(&dir.join("hf"), &[Device::Cpu], Some(Kind::Float)).unwrap();
     let two = tessera_engine::load(&dir.join("hf"), &[Device::Cpu; 2], Some(Kind::Float)).unwrap();
@@ -316,4 +335,109 @@ fn gemma3_with_local_and_global_layers_matches_transformers() {
 #[test]
 fn phi3_with_fused_modules_matches_transformers() {
     check_family("phi3");
+}
+
+/// Trains an adapter on the Hugging Face directory with Tessera, then asks PEFT (on
+/// transformers' model) for its greedy ids after `prompt`: they are Tessera's.
+fn fine_tune_round_trip(family: &str, dir: &Path, prompt: &[i64]) {
+    let loaded = tessera_engine::load(&dir.join("hf"), &[Device::Cpu], Some(Kind::Float)).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data.jsonl");
+    let lines: Vec<String> = [
+        ("The river", " carried stories."),
+        ("A bridge", " of stone and timber."),
+        ("Every winter", " the snow came."),
+    ]
+    .iter()
+    .map(|(p, c)| serde_json::json!({"prompt": p, "completion": c}).to_string())
+    .collect();
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let out = work.path().join("adapter");
+    let job = TrainJob {
+        dataset_path: data,
+        output_path: out.clone(),
+        base_model: None,
+        hyperparameters: Hyperparameters {
+            lora_r: 4,
+            lora_alpha: 8.0,
+            lora_dropout: 0.0,
+            learning_rate: 5e-3,
+            num_epochs: 4,
+            batch_size: 3,
+            gradient_accumulation_steps: 1,
+            warmup_ratio: 0.0,
+            lr_scheduler: LrScheduler::Linear,
+            max_seq_length: 64,
+            ..Hyperparameters::default()
+        },
+    };
+    let mut losses = Vec::new();
+    train(
+        &loaded.model,
+        &loaded.tokenizer,
+        &job,
+        &TrainOptions::default(),
+        |p| losses.push(p.loss),
+    )
+    .unwrap();
+    assert!(
+        losses.last().unwrap() < &losses[0],
+        "{family}: the loss fell ({losses:?})"
+    );
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    eprintln!(
+        "{family}: trained {:?}, loss {:.3} → {:.3}",
+        config["target_modules"],
+        losses[0],
+        losses.last().unwrap()
+    );
+    let n = 8;
+    let ours = greedy_steps(&loaded.model, prompt, n, Some(&out));
+    let python = std::env::var("TESSERA_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = r#"
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+model = PeftModel.from_pretrained(model, sys.argv[2]).eval()
+seq = json.loads(sys.argv[3])
+n = len(seq)
+with torch.no_grad():
+    logits = model(torch.tensor([seq])).logits[0].tolist()
+    for _ in range(int(sys.argv[4])):
+        seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+print(json.dumps({"greedy": seq[n:], "logits": logits}))
+"#;
+    let run = Command::new(python)
+        .args(["-c", script])
+        .arg(dir.join("hf"))
+        .arg(&out)
+        .arg(serde_json::to_string(prompt).unwrap())
+        .arg(n.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{family}: PEFT failed to load the adapter: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let peft: Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(
+        ours,
+        ids(&peft["greedy"]),
+        "{family}: greedy ids with the trained adapter, Tessera vs PEFT"
+    );
+    let tuned = prompt_logits(&loaded.model, prompt, Some(&out));
+    let diff = max_diff(&tuned, &matrix(&peft["logits"]));
+    assert!(
+        diff <= TOLERANCE,
+        "{family}: logits with the trained adapter, Tessera vs PEFT, differ by {diff}"
+    );
+    let moved = max_diff(&tuned, &prompt_logits(&loaded.model, prompt, None));
+    assert!(
+        moved > 0.1,
+        "{family}: the trained adapter moves the logits ({moved})"
+    );
 }

@@ -153,7 +153,10 @@ pub(crate) fn write_adapter(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     lora.save_weights(&tmp)?;
-    write_json(&tmp.join("adapter_config.json"), &peft_config(h, base))?;
+    write_json(
+        &tmp.join("adapter_config.json"),
+        &peft_config(h, base, &lora.module_names()),
+    )?;
     sync_tree(&tmp)?;
     fence.check()?;
     for f in ["adapter_model.safetensors", "adapter_config.json"] {
@@ -184,7 +187,10 @@ pub(crate) fn save(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     lora.save_weights(&tmp)?;
-    write_json(&tmp.join("adapter_config.json"), &peft_config(h, base))?;
+    write_json(
+        &tmp.join("adapter_config.json"),
+        &peft_config(h, base, &lora.module_names()),
+    )?;
     let mut moments: Vec<(String, Tensor)> = Vec::new();
     for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
         moments.push((format!("m.{i}"), m.to_device(Device::Cpu).contiguous()));

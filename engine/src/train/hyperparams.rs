@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::lora::Proj;
+use crate::lora::{Module, Proj};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -153,10 +153,10 @@ impl Hyperparameters {
             return err("target_modules", "must name at least one module".into());
         }
         for m in &self.target_modules {
-            if Proj::from_name(m).is_none() {
+            if Module::from_name(m).is_none() {
                 return err(
                     "target_modules",
-                    format!("unknown module `{m}` (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"),
+                    format!("unknown module `{m}` (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; Phi-3's qkv_proj, gate_up_proj)"),
                 );
             }
         }
@@ -215,11 +215,19 @@ impl Hyperparameters {
         Ok(())
     }
 
+    /// The projections `target_modules` names (a fused module's name stands for its parts).
     pub fn targets(&self) -> Vec<Proj> {
-        Proj::ALL
-            .into_iter()
-            .filter(|p| self.target_modules.iter().any(|m| m == p.name()))
-            .collect()
+        let named = |p: Proj| {
+            self.target_modules
+                .iter()
+                .any(|m| match Module::from_name(m) {
+                    Some(Module::One(q)) => q == p,
+                    Some(Module::Qkv) => matches!(p, Proj::Q | Proj::K | Proj::V),
+                    Some(Module::GateUp) => matches!(p, Proj::Gate | Proj::Up),
+                    None => false,
+                })
+        };
+        Proj::ALL.into_iter().filter(|&p| named(p)).collect()
     }
 
     /// LoRA's multiplier: alpha / r, or alpha / sqrt(r) with rsLoRA.

@@ -7,30 +7,36 @@ use std::path::Path;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
-use crate::lora::{LoraBatch, Proj};
+use crate::lora::{LoraBatch, Module, Proj};
 use crate::model::ModelConfig;
 use crate::train::hyperparams::Hyperparameters;
 use crate::weights::read_safetensors;
 
 pub struct LoraParams {
-    /// `weights[layer][proj]` = (A `[r, in]`, B `[out, r]`), requiring grad.
-    pub weights: Vec<[Option<(Tensor, Tensor)>; 7]>,
+    /// `weights[layer]` = (module, A `[r, in]`, B `[out, r]`) per targeted module, requiring grad.
+    /// A module is one projection, or a fused checkpoint module (Phi-3's `qkv_proj`), whose B
+    /// covers its parts' stacked outputs.
+    pub weights: Vec<Vec<(Module, Tensor, Tensor)>>,
     pub scale: f64,
+    /// Each trained module's parts (projection, first row, rows) in the model.
+    parts: Vec<(Module, Vec<(Proj, i64, i64)>)>,
 }
 
 impl LoraParams {
     pub fn init(config: &ModelConfig, h: &Hyperparameters, device: Device) -> Self {
         use rand::{Rng, SeedableRng};
-        let targets = h.targets();
+        let modules = Module::for_targets(&h.targets(), config);
         let opts = (Kind::Float, device);
         // Our own seeded generator: torch's is process-global, shared with concurrent trainers.
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(h.seed);
         let weights = (0..config.num_hidden_layers)
             .map(|_| {
-                std::array::from_fn(|i| {
-                    let proj = Proj::ALL[i];
-                    targets.contains(&proj).then(|| {
-                        let (inp, out) = proj.dims(config);
+                // In the projections' order (what the generator's draws follow).
+                let mut layer: Vec<(Module, Tensor, Tensor)> = Proj::ALL
+                    .iter()
+                    .filter_map(|p| modules.iter().find(|m| m.parts(config)[0].0 == *p))
+                    .map(|&module| {
+                        let (inp, out) = module.dims(config);
                         let bound = 1.0 / (inp as f64).sqrt();
                         let values: Vec<f32> = (0..h.lora_r * inp)
                             .map(|_| rng.gen_range(-bound..bound) as f32)
@@ -40,23 +46,31 @@ impl LoraParams {
                             .to_device(device)
                             .set_requires_grad(true);
                         let b = Tensor::zeros([out, h.lora_r], opts).set_requires_grad(true);
-                        (a, b)
+                        (module, a, b)
                     })
-                })
+                    .collect();
+                layer.shrink_to_fit();
+                layer
             })
             .collect();
         Self {
             weights,
             scale: h.scale(),
+            parts: modules.iter().map(|&m| (m, m.parts(config))).collect(),
         }
     }
 
-    /// Every trainable tensor, in a fixed order (A then B, layer by layer, projection by projection).
+    /// The modules it trains, as PEFT names them in `target_modules`.
+    pub fn module_names(&self) -> Vec<&'static str> {
+        self.parts.iter().map(|(m, _)| m.name()).collect()
+    }
+
+    /// Every trainable tensor, in a fixed order (A then B, layer by layer, module by module).
     pub fn tensors(&self) -> Vec<&Tensor> {
         self.weights
             .iter()
-            .flat_map(|l| l.iter().flatten())
-            .flat_map(|(a, b)| [a, b])
+            .flatten()
+            .flat_map(|(_, a, b)| [a, b])
             .collect()
     }
 
@@ -64,30 +78,36 @@ impl LoraParams {
     pub fn names(&self) -> Vec<String> {
         let mut out = Vec::new();
         for (layer, l) in self.weights.iter().enumerate() {
-            for (i, w) in l.iter().enumerate() {
-                if w.is_some() {
-                    let key = format!(
-                        "base_model.model.model.layers.{layer}.{}",
-                        Proj::ALL[i].module()
-                    );
-                    out.push(format!("{key}.lora_A.weight"));
-                    out.push(format!("{key}.lora_B.weight"));
-                }
+            for (module, _, _) in l {
+                let key = format!("base_model.model.model.layers.{layer}.{}", module.path());
+                out.push(format!("{key}.lora_A.weight"));
+                out.push(format!("{key}.lora_B.weight"));
             }
         }
         out
     }
 
-    /// The LoRA view the model's forward takes (B × scale, differentiably).
+    /// The LoRA view the model's forward takes (B × scale, differentiably; a fused module's B
+    /// split into its parts' rows).
     pub fn batch(&self, dropout: f64, seed: u64) -> LoraBatch {
         let scaled: Vec<[Option<(Tensor, Tensor)>; 7]> = self
             .weights
             .iter()
             .map(|l| {
-                std::array::from_fn(|i| {
-                    l[i].as_ref()
-                        .map(|(a, b)| (a.shallow_clone(), b * self.scale))
-                })
+                let mut projs: [Option<(Tensor, Tensor)>; 7] = Default::default();
+                for (module, a, b) in l {
+                    let parts = &self
+                        .parts
+                        .iter()
+                        .find(|(m, _)| m == module)
+                        .expect("a module")
+                        .1;
+                    let b = b * self.scale;
+                    for &(proj, start, rows) in parts {
+                        projs[proj.index()] = Some((a.shallow_clone(), b.narrow(0, start, rows)));
+                    }
+                }
+                projs
             })
             .collect();
         LoraBatch::for_training(&scaled, dropout, seed)
@@ -133,9 +153,10 @@ impl LoraParams {
     }
 }
 
-/// `adapter_config.json` as PEFT writes it for these hyperparameters.
-pub fn peft_config(h: &Hyperparameters, base_model: &str) -> serde_json::Value {
-    let targets: Vec<&str> = h.targets().iter().map(|p| p.name()).collect();
+/// `adapter_config.json` as PEFT writes it for these hyperparameters and `modules` (PEFT's
+/// names of the modules trained: [`LoraParams::module_names`]).
+pub fn peft_config(h: &Hyperparameters, base_model: &str, modules: &[&str]) -> serde_json::Value {
+    let targets = modules;
     json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 /// Tessera's cache: `$TESSERA_CACHE`, else `~/.cache/tessera`.
-fn cache() -> PathBuf {
+pub fn cache() -> PathBuf {
     match std::env::var_os("TESSERA_CACHE") {
         Some(p) if !p.is_empty() => PathBuf::from(p),
         _ => PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/tessera"),
