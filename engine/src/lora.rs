@@ -100,6 +100,9 @@ impl Proj {
     }
 }
 
+/// A module's projections, each with its first row and its rows in the module's output.
+pub type Parts = Vec<(Proj, i64, i64)>;
+
 /// A module a PEFT adapter targets: one projection, or a fused checkpoint module (Phi-3's
 /// `qkv_proj` and `gate_up_proj`), whose LoRA is one A and one B over the parts' stacked outputs.
 /// Tessera applies a fused module's LoRA as one slice per part: the shared A and that part's rows
@@ -146,7 +149,7 @@ impl Module {
     }
 
     /// Its projections with the first row and the rows of each in the module's output.
-    pub fn parts(self, c: &ModelConfig) -> Vec<(Proj, i64, i64)> {
+    pub fn parts(self, c: &ModelConfig) -> Parts {
         let mut start = 0;
         let projs: &[Proj] = match self {
             Module::One(p) => return vec![(p, 0, p.dims(c).1)],

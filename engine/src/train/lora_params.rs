@@ -7,7 +7,7 @@ use std::path::Path;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
-use crate::lora::{LoraBatch, Module, Proj};
+use crate::lora::{LoraBatch, Module, Parts, Proj};
 use crate::model::ModelConfig;
 use crate::train::hyperparams::Hyperparameters;
 use crate::weights::read_safetensors;
@@ -19,7 +19,7 @@ pub struct LoraParams {
     pub weights: Vec<Vec<(Module, Tensor, Tensor)>>,
     pub scale: f64,
     /// Each trained module's parts (projection, first row, rows) in the model.
-    parts: Vec<(Module, Vec<(Proj, i64, i64)>)>,
+    parts: Vec<(Module, Parts)>,
 }
 
 impl LoraParams {
