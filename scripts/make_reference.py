@@ -1,13 +1,15 @@
-"""Makes the SmolLM2 reference the parity tests hold Tessera to, with transformers + PEFT.
+"""Makes the references the parity tests hold Tessera to, with transformers + PEFT: SmolLM2 (the
+default model) and Gemma 3 270M (real weights of a second family).
 
 python scripts/make_reference.py MODEL_GGUF OUT_ROOT      # prints the reference directory
 python scripts/make_reference.py MODEL_GGUF --check DIR   # recomputes DIR's cases with DIR's own
                                                           # adapter and compares (exit 1 on a miss)
 
-The reference is a directory `OUT_ROOT/smollm2-<key>/` holding `expected.json` and a seeded PEFT
-adapter `adapters/lora_qv_r8/` (`adapter_config.json` + `adapter_model.safetensors`). `<key>` hashes
-this script, the model file's size and name and the versions of torch, transformers, peft and gguf,
-so a change of any of them makes a new reference and an existing one is reused as it is.
+The reference is a directory `OUT_ROOT/<name>-<key>/` (`<name>`: smollm2 or gemma3, from the
+file's name) holding `expected.json` and, for SmolLM2, a seeded PEFT adapter
+`adapters/lora_qv_r8/` (`adapter_config.json` + `adapter_model.safetensors`). `<key>` hashes this
+script, the model file's size and name and the versions of torch, transformers, peft and gguf, so
+a change of any of them makes a new reference and an existing one is reused as it is.
 
 `expected.json`, as the tests read it:
 - `base[]`: one case per prompt: `kind` (`raw`: tokenized with the tokenizer's default special
@@ -45,12 +47,27 @@ GREEDY = 20
 TOL_BASE, TOL_ADAPTER = 1e-3, 2e-3
 
 
+# No progress bars from transformers' GGUF conversion in the test command's output.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
 def log(*a):
     print("make_reference:", *a, file=sys.stderr, flush=True)
 
 
 def versions():
     return {p: md.version(p) for p in ("torch", "transformers", "peft", "gguf")}
+
+
+# Gemma 3 270M (a base model: its file has no chat template): raw prompts only, no adapter.
+GEMMA3_PROMPTS = [
+    {"kind": "raw", "prompt": "The capital of France is"},
+    {"kind": "raw", "prompt": "Rust is a systems programming language that"},
+]
+
+
+def name_of(model_path):
+    return "gemma3" if "gemma-3" in os.path.basename(model_path) else "smollm2"
 
 
 def key(model_path):
@@ -138,18 +155,32 @@ def make_adapter(model, adapter_dir):
 
 
 def make(model_path, out_root):
-    out = os.path.join(out_root, f"smollm2-{key(model_path)}")
+    name = name_of(model_path)
+    out = os.path.join(out_root, f"{name}-{key(model_path)}")
     if os.path.exists(os.path.join(out, "expected.json")):
         return out
     import time
-    import torch
+    import warnings
 
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()
     os.makedirs(out_root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".smollm2-", dir=out_root)
-    log(f"making the SmolLM2 reference with transformers + PEFT into {out}")
+    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=out_root)
+    log(f"making the {name} reference with transformers + PEFT into {out}")
     tok, model = load(model_path)
+    if name == "gemma3":
+        expected = {
+            "model": f"{os.path.basename(model_path)}, dequantized to float32 by transformers",
+            **versions(),
+            "base": compute(tok, model, GEMMA3_PROMPTS),
+        }
+        return finish(expected, tmp, out, t0)
     base = compute(tok, model, PROMPTS)
     rel = f"adapters/{ADAPTER['name']}"
     peft_model = make_adapter(model, os.path.join(tmp, rel))
@@ -160,6 +191,13 @@ def make(model_path, out_root):
         "base": base,
         "adapters": [{**ADAPTER, "path": rel, "seed": ADAPTER_SEED, "cases": adapted}],
     }
+    return finish(expected, tmp, out, t0)
+
+
+def finish(expected, tmp, out, t0):
+    """Writes `expected.json` into `tmp` and moves it into place as `out`."""
+    import time
+
     with open(os.path.join(tmp, "expected.json"), "w") as f:
         json.dump(expected, f, indent=1)
     if os.path.exists(out):  # made meanwhile by another run: keep that one

@@ -10,8 +10,11 @@ TESSERA_MODEL_PATH=$(scripts/fetch-model.sh)
 # transformers, peft and gguf (pinned) make the reference and check K-quants and SentencePiece
 # vocabularies; the official `openai` client checks the OpenAI-compatible routes.
 . scripts/setup-reference.sh
-export TESSERA_REFERENCE_DIR TESSERA_LLAMA_CONVERT
+export TESSERA_REFERENCE_DIR TESSERA_LLAMA_CONVERT TESSERA_GEMMA3_PATH TESSERA_GEMMA3_REFERENCE_DIR
 TESSERA_REFERENCE_DIR=$(scripts/make-reference.sh)
+# Gemma 3 270M: real weights of a second family (tests/gemma3.rs).
+TESSERA_GEMMA3_PATH=$(scripts/fetch-gemma3.sh)
+TESSERA_GEMMA3_REFERENCE_DIR=$(scripts/make-reference.sh gemma3)
 # llama.cpp's converter writes the GGUF files of the model-family tests (engine/tests/families.rs).
 TESSERA_LLAMA_CONVERT=$(scripts/fetch-llama-convert.sh)
 # schemathesis fuzzes every route from /openapi.json (tests/schema_fuzz.rs, tests/schema_fuzz.py).

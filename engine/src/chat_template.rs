@@ -20,6 +20,39 @@ pub enum ChatTemplateError {
     Render(String),
 }
 
+/// Gemma's turn format (the template Gemma 2 and 3 instruction-tuned checkpoints ship, for text
+/// messages): a system message prefixes the first user turn; the assistant is `model`.
+pub const GEMMA_TEMPLATE: &str = "{{ bos_token }}\
+{%- if messages[0]['role'] == 'system' -%}\
+{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}{%- set loop_messages = messages[1:] -%}\
+{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}\
+{%- for message in loop_messages -%}\
+{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\
+{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}\
+{%- endif -%}\
+{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}\
+{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}\
+{{ message['content'] | trim }}{{ '<end_of_turn>\\n' }}\
+{%- endfor -%}\
+{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}";
+
+/// ChatML, the format of Qwen2, Qwen2.5 and Qwen3 checkpoints (for text messages).
+pub const CHATML_TEMPLATE: &str = "{%- for message in messages -%}\
+{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}\
+{%- endfor -%}\
+{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}";
+
+/// The format a GGUF file of `architecture` without `tokenizer.chat_template` is served with, as
+/// llama.cpp falls back to built-in templates: Gemma's turns for Gemma files, ChatML for Qwen
+/// ones; `None` for the rest (a chat request is then refused, naming `prompt`).
+pub fn family_default(architecture: &str) -> Option<&'static str> {
+    match architecture {
+        "gemma" | "gemma2" | "gemma3" => Some(GEMMA_TEMPLATE),
+        "qwen2" | "qwen3" => Some(CHATML_TEMPLATE),
+        _ => None,
+    }
+}
+
 /// A compiled chat template with the special tokens it may refer to.
 #[derive(Debug)]
 pub struct ChatTemplate {

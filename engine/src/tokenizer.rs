@@ -146,15 +146,27 @@ impl Tokenizer {
         if let Some((id, _)) = special("tokenizer.ggml.eot_token_id") {
             extra.push(id);
         }
+        // End-of-turn tokens end generation too, found by their text as llama.cpp finds them
+        // (Gemma's `<end_of_turn>`, ChatML's `<|im_end|>`, Llama 3's `<|eot_id|>`, ...).
+        for (id, t) in tokens.iter().enumerate() {
+            let control = matches!(types.get(id), Some(3) | Some(4));
+            if control && END_OF_TURN.contains(&t.as_str()) && !extra.contains(&(id as u32)) {
+                extra.push(id as u32);
+            }
+        }
         // A SentencePiece vocabulary that does not say gets BOS (llama.cpp and transformers agree).
         let add_bos = g
             .get("tokenizer.ggml.add_bos_token")
             .map(|v| matches!(v, Value::Bool(true)))
             .unwrap_or(model == "llama");
-        let template = g
-            .get("tokenizer.chat_template")
-            .and_then(Value::as_str)
-            .map(str::to_string);
+        let arch = g.architecture().unwrap_or_default();
+        let template = match g.get("tokenizer.chat_template").and_then(Value::as_str) {
+            Some(t) => Some(t.to_string()),
+            None => crate::chat_template::family_default(arch).map(|t| {
+                tracing::info!(architecture = %arch, "the GGUF file has no chat template: using the family's format");
+                t.to_string()
+            }),
+        };
         Self::assemble(inner, bos, eos, &extra, add_bos, template)
     }
 
@@ -319,6 +331,18 @@ fn common_prefix(a: &str, b: &str) -> usize {
 }
 
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Texts of end-of-turn tokens that end generation when a GGUF vocabulary marks them control or
+/// user-defined (llama.cpp's list).
+const END_OF_TURN: &[&str] = &[
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<EOT>",
+    "<|end_of_text|>",
+];
+
 /// Qwen2's (and Qwen3's) split: Llama 3's with single digits.
 const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 

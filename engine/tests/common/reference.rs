@@ -48,6 +48,35 @@ pub fn reference_dir() -> PathBuf {
     dir
 }
 
+/// Gemma 3 270M's GGUF (`scripts/fetch-gemma3.sh`): `$TESSERA_GEMMA3_PATH`, else the models cache.
+pub fn gemma3_path() -> PathBuf {
+    let path = env_or(
+        "TESSERA_GEMMA3_PATH",
+        cache().join("models/gemma-3-270m-q4_k_m.gguf"),
+    );
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-gemma3.sh (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// Gemma 3's reference (`expected.json`): `$TESSERA_GEMMA3_REFERENCE_DIR`, else the newest made.
+pub fn gemma3_reference() -> serde_json::Value {
+    let dir = env_or(
+        "TESSERA_GEMMA3_REFERENCE_DIR",
+        cache().join("reference/gemma3"),
+    );
+    let path = dir.join("expected.json");
+    assert!(
+        path.exists(),
+        "no reference at {}: make it with `export TESSERA_GEMMA3_REFERENCE_DIR=$(scripts/make-reference.sh gemma3)`",
+        dir.display()
+    );
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
 /// The reference outputs (`expected.json` in [`reference_dir`]).
 pub fn reference() -> serde_json::Value {
     let path = reference_dir().join("expected.json");
