@@ -350,3 +350,68 @@ fn a_deployment_made_at_runtime_autoscales_on_its_own_load() {
     let (code, r) = chat(&head, Some("auto"), 4);
     assert_eq!(code, 200, "{r}");
 }
+
+/// Other families through the HTTP surface: a Qwen3 and a Qwen2 checkpoint are deployed at
+/// runtime, answer `/chat` and the OpenAI routes, and serve as a fine-tune's `base_model`, whose
+/// adapter the deployment then serves; a multimodal Gemma 3 checkpoint is refused up front with a
+/// 422 naming `path` and its vision tower.
+#[test]
+fn other_families_deploy_serve_and_fine_tune_and_a_vision_model_is_refused() {
+    let head = support::start(&["resources.cpu_inference_slots=3", "model.replicas=1"]);
+    let models_root = head.dir.path().join("models");
+    for family in ["qwen3", "qwen2"] {
+        support::tiny::write_family_model(&models_root.join(family), 31, family);
+        let (code, d) = head.post("/models", &json!({"name": family, "path": family}));
+        assert_eq!(code, 202, "{d}");
+        wait_state(&head, family, "ready");
+        let (code, a) = chat(&head, Some(family), 8);
+        assert_eq!(code, 200, "{a}");
+        assert_eq!(a["model"], family, "{a}");
+        let (code, oa) = head.post(
+            "/v1/chat/completions",
+            &json!({"model": family, "messages": [{"role": "user", "content": "hello there"}],
+                    "max_tokens": 8, "temperature": 0}),
+        );
+        assert_eq!(code, 200, "{oa}");
+        assert_eq!(oa["choices"][0]["message"]["content"], a["text"], "{oa}");
+    }
+    // The two families answer differently (biases and q/k norms on the same weights).
+    let (_, q3) = chat(&head, Some("qwen3"), 8);
+    let (_, q2) = chat(&head, Some("qwen2"), 8);
+    assert_ne!(q3["text"], q2["text"]);
+
+    // A fine-tune on the Qwen3 deployment, served by it with the adapter.
+    head.write_dataset("d.jsonl", 8);
+    let (code, job) = head.post(
+        "/fine-tune",
+        &json!({"dataset_path": "d.jsonl", "output_path": "on-qwen3", "base_model": "qwen3",
+                "hyperparameters": support::quick_hyperparameters(2)}),
+    );
+    assert_eq!(code, 202, "{job}");
+    let id = job["job_id"].as_str().unwrap();
+    let done = head.wait_job(id, Duration::from_secs(120));
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let (code, tuned) = head.post(
+        "/v1/completions",
+        &json!({"model": "qwen3:on-qwen3", "prompt": "hello", "max_tokens": 8,
+                "temperature": 0}),
+    );
+    assert_eq!(code, 200, "{tuned}");
+    let (_, base) = head.post(
+        "/v1/completions",
+        &json!({"model": "qwen3", "prompt": "hello", "max_tokens": 8, "temperature": 0}),
+    );
+    assert_ne!(
+        tuned["choices"][0]["text"], base["choices"][0]["text"],
+        "{tuned} {base}"
+    );
+
+    support::tiny::write_family_model(&models_root.join("vision"), 32, "gemma3_vision");
+    let (code, e) = head.post("/models", &json!({"name": "vision", "path": "vision"}));
+    assert_eq!(code, 422, "{e}");
+    assert_eq!(e["error"]["field"], "path", "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("vision"),
+        "{e}"
+    );
+}

@@ -245,3 +245,57 @@ pub fn write_adapter(dir: &Path, r: i64, alpha: f64, targets: &[&str], seed: i64
     Tensor::write_safetensors(&tensors, dir.join("adapter_model.safetensors")).unwrap();
     dir.to_path_buf()
 }
+
+/// The tiny model as another family's checkpoint (`write_model`'s weights plus what the family
+/// adds): `qwen3` (q/k norms per head), `qwen2` (biases on q, k and v) or `gemma3_vision` (a
+/// multimodal Gemma 3 config, which Tessera refuses by its vision tower).
+pub fn write_family_model(dir: &Path, seed: i64, family: &str) -> PathBuf {
+    write_model(dir, seed);
+    let mut rng = Normal::new(seed + 1000);
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut tensors =
+        tessera_engine::weights::read_safetensors(&dir.join("model.safetensors")).unwrap();
+    for l in 0..LAYERS {
+        let p = format!("model.layers.{l}.self_attn");
+        match family {
+            "qwen3" => tensors.extend([
+                (
+                    format!("{p}.q_norm.weight"),
+                    rng.randn(&[HEAD_DIM], 0.1) + 1.0,
+                ),
+                (
+                    format!("{p}.k_norm.weight"),
+                    rng.randn(&[HEAD_DIM], 0.1) + 1.0,
+                ),
+            ]),
+            "qwen2" => tensors.extend([
+                (
+                    format!("{p}.q_proj.bias"),
+                    rng.randn(&[HEADS * HEAD_DIM], 0.5),
+                ),
+                (
+                    format!("{p}.k_proj.bias"),
+                    rng.randn(&[KV_HEADS * HEAD_DIM], 0.5),
+                ),
+                (
+                    format!("{p}.v_proj.bias"),
+                    rng.randn(&[KV_HEADS * HEAD_DIM], 0.5),
+                ),
+            ]),
+            _ => {}
+        }
+    }
+    let model_type = match family {
+        "gemma3_vision" => {
+            config["vision_config"] = json!({"model_type": "siglip_vision_model"});
+            "gemma3"
+        }
+        other => other,
+    };
+    config["model_type"] = json!(model_type);
+    std::fs::write(&path, config.to_string()).unwrap();
+    Tensor::write_safetensors(&tensors, dir.join("model.safetensors")).unwrap();
+    dir.to_path_buf()
+}
