@@ -9,6 +9,10 @@ OUT_DIR receives:
   vocabulary trained here on a fixed text, with the family's kind of tokenizer);
 - `model.gguf` (float32) and `model-q8_0.gguf` (Q8_0 projections), written by
   `convert_hf_to_gguf.py` from LLAMA_CONVERT_DIR (scripts/fetch-llama-convert.sh);
+- `model-q4_0.gguf`: `model.gguf` with every projection of the layers quantised to Q4_0 by
+  `gguf`'s quantiser, and `hf-q4_0/`: the same model for transformers, its projections those Q4_0
+  weights dequantised, attending fully where the GGUF file does (Mistral's: the converter drops
+  the window); the QLoRA check trains on the first and asks PEFT about the second;
 - `adapter/`: a PEFT LoRA adapter on every projection the family's PEFT names (random A and B);
 - `expected.json`: the token ids of a fixed prompt longer than every attention window, the full
   float32 logits of transformers on it, 12 greedy tokens after it (no end-of-sequence stop), the
@@ -172,6 +176,56 @@ def convert(hf, gguf, outtype, convert_dir, pre):
         sys.exit(f"convert_hf_to_gguf.py failed on {hf} ({outtype}):\n{out.stderr[-4000:]}")
 
 
+def is_projection(name, shape):
+    """The weights quantised in `model-q4_0.gguf`: 2-D weights of the layers, rows of whole blocks."""
+    return name.startswith("blk.") and name.endswith(".weight") and len(shape) == 2 and shape[-1] % 32 == 0
+
+
+def quantize_q4_0(src, dst):
+    """`src` (a float32 GGUF file) with every projection of its layers quantised to Q4_0."""
+    import gguf
+    from gguf.quants import quantize
+
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    writer = gguf.GGUFWriter(dst, arch)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+    for t in reader.tensors:
+        data = t.data
+        if is_projection(t.name, data.shape):
+            writer.add_tensor(t.name, quantize(data, gguf.GGMLQuantizationType.Q4_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+        else:
+            writer.add_tensor(t.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def save_q4_0_weights(model, out, drops_window):
+    """`model` with the projections of its layers replaced by their Q4_0 round trip (quantised by
+    rows, as in `quantize_q4_0`; the converter only reorders or concatenates rows of these), and
+    without its sliding window where the GGUF file has none (`drops_window`)."""
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    q4 = gguf.GGMLQuantizationType.Q4_0
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and name.startswith("model.layers."):
+                w = m.weight.numpy()
+                m.weight.copy_(torch.from_numpy(dequantize(quantize(w, q4), q4).reshape(w.shape)))
+    if drops_window:
+        model.config.sliding_window = None
+    model.save_pretrained(out)
+
+
 def main():
     family, out, convert_dir = sys.argv[1], sys.argv[2], sys.argv[3]
     import transformers
@@ -207,6 +261,8 @@ def main():
     pre = spec.get("pre", "default")
     convert(hf, os.path.join(out, "model.gguf"), "f32", convert_dir, pre)
     convert(hf, os.path.join(out, "model-q8_0.gguf"), "q8_0", convert_dir, pre)
+    quantize_q4_0(os.path.join(out, "model.gguf"), os.path.join(out, "model-q4_0.gguf"))
+    save_q4_0_weights(model, os.path.join(out, "hf-q4_0"), spec.get("gguf_drops_window"))
     expected = {
         "family": family,
         "transformers": transformers.__version__,
