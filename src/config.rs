@@ -120,6 +120,7 @@ pub struct ServerConfig {
     pub max_connections: u32,
     pub body_read_timeout_secs: u64,
     pub header_read_timeout_secs: u64,
+    pub allowed_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

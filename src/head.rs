@@ -99,6 +99,7 @@ pub async fn start(config: &Config) -> anyhow::Result<AppState> {
         cluster: Some(cluster),
         roots,
         auth_token: (!token.is_empty()).then_some(token),
+        allowed_hosts: config.server.allowed_hosts.clone(),
         request_timeout: Duration::from_secs(config.server.request_timeout_secs),
         max_body_bytes: config.server.max_body_bytes as usize,
         body_read_timeout: Duration::from_secs(config.server.body_read_timeout_secs),

@@ -156,7 +156,8 @@ fn unknown_methods_share_one_metrics_label() {
     for method in ["FOOBAR", "BREW", "X-PROBE-1"] {
         let answer = raw_exchange(
             &head,
-            format!("{method} /chat HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("{method} /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
             Duration::from_secs(10),
         );
         let status = status_of(&answer);
@@ -295,7 +296,7 @@ fn admission_refuses_beyond_max_in_flight_before_the_replica_sees_the_work() {
         let mut s = TcpStream::connect(&addr).unwrap();
         let _ = s.write_all(
             format!(
-                "POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
+                "POST /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
                 payload.len()
             )
             .as_bytes(),
@@ -323,7 +324,7 @@ fn a_body_that_does_not_arrive_in_time_is_answered_408() {
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     stream
-        .write_all(b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\":")
+        .write_all(b"POST /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\":")
         .unwrap();
     let mut out = vec![0u8; 4096];
     let n = stream.read(&mut out).unwrap_or(0);
@@ -344,7 +345,7 @@ fn request_headers_that_do_not_arrive_in_time_close_the_connection() {
         .unwrap();
     let t0 = Instant::now();
     stream
-        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+        .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: a")
         .unwrap();
     let mut out = Vec::new();
     let read = stream.read_to_end(&mut out);
@@ -367,7 +368,7 @@ fn request_headers_that_do_not_arrive_in_time_close_the_connection() {
     // A whole request is served as before.
     let answer = raw_exchange(
         &head,
-        b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
         Duration::from_secs(10),
     );
     assert_eq!(status_of(&answer), Some(200), "{answer}");
@@ -384,7 +385,7 @@ fn connections_beyond_the_cap_wait_until_one_closes() {
     });
     let idle1 = TcpStream::connect(&addr).unwrap();
     let idle2 = TcpStream::connect(&addr).unwrap();
-    let request = b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let request = b"GET /ready HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
     let mut third = TcpStream::connect(&addr).unwrap();
     third.write_all(request).unwrap();
     third

@@ -9,6 +9,7 @@
 //! * [`openapi`]: the document at `/openapi.json`.
 //! * [`validation`]: the generation routes' bodies as one checked request; [`resolve`]: what its
 //!   `model` / `adapter_path` names; [`generation`]: dispatch, stream and collect.
+//! * [`guard`]: the token, or without one the Host check, before any body is read.
 //! * [`error`], [`paths`], [`metrics`]: what they share.
 //! * [`listener`]: the connection cap; [`server`]: the serving loop (header deadline); [`request_id`]: `X-Request-Id` and the request's log span.
 
@@ -17,6 +18,7 @@ pub mod dashboard;
 pub mod deployments;
 pub mod error;
 pub mod generation;
+pub mod guard;
 pub mod jobs;
 pub mod listener;
 pub mod metrics;
@@ -34,7 +36,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -53,8 +55,12 @@ pub struct Shared {
     pub cluster: Option<tessera_actors::cluster::head::HeadCluster>,
     /// Where client paths may point.
     pub roots: Roots,
-    /// Bearer token required on every route but `/health` and `/ready` (`None`: no auth).
+    /// Bearer token required on every route but [`guard::PUBLIC`] (`None`: no auth, and only
+    /// the Host names [`guard::host_allowed`] admits).
     pub auth_token: Option<String>,
+    /// Host names served without a token besides IP literals and localhost
+    /// (`server.allowed_hosts`).
+    pub allowed_hosts: Vec<String>,
     /// A generation running longer than this ends with 504 (or an SSE error event).
     pub request_timeout: Duration,
     pub max_body_bytes: usize,
@@ -89,7 +95,7 @@ impl Deref for AppState {
     }
 }
 
-/// Every route, with auth, the body limit and metrics.
+/// Every route, with the guard (token or Host), the body limit and metrics.
 pub fn app(state: AppState) -> Router {
     let mut api = Router::new()
         .route("/chat", post(chat::chat))
@@ -111,7 +117,6 @@ pub fn app(state: AppState) -> Router {
     if state.test_hooks {
         api = api.route("/_test/crash/{replica}", post(status::crash));
     }
-    let api = api.route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .route("/health", get(status::health))
         .route("/ready", get(status::ready))
@@ -121,6 +126,8 @@ pub fn app(state: AppState) -> Router {
         .merge(api)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), read_body))
+        // Outside the body read: a request refused for its token or Host is never buffered.
+        .layer(middleware::from_fn_with_state(state.clone(), guard::guard))
         .layer(middleware::from_fn(error::json_errors))
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -175,37 +182,4 @@ async fn read_body(State(state): State<AppState>, request: Request, next: Next) 
 
 async fn not_found() -> AppError {
     AppError::not_found("no such route; see /openapi.json")
-}
-
-/// Checks `Authorization: Bearer <token>` when a token is configured.
-async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if let Some(token) = &state.auth_token {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        // Compare in constant time: the token is a secret.
-        let ok = given.is_some_and(|g| {
-            g.len() == token.len()
-                && g.bytes()
-                    .zip(token.bytes())
-                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                    == 0
-        });
-        if !ok {
-            let mut response = AppError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "missing or wrong bearer token (Authorization: Bearer <server.auth_token>)",
-            )
-            .into_response();
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
-            return response;
-        }
-    }
-    next.run(request).await
 }

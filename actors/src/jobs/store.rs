@@ -321,7 +321,31 @@ impl JobStore {
     pub fn add_progress(&self, id: &str, point: &ProgressPoint) -> Result<(), JobError> {
         // A resumed run repeats the steps after its checkpoint: keep the newest of each step.
         // Progress is frequent and can be replayed: it skips the fsync of state changes.
-        let point_json = serde_json::to_string(point).map_err(store_err)?;
+        // Never a non-finite value: JSON has none (serde writes `null`, which reads back as no
+        // number). A trainer stops a run whose loss is not finite; an infinite eval loss (a
+        // held-out token given probability 0) is stored as none.
+        let mut point = point.clone();
+        if point.eval_loss.is_some_and(|l| !l.is_finite()) {
+            point.eval_loss = None;
+        }
+        if ![
+            point.loss,
+            point.learning_rate,
+            point.tokens_per_s,
+            point.at,
+        ]
+        .iter()
+        .all(|v| v.is_finite())
+        {
+            tracing::warn!(
+                job = id,
+                step = point.step,
+                loss = point.loss,
+                "progress with a non-finite value not stored"
+            );
+            return Ok(());
+        }
+        let point_json = serde_json::to_string(&point).map_err(store_err)?;
         self.conn
             .execute(
                 "DELETE FROM progress WHERE job_id = ?1 AND step >= ?2",
@@ -342,30 +366,28 @@ impl JobStore {
             .conn
             .prepare("SELECT point FROM progress WHERE job_id = ?1 ORDER BY step")
             .map_err(store_err)?;
-        let points = stmt
+        let rows = stmt
             .query_map([id], |r| r.get::<_, String>(0))
             .map_err(store_err)?
-            .map(|p| {
-                p.map_err(store_err)
-                    .and_then(|p| serde_json::from_str(&p).map_err(store_err))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(points)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(store_err)?;
+        Ok(rows.iter().filter_map(|p| parse_point(id, p)).collect())
     }
 
+    /// The newest progress point that reads back.
     fn last_progress(&self, id: &str) -> Result<Option<ProgressPoint>, JobError> {
-        let point: Option<String> = self
+        let mut stmt = self
             .conn
-            .query_row(
-                "SELECT point FROM progress WHERE job_id = ?1 ORDER BY step DESC LIMIT 1",
-                [id],
-                |r| r.get(0),
-            )
-            .optional()
+            .prepare_cached("SELECT point FROM progress WHERE job_id = ?1 ORDER BY step DESC")
             .map_err(store_err)?;
-        point
-            .map(|p| serde_json::from_str(&p).map_err(store_err))
-            .transpose()
+        let mut rows = stmt.query([id]).map_err(store_err)?;
+        while let Some(row) = rows.next().map_err(store_err)? {
+            let point: String = row.get(0).map_err(store_err)?;
+            if let Some(point) = parse_point(id, &point) {
+                return Ok(Some(point));
+            }
+        }
+        Ok(None)
     }
 
     /// A state change: committed with `synchronous = FULL`.
@@ -393,6 +415,19 @@ impl JobStore {
         let normal = get(&self.conn).map_err(store_err)?;
         let full = self.durable(get).map_err(store_err)?;
         Ok((normal, full))
+    }
+}
+
+/// A stored progress point, or `None` (logged) for one that does not read back: earlier versions
+/// stored a diverged run's NaN loss as `null`, and one bad row must not fail every listing,
+/// the job's cancel, or the job manager's start.
+fn parse_point(id: &str, point: &str) -> Option<ProgressPoint> {
+    match serde_json::from_str(point) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(job = id, error = %e, "a stored progress point does not read back; skipped");
+            None
+        }
     }
 }
 
@@ -468,6 +503,52 @@ mod tests {
             eval_loss: None,
             at: 0.0,
         }
+    }
+
+    #[test]
+    fn non_finite_progress_is_never_stored_and_old_null_rows_read_leniently() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::open(&dir.path().join("jobs.sqlite")).unwrap();
+        store.insert("a", &spec(Priority::Normal)).unwrap();
+        store.add_progress("a", &point(1, 2.0)).unwrap();
+        store.add_progress("a", &point(2, f64::NAN)).unwrap();
+        store.add_progress("a", &point(3, f64::INFINITY)).unwrap();
+        let infinite_eval = ProgressPoint {
+            eval_loss: Some(f64::INFINITY),
+            ..point(4, 1.0)
+        };
+        store.add_progress("a", &infinite_eval).unwrap();
+        let history = store.get("a", true).unwrap().history.unwrap();
+        assert_eq!(
+            history.iter().map(|p| p.step).collect::<Vec<_>>(),
+            [1, 4],
+            "{history:?}"
+        );
+        assert_eq!(history[1].eval_loss, None);
+        // A row as earlier versions wrote a NaN loss: `null`, which is no f64.
+        let old = serde_json::to_string(&point(5, f64::NAN)).unwrap();
+        assert!(old.contains("\"loss\":null"), "{old}");
+        store
+            .conn
+            .execute(
+                "INSERT INTO progress (job_id, step, point) VALUES ('a', 5, ?1)",
+                [&old],
+            )
+            .unwrap();
+        let record = store.get("a", true).unwrap();
+        assert_eq!(
+            record.progress.unwrap().step,
+            4,
+            "the newest point that reads"
+        );
+        assert_eq!(record.history.unwrap().len(), 2);
+        let page = store
+            .list(&JobQuery {
+                limit: 10,
+                ..JobQuery::default()
+            })
+            .unwrap();
+        assert_eq!(page.jobs[0].progress.as_ref().unwrap().step, 4);
     }
 
     #[test]

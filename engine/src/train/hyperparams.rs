@@ -103,6 +103,9 @@ pub struct HyperparameterError {
     pub message: String,
 }
 
+/// The largest `lora_alpha` a job may ask for (4 × the largest `lora_r`).
+pub const MAX_LORA_ALPHA: f64 = 4096.0;
+
 impl Hyperparameters {
     /// Parses JSON, refusing unknown fields by name.
     pub fn from_json(value: serde_json::Value) -> Result<Self, HyperparameterError> {
@@ -137,10 +140,12 @@ impl Hyperparameters {
                 format!("must be in 1..=1024, got {}", self.lora_r),
             );
         }
-        if !(self.lora_alpha > 0.0 && self.lora_alpha.is_finite()) {
+        // The adapter's scale is alpha / r (or / sqrt(r)): PEFT's configurations stay near 2r, and
+        // a scale in the thousands only makes a run diverge.
+        if !(self.lora_alpha > 0.0 && self.lora_alpha <= MAX_LORA_ALPHA) {
             return err(
                 "lora_alpha",
-                format!("must be > 0, got {}", self.lora_alpha),
+                format!("must be in (0, {MAX_LORA_ALPHA}], got {}", self.lora_alpha),
             );
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
@@ -274,6 +279,8 @@ mod tests {
         for (value, field) in [
             (json!({"lora_rank": 8}), "lora_rank"),
             (json!({"lora_r": 0}), "lora_r"),
+            (json!({"lora_alpha": 1e30}), "lora_alpha"),
+            (json!({"lora_alpha": 0}), "lora_alpha"),
             (json!({"learning_rate": -1.0}), "learning_rate"),
             (json!({"batch_size": "four"}), "batch_size"),
             (

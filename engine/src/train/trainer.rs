@@ -84,6 +84,18 @@ pub enum TrainError {
     /// A newer attempt of the same job owns the output path: this run stopped without writing.
     #[error("attempt {attempt} of this job is superseded ({why}); stopped without writing")]
     Superseded { attempt: u32, why: String },
+    /// The run diverged: the step's loss or gradient norm is NaN or infinite (a learning rate or
+    /// `lora_alpha` too large for the data, or a base model with overflowing activations). No
+    /// adapter is written from that step on.
+    #[error(
+        "{what} became non-finite at step {step} ({value}); lower learning_rate or lora_alpha, \
+         or check the base model"
+    )]
+    NonFinite {
+        what: &'static str,
+        step: usize,
+        value: f64,
+    },
 }
 
 /// How a run starts and stops.
@@ -259,7 +271,21 @@ fn run_job(
             loss_sum += micro_step(model, &batch, examples, supervised as f64, checkpointing);
             state.tokens += examples.iter().map(|e| e.ids.len() as u64).sum::<u64>();
         }
+        if !loss_sum.is_finite() {
+            return Err(TrainError::NonFinite {
+                what: "the loss",
+                step: state.step + 1,
+                value: loss_sum,
+            });
+        }
         let grad_norm = opt.clip_and_step(&lora.tensors(), lr, h.max_grad_norm);
+        if !grad_norm.is_finite() {
+            return Err(TrainError::NonFinite {
+                what: "the gradient norm",
+                step: state.step + 1,
+                value: grad_norm,
+            });
+        }
         state.step += 1;
         state.losses.push(loss_sum);
         let elapsed = started.elapsed().as_secs_f64();
