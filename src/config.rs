@@ -201,6 +201,7 @@ pub struct AdaptersConfig {
 #[serde(deny_unknown_fields)]
 pub struct TrainingConfig {
     pub data_root: String,
+    pub max_dataset_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

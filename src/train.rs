@@ -121,6 +121,7 @@ pub fn run(args: TrainArgs, config: &Config) -> anyhow::Result<()> {
         cancel,
         base_model_name: model_path.display().to_string(),
         checkpoint_on_cancel: Arc::new(AtomicBool::new(true)),
+        max_dataset_bytes: Some(config.training.max_dataset_bytes),
         ..TrainOptions::default()
     };
     let terminal = std::io::stderr().is_terminal();

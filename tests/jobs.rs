@@ -94,6 +94,7 @@ fn a_busy_trainer_does_not_spin_its_stale_job_is_fenced_and_stale_reports_are_ig
                 directory: directory.clone(),
                 tags: Default::default(),
                 threads: None,
+                max_dataset_bytes: 1 << 30,
             },
         )
         .await

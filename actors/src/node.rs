@@ -55,6 +55,8 @@ pub struct NodeConfig {
     pub max_queued_jobs: usize,
     /// This node's tags (`resources.tags`, `--tag`).
     pub tags: Tags,
+    /// A dataset file's size at most (`training.max_dataset_bytes`).
+    pub max_dataset_bytes: u64,
     /// Intra-op threads of each CPU trainer (`None`: the node's cores shared among its CPU
     /// trainers).
     pub trainer_threads: Option<usize>,
@@ -242,6 +244,7 @@ impl Node {
                     default_model: config.model_path.clone(),
                     directory: directory.clone(),
                     tags: config.tags.clone(),
+                    max_dataset_bytes: config.max_dataset_bytes,
                     threads: trainer_threads(
                         config.trainer_threads,
                         &t.device,

@@ -51,6 +51,8 @@ pub struct TrainerArgs {
     pub tags: crate::tags::Tags,
     /// Intra-op threads of its runs' torch pool (`None`: torch's default).
     pub threads: Option<usize>,
+    /// A dataset file's size at most (`training.max_dataset_bytes`).
+    pub max_dataset_bytes: u64,
 }
 
 struct Running {
@@ -283,6 +285,7 @@ fn execute(args: &TrainerArgs, assignment: &Assignment, flags: &Flags) -> RunRes
         checkpoint_on_cancel: flags.checkpoint.clone(),
         attempt: assignment.attempt,
         stale: flags.stale.clone(),
+        max_dataset_bytes: Some(args.max_dataset_bytes),
     };
     let job_id = assignment.job_id.clone();
     let attempt = assignment.attempt;

@@ -44,8 +44,7 @@ fn safetensors_elements(dir: &Path) -> Result<u64, LoadError> {
 fn header_elements(path: &Path) -> std::io::Result<u64> {
     use std::io::Read;
     let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
-    let mut file = std::fs::File::open(path)?;
-    let file_len = file.metadata()?.len();
+    let (mut file, file_len) = crate::regular_file::open(path, None)?;
     let mut len = [0u8; 8];
     file.read_exact(&mut len)?;
     let len = u64::from_le_bytes(len);

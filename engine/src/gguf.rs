@@ -272,8 +272,7 @@ impl GgufFile {
             path: path.clone(),
             source,
         };
-        let file = File::open(&path).map_err(io)?;
-        let file_len = file.metadata().map_err(io)?.len();
+        let (file, file_len) = crate::regular_file::open(&path, None).map_err(io)?;
         let mut r = Reader {
             inner: BufReader::new(file),
             path: path.clone(),
@@ -460,7 +459,7 @@ impl GgufFile {
             path: self.path.clone(),
             source,
         };
-        let mut file = File::open(&self.path).map_err(io)?;
+        let (mut file, _) = crate::regular_file::open(&self.path, None).map_err(io)?;
         file.seek(SeekFrom::Start(info.offset)).map_err(io)?;
         let mut buf = vec![0u8; info.size as usize];
         file.read_exact(&mut buf).map_err(|e| match e.kind() {

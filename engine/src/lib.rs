@@ -28,6 +28,7 @@ pub mod model;
 pub mod packed;
 pub mod prefix_cache;
 pub mod q8_weight;
+pub mod regular_file;
 pub mod sampling;
 pub mod scheduler;
 pub mod sequence;

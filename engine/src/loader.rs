@@ -211,7 +211,11 @@ fn load_holding(
                 path: path.to_path_buf(),
             });
         }
-        let text = std::fs::read_to_string(&config_path).map_err(|source| LoadError::Io {
+        let text = crate::regular_file::read_to_string(
+            &config_path,
+            Some(crate::regular_file::MAX_JSON_BYTES),
+        )
+        .map_err(|source| LoadError::Io {
             path: config_path.clone(),
             source,
         })?;
@@ -325,7 +329,11 @@ pub fn read_config(path: &Path) -> Result<ModelConfig, LoadError> {
     }
     if path.is_dir() {
         let config_path = path.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|source| LoadError::Io {
+        let text = crate::regular_file::read_to_string(
+            &config_path,
+            Some(crate::regular_file::MAX_JSON_BYTES),
+        )
+        .map_err(|source| LoadError::Io {
             path: config_path.clone(),
             source,
         })?;
@@ -366,7 +374,7 @@ pub fn four_bit_layer_weights(path: &Path) -> Result<usize, LoadError> {
 fn is_gguf(path: &Path) -> Result<bool, LoadError> {
     use std::io::Read;
     let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path).map_err(|source| LoadError::Io {
+    let (mut f, _) = crate::regular_file::open(path, None).map_err(|source| LoadError::Io {
         path: path.to_path_buf(),
         source,
     })?;

@@ -312,19 +312,14 @@ fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>, LoraError> {
         path: path.to_path_buf(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(io)?;
-    let meta = file.metadata().map_err(io)?;
-    if !meta.is_file() {
-        return Err(not_regular(path));
-    }
-    if meta.len() > max {
-        return Err(io(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("{} bytes, more than the {max} allowed", meta.len()),
-        )));
-    }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.take(max).read_to_end(&mut bytes).map_err(io)?;
+    // Opened without blocking (a FIFO's open would wait for a writer) and checked as opened.
+    let (file, size) = match crate::regular_file::open(path, Some(max)) {
+        Ok(opened) => opened,
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => return Err(not_regular(path)),
+        Err(e) => return Err(io(e)),
+    };
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(size).read_to_end(&mut bytes).map_err(io)?;
     Ok(bytes)
 }
 

@@ -347,10 +347,12 @@ const END_OF_TURN: &[&str] = &[
 const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn read(path: &Path) -> Result<String, TokenizerError> {
-    std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    crate::regular_file::read_to_string(path, Some(crate::regular_file::MAX_JSON_BYTES)).map_err(
+        |source| TokenizerError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    )
 }
 
 /// `tokenizer.json` of a GGUF `gpt2` vocabulary: byte-level BPE with the file's merges and

@@ -228,7 +228,11 @@ impl WeightMap {
         let files: Vec<PathBuf> = if single.exists() {
             vec![single]
         } else if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|source| WeightsError::Io {
+            let text = crate::regular_file::read_to_string(
+                &index,
+                Some(crate::regular_file::MAX_JSON_BYTES),
+            )
+            .map_err(|source| WeightsError::Io {
                 path: index.clone(),
                 source,
             })?;
@@ -394,7 +398,7 @@ impl WeightMap {
 
 /// Reads every tensor of a safetensors file onto the CPU (f32, f16 and bf16 are kept as they are).
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, WeightsError> {
-    let bytes = std::fs::read(path).map_err(|source| WeightsError::Io {
+    let bytes = crate::regular_file::read(path, None).map_err(|source| WeightsError::Io {
         path: path.to_path_buf(),
         source,
     })?;

@@ -168,7 +168,7 @@ fn prompt_completion_and_messages_train_only_the_answer_and_its_end() {
             json!({"text": "all of it"}),
         ],
     );
-    let data = dataset::load(&path, &s.tokenizer, 512, false).unwrap();
+    let data = dataset::load(&path, &s.tokenizer, 512, false, &Default::default()).unwrap();
     let trained = |e: &dataset::Example| -> String {
         let ids: Vec<u32> = e
             .ids
@@ -206,9 +206,9 @@ fn bad_lines_are_reported_by_number_or_skipped() {
         "{\"text\": \"fine\"}\n{\"text\": \"also fine\"}\nnot json\n{\"prompt\": \"p\"}\n{\"text\": \"\"}\n",
     )
     .unwrap();
-    let err = dataset::load(&path, &s.tokenizer, 64, false).unwrap_err();
+    let err = dataset::load(&path, &s.tokenizer, 64, false, &Default::default()).unwrap_err();
     assert!(err.to_string().contains("line 3"), "{err}");
-    let data = dataset::load(&path, &s.tokenizer, 64, true).unwrap();
+    let data = dataset::load(&path, &s.tokenizer, 64, true, &Default::default()).unwrap();
     assert_eq!(data.examples.len(), 2);
     let lines: Vec<usize> = data.skipped.iter().map(|(l, _)| *l).collect();
     assert_eq!(lines, vec![3, 4, 5]);

@@ -75,10 +75,21 @@ pub async fn fine_tune(
     ApiJson(req): ApiJson<FineTuneRequest>,
 ) -> Result<Response, AppError> {
     let dataset_path = paths::existing("dataset_path", &req.dataset_path, &state.roots.data)?;
-    if !dataset_path.is_file() {
+    // Opened without blocking and checked as opened (a FIFO or a link to a device is refused, a
+    // file over the bound is never read); the trainer checks again when it reads it.
+    if let Err(e) = tessera_engine::regular_file::open(&dataset_path, Some(state.max_dataset_bytes))
+    {
         return Err(AppError::bad_request(
             "dataset_path",
-            format!("`{}` is not a file", req.dataset_path),
+            format!(
+                "`{}`: {e}{}",
+                req.dataset_path,
+                if e.kind() == std::io::ErrorKind::FileTooLarge {
+                    " (training.max_dataset_bytes)"
+                } else {
+                    ""
+                }
+            ),
         ));
     }
     let output_path = paths::creatable("output_path", &req.output_path, &state.roots.adapters)?;

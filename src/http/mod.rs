@@ -58,6 +58,8 @@ pub struct Shared {
     /// Bearer token required on every route but [`guard::PUBLIC`] (`None`: no auth, and only
     /// the Host names [`guard::host_allowed`] admits).
     pub auth_token: Option<String>,
+    /// A dataset file's size at most (`training.max_dataset_bytes`).
+    pub max_dataset_bytes: u64,
     /// Host names served without a token besides IP literals and localhost
     /// (`server.allowed_hosts`).
     pub allowed_hosts: Vec<String>,

@@ -3,8 +3,15 @@
 //! the assistant turns only, and always on the end token that closes them (so the model learns to
 //! stop). Examples are truncated to `max_seq_length`; bad lines fail the job with their line number
 //! unless `skip_invalid` is set.
+//!
+//! The file is opened once and checked as opened ([`crate::regular_file`]: a regular file within
+//! `training.max_dataset_bytes`, never a FIFO or a device), then read a line at a time (each at most
+//! [`ReadLimits::max_line_bytes`]), so a cancel stops the read and no file is ever held whole.
 
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -46,6 +53,33 @@ pub enum DatasetError {
     Line { line: usize, message: String },
     #[error("dataset has no usable examples")]
     Empty,
+    /// The cancel flag was raised while the file was read.
+    #[error("cancelled while reading the dataset")]
+    Cancelled,
+}
+
+/// The default of `training.max_dataset_bytes`: 1 GiB.
+pub const DEFAULT_MAX_DATASET_BYTES: u64 = 1 << 30;
+
+/// Bounds on reading a dataset file.
+#[derive(Debug, Clone)]
+pub struct ReadLimits {
+    /// The file's size at most (`training.max_dataset_bytes`).
+    pub max_bytes: u64,
+    /// One line's bytes at most.
+    pub max_line_bytes: usize,
+    /// Checked between lines: a raised flag stops the read ([`DatasetError::Cancelled`]).
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl Default for ReadLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: DEFAULT_MAX_DATASET_BYTES,
+            max_line_bytes: 16 << 20,
+            cancel: None,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -56,20 +90,63 @@ enum Record {
     Chat { messages: Vec<ChatMessage> },
 }
 
-/// Reads and tokenizes a JSONL dataset.
+/// Reads and tokenizes a JSONL dataset within `limits`.
 pub fn load(
     path: &Path,
     tokenizer: &Tokenizer,
     max_seq_length: usize,
     skip_invalid: bool,
+    limits: &ReadLimits,
 ) -> Result<Dataset, DatasetError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DatasetError::Io {
+    let io = |source| DatasetError::Io {
         path: path.display().to_string(),
         source,
+    };
+    let (file, size) = crate::regular_file::open(path, Some(limits.max_bytes)).map_err(|e| {
+        let message = if e.kind() == std::io::ErrorKind::FileTooLarge {
+            format!("{e} (training.max_dataset_bytes)")
+        } else {
+            e.to_string()
+        };
+        io(std::io::Error::new(e.kind(), message))
     })?;
+    let mut reader = BufReader::new(file.take(size));
     let mut out = Dataset::default();
-    for (i, raw) in text.lines().enumerate() {
-        let line = i + 1;
+    let mut buf = Vec::new();
+    for line in 1.. {
+        if limits
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+        {
+            return Err(DatasetError::Cancelled);
+        }
+        buf.clear();
+        let cap = limits.max_line_bytes as u64 + 1;
+        let n = (&mut reader)
+            .take(cap)
+            .read_until(b'\n', &mut buf)
+            .map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        if buf.last() != Some(&b'\n') && n as u64 == cap {
+            return Err(DatasetError::Line {
+                line,
+                message: format!("longer than {} bytes", limits.max_line_bytes),
+            });
+        }
+        let raw = match std::str::from_utf8(&buf) {
+            Ok(raw) => raw.trim_end_matches(['\n', '\r']),
+            Err(e) => {
+                let message = format!("not UTF-8: {e}");
+                if skip_invalid {
+                    out.skipped.push((line, message));
+                    continue;
+                }
+                return Err(DatasetError::Line { line, message });
+            }
+        };
         if raw.trim().is_empty() {
             continue;
         }

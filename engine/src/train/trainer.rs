@@ -109,6 +109,9 @@ pub struct TrainOptions {
     /// On cancel, first save a checkpoint of the steps done since the last one (a head shutting
     /// down keeps its jobs' work; a user's cancel does not need it). Read when the cancel is seen.
     pub checkpoint_on_cancel: Arc<AtomicBool>,
+    /// The dataset file's size at most (`training.max_dataset_bytes`; `None`:
+    /// [`dataset::DEFAULT_MAX_DATASET_BYTES`]).
+    pub max_dataset_bytes: Option<u64>,
     /// The job manager's attempt number (0: a run outside the job manager, never fenced). Written
     /// into the output path and every checkpoint; a run whose attempt is older than the one
     /// recorded there stops without writing.
@@ -166,12 +169,32 @@ fn run_job(
     if h.fp16 && device == Device::Cpu {
         tracing::info!("fp16 asked for: ignored on the CPU, training in float32");
     }
-    let data = dataset::load(
+    let limits = dataset::ReadLimits {
+        max_bytes: options
+            .max_dataset_bytes
+            .unwrap_or(dataset::DEFAULT_MAX_DATASET_BYTES),
+        cancel: Some(options.cancel.clone()),
+        ..dataset::ReadLimits::default()
+    };
+    let data = match dataset::load(
         &job.dataset_path,
         tokenizer,
         h.max_seq_length,
         h.skip_invalid,
-    )?;
+        &limits,
+    ) {
+        Err(DatasetError::Cancelled) => {
+            let last_checkpoint = latest_checkpoint(&job.output_path);
+            return Ok(TrainOutcome::Cancelled {
+                step: last_checkpoint
+                    .as_deref()
+                    .and_then(checkpoint_step)
+                    .unwrap_or(0),
+                last_checkpoint,
+            });
+        }
+        other => other?,
+    };
     let (train_set, eval_set) = dataset::split_eval(data.examples.clone(), h.eval_fraction, h.seed);
     let micro_per_epoch = train_set.len().div_ceil(h.batch_size);
     let steps_per_epoch = micro_per_epoch.div_ceil(h.gradient_accumulation_steps);
