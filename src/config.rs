@@ -73,6 +73,7 @@ pub struct Config {
     pub adapters: AdaptersConfig,
     pub training: TrainingConfig,
     pub jobs: JobsConfig,
+    pub deployments: DeploymentsConfig,
     pub supervision: tessera_actors::restart_policy::RestartPolicy,
     pub cluster: ClusterConfig,
 }
@@ -202,6 +203,14 @@ pub struct AdaptersConfig {
 pub struct TrainingConfig {
     pub data_root: String,
     pub max_dataset_bytes: u64,
+}
+
+/// `[deployments]`: models deployed at runtime (`POST /models`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentsConfig {
+    /// Deployments at most, the default one included.
+    pub max: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -43,6 +43,7 @@ pub fn node_config(config: &Config, node_name: &str) -> NodeConfig {
         job_manager: true,
         max_attempts: config.jobs.max_attempts,
         max_queued_jobs: config.jobs.max_queued as usize,
+        max_deployments: config.deployments.max.max(1) as usize,
         tags: config.resources.tags.clone(),
         max_dataset_bytes: config.training.max_dataset_bytes,
         autoscaling: config.autoscaling.config(),

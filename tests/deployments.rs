@@ -415,3 +415,29 @@ fn other_families_deploy_serve_and_fine_tune_and_a_vision_model_is_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn deployments_beyond_the_bound_are_refused_until_one_is_deleted() {
+    let mut overrides = OVERRIDES.to_vec();
+    overrides.push("deployments.max=2");
+    let head = support::start(&overrides);
+    support::tiny::write_model(&head.dir.path().join("models").join("tiny2"), 11);
+    let (code, d) = head.post("/models", &json!({"name": "second", "path": "tiny2"}));
+    assert_eq!(code, 202, "{d}");
+    let (code, e) = head.post("/models", &json!({"name": "third", "path": "tiny2"}));
+    assert_eq!(code, 409, "{e}");
+    let message = e["error"]["message"].as_str().unwrap();
+    assert!(message.contains("deployments.max = 2"), "{message}");
+    assert_eq!(
+        head.get("/models").1["deployments"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    // Once one is deleted, there is room again.
+    let (code, d) = head.delete("/models/second");
+    assert_eq!(code, 202, "{d}");
+    let (code, d) = head.post("/models", &json!({"name": "third", "path": "tiny2"}));
+    assert_eq!(code, 202, "{d}");
+}

@@ -3,8 +3,9 @@
 //! Dataset files: a FIFO, a link out of the data root (to a device), a sparse file claiming
 //! gigabytes and a file over `training.max_dataset_bytes` are refused at submit naming
 //! `dataset_path`; a file swapped for a FIFO after submit fails its job at once (the trainer
-//! checks what it opened) instead of blocking a thread for ever; an over-long line fails the job
-//! naming the line. Model files that are FIFOs (a GGUF, a config.json) are refused at once by
+//! checks what it opened) instead of blocking a thread for ever, and an output directory replaced
+//! by a link after submit is never written through; an over-long line fails the job naming the
+//! line. Model files that are FIFOs (a GGUF, a config.json) are refused at once by
 //! `POST /models` and `POST /fine-tune`. The head keeps serving throughout.
 
 mod support;
@@ -75,12 +76,25 @@ fn fifos_devices_and_oversized_datasets_are_refused_and_never_block_the_head() {
     let later = later["job_id"].as_str().unwrap().to_string();
     std::fs::remove_file(data.join("later.jsonl")).unwrap();
     mkfifo(&data.join("later.jsonl"));
+    // And an output directory replaced by a link out of the adapters root after submit.
+    let (status, planted) = submit("d.jsonl", "planted", 1);
+    assert_eq!(status, 202, "{planted}");
+    let planted = planted["job_id"].as_str().unwrap().to_string();
+    let outside = head.dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let _ = std::fs::remove_dir(head.adapters.join("planted"));
+    std::os::unix::fs::symlink(&outside, head.adapters.join("planted")).unwrap();
     let (status, c) = head.delete(&format!("/jobs/{long}"));
     assert_eq!(status, 200, "{c}");
     let job = head.wait_job(&later, Duration::from_secs(60));
     assert_eq!(job["status"], "failed", "{job}");
     let error = job["error"].as_str().unwrap_or_default();
     assert!(error.contains("a FIFO"), "{job}");
+    let job = head.wait_job(&planted, Duration::from_secs(60));
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(error.contains("symbolic link"), "{job}");
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
 
     // The head still serves and trains.
     let (status, ok) = submit("d.jsonl", "fine", 1);

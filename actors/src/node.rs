@@ -53,6 +53,8 @@ pub struct NodeConfig {
     pub max_attempts: u32,
     /// Queued jobs at most (`jobs.max_queued`).
     pub max_queued_jobs: usize,
+    /// Deployments at most, the default one included (`deployments.max`).
+    pub max_deployments: usize,
     /// This node's tags (`resources.tags`, `--tag`).
     pub tags: Tags,
     /// A dataset file's size at most (`training.max_dataset_bytes`).
@@ -325,6 +327,7 @@ impl Node {
                     health: health.clone(),
                     deployments: deployments.clone(),
                     default,
+                    max: config.max_deployments,
                     supervisor: None,
                 })),
             ));

@@ -174,6 +174,9 @@ struct Shares<'a> {
     rows: usize,
     align: usize,
     omp: &'static Omp,
+    /// The first panic of a share: caught on its OpenMP thread (unwinding out of an `extern "C"`
+    /// function aborts the process) and resumed on the caller's once all shares are done.
+    panic: std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
 
 extern "C" fn run_share(data: *mut c_void) {
@@ -189,7 +192,11 @@ extern "C" fn run_share(data: *mut c_void) {
     let first = (t * per).min(s.rows);
     let k = per.min(s.rows - first);
     if k > 0 {
-        (s.f)(first, k);
+        let run = std::panic::AssertUnwindSafe(|| (s.f)(first, k));
+        if let Err(payload) = std::panic::catch_unwind(run) {
+            let mut slot = s.panic.lock().unwrap_or_else(|e| e.into_inner());
+            slot.get_or_insert(payload);
+        }
     }
 }
 
@@ -207,9 +214,10 @@ pub fn split_rows(rows: usize, align: usize, f: impl Fn(usize, usize) + Sync) {
             rows,
             align,
             omp,
+            panic: std::sync::Mutex::new(None),
         };
         // SAFETY: libgomp runs `run_share` on `threads` threads, the caller among them, and
-        // returns after all of them; `shares` lives until then. A panic in `f` aborts.
+        // returns after all of them; `shares` lives until then. `run_share` never unwinds.
         unsafe {
             (omp.parallel)(
                 run_share,
@@ -218,6 +226,12 @@ pub fn split_rows(rows: usize, align: usize, f: impl Fn(usize, usize) + Sync) {
                 0,
             )
         };
+        let panic = shares.panic.into_inner().unwrap_or_else(|e| e.into_inner());
+        if let Some(payload) = panic {
+            // A fault in a share is the caller's (the engine thread's step fails, the process
+            // lives).
+            std::panic::resume_unwind(payload);
+        }
         return;
     }
     let per = rows.div_ceil(threads).div_ceil(align) * align;
@@ -811,6 +825,32 @@ mod tests {
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
         crate::test_rng::Lcg::new(seed).units(n)
+    }
+
+    #[test]
+    fn a_panic_in_any_share_reaches_the_caller_and_the_process_lives() {
+        tch::set_num_threads(2);
+        for bad in [0, 60] {
+            let caught = std::panic::catch_unwind(|| {
+                split_rows(64, 4, |first, n| {
+                    if (first..first + n).contains(&bad) {
+                        panic!("share with row {bad}");
+                    }
+                })
+            });
+            let payload = caught.expect_err("the panic reaches the caller");
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .unwrap_or_default();
+            assert_eq!(message, format!("share with row {bad}"));
+        }
+        // The team still works afterwards.
+        let sum = std::sync::atomic::AtomicUsize::new(0);
+        split_rows(64, 4, |_, n| {
+            sum.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        });
+        assert_eq!(sum.into_inner(), 64);
     }
 
     #[test]

@@ -73,13 +73,14 @@ unsafe fn silu_mul_avx2(gate: &[f32], up: &[f32], out: &mut [f32]) {
 
 /// Cephes' `expf` on eight lanes: `x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`, `e^r` by a degree-5
 /// polynomial, times `2^n` built in the exponent bits. Inputs are clamped to `±88.376` (below,
-/// the result underflows towards 0 as `expf`'s does; NaN stays NaN through the polynomial).
+/// the result underflows towards 0 as `expf`'s does). NaN stays NaN: `min`/`max` return their
+/// second operand when either is NaN, so `x` goes second, and the polynomial keeps it.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
-    let x = _mm256_min_ps(x, _mm256_set1_ps(88.376_26));
-    let x = _mm256_max_ps(x, _mm256_set1_ps(-88.376_26));
+    let x = _mm256_min_ps(_mm256_set1_ps(88.376_26), x);
+    let x = _mm256_max_ps(_mm256_set1_ps(-88.376_26), x);
     let n = _mm256_floor_ps(_mm256_fmadd_ps(
         x,
         _mm256_set1_ps(std::f32::consts::LOG2_E),
@@ -129,6 +130,19 @@ mod tests {
         assert!(((got - total) / total).abs() < 1e-6, "{got} vs {total}");
         // Far below: as good as nothing (expf's own underflow is at −103).
         assert!(sum_exp(&[-1e30, f32::NEG_INFINITY], 0.0) < 1e-37);
+    }
+
+    #[test]
+    fn nan_stays_nan_on_every_path() {
+        // Eight lanes and a tail, one NaN in each.
+        let mut x = vec![0.5f32; 19];
+        x[3] = f32::NAN;
+        x[17] = f32::NAN;
+        assert!(sum_exp(&x, 0.0).is_nan());
+        let mut out = vec![0.0f32; 19];
+        silu_mul(&x, &[1.0; 19], &mut out);
+        assert!(out[3].is_nan() && out[17].is_nan(), "{out:?}");
+        assert!(out[0].is_finite() && out[18].is_finite());
     }
 
     #[test]

@@ -27,8 +27,22 @@ pub struct Health {
 #[utoipa::path(get, path = "/health", responses(
     (status = 200, description = "Alive; every actor's state", body = Health),
     (status = 503, description = "An actor failed beyond its restart policy", body = Health)))]
-pub async fn health(State(state): State<AppState>) -> Response {
-    let actors = state.node.health.snapshot();
+pub async fn health(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    let mut actors = state.node.health.snapshot();
+    // The probe is public: without the token (where one is set) errors show file names, not the
+    // paths of the node's files (the log has them whole).
+    let authorized = state.auth_token.as_ref().is_some_and(|token| {
+        headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|g| super::guard::same_secret(g.as_bytes(), token.as_bytes()))
+    });
+    if !authorized {
+        for a in &mut actors {
+            a.last_error = a.last_error.as_deref().map(redact_paths);
+        }
+    }
     let status = if actors.iter().any(|a| a.state == ActorState::Failed) {
         "failed"
     } else if actors
@@ -203,5 +217,59 @@ pub async fn crash(
         Err(AppError::not_found(format!(
             "no running replica `{replica}`"
         )))
+    }
+}
+
+/// `text` with every absolute path cut to its last component (`/home/u/models/x.gguf` →
+/// `…/x.gguf`).
+pub fn redact_paths(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find('/') {
+        let starts_token = rest[..i]
+            .chars()
+            .next_back()
+            .is_none_or(|c| c.is_whitespace() || "`'\"(=:[".contains(c));
+        if !starts_token {
+            out.push_str(&rest[..=i]);
+            rest = &rest[i + 1..];
+            continue;
+        }
+        out.push_str(&rest[..i]);
+        let path = &rest[i..];
+        let end = path
+            .find(|c: char| c.is_whitespace() || "`'\"),;]".contains(c) || c == ':')
+            .unwrap_or(path.len());
+        let (path, after) = path.split_at(end);
+        match path.trim_end_matches('/').rsplit_once('/') {
+            Some((dir, last)) if !dir.is_empty() => {
+                out.push('…');
+                out.push('/');
+                out.push_str(last);
+            }
+            _ => out.push_str(path),
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_paths;
+
+    #[test]
+    fn absolute_paths_keep_their_last_component() {
+        assert_eq!(
+            redact_paths("loading /home/u/models/x.gguf: uses ggml type 99"),
+            "loading …/x.gguf: uses ggml type 99"
+        );
+        assert_eq!(
+            redact_paths("model `/srv/m/hf/` (and /a/b/c.json)"),
+            "model `…/hf` (and …/c.json)"
+        );
+        assert_eq!(redact_paths("ratio 3/4 and /x"), "ratio 3/4 and /x");
+        assert_eq!(redact_paths("no paths here"), "no paths here");
     }
 }

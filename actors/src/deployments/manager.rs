@@ -87,6 +87,8 @@ pub struct DeploymentManagerArgs {
     pub deployments: Deployments,
     /// The model given at start.
     pub default: DeploymentSpec,
+    /// Deployments at most, the default one included (`deployments.max`).
+    pub max: usize,
     /// Set by the supervisor when it starts the manager.
     pub supervisor: Option<ActorRef<SupervisorMsg>>,
 }
@@ -405,6 +407,14 @@ impl ManagerState {
                 "a deployment named `{}` exists ({}); delete it first or choose another name",
                 l.spec.name,
                 if l.deleting { "being deleted" } else { "live" }
+            )));
+        }
+        let live = self.lives.iter().filter(|l| !l.deleting).count();
+        if live >= self.args.max {
+            return Err(DeploymentError::Conflict(format!(
+                "{live} deployments exist, the most this head keeps (deployments.max = {}); \
+                 delete one first",
+                self.args.max
             )));
         }
         let created = now_s();

@@ -211,6 +211,17 @@ fn run_job(
     let warmup = (total_steps as f64 * h.warmup_ratio).ceil() as usize;
 
     let out = &job.output_path;
+    // The output directory itself, never a link planted there since the path was checked at
+    // submit (writing through it would put files outside the adapters root).
+    if std::fs::symlink_metadata(out).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(TrainError::Io {
+            path: out.clone(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the output path is a symbolic link; refusing to write through it",
+            ),
+        });
+    }
     std::fs::create_dir_all(out).map_err(|source| TrainError::Io {
         path: out.clone(),
         source,
