@@ -51,7 +51,12 @@ class Cluster:
         return p
 
     def worker(self, name):
-        return self.spawn([self.binary, "worker", "--join", f"127.0.0.1:{self.port}", "--model", self.model], name)
+        # A worker acts only on paths inside its own roots: the head's, as with shared storage.
+        roots = [f'adapters.root="{self.work}/adapters"', f'training.data_root="{self.work}/data"']
+        args = [self.binary, "worker", "--join", f"127.0.0.1:{self.port}", "--model", self.model]
+        for s in roots:
+            args += ["--set", s]
+        return self.spawn(args, name)
 
     def workers(self):
         try:

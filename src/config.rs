@@ -238,6 +238,8 @@ pub struct ClusterConfig {
     pub tls_key: String,
     /// The CA that signs every node's certificate (PEM).
     pub tls_ca: String,
+    /// Serve the cluster port without TLS on an address other than loopback.
+    pub allow_plaintext: bool,
 }
 
 /// The cookie of `config/default.toml`: fine on loopback, refused on any other address.
@@ -486,6 +488,18 @@ impl Config {
                 "cluster.cookie",
                 format!(
                     "the default cookie is refused when cluster.bind is {} (not loopback); set a secret one on every node",
+                    self.cluster.bind
+                ),
+            ));
+        }
+        if !cluster_loopback && self.cluster.tls_cert.is_empty() && !self.cluster.allow_plaintext {
+            return Err(bad(
+                "cluster.bind",
+                format!(
+                    "{} is not loopback: the cluster port carries prompts, outputs and job \
+                     assignments, so it needs mutual TLS (cluster.tls_cert, cluster.tls_key, \
+                     cluster.tls_ca); set cluster.allow_plaintext = true to serve it without on a \
+                     network you fully trust",
                     self.cluster.bind
                 ),
             ));

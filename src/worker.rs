@@ -46,7 +46,25 @@ pub fn run(args: WorkerArgs, config: &Config) -> anyhow::Result<()> {
             c.autoscaling = None;
             c
         };
-        let start = |path: PathBuf| async move {
+        // Every path the head sends must lie inside this worker's own roots.
+        let roots = tessera_actors::cluster::confine::WorkerRoots::new(
+            &config.models_root(),
+            &crate::config::expand_home(&config.training.data_root),
+            &crate::config::expand_home(&config.adapters.root),
+        )
+        .map_err(|e| {
+            anyhow::anyhow!("creating model.models_root / training.data_root / adapters.root: {e}")
+        })?;
+        let own_model = model.is_some();
+        let start_roots = roots.clone();
+        let start = move |path: PathBuf| async move {
+            // The head's model (this worker has none of its own) must lie in its models root.
+            if !own_model {
+                start_roots.model(&path).map_err(|e| {
+                    format!("{e}; or set model.path on this worker (--model)")
+                })?;
+            }
+            start_roots.set_served(&path);
             if !path.exists() {
                 return Err(format!(
                     "model.path: {} does not exist on this worker (shared storage, or set model.path / --model)",
@@ -74,6 +92,7 @@ pub fn run(args: WorkerArgs, config: &Config) -> anyhow::Result<()> {
                     .parse()
                     .map_err(|e| anyhow::anyhow!("cluster.bind: {e}"))?,
                 tls: config.cluster.tls(),
+                roots,
                 leave_grace: std::time::Duration::from_secs(config.server.shutdown_grace_secs),
             },
             start,

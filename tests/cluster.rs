@@ -423,6 +423,8 @@ fn head_and_worker_in_separate_network_namespaces() {
             "--set",
             "cluster.cookie=\"netns-secret\"",
             "--set",
+            "cluster.allow_plaintext=true",
+            "--set",
             &format!("cluster.port={}", c.cluster),
             "--set",
             "resources.cpu_inference_slots=0",
@@ -441,17 +443,19 @@ fn head_and_worker_in_separate_network_namespaces() {
     };
     let worker = in_ns(
         &w,
-        Command::new(BIN).args([
-            "--log-format",
-            "pretty",
-            "worker",
-            "--join",
-            &format!("10.213.0.1:{}", c.cluster),
-            "--model",
-            &c.model.display().to_string(),
-            "--set",
-            "cluster.cookie=\"netns-secret\"",
-        ]),
+        Command::new(BIN)
+            .args([
+                "--log-format",
+                "pretty",
+                "worker",
+                "--join",
+                &format!("10.213.0.1:{}", c.cluster),
+                "--model",
+                &c.model.display().to_string(),
+                "--set",
+                "cluster.cookie=\"netns-secret\"",
+            ])
+            .args(c.worker_roots()),
     )
     .env_remove("LD_LIBRARY_PATH")
     .stdout(Stdio::null())
@@ -560,6 +564,7 @@ fn a_job_needing_tags_waits_for_a_tagged_worker_and_runs_there() {
         "zone=b".into(),
     ];
     args.extend(["--set".into(), "batching.max_kv_tokens=8192".into()]);
+    args.extend(c.worker_roots());
     let b = c.spawn("worker-b", &args);
     c.wait("the job to finish", Duration::from_secs(300), || {
         matches!(c.job(&id)["status"].as_str(), Some("succeeded" | "failed"))
@@ -721,4 +726,52 @@ fn a_deployment_needing_tags_waits_for_a_tagged_worker_serves_there_and_drains_o
         &json!({"model": "pool", "prompt": "hello", "max_tokens": 6}),
     );
     assert_eq!(status, 404, "{r}");
+}
+
+#[test]
+fn a_worker_refuses_paths_outside_its_own_roots() {
+    let _serial = serial();
+    let c = Cluster::new();
+    let d = c.dir.path();
+    // No trainer or replica on the head: the work goes to the worker, whose data and adapters
+    // roots are elsewhere (storage not shared at the same paths).
+    let _head = c.head(0);
+    let other = d.join("worker-roots");
+    let _w = c.worker(
+        "worker",
+        &[
+            &format!("training.data_root=\"{}\"", other.join("data").display()),
+            &format!("adapters.root=\"{}\"", other.join("adapters").display()),
+        ],
+    );
+    c.wait("the worker", Duration::from_secs(60), || {
+        c.workers().len() == 1
+    });
+    let id = c.submit("job", 1);
+    c.wait("the job to end", Duration::from_secs(120), || {
+        matches!(c.job(&id)["status"].as_str(), Some("succeeded" | "failed"))
+    });
+    let job = c.job(&id);
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(
+        error.contains("outside this worker's training.data_root"),
+        "{error}"
+    );
+    assert!(!other.join("adapters/job").exists());
+    // A request naming an adapter under the head's root is refused by the worker, naming it.
+    std::fs::create_dir_all(d.join("adapters/one")).unwrap();
+    support::tiny::write_adapter(&d.join("adapters/one"), 4, 8.0, &["q_proj"], 1);
+    let (status, r) = c.post(
+        "/chat",
+        &json!({"prompt": "hi", "max_tokens": 2, "adapter_path": "one"}),
+    );
+    assert!((400..500).contains(&status), "{status} {r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("adapters.root"),
+        "{r}"
+    );
 }

@@ -84,7 +84,18 @@ fn the_default_cookie_is_refused_off_loopback_and_tls_needs_all_three_files() {
     };
     let e = load(&["cluster.bind=\"0.0.0.0\""]).unwrap_err();
     assert!(e.to_string().contains("cluster.cookie"), "{e}");
-    load(&["cluster.bind=\"0.0.0.0\"", "cluster.cookie=\"s3cret\""]).unwrap();
+    // Off loopback, plaintext only when asked for.
+    let e = load(&["cluster.bind=\"0.0.0.0\"", "cluster.cookie=\"s3cret\""]).unwrap_err();
+    assert!(
+        e.to_string().contains("cluster.bind") && e.to_string().contains("allow_plaintext"),
+        "{e}"
+    );
+    load(&[
+        "cluster.bind=\"0.0.0.0\"",
+        "cluster.cookie=\"s3cret\"",
+        "cluster.allow_plaintext=true",
+    ])
+    .unwrap();
     load(&["cluster.bind=\"127.0.0.1\""]).unwrap();
     let e = load(&["cluster.tls_cert=\"a.crt\"", "cluster.tls_ca=\"ca.crt\""]).unwrap_err();
     assert!(e.to_string().contains("cluster.tls_key"), "{e}");

@@ -122,6 +122,21 @@ impl Cluster {
         self.spawn("head", &args)
     }
 
+    /// A worker's roots (`--set` pairs): the head's adapters and data, and the test's directory as
+    /// its models root (the head's model and any deployed one lie there). A worker acts only on
+    /// paths inside its own roots.
+    pub fn worker_roots(&self) -> Vec<String> {
+        let d = self.dir.path();
+        [
+            format!("adapters.root=\"{}\"", d.join("adapters").display()),
+            format!("training.data_root=\"{}\"", d.join("data").display()),
+            format!("model.models_root=\"{}\"", d.display()),
+        ]
+        .into_iter()
+        .flat_map(|kv| ["--set".to_string(), kv])
+        .collect()
+    }
+
     pub fn worker(&self, name: &str, extra: &[&str]) -> Proc {
         self.worker_with(name, Some(&self.model), extra)
     }
@@ -140,6 +155,7 @@ impl Cluster {
         if let Some(m) = model {
             args.extend(["--model".to_string(), m.display().to_string()]);
         }
+        args.extend(self.worker_roots());
         for e in extra {
             args.extend(["--set".to_string(), e.to_string()]);
         }

@@ -5,6 +5,7 @@
 //! the mutual TLS configuration and the worker's dial, [`worker`] a worker's agent and dial loop,
 //! [`supervision`] the supervisor of these actors (it escalates: see there why).
 
+pub mod confine;
 pub mod gate;
 pub mod head;
 pub mod sessions;

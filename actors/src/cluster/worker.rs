@@ -15,6 +15,7 @@ use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use super::confine::WorkerRoots;
 use super::supervision::ClusterWatch;
 use super::tls::{self, TlsFiles};
 use super::wire::{
@@ -113,6 +114,8 @@ pub struct WorkerAgentArgs {
     /// Where the head's answer to `WhichModel` goes.
     pub model_reply: Arc<Mutex<Option<tokio::sync::oneshot::Sender<std::path::PathBuf>>>>,
     pub link: HeadLink,
+    /// Every path from the head must lie inside these.
+    pub roots: WorkerRoots,
 }
 
 pub struct WorkerAgentState {
@@ -237,7 +240,9 @@ impl Actor for WorkerAgent {
                 path,
                 dtype,
             } => {
-                if let Err(e) = node.start_replica(&slot, &deployment, path, dtype.kind()) {
+                if let Err(e) = state.args.roots.model(&path) {
+                    tracing::warn!(replica = %slot, %deployment, error = %e, "the head asked for a replica of a model outside this worker's roots; refused");
+                } else if let Err(e) = node.start_replica(&slot, &deployment, path, dtype.kind()) {
                     tracing::warn!(replica = %slot, %deployment, error = %e, "the head asked for a replica that cannot start here");
                 }
             }
@@ -246,6 +251,17 @@ impl Actor for WorkerAgent {
             }
             ToWorker::Generate { work, replica } => {
                 let request_id = work.request_id.clone();
+                if let Some(Err(e)) = work.adapter.as_deref().map(|a| state.args.roots.adapter(a)) {
+                    tracing::warn!(request_id = %request_id, error = %e, "a request with an adapter outside this worker's roots; refused");
+                    link.send(ToHead::Stream {
+                        request_id,
+                        event: StreamEvent::Error(crate::messages::ServeError::invalid(
+                            "adapter_path",
+                            e,
+                        )),
+                    });
+                    return Ok(());
+                }
                 let span = tracing::info_span!("request", request_id = %work.trace_id);
                 let finished = state.finished.clone();
                 let id = request_id.clone();
@@ -307,24 +323,36 @@ impl Actor for WorkerAgent {
             ToWorker::RunJob {
                 trainer,
                 assignment,
-            } => match node.directory.local_trainer(&trainer) {
-                Some(t) if !link.leaving() => {
-                    let _ = t.cast(TrainerMsg::Run(assignment));
+            } => {
+                let confined = confine_job(&state.args.roots, &assignment.job);
+                match (confined, node.directory.local_trainer(&trainer)) {
+                    (Err(error), Some(_)) => {
+                        tracing::warn!(job = %assignment.job_id, %error, "a job with paths outside this worker's roots; refused");
+                        link.send(ToHead::JobFinished {
+                            result: crate::jobs::RunResult::Failed { error },
+                            trainer,
+                            job_id: assignment.job_id,
+                            attempt: assignment.attempt,
+                        });
+                    }
+                    (Ok(()), Some(t)) if !link.leaving() => {
+                        let _ = t.cast(TrainerMsg::Run(assignment));
+                    }
+                    (_, found) => {
+                        let reason = if found.is_some() {
+                            format!("node {} is leaving the cluster", node.name)
+                        } else {
+                            format!("node {} has no trainer {trainer}", node.name)
+                        };
+                        link.send(ToHead::JobFinished {
+                            result: crate::jobs::RunResult::Refused { reason },
+                            trainer,
+                            job_id: assignment.job_id,
+                            attempt: assignment.attempt,
+                        });
+                    }
                 }
-                found => {
-                    let reason = if found.is_some() {
-                        format!("node {} is leaving the cluster", node.name)
-                    } else {
-                        format!("node {} has no trainer {trainer}", node.name)
-                    };
-                    link.send(ToHead::JobFinished {
-                        result: crate::jobs::RunResult::Refused { reason },
-                        trainer,
-                        job_id: assignment.job_id,
-                        attempt: assignment.attempt,
-                    });
-                }
-            },
+            }
             ToWorker::CancelJob {
                 trainer,
                 job_id,
@@ -457,6 +485,8 @@ pub struct JoinOptions {
     pub bind: std::net::IpAddr,
     /// Mutual TLS to the head; `None`: plain TCP.
     pub tls: Option<TlsFiles>,
+    /// This worker's own roots: paths from the head outside them are refused.
+    pub roots: WorkerRoots,
     /// On a clean leave, how long running jobs get to reach a checkpoint and report it
     /// (`server.shutdown_grace_secs`).
     pub leave_grace: Duration,
@@ -531,6 +561,7 @@ where
         bind,
         tls,
         leave_grace,
+        roots,
     } = opts;
     let connector = tls
         .as_ref()
@@ -572,6 +603,7 @@ where
             hostname: hostname.clone(),
             model_reply: model_reply.clone(),
             link: link.clone(),
+            roots: roots.clone(),
         },
     )
     .await
@@ -776,4 +808,14 @@ async fn attach(cell: &std::sync::OnceLock<Arc<Node>>, node: Arc<Node>, link: &H
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let _ = cell.set(node);
+}
+
+/// A job's paths inside the worker's roots: its dataset, its output and its base model.
+fn confine_job(roots: &WorkerRoots, job: &tessera_engine::train::TrainJob) -> Result<(), String> {
+    roots.dataset(&job.dataset_path)?;
+    roots.adapter(&job.output_path)?;
+    match &job.base_model {
+        Some(m) => roots.model(m),
+        None => Ok(()),
+    }
 }
