@@ -1,5 +1,6 @@
 //! The cluster port under attack, with real processes on loopback: a stranger's bare connections
-//! to a worker, a peer holding the cookie that speaks for another node (and sends garbage), mutual
+//! to a worker, a peer holding the cookie that speaks for another node (and sends garbage) or
+//! takes a live worker's name to receive its prompts, mutual
 //! TLS (a worker without a certificate from the CA is refused, one silent client blocks no
 //! join), and idle connections beyond the cap or past the handshake deadline.
 
@@ -133,6 +134,33 @@ impl BytesConvertable for Raw {
     }
 }
 
+/// An actor that keeps the frames it receives.
+struct Inbox;
+
+impl ractor::Actor for Inbox {
+    type Msg = Raw;
+    type State = std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
+    type Arguments = Self::State;
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<Raw>,
+        frames: Self::State,
+    ) -> Result<Self::State, ractor::ActorProcessingErr> {
+        Ok(frames)
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<Raw>,
+        msg: Raw,
+        frames: &mut Self::State,
+    ) -> Result<(), ractor::ActorProcessingErr> {
+        frames.lock().unwrap().push(msg.0);
+        Ok(())
+    }
+}
+
 #[test]
 fn a_peer_with_the_cookie_cannot_speak_for_another_node_nor_crash_the_head() {
     let _serial = serial();
@@ -148,6 +176,7 @@ fn a_peer_with_the_cookie_cannot_speak_for_another_node_nor_crash_the_head() {
     let mut ghost = info.clone();
     ghost["node"] = json!("ghost");
 
+    let stolen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let server = ractor_cluster::NodeServer::new(
@@ -191,9 +220,45 @@ fn a_peer_with_the_cookie_cannot_speak_for_another_node_nor_crash_the_head() {
         }
         // Not JSON at all.
         head.cast(Raw(b"\x00\xffnot a frame".to_vec())).unwrap();
+        // A peer that takes the victim's own name, puts an inbox in its agent's group and says
+        // Hello: the name stays with the victim's session, and nothing reaches the inbox.
+        let thief = ractor_cluster::NodeServer::new(
+            0,
+            cookie.into(),
+            victim.clone(),
+            "thief-host".into(),
+            None,
+            Some(ractor_cluster::node::NodeConnectionMode::Isolated),
+        )
+        .with_listen_addr([127, 0, 0, 1].into());
+        let (thief, _) = ractor::Actor::spawn(None, thief, ()).await.unwrap();
+        ractor_cluster::client_connect(&thief, format!("127.0.0.1:{}", c.cluster))
+            .await
+            .unwrap();
+        let (inbox, _) = ractor::Actor::spawn(None, Inbox, stolen.clone())
+            .await
+            .unwrap();
+        ractor::pg::join(format!("tessera.worker.{victim}"), vec![inbox.get_cell()]);
         tokio::time::sleep(Duration::from_millis(500)).await;
+        let hello = json!({"node": victim, "key": "", "msg": "Hello"});
+        head.cast(Raw(serde_json::to_vec(&hello).unwrap())).unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (status, r) = chat(&c);
+        assert_eq!(status, 200, "{r}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        inbox.stop(None);
+        thief.stop(None);
         server.stop(None);
     });
+    let stolen = stolen.lock().unwrap();
+    assert!(
+        stolen.is_empty(),
+        "frames for the victim reached the thief: {:?}",
+        stolen
+            .iter()
+            .map(|f| String::from_utf8_lossy(f).into_owned())
+            .collect::<Vec<_>>()
+    );
     holds_for(
         Duration::from_secs(3),
         "the victim stays, and no ghost joins",

@@ -20,7 +20,9 @@ use super::gate::{self, Conns, GateConfig};
 use super::sessions::{HeadPort, SessionEvents, Sessions};
 use super::supervision::ClusterWatch;
 use super::tls::TlsFiles;
-use super::wire::{HeadFrame, HeadInbox, ToHead, ToWorker, WorkerInbox, WorkerInfo, CREDIT_BATCH};
+use super::wire::{
+    HeadFrame, HeadInbox, ToHead, ToWorker, WorkerInbox, WorkerInfo, CREDIT_BATCH, STREAM_WINDOW,
+};
 use crate::directory::{Directory, RemoteTrainer, TrainerEntry, TrainerRef};
 use crate::health::{now_s, ActorState, HealthBoard};
 use crate::jobs::{Assignment, JobMsg};
@@ -47,7 +49,9 @@ struct Worker {
 struct Table {
     workers: HashMap<String, Worker>,
     /// request id → (node, the stream's sender).
-    streams: HashMap<String, (String, mpsc::UnboundedSender<StreamEvent>)>,
+    /// Remote streams: request id → (the node serving it, where its events go). Each channel
+    /// holds the credit window: a worker honouring the credit never finds it full.
+    streams: HashMap<String, (String, mpsc::Sender<StreamEvent>)>,
     /// "node/trainer" → the job it runs.
     trainer_jobs: HashMap<String, Option<(String, u32)>>,
 }
@@ -85,7 +89,7 @@ struct RemoteReplicaHandle {
 impl RemoteReplica for RemoteReplicaHandle {
     fn generate(&self, work: ChatWork, sink: mpsc::Sender<StreamEvent>) -> Result<(), ServeError> {
         let request_id = work.request_id.clone();
-        let (tx, mut rx) = mpsc::unbounded_channel::<StreamEvent>();
+        let (tx, mut rx) = mpsc::channel::<StreamEvent>(STREAM_WINDOW as usize + 1);
         self.table
             .inner
             .lock()
@@ -439,14 +443,23 @@ impl ClusterHeadState {
                 let last = matches!(event, StreamEvent::Finished { .. } | StreamEvent::Error(_));
                 let mut t = self.args.table.inner.lock().expect("cluster");
                 // Only the node serving the stream may feed it.
-                let ours = match t.streams.get(&request_id) {
-                    Some((n, tx)) if *n == node => {
-                        let _ = tx.send(event);
-                        true
-                    }
-                    _ => false,
+                let (ours, overran) = match t.streams.get(&request_id) {
+                    Some((n, tx)) if *n == node => match tx.try_send(event) {
+                        Err(mpsc::error::TrySendError::Full(_)) => (true, true),
+                        _ => (true, false),
+                    },
+                    _ => (false, false),
                 };
-                if ours && last {
+                if overran {
+                    // More events than the credit allows: the stream ends here (its client gets
+                    // an error when the channel closes) and the worker is told to stop it.
+                    tracing::warn!(%node, %request_id, "cluster: a worker sent past its stream credit; the stream is cut");
+                    t.streams.remove(&request_id);
+                    drop(t);
+                    if let Some(agent) = self.sessions.agent(&node) {
+                        let _ = agent.cast(WorkerInbox::Frame(ToWorker::Cancel { request_id }));
+                    }
+                } else if ours && last {
                     t.streams.remove(&request_id);
                 }
             }

@@ -64,8 +64,12 @@ impl Sessions {
         agent_on(node, *session)
     }
 
-    /// `node`'s latest authenticated session, its agent there, and that session's key (made on
-    /// the first ask). `None` until the agent is visible through pg.
+    /// The session that speaks for `node`, its agent there, and that session's key (made on the
+    /// first ask): the session holding the node's key while it is up, else the node's latest
+    /// authenticated session. `None` until the agent is visible through pg. A name is held by the
+    /// first session that took it until that session closes (node names are unique per worker
+    /// process, so only a peer impersonating a live worker claims a live name): a second session
+    /// claiming it gets nothing, and the holder is welcomed again with its own key.
     pub fn hello(&mut self, node: &str) -> Option<(ActorRef<WorkerInbox>, String)> {
         let session = self
             .up
@@ -73,6 +77,14 @@ impl Sessions {
             .filter(|(_, p)| p.as_str() == node)
             .map(|(id, _)| *id)
             .max()?;
+        if let Some((holder, key)) = self.keys.get(node) {
+            if self.up.contains_key(holder) {
+                if *holder != session {
+                    tracing::warn!(%node, session, holder, "cluster: a second session claims a live node's name; refused");
+                }
+                return agent_on(node, *holder).map(|a| (a, key.clone()));
+            }
+        }
         let agent = agent_on(node, session)?;
         let key = match self.keys.get(node) {
             Some((s, k)) if *s == session => k.clone(),
