@@ -441,3 +441,29 @@ fn deployments_beyond_the_bound_are_refused_until_one_is_deleted() {
     let (code, d) = head.post("/models", &json!({"name": "third", "path": "tiny2"}));
     assert_eq!(code, 202, "{d}");
 }
+
+#[test]
+fn a_deployment_that_cannot_load_fails_alone_and_the_node_stays_live() {
+    let head = support::start(OVERRIDES);
+    // Its config parses (so it is accepted), its weights are cut short (so no replica loads).
+    let broken = support::tiny::write_model(&head.dir.path().join("models").join("broken"), 5);
+    let weights = broken.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let (code, d) = head.post("/models", &json!({"name": "broken", "path": "broken"}));
+    assert_eq!(code, 202, "{d}");
+    let d = wait_state(&head, "broken", "failed");
+    assert!(d["reason"].as_str().unwrap().contains("replica"), "{d}");
+    // The node is live (a probe must not restart it for a bad file) and serves the rest.
+    let (code, health) = head.get("/health");
+    assert_eq!(code, 200, "{health}");
+    assert_eq!(health["status"], "degraded", "{health}");
+    let (code, r) = chat(&head, None, 4);
+    assert_eq!(code, 200, "{r}");
+    // Deleting it makes the node whole again.
+    let (code, d) = head.delete("/models/broken");
+    assert_eq!(code, 202, "{d}");
+    head.wait_until("the broken deployment gone", Duration::from_secs(60), |h| {
+        h.get("/models/broken").0 == 404
+    });
+}

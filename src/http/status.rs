@@ -17,7 +17,8 @@ use super::AppState;
 
 #[derive(Serialize, ToSchema)]
 pub struct Health {
-    /// `ok`; `degraded` while an actor restarts; `failed` once one escalated.
+    /// `ok`; `degraded` while an actor restarts or after a replica failed beyond its restart
+    /// policy (its deployment shows `failed`); `failed` (503) once another actor escalated.
     pub status: String,
     pub uptime_s: f64,
     #[schema(value_type = Vec<Object>)]
@@ -25,8 +26,8 @@ pub struct Health {
 }
 
 #[utoipa::path(get, path = "/health", responses(
-    (status = 200, description = "Alive; every actor's state", body = Health),
-    (status = 503, description = "An actor failed beyond its restart policy", body = Health)))]
+    (status = 200, description = "Alive; every actor's state (a failed replica is its deployment's state: `degraded`)", body = Health),
+    (status = 503, description = "An actor other than a replica failed beyond its restart policy", body = Health)))]
 pub async fn health(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
     let mut actors = state.node.health.snapshot();
     // The probe is public: without the token (where one is set) errors show file names, not the
@@ -43,12 +44,18 @@ pub async fn health(State(state): State<AppState>, headers: axum::http::HeaderMa
             a.last_error = a.last_error.as_deref().map(redact_paths);
         }
     }
-    let status = if actors.iter().any(|a| a.state == ActorState::Failed) {
+    // A replica that failed beyond its restart policy is its deployment's state (`GET /models`:
+    // failed, with the reason), not the node's liveness: a probe restarting the head would not
+    // mend a model file. Any other actor failed: the node is down (503).
+    let failed = |a: &&ActorHealth| a.state == ActorState::Failed;
+    let status = if actors.iter().filter(failed).any(|a| a.role != "inference") {
         "failed"
-    } else if actors
-        .iter()
-        .any(|a| matches!(a.state, ActorState::Restarting | ActorState::Starting))
-    {
+    } else if actors.iter().any(|a| {
+        matches!(
+            a.state,
+            ActorState::Restarting | ActorState::Starting | ActorState::Failed
+        )
+    }) {
         "degraded"
     } else {
         "ok"
