@@ -175,6 +175,7 @@ pub struct ResourcesConfig {
     pub cpu_threads_per_replica: u32,
     pub cpu_threads_per_trainer: u32,
     pub tags: std::collections::BTreeMap<String, String>,
+    pub host_memory_limit_mb: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -467,3 +467,41 @@ fn a_deployment_that_cannot_load_fails_alone_and_the_node_stays_live() {
         h.get("/models/broken").0 == 404
     });
 }
+
+#[test]
+fn each_replica_start_is_checked_against_host_memory() {
+    // Room for the weights of two tiny models, not three.
+    let dir = tempfile::tempdir().unwrap();
+    let model = support::tiny::write_model(&dir.path().join("model"), 7);
+    let bytes = tessera_engine::footprint::weight_bytes(&model, tch::Kind::Float).unwrap();
+    let limit_mb = 2.5 * bytes as f64 / (1u64 << 20) as f64;
+    let head = support::start_in(
+        dir,
+        model,
+        &[
+            "resources.cpu_inference_slots=4",
+            "model.replicas=1",
+            &format!("resources.host_memory_limit_mb={limit_mb}"),
+        ],
+    );
+    support::tiny::write_model(&head.dir.path().join("models").join("tiny2"), 11);
+    let (code, d) = head.post(
+        "/models",
+        &json!({"name": "three", "path": "tiny2", "replicas": 3}),
+    );
+    assert_eq!(code, 202, "{d}");
+    let d = wait_state(&head, "three", "ready");
+    // One replica started (the default deployment holds the other copy); the rest wait, saying
+    // why with the sizes, and no replica is started and lost in a loop.
+    assert_eq!(d["replicas"].as_array().unwrap().len(), 1, "{d}");
+    let reason = d["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("resources.host_memory_limit_mb") && reason.contains("MiB"),
+        "{d}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let d = deployment(&head, "three");
+    assert_eq!(d["replicas"].as_array().unwrap().len(), 1, "{d}");
+    let (code, r) = chat(&head, Some("three"), 4);
+    assert_eq!(code, 200, "{r}");
+}

@@ -55,6 +55,9 @@ pub struct NodeConfig {
     pub max_queued_jobs: usize,
     /// Deployments at most, the default one included (`deployments.max`).
     pub max_deployments: usize,
+    /// Bytes the weights of this node's CPU replicas may hold together (`None`: no limit but the
+    /// host's available memory).
+    pub host_memory_limit: Option<u64>,
     /// This node's tags (`resources.tags`, `--tag`).
     pub tags: Tags,
     /// A dataset file's size at most (`training.max_dataset_bytes`).
@@ -328,6 +331,7 @@ impl Node {
                     deployments: deployments.clone(),
                     default,
                     max: config.max_deployments,
+                    host_memory_limit: config.host_memory_limit,
                     supervisor: None,
                 })),
             ));

@@ -89,6 +89,9 @@ pub struct DeploymentManagerArgs {
     pub default: DeploymentSpec,
     /// Deployments at most, the default one included (`deployments.max`).
     pub max: usize,
+    /// Bytes the weights of this node's CPU replicas may hold together
+    /// (`resources.host_memory_limit_mb`; `None`: no limit but the host's available memory).
+    pub host_memory_limit: Option<u64>,
     /// Set by the supervisor when it starts the manager.
     pub supervisor: Option<ActorRef<SupervisorMsg>>,
 }
@@ -161,7 +164,11 @@ fn torch_device(d: &Device) -> tch::Device {
 }
 
 fn gib(bytes: u64) -> String {
-    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+    if bytes < 1 << 30 {
+        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+    } else {
+        format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+    }
 }
 
 /// Why `spec` can never run on `slots` (devices per replica, memory), or `None`.
@@ -219,6 +226,16 @@ fn unfit(spec: &DeploymentSpec, slots: &[Slot]) -> Option<String> {
         }
     }
     None
+}
+
+/// Bytes the weights of a replica of `spec` take on the CPU slot `slot` (`None` on a GPU slot, or
+/// when the file cannot be sized: its load says why).
+fn host_need(spec: &DeploymentSpec, slot: &Slot) -> Option<u64> {
+    if slot.devices.iter().any(|d| matches!(d, Device::Cuda(_))) {
+        return None;
+    }
+    let kind = spec.dtype.kind().unwrap_or(tch::Kind::Float);
+    tessera_engine::footprint::weight_bytes(&spec.path, kind).ok()
 }
 
 impl Live {
@@ -701,8 +718,13 @@ impl ManagerState {
                 self.lives[live].replicas.push(format!("{node}/{slot}"));
                 return Ok(());
             }
-            Place::Local(i) => self.args.slots[i].clone(),
+            Place::Local(i) => {
+                let slot = self.args.slots[i].clone();
+                self.fits_host_memory(spec, &slot)?;
+                slot
+            }
         };
+        let spec = &self.lives[live].spec;
         tracing::info!(deployment = %spec.name, replica = %slot.name, path = %spec.path.display(), "starting a replica");
         self.args
             .router
@@ -713,6 +735,60 @@ impl ManagerState {
             ChildSpec::Inference(args),
         ));
         self.lives[live].replicas.push(slot.name);
+        Ok(())
+    }
+
+    /// Whether one more replica of `spec` on the CPU slot `slot` fits in host memory: its weights
+    /// with those of the node's other replicas within `resources.host_memory_limit_mb`, and within
+    /// the host's available memory less what replicas still loading will take. Checked before
+    /// each start, so `replicas: 3` where one copy fits starts one and says why not the rest.
+    fn fits_host_memory(&self, spec: &DeploymentSpec, slot: &Slot) -> Result<(), String> {
+        let Some(need) = host_need(spec, slot) else {
+            return Ok(());
+        };
+        let router = self.args.router.replicas();
+        let (mut held, mut loading) = (0u64, 0u64);
+        for l in &self.lives {
+            for r in l.replicas.iter().chain(&l.draining) {
+                let Some(s) = self.args.slots.iter().find(|s| s.name == *r) else {
+                    continue; // on a worker
+                };
+                let Some(n) = host_need(&l.spec, s) else {
+                    continue;
+                };
+                held += n;
+                if router
+                    .iter()
+                    .find(|x| x.name == *r)
+                    .is_none_or(|x| x.model.is_none())
+                {
+                    loading += n;
+                }
+            }
+        }
+        if let Some(limit) = self.args.host_memory_limit {
+            if held + need > limit {
+                return Err(format!(
+                    "a replica needs {} of host memory for its weights; this node's replicas hold \
+                     {} of the {} that resources.host_memory_limit_mb allows",
+                    gib(need),
+                    gib(held),
+                    gib(limit)
+                ));
+            }
+        }
+        let mut sys = sysinfo::System::new();
+        sys.refresh_memory();
+        let available = sys.available_memory();
+        if available > 0 && need + loading > available {
+            return Err(format!(
+                "a replica needs {} of host memory for its weights; {} is available, {} of it \
+                 about to be taken by replicas still loading",
+                gib(need),
+                gib(available),
+                gib(loading)
+            ));
+        }
         Ok(())
     }
 
