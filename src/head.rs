@@ -45,7 +45,7 @@ pub fn node_config(config: &Config, node_name: &str) -> NodeConfig {
         max_queued_jobs: config.jobs.max_queued as usize,
         max_deployments: config.deployments.max.max(1) as usize,
         host_memory_limit: (r.host_memory_limit_mb > 0.0)
-            .then(|| (r.host_memory_limit_mb * (1u64 << 20) as f64) as u64),
+            .then_some((r.host_memory_limit_mb * (1u64 << 20) as f64) as u64),
         tags: config.resources.tags.clone(),
         max_dataset_bytes: config.training.max_dataset_bytes,
         autoscaling: config.autoscaling.config(),
