@@ -185,9 +185,11 @@ impl Actor for NodeSupervisor {
                     state
                         .health
                         .set(&name, child.spec.role(), ActorState::Stopped, None);
-                    if matches!(child.spec, ChildSpec::Inference(_)) {
-                        state.router.remove_replica(&name);
-                    }
+                    // The router's entry is the caller's to remove (it drains, asks for this,
+                    // then removes it, also when this answer comes too late): a `Remove` that
+                    // runs after its caller gave up must not touch the entry of a newer replica
+                    // already placed on the same slot. (The mailbox keeps the order, so the
+                    // child it stops is still the old one.)
                 }
                 let _ = reply.send(());
             }
