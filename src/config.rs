@@ -89,6 +89,7 @@ pub struct AutoscalingSection {
     pub target_ongoing_requests: f64,
     pub upscale_delay_s: f64,
     pub downscale_delay_s: f64,
+    pub cold_start_queue: u32,
 }
 
 impl AutoscalingSection {
@@ -96,7 +97,9 @@ impl AutoscalingSection {
     pub fn config(&self) -> Option<tessera_actors::autoscaler::AutoscalingConfig> {
         self.enabled
             .then(|| tessera_actors::autoscaler::AutoscalingConfig {
-                min_replicas: self.min_replicas as usize,
+                // The model given at start always keeps a replica (scale to zero is for
+                // deployments made at runtime).
+                min_replicas: (self.min_replicas as usize).max(1),
                 max_replicas: match self.max_replicas {
                     0 => usize::MAX,
                     n => n as usize,

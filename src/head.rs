@@ -105,6 +105,7 @@ pub async fn start(config: &Config) -> anyhow::Result<AppState> {
         auth_token: (!token.is_empty()).then_some(token),
         allowed_hosts: config.server.allowed_hosts.clone(),
         max_dataset_bytes: config.training.max_dataset_bytes,
+        cold_start_queue: config.autoscaling.cold_start_queue as usize,
         request_timeout: Duration::from_secs(config.server.request_timeout_secs),
         max_body_bytes: config.server.max_body_bytes as usize,
         body_read_timeout: Duration::from_secs(config.server.body_read_timeout_secs),

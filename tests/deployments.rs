@@ -505,3 +505,50 @@ fn each_replica_start_is_checked_against_host_memory() {
     let (code, r) = chat(&head, Some("three"), 4);
     assert_eq!(code, 200, "{r}");
 }
+
+#[test]
+fn a_deployment_scales_to_zero_when_idle_and_the_next_request_starts_a_replica() {
+    let head = support::start(&["resources.cpu_inference_slots=2", "model.replicas=1"]);
+    support::tiny::write_model(&head.dir.path().join("models").join("tiny2"), 11);
+    let (code, d) = head.post(
+        "/models",
+        &json!({"name": "lazy", "path": "tiny2", "min_replicas": 0, "max_replicas": 1,
+                "autoscaling": {"target_ongoing_requests": 1, "upscale_delay_s": 0.2,
+                                "downscale_delay_s": 0.5}}),
+    );
+    assert_eq!(code, 202, "{d}");
+    wait_state(&head, "lazy", "ready");
+    // Idle: drained to no replica, its slot free.
+    let d = wait_state(&head, "lazy", "idle");
+    assert_eq!(d["replicas"], json!([]), "{d}");
+    assert!(
+        d["reason"].as_str().unwrap().contains("scaled to zero"),
+        "{d}"
+    );
+    // A request waits while a replica starts, then is answered.
+    let (code, r) = chat(&head, Some("lazy"), 4);
+    assert_eq!(code, 200, "{r}");
+    // The manager counts the cold start at its next tick.
+    head.wait_until("the cold start counted", Duration::from_secs(10), |h| {
+        deployment(h, "lazy")["autoscaler"]["cold_starts"] == 1
+    });
+    let d = deployment(&head, "lazy");
+    assert!(
+        d["autoscaler"]["last_cold_start_s"].as_f64().unwrap() > 0.0,
+        "{d}"
+    );
+    let (code, metrics) = head.get_text("/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("figure=\"cold_starts\"") || metrics.contains("cold_starts"),
+        "{metrics}"
+    );
+    // Idle again once the load is gone; min_replicas 0 without autoscaling is refused.
+    wait_state(&head, "lazy", "idle");
+    let (code, e) = head.post(
+        "/models",
+        &json!({"name": "fixed0", "path": "tiny2", "min_replicas": 0}),
+    );
+    assert_eq!(code, 422, "{e}");
+    assert_eq!(e["error"]["field"], "min_replicas", "{e}");
+}

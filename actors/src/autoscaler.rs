@@ -7,6 +7,10 @@
 //! once it has stayed below for `downscale_delay`: the newest replica stops taking requests
 //! (draining), finishes the ones it holds, then stops and frees its slot. Every decision is logged
 //! with its inputs and counted (`/metrics`, `/models`, the dashboard).
+//!
+//! With `min_replicas` 0 an idle deployment drains to no replica (`idle`); a request for it then
+//! waits in a bounded queue ([`crate::deployments::Deployments::cold_waiter`]) while the manager
+//! starts one at once (no upscale delay: someone is waiting), and the cold start is counted.
 
 use std::time::{Duration, Instant};
 
@@ -22,10 +26,10 @@ pub struct AutoscalingConfig {
     pub downscale_delay: Duration,
 }
 
-/// Replicas wanted for `ongoing` requests.
+/// Replicas wanted for `ongoing` requests (0 only where `min_replicas` is 0: scale to zero).
 pub fn desired(ongoing: usize, config: &AutoscalingConfig) -> usize {
     let want = (ongoing as f64 / config.target_ongoing_requests.max(1e-9)).ceil() as usize;
-    want.clamp(config.min_replicas.max(1), config.max_replicas.max(1))
+    want.clamp(config.min_replicas, config.max_replicas.max(1))
 }
 
 /// Which way to scale now.
@@ -84,6 +88,14 @@ pub struct AutoscalerStats {
     pub scale_downs: u64,
     /// The latest decision, in words, with its inputs.
     pub last_decision: Option<String>,
+    /// Requests waiting for a replica to start from zero (`min_replicas` 0).
+    #[serde(default)]
+    pub waiting: usize,
+    /// Starts from zero replicas so far, and how long the latest took until a replica served.
+    #[serde(default)]
+    pub cold_starts: u64,
+    #[serde(default)]
+    pub last_cold_start_s: Option<f64>,
 }
 
 #[cfg(test)]
@@ -108,6 +120,12 @@ mod tests {
         assert_eq!(desired(5, &c), 2);
         assert_eq!(desired(12, &c), 3);
         assert_eq!(desired(1000, &c), 3);
+        let to_zero = AutoscalingConfig {
+            min_replicas: 0,
+            ..c
+        };
+        assert_eq!(desired(0, &to_zero), 0);
+        assert_eq!(desired(1, &to_zero), 1);
     }
 
     #[test]

@@ -32,7 +32,8 @@ pub struct DeployRequest {
     /// Replicas (default 1); with `autoscaling`, the starting count within the bounds.
     pub replicas: Option<usize>,
     /// Autoscaling bounds (default 1 and `replicas`, or every inference slot with
-    /// `autoscaling`).
+    /// `autoscaling`). `min_replicas: 0` with `autoscaling`: scaled to zero when idle, the next
+    /// request waits while a replica starts (`autoscaling.cold_start_queue` at most).
     pub min_replicas: Option<usize>,
     pub max_replicas: Option<usize>,
     /// Devices per replica; must match the node's inference slots (`resources.tensor_parallel`).
@@ -123,7 +124,17 @@ fn spec(state: &AppState, req: DeployRequest) -> Result<DeploymentSpec, AppError
             })
         })
         .transpose()?;
-    let min_replicas = positive("min_replicas", req.min_replicas, 1)?;
+    // 0 with autoscaling: scale to zero when idle (the next request starts a replica).
+    let min_replicas = match req.min_replicas {
+        Some(0) if autoscaling.is_some() => 0,
+        Some(0) => {
+            return Err(AppError::invalid(
+                "min_replicas",
+                "0 (scale to zero) needs `autoscaling`",
+            ))
+        }
+        other => positive("min_replicas", other, 1)?,
+    };
     let max_default = if autoscaling.is_some() {
         MAX_REPLICAS
     } else {

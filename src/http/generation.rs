@@ -93,6 +93,7 @@ async fn start(
     let started = Instant::now();
     let deadline = started + state.request_timeout;
     let id = work.request_id.clone();
+    cold_start(state, deployment, deadline).await?;
     let Dispatched { mut events, lease } = state.node.generate(Some(deployment), work)?;
     let first = tokio::time::timeout_at(deadline.into(), events.recv())
         .await
@@ -121,6 +122,59 @@ async fn start(
             format!("replica answered {other:?} before starting"),
         ))),
         None => Err(replica_lost(&lease.replica)),
+    }
+}
+
+/// For a deployment scaled to zero (`min_replicas` 0, no replica serving): waits in its bounded
+/// cold-start queue until a replica serves (the deployment manager starts one for the requests
+/// waiting there). 503 with Retry-After when the queue is full, 504 past the deadline, 503 if the
+/// replica fails to start. Returns at once for every other deployment.
+async fn cold_start(state: &AppState, deployment: &str, deadline: Instant) -> Result<(), AppError> {
+    let serving = || {
+        state.node.router.replicas().iter().any(|r| {
+            r.deployment == deployment && r.state == tessera_actors::health::ActorState::Running
+        })
+    };
+    let scales_to_zero = state
+        .node
+        .deployments
+        .get(deployment)
+        .is_some_and(|d| d.spec.min_replicas == 0 && d.spec.autoscaling.is_some());
+    if !scales_to_zero || serving() {
+        return Ok(());
+    }
+    let Some(_place) = state
+        .node
+        .deployments
+        .cold_waiter(deployment, state.cold_start_queue)
+    else {
+        return Err(ServeError::new(
+            tessera_actors::messages::ServeErrorKind::Overloaded,
+            format!(
+                "deployment `{deployment}` is starting a replica from zero and {} requests already \
+                 wait for it (autoscaling.cold_start_queue); retry",
+                state.cold_start_queue
+            ),
+        )
+        .into());
+    };
+    loop {
+        if serving() {
+            return Ok(());
+        }
+        if let Some(d) = state.node.deployments.get(deployment) {
+            if d.state == tessera_actors::deployments::DeploymentState::Failed {
+                return Err(ServeError::unavailable(format!(
+                    "deployment `{deployment}` could not start a replica: {}",
+                    d.reason.unwrap_or_default()
+                ))
+                .into());
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(AppError::timeout(state.request_timeout.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

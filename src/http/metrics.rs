@@ -118,7 +118,8 @@ impl Metrics {
             Opts::new(
                 "autoscaler",
                 "Each autoscaled deployment: `replicas`, `desired`, `ongoing` requests, and \
-                 the `scale_ups` / `scale_downs` decided so far",
+                 the `scale_ups` / `scale_downs` decided so far; scaled to zero: requests \
+                 `waiting` for a replica, `cold_starts` and `last_cold_start_ms`",
             ),
             &["deployment", "figure"],
         )
@@ -206,6 +207,12 @@ impl Metrics {
                 ("ongoing", a.ongoing as i64),
                 ("scale_ups", a.scale_ups as i64),
                 ("scale_downs", a.scale_downs as i64),
+                ("waiting", a.waiting as i64),
+                ("cold_starts", a.cold_starts as i64),
+                (
+                    "last_cold_start_ms",
+                    a.last_cold_start_s.map_or(0, |s| (s * 1e3) as i64),
+                ),
             ] {
                 self.autoscaler.with_label_values(&[&name, figure]).set(v);
             }

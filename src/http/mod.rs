@@ -60,6 +60,9 @@ pub struct Shared {
     pub auth_token: Option<String>,
     /// A dataset file's size at most (`training.max_dataset_bytes`).
     pub max_dataset_bytes: u64,
+    /// Requests that may wait per deployment while it starts a replica from zero
+    /// (`autoscaling.cold_start_queue`).
+    pub cold_start_queue: usize,
     /// Host names served without a token besides IP literals and localhost
     /// (`server.allowed_hosts`).
     pub allowed_hosts: Vec<String>,

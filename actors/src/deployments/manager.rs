@@ -137,6 +137,8 @@ struct Live {
     /// Why not every wanted replica is placed.
     pending: Option<String>,
     decider: Decider,
+    /// Since when a replica is starting from zero for waiting requests.
+    cold_since: Option<Instant>,
     stats: Option<AutoscalerStats>,
 }
 
@@ -258,6 +260,7 @@ impl Live {
             local_unfit,
             pending: None,
             decider: Decider::default(),
+            cold_since: None,
             stats,
         }
     }
@@ -591,15 +594,47 @@ impl ManagerState {
                 continue;
             }
             config.max_replicas = config.max_replicas.min(slots).max(1);
-            let ongoing: usize = l.replicas.iter().filter_map(|r| router.in_flight(r)).sum();
+            let waiting = self.args.deployments.waiting(&l.spec.name);
+            let ongoing: usize = l
+                .replicas
+                .iter()
+                .filter_map(|r| router.in_flight(r))
+                .sum::<usize>()
+                + waiting;
             let current = l.replicas.len();
             let want = autoscaler::desired(ongoing, &config);
+            let stats = l.stats.get_or_insert_with(AutoscalerStats::default);
+            stats.waiting = waiting;
+            // A cold start ends when one of its replicas serves.
+            if let Some(since) = l.cold_since {
+                let serving = router
+                    .replicas()
+                    .iter()
+                    .any(|r| l.replicas.contains(&r.name) && r.state == ActorState::Running);
+                if serving {
+                    let took = since.elapsed().as_secs_f64();
+                    stats.cold_starts += 1;
+                    stats.last_cold_start_s = Some(took);
+                    l.cold_since = None;
+                    tracing::info!(deployment = %l.spec.name, seconds = took, "cold start: a replica serves");
+                }
+            }
+            // Scaled to zero with requests waiting: a replica at once, no upscale delay.
+            if current == 0 && l.want == 0 && waiting > 0 && free {
+                l.want = 1;
+                l.cold_since = Some(Instant::now());
+                stats.scale_ups += 1;
+                stats.last_decision = Some(format!(
+                    "up to 1 replica from zero ({waiting} requests waiting)"
+                ));
+                tracing::info!(deployment = %l.spec.name, waiting, "autoscaler: starting a replica from zero");
+                continue;
+            }
             let decision = if l.draining.is_empty() && l.want == current {
                 l.decider.decide(Instant::now(), current, want, &config)
             } else {
                 None
             };
-            let stats = l.stats.get_or_insert_with(AutoscalerStats::default);
             stats.ongoing = ongoing;
             stats.desired = want;
             stats.min_replicas = config.min_replicas;
@@ -846,6 +881,11 @@ impl ManagerState {
             (DeploymentState::Failed, Some(f))
         } else if serving {
             (DeploymentState::Ready, l.pending.clone())
+        } else if l.want == 0 && l.replicas.is_empty() && l.spec.autoscaling.is_some() {
+            (
+                DeploymentState::Idle,
+                Some("scaled to zero; the next request starts a replica".into()),
+            )
         } else if mine.is_empty() && l.replicas.is_empty() {
             (DeploymentState::Pending, l.pending.clone())
         } else {

@@ -103,7 +103,7 @@ impl DeploymentSpec {
         match &self.autoscaling {
             Some(_) => self
                 .replicas
-                .clamp(self.min_replicas.max(1), self.max_replicas.max(1)),
+                .clamp(self.min_replicas, self.max_replicas.max(1)),
             None => self.replicas,
         }
     }
@@ -164,6 +164,8 @@ pub enum DeploymentState {
     Failed,
     /// Deleted: its replicas drain, then it is gone.
     Deleting,
+    /// Scaled to zero (`min_replicas` 0, no load): the next request starts a replica.
+    Idle,
 }
 
 /// A deployment as `GET /models` shows it.
@@ -227,9 +229,50 @@ pub struct Deployments {
     remote: Arc<RwLock<Option<Arc<dyn RemoteNodes>>>>,
     /// The default deployment's name (fixed at start).
     default: Arc<RwLock<String>>,
+    /// Requests waiting for a deployment scaled to zero to start a replica, by deployment.
+    waiting: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+/// A request's place in a deployment's cold-start queue, given back when dropped.
+pub struct ColdWaiter {
+    waiting: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    name: String,
+}
+
+impl Drop for ColdWaiter {
+    fn drop(&mut self) {
+        let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = w.get_mut(&self.name) {
+            *n -= 1;
+            if *n == 0 {
+                w.remove(&self.name);
+            }
+        }
+    }
 }
 
 impl Deployments {
+    /// A place in `name`'s cold-start queue, or `None` when `bound` requests already wait: the
+    /// manager counts them as load and starts a replica for them.
+    pub fn cold_waiter(&self, name: &str, bound: usize) -> Option<ColdWaiter> {
+        let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        let n = w.entry(name.to_string()).or_default();
+        if *n >= bound {
+            return None;
+        }
+        *n += 1;
+        Some(ColdWaiter {
+            waiting: self.waiting.clone(),
+            name: name.to_string(),
+        })
+    }
+
+    /// Requests waiting for `name` to start a replica.
+    pub fn waiting(&self, name: &str) -> usize {
+        let w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        w.get(name).copied().unwrap_or(0)
+    }
+
     pub fn new(default: &str) -> Self {
         let d = Self::default();
         *d.default.write().expect("deployments") = default.to_string();
@@ -296,6 +339,21 @@ impl Deployments {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cold_start_queue_is_bounded_and_places_come_back() {
+        let d = Deployments::new("default");
+        let a = d.cold_waiter("x", 2).unwrap();
+        let b = d.cold_waiter("x", 2).unwrap();
+        assert!(d.cold_waiter("x", 2).is_none(), "full");
+        assert!(d.cold_waiter("y", 2).is_some(), "per deployment");
+        assert_eq!(d.waiting("x"), 2);
+        drop(a);
+        assert_eq!(d.waiting("x"), 1);
+        let _c = d.cold_waiter("x", 2).unwrap();
+        drop(b);
+        assert_eq!(d.waiting("x"), 1);
+    }
 
     #[test]
     fn names_are_plain_tokens() {
