@@ -8,8 +8,8 @@ and the previous one deleted every two minutes. Failures: a worker is SIGKILLed 
 every `KILL_EVERY` seconds (alternating), and the head is restarted once (SIGTERM, then started on
 the same database) halfway through.
 
-Prints requests ok / refused with a retryable answer (429, 503, 504, or no connection while the
-head restarts) / failed otherwise; jobs submitted / succeeded / failed / lost (never found again,
+Prints requests ok / refused with a retryable answer (429, 503, 504) / not connected (the head
+restarting; clients retry every 0.5 s) / failed otherwise; jobs submitted / succeeded / failed / lost (never found again,
 or not ended 10 minutes after the load stops: must be 0); and each process's RSS and open file
 descriptors at start and end.
 """
@@ -72,7 +72,7 @@ class Soak:
         self.head = self.start_head()
         self.workers = {name: self.start_worker(name) for name in ("w1", "w2")}
         self.lock = threading.Lock()
-        self.counts = {"ok": 0, "retryable": 0, "failed": 0}
+        self.counts = {"ok": 0, "retryable": 0, "unreachable": 0, "failed": 0}
         self.failures = []
         self.jobs = []
         self.stop = threading.Event()
@@ -81,7 +81,7 @@ class Soak:
     def spawn(self, args, name):
         log = open(os.path.join(self.work, f"{name}.log"), "a")
         return subprocess.Popen([self.binary, "--log-format", "json"] + args,
-                                stdout=subprocess.DEVNULL, stderr=log)
+                                stdout=log, stderr=subprocess.STDOUT)
 
     def start_head(self):
         sets = self.roots + [f'jobs.db_path="{self.work}/jobs.sqlite"', f"cluster.port={self.port}",
@@ -145,9 +145,9 @@ class Soak:
                 retryable = e.code in (429, 503, 504)
                 self.count("retryable" if retryable else "failed",
                            None if retryable else f"{e.code} {e.read()[:200]!r}")
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 # No connection: the head is restarting.
-                self.count("retryable")
+                self.count("unreachable")
                 time.sleep(0.5)
 
     def submitter(self):
@@ -226,8 +226,9 @@ class Soak:
         jobs = {s: sum(1 for v in states.values() if v == s) for s in ("succeeded", "failed", "cancelled")}
         lost = len(self.jobs) - sum(jobs.values())
         print(f"soak: {minutes} min, head + 2 workers, a worker killed every {KILL_EVERY} s, one head restart")
-        print(f"requests: ok {self.counts['ok']}, refused retryable {self.counts['retryable']}, "
-              f"failed {self.counts['failed']}")
+        print(f"requests: ok {self.counts['ok']}, refused retryable (429/503/504) "
+              f"{self.counts['retryable']}, no connection (head restarting, tries 0.5 s apart) "
+              f"{self.counts['unreachable']}, failed {self.counts['failed']}")
         print(f"jobs: submitted {len(self.jobs)}, succeeded {jobs['succeeded']}, failed {jobs['failed']}, "
               f"cancelled {jobs['cancelled']}, lost {lost}")
         for name in start_stats:
