@@ -400,6 +400,25 @@ impl Node {
         if self.router.in_flight(slot).is_some() {
             return Err(format!("inference slot `{slot}` is taken"));
         }
+        // On a CPU slot, the weights must fit in what the host has available (the head checks
+        // its own memory, not this node's).
+        if s.devices.iter().all(|d| matches!(d, Device::Cpu)) {
+            let kind = kind.unwrap_or(tch::Kind::Float);
+            if let Ok(need) = tessera_engine::footprint::weight_bytes(&path, kind) {
+                let mut sys = sysinfo::System::new();
+                sys.refresh_memory();
+                let available = sys.available_memory();
+                if available > 0 && need > available {
+                    return Err(format!(
+                        "a replica of {} needs {:.1} MiB of host memory for its weights; this \
+                         node has {:.1} MiB available",
+                        path.display(),
+                        need as f64 / (1u64 << 20) as f64,
+                        available as f64 / (1u64 << 20) as f64
+                    ));
+                }
+            }
+        }
         tracing::info!(replica = %slot, %deployment, path = %path.display(), "starting a replica for the head");
         self.router
             .add_replica(s.replica_info(&self.name, deployment));
