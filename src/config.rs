@@ -470,6 +470,29 @@ impl Config {
         if self.jobs.max_attempts == 0 {
             return Err(bad("jobs.max_attempts", "must be at least 1".into()));
         }
+        // 0 would refuse every request to a deployment scaled to zero, and so never wake it.
+        if self.autoscaling.cold_start_queue == 0 {
+            return Err(bad(
+                "autoscaling.cold_start_queue",
+                "must be at least 1".into(),
+            ));
+        }
+        let limit = self.resources.host_memory_limit_mb;
+        if !(limit.is_finite() && limit >= 0.0) {
+            return Err(bad(
+                "resources.host_memory_limit_mb",
+                format!("must be 0 (no limit) or a positive number of MiB, got {limit}"),
+            ));
+        }
+        if self.deployments.max == 0 {
+            return Err(bad("deployments.max", "must be at least 1".into()));
+        }
+        if self.training.max_dataset_bytes == 0 {
+            return Err(bad(
+                "training.max_dataset_bytes",
+                "must be at least 1".into(),
+            ));
+        }
         if self.supervision.max_restarts == 0 {
             return Err(bad("supervision.max_restarts", "must be at least 1".into()));
         }

@@ -192,6 +192,16 @@ fn bad_values_name_the_key() {
         ("log.format=xml", "log.format"),
         ("server.bind=localhost:80", "server.bind"),
         ("batching.max_batch_size=0", "batching.max_batch_size"),
+        (
+            "autoscaling.cold_start_queue=0",
+            "autoscaling.cold_start_queue",
+        ),
+        (
+            "resources.host_memory_limit_mb=-1",
+            "resources.host_memory_limit_mb",
+        ),
+        ("deployments.max=0", "deployments.max"),
+        ("training.max_dataset_bytes=0", "training.max_dataset_bytes"),
     ];
     for (text, key) in cases {
         let err = Config::load(&Sources {
