@@ -162,14 +162,19 @@ async fn cold_start(state: &AppState, deployment: &str, deadline: Instant) -> Re
         if serving() {
             return Ok(());
         }
-        if let Some(d) = state.node.deployments.get(deployment) {
-            if d.state == tessera_actors::deployments::DeploymentState::Failed {
+        use tessera_actors::deployments::DeploymentState;
+        match state.node.deployments.get(deployment) {
+            Some(d) if d.state == DeploymentState::Failed => {
                 return Err(ServeError::unavailable(format!(
                     "deployment `{deployment}` could not start a replica: {}",
                     d.reason.unwrap_or_default()
                 ))
                 .into());
             }
+            // Deleted meanwhile: dispatching says so.
+            None => return Ok(()),
+            Some(d) if d.state == DeploymentState::Deleting => return Ok(()),
+            Some(_) => {}
         }
         if Instant::now() >= deadline {
             return Err(AppError::timeout(state.request_timeout.as_secs()));
