@@ -255,10 +255,19 @@ fn a_cancel_survives_a_kill_and_a_job_that_keeps_dying_fails_after_max_attempts(
         let head = spawn_head_with(dir.path(), &model, &sets);
         let c = job(&head, &cancelled);
         assert_eq!(c["status"], "cancelled", "a cancel survives a kill: {c}");
-        wait_for("the dying job to run", Duration::from_secs(60), || {
-            let d = job(&head, &dying);
-            d["status"] == "running" && d["attempts"] == attempt
-        });
+        let mut last = Value::Null;
+        let t0 = Instant::now();
+        while !(last["status"] == "running" && last["attempts"] == attempt) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "the dying job did not run as attempt {attempt}: {last}\nhead log:\n{}",
+                std::fs::read_to_string(dir.path().join("head.log"))
+                    .map(|l| l.lines().rev().take(40).collect::<Vec<_>>().join("\n"))
+                    .unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+            last = job(&head, &dying);
+        }
         drop(head);
     }
     let head = spawn_head_with(dir.path(), &model, &sets);
