@@ -45,29 +45,33 @@ pub async fn guard(State(state): State<AppState>, request: Request, next: Next) 
                 }
             }
         }
-        Some(token) => {
-            if !PUBLIC.contains(&request.uri().path()) {
-                let given = request
-                    .headers()
-                    .get(header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "));
-                if !given.is_some_and(|g| same_secret(g.as_bytes(), token.as_bytes())) {
-                    let mut response = AppError::new(
-                        StatusCode::UNAUTHORIZED,
-                        "unauthorized",
-                        "missing or wrong bearer token (Authorization: Bearer <server.auth_token>)",
-                    )
-                    .into_response();
-                    response
-                        .headers_mut()
-                        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                    return response;
-                }
-            }
+        Some(token)
+            if !PUBLIC.contains(&request.uri().path())
+                && !bearer_matches(request.headers(), token) =>
+        {
+            let mut response = AppError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong bearer token (Authorization: Bearer <server.auth_token>)",
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
         }
+        Some(_) => {}
     }
     next.run(request).await
+}
+
+/// Whether `headers` carry `Authorization: Bearer <token>`.
+pub fn bearer_matches(headers: &axum::http::HeaderMap, token: &str) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|g| same_secret(g.as_bytes(), token.as_bytes()))
 }
 
 /// `given == secret`, in a time that depends on the secret's length only (not on where a guess

@@ -32,13 +32,10 @@ pub async fn health(State(state): State<AppState>, headers: axum::http::HeaderMa
     let mut actors = state.node.health.snapshot();
     // The probe is public: without the token (where one is set) errors show file names, not the
     // paths of the node's files (the log has them whole).
-    let authorized = state.auth_token.as_ref().is_some_and(|token| {
-        headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|g| super::guard::same_secret(g.as_bytes(), token.as_bytes()))
-    });
+    let authorized = state
+        .auth_token
+        .as_ref()
+        .is_some_and(|token| super::guard::bearer_matches(&headers, token));
     if !authorized {
         for a in &mut actors {
             a.last_error = a.last_error.as_deref().map(redact_paths);
