@@ -7,12 +7,13 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
 use tch::{Device, Kind};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
+use crate::constraint::{GrammarState, Grammars};
 use crate::lora::{AdapterKey, LoraAdapter, LoraError, PlacedAdapter};
 use crate::model::Model;
 use crate::model::ModelConfig;
@@ -80,6 +81,8 @@ struct Inner {
     next_id: AtomicU64,
     stats: Arc<Mutex<SchedulerStats>>,
     devices: Vec<Device>,
+    /// The grammar compiler of structured outputs, built at the first request that needs it.
+    grammars: OnceLock<Result<Arc<Grammars>, String>>,
 }
 
 impl Drop for Inner {
@@ -143,6 +146,7 @@ impl Engine {
                 next_id: AtomicU64::new(1),
                 stats,
                 devices,
+                grammars: OnceLock::new(),
             }),
         }
     }
@@ -162,6 +166,27 @@ impl Engine {
     /// The scheduler's state after its latest step.
     pub fn stats(&self) -> SchedulerStats {
         self.inner.stats.lock().expect("stats").clone()
+    }
+
+    /// The model's grammar compiler (structured outputs), built once: the tokenizer's vocabulary
+    /// as a token trie takes a moment.
+    pub fn grammars(&self) -> Result<Arc<Grammars>, String> {
+        let inner = &self.inner;
+        inner
+            .grammars
+            .get_or_init(|| {
+                let started = std::time::Instant::now();
+                let built = Grammars::new(inner.tokenizer.clone(), inner.model_config.vocab_size)
+                    .map(Arc::new)
+                    .map_err(|e| e.message);
+                tracing::info!(
+                    ms = started.elapsed().as_secs_f64() * 1e3,
+                    ok = built.is_ok(),
+                    "structured outputs: token trie built"
+                );
+                built
+            })
+            .clone()
     }
 
     /// Makes the engine's next step panic inside, as a fault in the model would (for tests of the
@@ -209,6 +234,23 @@ impl Engine {
                 format!("prompt + max_tokens ({total}) exceeds the KV cache budget of {kv} tokens"),
             ));
         }
+        if let Some((token, _)) = params.logit_bias.iter().find(|(t, _)| *t >= vocab) {
+            return Err(invalid(
+                "logit_bias",
+                format!("token id {token} is outside the vocabulary ({vocab})"),
+            ));
+        }
+        // Compiled here, on the submitting thread (a blocking one), never on the engine's.
+        let grammar = match &params.constraint {
+            Some(constraint) => {
+                let grammars = self.grammars().map_err(|e| invalid("response_format", e))?;
+                let matcher = grammars
+                    .matcher(constraint)
+                    .map_err(|e| invalid("response_format", e.message))?;
+                Some(GrammarState::new(matcher))
+            }
+            None => None,
+        };
         let adapter = request
             .adapter
             .as_deref()
@@ -231,7 +273,7 @@ impl Engine {
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = Arc::new(AtomicBool::new(false));
         let (events_tx, events) = unbounded_channel();
-        let seq = Sequence::new(
+        let mut seq = Sequence::new(
             id,
             request.prompt,
             params,
@@ -239,6 +281,7 @@ impl Engine {
             cancel.clone(),
             events_tx,
         );
+        seq.grammar = grammar;
         let sent = inner
             .tx
             .lock()

@@ -11,6 +11,7 @@
 pub mod adapter_cache;
 pub mod allocator;
 pub mod chat_template;
+pub mod constraint;
 mod cpu;
 pub mod dequant;
 pub mod dequant_k;

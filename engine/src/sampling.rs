@@ -1,11 +1,15 @@
-//! Choosing the next token from a row of logits: repetition penalty, temperature, top-k, top-p,
-//! greedy when the temperature is 0, a seeded RNG per sequence, and log-probabilities as OpenAI
-//! reports them (of the model's distribution, before sampling transforms).
+//! Choosing the next token from a row of logits: a grammar's mask of allowed tokens, `min_tokens`,
+//! `logit_bias`, the repetition, frequency and presence penalties (vLLM's definitions and order),
+//! temperature, top-k, top-p, greedy when the temperature is 0, a seeded RNG per sequence, and
+//! log-probabilities as OpenAI and vLLM report them (of the model's distribution, before any of
+//! these transforms).
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
+
+use crate::constraint::Constraint;
 
 /// How a sequence is generated. Every field has the default vLLM and OpenAI users expect.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,6 +31,16 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// How many top log-probabilities to return per generated token (0: none).
     pub top_logprobs: usize,
+    /// Subtracted once from the score of every token already generated (OpenAI / vLLM).
+    pub presence_penalty: f64,
+    /// Subtracted from a token's score once per time it was generated (OpenAI / vLLM).
+    pub frequency_penalty: f64,
+    /// Added to the scores of these token ids (OpenAI's `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// End tokens and stop strings do not end the sequence before this many tokens.
+    pub min_tokens: usize,
+    /// A grammar the output must follow (structured outputs).
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for SamplingParams {
@@ -42,12 +56,19 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             top_logprobs: 0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            min_tokens: 0,
+            constraint: None,
         }
     }
 }
 
 /// The most top log-probabilities a request may ask for.
 pub const MAX_TOP_LOGPROBS: usize = 20;
+/// The most `logit_bias` entries a request may give (OpenAI's limit).
+pub const MAX_LOGIT_BIAS: usize = 300;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("invalid `{field}`: {message}")]
@@ -84,6 +105,42 @@ impl SamplingParams {
             return err(
                 "repetition_penalty",
                 format!("must be > 0, got {}", self.repetition_penalty),
+            );
+        }
+        for (field, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return err(field, format!("must be in [-2, 2], got {v}"));
+            }
+        }
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return err(
+                "logit_bias",
+                format!(
+                    "at most {MAX_LOGIT_BIAS} entries, got {}",
+                    self.logit_bias.len()
+                ),
+            );
+        }
+        if let Some((token, bias)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return err(
+                "logit_bias",
+                format!("biases are in [-100, 100], got {bias} for token {token}"),
+            );
+        }
+        if self.min_tokens > self.max_tokens {
+            return err(
+                "min_tokens",
+                format!(
+                    "must not exceed max_tokens ({}), got {}",
+                    self.max_tokens, self.min_tokens
+                ),
             );
         }
         if self.top_logprobs > MAX_TOP_LOGPROBS {
@@ -158,13 +215,15 @@ impl Sampler {
     }
 
     /// Picks the next token from one row of logits (on the host). `history` is the prompt plus
-    /// what was generated so far. The engine samples on the device with [`sample_batch`]; this is
+    /// what was generated so far (it also counts as the output for the frequency and presence
+    /// penalties). The engine samples on the device with [`sample_batch`]; this is
     /// the same rule, kept for callers that hold a single row.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Sampled {
         let row = Tensor::from_slice(logits).unsqueeze(0);
         let mut rows = [RowSampling {
-            sampler: self,
             history,
+            output: history,
+            ..RowSampling::plain(self)
         }];
         sample_batch(&row, &mut rows).pop().expect("one row")
     }
@@ -175,51 +234,84 @@ impl Sampler {
     }
 }
 
-/// One row of a batch to sample: its sampler and, when a repetition penalty applies, the tokens
-/// seen so far (prompt and generated).
+/// One row of a batch to sample: its sampler and what its transforms read.
 pub struct RowSampling<'a> {
     pub sampler: &'a mut Sampler,
+    /// The tokens seen so far (prompt and generated) when a repetition penalty applies.
     pub history: &'a [u32],
+    /// The tokens generated so far (frequency and presence penalties).
+    pub output: &'a [u32],
+    /// Token ids that may not be picked now (the end tokens before `min_tokens`).
+    pub banned: &'a [u32],
+    /// The grammar's allowed tokens: a bitset over the vocabulary (bit `t % 32` of word `t / 32`).
+    pub allowed: Option<&'a [u32]>,
+}
+
+impl<'a> RowSampling<'a> {
+    /// A row with no history, output, ban or grammar.
+    pub fn plain(sampler: &'a mut Sampler) -> Self {
+        Self {
+            sampler,
+            history: &[],
+            output: &[],
+            banned: &[],
+            allowed: None,
+        }
+    }
+
+    /// Whether any transform changes this row's scores.
+    fn transforms(&self) -> bool {
+        let p = self.sampler.params();
+        p.repetition_penalty != 1.0
+            || (!self.output.is_empty()
+                && (p.presence_penalty != 0.0 || p.frequency_penalty != 0.0))
+            || !p.logit_bias.is_empty()
+            || !self.banned.is_empty()
+            || self.allowed.is_some()
+    }
+
+    /// Greedy on the model's own scores: one batched argmax serves it.
+    fn plain_greedy(&self) -> bool {
+        self.sampler.params().temperature == 0.0 && !self.transforms()
+    }
 }
 
 /// Samples one token for every row of `logits` (`[rows, vocab]`, on the model's device) in
 /// batched tensor ops: greedy rows take one batched `argmax`; rows with a temperature draw by
 /// inverse CDF over their (top-k, top-p) candidates with a uniform number from the row's seeded
-/// generator, so seeds stay reproducible. Only ids and log-probabilities come back to the host
-/// (and the top log-probabilities of the rows that ask for them).
+/// generator, so seeds stay reproducible. Rows with transforms (grammar, bans, bias, penalties)
+/// pick from their transformed scores; every log-probability is of the model's own scores. Only
+/// ids and log-probabilities come back to the host (and the top log-probabilities of the rows
+/// that ask for them).
 pub fn sample_batch(logits: &Tensor, rows: &mut [RowSampling]) -> Vec<Sampled> {
     let logits = if logits.kind() == Kind::Float {
         logits.shallow_clone()
     } else {
         logits.to_kind(Kind::Float)
     };
-    let plain_greedy = |r: &RowSampling| {
-        let p = r.sampler.params();
-        p.temperature == 0.0 && p.repetition_penalty == 1.0
-    };
     if rows
         .iter()
-        .all(|r| plain_greedy(r) && r.sampler.params().top_logprobs == 0)
+        .all(|r| r.plain_greedy() && r.sampler.params().top_logprobs == 0)
     {
         if let Some(picked) = greedy_on_host(&logits) {
             return picked;
         }
     }
-    let chosen = if rows.iter().all(plain_greedy) {
+    let chosen = if rows.iter().all(RowSampling::plain_greedy) {
         logits.argmax(1, false)
     } else {
         let batch_argmax = rows
             .iter()
-            .any(plain_greedy)
+            .any(RowSampling::plain_greedy)
             .then(|| logits.argmax(1, false));
         let picks: Vec<Tensor> = rows
             .iter_mut()
             .enumerate()
             .map(|(i, r)| {
-                if let Some(greedy) = batch_argmax.as_ref().filter(|_| plain_greedy(r)) {
+                if let Some(greedy) = batch_argmax.as_ref().filter(|_| r.plain_greedy()) {
                     return greedy.narrow(0, i as i64, 1);
                 }
-                let scores = penalised(&logits.get(i as i64), r);
+                let scores = transformed(&logits.get(i as i64), r);
                 let params = r.sampler.params().clone();
                 if params.temperature == 0.0 {
                     scores.argmax(0, true)
@@ -337,26 +429,93 @@ impl PickPtr {
     }
 }
 
-/// The row's scores after the repetition penalty (CTRL / HF: divide positive scores, multiply
-/// negative ones, for every token seen).
-fn penalised(row: &Tensor, r: &RowSampling) -> Tensor {
-    let p = r.sampler.params().repetition_penalty;
-    if p == 1.0 || r.history.is_empty() {
+/// The row's scores after the transforms, in vLLM's order: the grammar's mask, the bans of
+/// `min_tokens` (unless they would leave no allowed token), `logit_bias`, then the penalties:
+/// repetition (CTRL / HF: divide positive scores, multiply negative ones, for every token seen),
+/// frequency (minus `frequency_penalty` × count in the output) and presence (minus
+/// `presence_penalty` for every token in the output).
+fn transformed(row: &Tensor, r: &RowSampling) -> Tensor {
+    if !r.transforms() {
         return row.shallow_clone();
     }
+    let p = r.sampler.params();
     let vocab = row.size()[0];
-    let mut seen: Vec<i64> = r
-        .history
+    let device = row.device();
+    let ids = |tokens: &[i64]| Tensor::from_slice(tokens).to_device(device);
+    let mut scores = row.copy();
+    let mut allowed_bits: Option<Vec<bool>> = None;
+    if let Some(bits) = r.allowed {
+        let allowed: Vec<bool> = (0..vocab as usize)
+            .map(|t| bits.get(t / 32).is_some_and(|w| w & (1 << (t % 32)) != 0))
+            .collect();
+        let blocked = Tensor::from_slice(&allowed).to_device(device).logical_not();
+        scores = scores.masked_fill(&blocked, f64::NEG_INFINITY);
+        allowed_bits = Some(allowed);
+    }
+    let banned: Vec<i64> = r
+        .banned
         .iter()
         .map(|&t| i64::from(t))
         .filter(|&t| t < vocab)
         .collect();
-    seen.sort_unstable();
-    seen.dedup();
-    let ids = Tensor::from_slice(&seen).to_device(row.device());
-    let vals = row.index_select(0, &ids);
-    let penalised = (&vals / p).where_self(&vals.gt(0.0), &(&vals * p));
-    row.copy().index_copy(0, &ids, &penalised)
+    let keeps_a_choice = allowed_bits.as_ref().is_none_or(|allowed| {
+        let allowed_count = allowed.iter().filter(|a| **a).count();
+        let banned_allowed = banned.iter().filter(|&&t| allowed[t as usize]).count();
+        allowed_count > banned_allowed
+    });
+    if !banned.is_empty() && keeps_a_choice {
+        let _ = scores.index_fill_(0, &ids(&banned), f64::NEG_INFINITY);
+    }
+    if !p.logit_bias.is_empty() {
+        let (tokens, biases): (Vec<i64>, Vec<f32>) = p
+            .logit_bias
+            .iter()
+            .filter(|(t, _)| i64::from(*t) < vocab)
+            .map(|&(t, b)| (i64::from(t), b))
+            .unzip();
+        let bias = Tensor::zeros([vocab], (Kind::Float, device)).index_add(
+            0,
+            &ids(&tokens),
+            &Tensor::from_slice(&biases).to_device(device),
+        );
+        scores += bias;
+    }
+    if p.repetition_penalty != 1.0 && !r.history.is_empty() {
+        let mut seen: Vec<i64> = r
+            .history
+            .iter()
+            .map(|&t| i64::from(t))
+            .filter(|&t| t < vocab)
+            .collect();
+        seen.sort_unstable();
+        seen.dedup();
+        let seen = ids(&seen);
+        let vals = scores.index_select(0, &seen);
+        let penalised = (&vals / p.repetition_penalty)
+            .where_self(&vals.gt(0.0), &(&vals * p.repetition_penalty));
+        scores = scores.index_copy(0, &seen, &penalised);
+    }
+    if !r.output.is_empty() && (p.frequency_penalty != 0.0 || p.presence_penalty != 0.0) {
+        let mut counts: std::collections::BTreeMap<i64, f32> = Default::default();
+        for &t in r.output.iter().filter(|&&t| i64::from(t) < vocab) {
+            *counts.entry(i64::from(t)).or_default() += 1.0;
+        }
+        let (tokens, penalty): (Vec<i64>, Vec<f32>) = counts
+            .into_iter()
+            .map(|(t, c)| {
+                (
+                    t,
+                    (p.frequency_penalty * f64::from(c) + p.presence_penalty) as f32,
+                )
+            })
+            .unzip();
+        let _ = scores.index_add_(
+            0,
+            &ids(&tokens),
+            &(-Tensor::from_slice(&penalty)).to_device(device),
+        );
+    }
+    scores
 }
 
 /// Inverse-CDF draw from `scores` (`[vocab]`) with temperature, top-k and top-p, using `u` in
@@ -391,8 +550,10 @@ fn draw(scores: &Tensor, params: &SamplingParams, u: f64) -> Tensor {
     let cum = probs.cumsum(0, Kind::Float);
     let target = (cum.get(-1) * u).unsqueeze(0);
     let at = target.searchsorted(&cum, false, true, "right", None::<Tensor>);
-    // Never past the last candidate with mass (u·total can round up to the total).
-    let last = probs.gt(0.0).sum(Kind::Int64) - 1;
+    // Never past the last candidate with mass (u·total can round up to the total); candidates
+    // without mass (masked by a grammar or a ban) may sit anywhere in vocabulary order.
+    let positions = Tensor::arange(probs.size()[0], (Kind::Int64, probs.device()));
+    let last = (positions * probs.gt(0.0).to_kind(Kind::Int64)).max();
     idx.index_select(0, &at.minimum(&last.unsqueeze(0)))
 }
 
@@ -497,6 +658,63 @@ mod tests {
         assert_eq!(s.sample(&[1.0, 1.5, 0.2], &[1]).token, 0);
     }
 
+    /// vLLM's definitions on a hand computation: logit bias, then the repetition penalty over
+    /// prompt and output, then frequency (× count in the output) and presence (once per token in
+    /// the output); a grammar's mask and `min_tokens`' bans take tokens out.
+    #[test]
+    fn transforms_follow_vllm_definitions() {
+        let row = Tensor::from_slice(&[2.0f32, -1.0, 0.5, 3.0, 1.0]);
+        let mut sampler = Sampler::new(SamplingParams {
+            repetition_penalty: 2.0,
+            frequency_penalty: 0.5,
+            presence_penalty: 0.25,
+            logit_bias: vec![(4, 1.5)],
+            ..params(0.0)
+        });
+        let history = [0u32, 1, 3, 3];
+        let output = [3u32, 3, 1];
+        let r = RowSampling {
+            history: &history,
+            output: &output,
+            banned: &[2],
+            allowed: Some(&[0b11011]),
+            ..RowSampling::plain(&mut sampler)
+        };
+        let got: Vec<f32> = Vec::try_from(transformed(&row, &r)).unwrap();
+        let want = [
+            2.0 / 2.0,                    // seen in the prompt: repetition only
+            -1.0 * 2.0 - 0.5 - 0.25,      // negative: multiplied; once in the output
+            f32::NEG_INFINITY,            // banned (min_tokens)
+            3.0 / 2.0 - 2.0 * 0.5 - 0.25, // twice in the output
+            1.0 + 1.5,                    // biased, never seen
+        ];
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                (g - w).abs() < 1e-6 || (g.is_infinite() && w.is_infinite()),
+                "{got:?} vs {want:?}"
+            );
+        }
+        // The mask alone: only tokens 1 and 4 allowed; a draw never leaves them, whatever u.
+        let mut masked = Sampler::new(params(1.0));
+        for u in [0.0, 0.3, 0.999_999] {
+            let r = RowSampling {
+                allowed: Some(&[0b10010]),
+                ..RowSampling::plain(&mut masked)
+            };
+            let scores = transformed(&row, &r);
+            let t = draw(&scores, &params(1.0), u).int64_value(&[0]);
+            assert!(t == 1 || t == 4, "u {u}: token {t}");
+        }
+        // A ban that would leave the grammar no token is not applied.
+        let mut s = Sampler::new(params(0.0));
+        let r = RowSampling {
+            banned: &[2],
+            allowed: Some(&[0b00100]),
+            ..RowSampling::plain(&mut s)
+        };
+        assert_eq!(transformed(&row, &r).argmax(0, false).int64_value(&[]), 2);
+    }
+
     #[test]
     fn validation_names_the_field() {
         let bad = SamplingParams {
@@ -509,5 +727,37 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(bad.validate().unwrap_err().field, "temperature");
+        for (bad, field) in [
+            (
+                SamplingParams {
+                    presence_penalty: 2.5,
+                    ..Default::default()
+                },
+                "presence_penalty",
+            ),
+            (
+                SamplingParams {
+                    frequency_penalty: -3.0,
+                    ..Default::default()
+                },
+                "frequency_penalty",
+            ),
+            (
+                SamplingParams {
+                    logit_bias: vec![(1, 101.0)],
+                    ..Default::default()
+                },
+                "logit_bias",
+            ),
+            (
+                SamplingParams {
+                    min_tokens: 17,
+                    ..Default::default()
+                },
+                "min_tokens",
+            ),
+        ] {
+            assert_eq!(bad.validate().unwrap_err().field, field);
+        }
     }
 }

@@ -11,7 +11,9 @@
 //!    batch never stalls longer than that. Each row's adapter is a column range of a LoRA bank
 //!    kept across steps;
 //! 4. samples every row that needs a token on the device in one batched call and streams it;
-//!    finished sequences leave at once and their slot is free for the next step.
+//!    finished sequences leave at once and their slot is free for the next step. Rows under a
+//!    grammar (structured outputs) sample within the mask of tokens it allows, computed on a
+//!    helper thread while the forward runs.
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -21,7 +23,10 @@ use std::time::Instant;
 
 use tch::Tensor;
 
+use llguidance::toktrie::SimpleVob;
+
 use crate::adapter_cache::AdapterCache;
+use crate::constraint::GrammarState;
 use crate::kv_cache::{KvCache, SlotAllocator};
 use crate::lora::{AdapterKey, PlacedAdapter};
 use crate::lora_bank::LoraBank;
@@ -114,6 +119,11 @@ pub struct StepTimes {
     pub sample_ns: u64,
     /// Streaming tokens, stop checks, retiring and prefix-cache inserts.
     pub stream_ns: u64,
+    /// Grammar masks of structured outputs (computed on a helper thread while the forward runs:
+    /// overlapping `forward_ns`, not part of it).
+    pub mask_ns: u64,
+    /// Grammar masks computed.
+    pub masks: u64,
 }
 
 pub(crate) struct Scheduler {
@@ -405,12 +415,47 @@ impl Scheduler {
         }
         let step = StepBatch::new(tokens, segments, LogitRows::Last);
         let lora = self.step_lora(&order);
+        // The grammars of rows that get a token this step: their masks are computed on a helper
+        // thread while the forward runs.
+        let mut grammars: Vec<(usize, GrammarState)> = Vec::new();
+        for &(i, len) in &order {
+            let a = &mut self.active[i];
+            if a.seq.cached + len >= a.seq.prompt.len() as i64 {
+                if let Some(g) = a.seq.grammar.take() {
+                    grammars.push((i, g));
+                }
+            }
+        }
         self.time.build_ns += elapsed_ns(started);
         let started = Instant::now();
-        let logits = self
-            .model
-            .forward_step(&step, &mut self.cache, lora.as_ref());
+        let (model, cache) = (&mut self.model, &mut self.cache);
+        let (logits, masks) = std::thread::scope(|scope| {
+            let masking = (!grammars.is_empty()).then(|| {
+                scope.spawn(|| {
+                    let started = Instant::now();
+                    let masks: Vec<Result<SimpleVob, String>> =
+                        grammars.iter_mut().map(|(_, g)| g.allowed()).collect();
+                    (masks, elapsed_ns(started))
+                })
+            });
+            let logits = model.forward_step(&step, cache, lora.as_ref());
+            let masks = masking.map(|h| match h.join() {
+                Ok(masks) => masks,
+                Err(panic) => std::panic::resume_unwind(panic),
+            });
+            (logits, masks)
+        });
         self.time.forward_ns += elapsed_ns(started);
+        let mut masks_of: Vec<Option<Result<SimpleVob, String>>> =
+            (0..self.active.len()).map(|_| None).collect();
+        if let Some((masks, ns)) = masks {
+            self.time.mask_ns += ns;
+            self.time.masks += masks.len() as u64;
+            for ((i, g), mask) in grammars.into_iter().zip(masks) {
+                self.active[i].seq.grammar = Some(g);
+                masks_of[i] = Some(mask);
+            }
+        }
         let started = Instant::now();
         self.decode_steps += 1;
 
@@ -447,12 +492,27 @@ impl Scheduler {
             let mut batch: Vec<RowSampling> = self
                 .active
                 .iter_mut()
+                .zip(&masks_of)
                 .zip(&wanted)
                 .filter(|(_, w)| **w)
                 .zip(&histories)
-                .map(|((a, _), history)| RowSampling {
-                    sampler: &mut a.seq.sampler,
-                    history,
+                .map(|(((a, mask), _), history)| {
+                    let seq = &mut a.seq;
+                    let banned: &[u32] = if seq.generated.len() < seq.sampler.params().min_tokens {
+                        &seq.stop_ids
+                    } else {
+                        &[]
+                    };
+                    RowSampling {
+                        history,
+                        output: &seq.generated,
+                        banned,
+                        allowed: mask
+                            .as_ref()
+                            .and_then(|m| m.as_ref().ok())
+                            .map(|m| m.as_slice()),
+                        sampler: &mut seq.sampler,
+                    }
                 })
                 .collect();
             sample_batch(&logits, &mut batch)
@@ -462,6 +522,10 @@ impl Scheduler {
         let mut finished = Vec::new();
         for (&(_, i), s) in rows.iter().zip(sampled) {
             self.generated_tokens += 1;
+            if let Some(Err(e)) = masks_of[i].take() {
+                finished.push((i, Err(format!("structured output: {e}"))));
+                continue;
+            }
             let a = &mut self.active[i];
             let first = a.seq.generated.is_empty();
             match a.seq.accept(s, &self.tokenizer) {
@@ -470,12 +534,16 @@ impl Scheduler {
                         self.cache_prefix(i);
                     }
                 }
-                Progress::Finished(reason) => finished.push((i, reason)),
+                Progress::Finished(reason) => finished.push((i, Ok(reason))),
+                Progress::Failed(e) => finished.push((i, Err(e))),
             }
         }
         finished.sort_by_key(|&(i, _)| std::cmp::Reverse(i));
-        for (i, reason) in finished {
-            self.retire(i, reason);
+        for (i, end) in finished {
+            match end {
+                Ok(reason) => self.retire(i, reason),
+                Err(message) => self.fail(i, message),
+            }
         }
         self.time.stream_ns += elapsed_ns(started);
     }
@@ -524,6 +592,15 @@ impl Scheduler {
             rows.extend(std::iter::repeat_n(slot, len as usize));
         }
         bank.batch(&rows, &self.model.devices(), self.model.kind())
+    }
+
+    /// Fails sequence `i` (an error event, no finish) and frees its slot.
+    fn fail(&mut self, i: usize, message: String) {
+        let a = self.active.remove(i);
+        tracing::warn!(sequence = a.seq.id, error = %message, "sequence failed");
+        a.seq.fail(message);
+        self.slots.free(a.slot);
+        self.reserved -= a.seq.reserved_tokens();
     }
 
     /// Finishes sequence `i` and frees its slot (after offering its keys/values to the prefix

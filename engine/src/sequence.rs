@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::constraint::GrammarState;
 use crate::lora::PlacedAdapter;
 use crate::sampling::{Sampled, Sampler, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
@@ -52,14 +53,18 @@ pub(crate) struct Sequence {
     decoder: IncrementalDecoder,
     /// Decoded text not yet sent (it might be the start of a stop string).
     pending: String,
-    /// Ids that end generation.
-    stop_ids: Vec<u32>,
+    /// Ids that end generation (`min_tokens` bans them until it is reached).
+    pub stop_ids: Vec<u32>,
+    /// The grammar the output follows (structured outputs); out while a step computes its mask.
+    pub grammar: Option<GrammarState>,
 }
 
 /// The outcome of adding one token.
 pub(crate) enum Progress {
     Continue,
     Finished(FinishReason),
+    /// The token broke the sequence's grammar (it cannot go on).
+    Failed(String),
 }
 
 impl Sequence {
@@ -88,6 +93,7 @@ impl Sequence {
             decoder,
             pending: String::new(),
             stop_ids,
+            grammar: None,
         }
     }
 
@@ -145,9 +151,19 @@ impl Sequence {
             });
             return Progress::Finished(FinishReason::Stop);
         }
+        if let Some(grammar) = &mut self.grammar {
+            if let Err(e) = grammar.advance(token) {
+                return Progress::Failed(format!("structured output: {e}"));
+            }
+        }
         let piece = self.decoder.push(tokenizer, token).unwrap_or_default();
         self.pending.push_str(&piece);
-        let stops = &self.sampler.params().stop;
+        // Stop strings count from `min_tokens` on (vLLM's rule).
+        let stops: &[String] = if self.generated.len() < self.params().min_tokens {
+            &[]
+        } else {
+            &self.sampler.params().stop
+        };
         if let Some(at) = stops
             .iter()
             .filter_map(|s| self.pending.find(s.as_str()))
@@ -169,6 +185,11 @@ impl Sequence {
         let _ = self.events.send(Event::Token { sampled, text });
         if self.generated.len() >= self.params().max_tokens {
             Progress::Finished(FinishReason::Length)
+        } else if self.grammar.as_ref().is_some_and(GrammarState::is_done) {
+            // The grammar is complete and admits nothing more: the output is whole.
+            let rest = self.decoder.finish(tokenizer).unwrap_or_default();
+            self.pending.push_str(&rest);
+            Progress::Finished(FinishReason::Stop)
         } else {
             Progress::Continue
         }

@@ -255,6 +255,16 @@ impl Tokenizer {
         &self.stop_ids
     }
 
+    /// The tokenizer as Hugging Face's `tokenizer.json` (for GGUF models: the one built from the
+    /// file's metadata).
+    pub fn to_json(&self) -> Result<Json, TokenizerError> {
+        let text = self
+            .inner
+            .to_string(false)
+            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
+        serde_json::from_str(&text).map_err(|e| TokenizerError::Tokenizers(e.to_string()))
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
