@@ -243,6 +243,7 @@ fn submit(engine: &Engine, work: ChatWork) -> Result<(tessera_engine::Generation
     let room = context.saturating_sub(prompt_tokens);
     if work.clamp_max_tokens {
         params.max_tokens = params.max_tokens.min(room).max(1);
+        params.min_tokens = params.min_tokens.min(params.max_tokens);
     } else if params.max_tokens > room {
         // Checked here, without adding the two: a client's max_tokens may be near usize::MAX.
         return Err(Failure::Request(ServeError::invalid(
@@ -263,6 +264,11 @@ fn submit(engine: &Engine, work: ChatWork) -> Result<(tessera_engine::Generation
         Err(SubmitError::Invalid(e)) => {
             Err(Failure::Request(ServeError::invalid(e.field, e.message)))
         }
+        Err(SubmitError::Grammar(message)) => Err(Failure::Request(ServeError {
+            kind: ServeErrorKind::Grammar,
+            message,
+            field: Some("response_format".into()),
+        })),
         Err(SubmitError::Adapter(e)) => Err(Failure::Request(ServeError {
             kind: ServeErrorKind::Adapter,
             message: e.to_string(),

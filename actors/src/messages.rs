@@ -96,6 +96,8 @@ pub enum ServeErrorKind {
     Invalid,
     /// The adapter could not be read or does not fit the model (400).
     Adapter,
+    /// The request's grammar (structured outputs) does not compile for this model (400).
+    Grammar,
     /// Too much work queued; retry later (503 + Retry-After).
     Overloaded,
     /// No replica can take it now (starting, restarting, lost) (503).

@@ -61,7 +61,7 @@ pub fn dequantize(
             })
         }
     };
-    if numel % block != 0 {
+    if !numel.is_multiple_of(block) {
         return Err(DequantError::PartialBlock {
             tensor: tensor.to_string(),
             numel,

@@ -56,6 +56,10 @@ pub enum SubmitError {
     Invalid(#[from] ParamError),
     #[error(transparent)]
     Adapter(#[from] LoraError),
+    /// The request's grammar (structured outputs) cannot be used: it does not compile, not in
+    /// time, or this model's tokenizer cannot carry one.
+    #[error("response_format: {0}")]
+    Grammar(String),
     #[error("the waiting queue is full ({0} requests); retry later")]
     QueueFull(usize),
     #[error("the engine has stopped")]
@@ -243,10 +247,10 @@ impl Engine {
         // Compiled here, on the submitting thread (a blocking one), never on the engine's.
         let grammar = match &params.constraint {
             Some(constraint) => {
-                let grammars = self.grammars().map_err(|e| invalid("response_format", e))?;
+                let grammars = self.grammars().map_err(SubmitError::Grammar)?;
                 let matcher = grammars
                     .matcher(constraint)
-                    .map_err(|e| invalid("response_format", e.message))?;
+                    .map_err(|e| SubmitError::Grammar(e.message))?;
                 Some(GrammarState::new(matcher))
             }
             None => None,

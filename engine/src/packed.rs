@@ -75,8 +75,8 @@ impl Int4Weight {
         };
         let groups = cols / GROUP as usize;
         // The CPU packing takes rows in multiples of 16.
-        if cols % GROUP as usize != 0
-            || rows % 16 != 0
+        if !cols.is_multiple_of(GROUP as usize)
+            || !rows.is_multiple_of(16)
             || bytes.len() != rows * groups * block_bytes
         {
             return None;
@@ -107,7 +107,10 @@ impl Int4Weight {
     /// Q4_K: superblocks of 256 (`d`, `dmin`, eight 6-bit scales and mins, 4-bit values), each
     /// 32-element sub-block `d·sc·q − dmin·m`: scale `d·sc`, min `−dmin·m`.
     fn from_q4_k(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        if cols % 256 != 0 || rows % 16 != 0 || bytes.len() != rows * cols / 256 * 144 {
+        if !cols.is_multiple_of(256)
+            || !rows.is_multiple_of(16)
+            || bytes.len() != rows * cols / 256 * 144
+        {
             return None;
         }
         let groups = cols / GROUP as usize;

@@ -37,7 +37,7 @@ impl Q8Weight {
             GgmlType::Q5_0 => 22,
             _ => return None,
         };
-        if cols % GROUP != 0 || bytes.len() != rows * cols / GROUP * block_bytes {
+        if !cols.is_multiple_of(GROUP) || bytes.len() != rows * cols / GROUP * block_bytes {
             return None;
         }
         let mut q = Vec::with_capacity(rows * cols);

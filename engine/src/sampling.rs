@@ -683,7 +683,7 @@ mod tests {
         let got: Vec<f32> = Vec::try_from(transformed(&row, &r)).unwrap();
         let want = [
             2.0 / 2.0,                    // seen in the prompt: repetition only
-            -1.0 * 2.0 - 0.5 - 0.25,      // negative: multiplied; once in the output
+            -2.0 - 0.5 - 0.25,            // negative: multiplied; once in the output
             f32::NEG_INFINITY,            // banned (min_tokens)
             3.0 / 2.0 - 2.0 * 0.5 - 0.25, // twice in the output
             1.0 + 1.5,                    // biased, never seen

@@ -31,7 +31,11 @@ impl Bytes {
     /// A scale of either sign between 1/1024 and 2.
     fn scale(&mut self) -> [u8; 2] {
         let magnitude = 2f32.powf(-((self.next() % 1000) as f32 / 100.0)) * 2.0;
-        let sign = if self.next() % 2 == 0 { 1.0 } else { -1.0 };
+        let sign = if self.next().is_multiple_of(2) {
+            1.0
+        } else {
+            -1.0
+        };
         f16::from_f32(sign * magnitude).to_le_bytes()
     }
 }

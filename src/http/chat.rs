@@ -50,6 +50,19 @@ pub struct ChatRequest {
     /// Feed `prompt` to the model as it is, without the chat template.
     #[serde(default)]
     pub raw: bool,
+    /// Structured outputs, as OpenAI's: `{"type": "json_object"}` or `{"type": "json_schema",
+    /// "json_schema": {"schema": ...}}`.
+    pub response_format: Option<crate::http::structured::ResponseFormat>,
+    /// Structured outputs, as vLLM's: one of `json`, `regex`, `choice`, `grammar`, `json_object`.
+    pub structured_outputs: Option<crate::http::structured::StructuredOutputs>,
+    /// In [-2, 2], as OpenAI's.
+    pub presence_penalty: Option<f64>,
+    /// In [-2, 2], as OpenAI's.
+    pub frequency_penalty: Option<f64>,
+    /// Token id (as a string) to a bias in [-100, 100].
+    pub logit_bias: Option<std::collections::HashMap<String, f64>>,
+    /// End tokens and stop strings count only after this many tokens.
+    pub min_tokens: Option<usize>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -129,7 +129,9 @@ impl From<ServeError> for AppError {
     fn from(e: ServeError) -> Self {
         let (status, kind) = match e.kind {
             ServeErrorKind::Invalid => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-            ServeErrorKind::Adapter => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ServeErrorKind::Adapter | ServeErrorKind::Grammar => {
+                (StatusCode::BAD_REQUEST, "invalid_request")
+            }
             ServeErrorKind::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ServeErrorKind::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ServeErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),

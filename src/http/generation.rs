@@ -64,6 +64,7 @@ pub async fn generate(
     route: &'static str,
     trace: RequestId,
 ) -> Result<Started, AppError> {
+    let constraint_field = req.constraint_field;
     let Resolved {
         deployment,
         adapter,
@@ -77,10 +78,40 @@ pub async fn generate(
         clamp_max_tokens: req.clamp_max_tokens,
         adapter: adapter.clone(),
     };
-    let mut started = start(state, &deployment, work, route).await?;
+    let mut started = start(state, &deployment, work, route)
+        .await
+        .map_err(|e| name_constraint_field(e, constraint_field))?;
     started.model = model;
     started.adapter = adapter;
     Ok(started)
+}
+
+/// `req.n` generations of one request (each with its own seed: `seed + i` when one is given),
+/// started together so they share batches and, through the prefix cache, the prompt's KV.
+pub async fn generate_n(
+    state: &AppState,
+    req: GenerationRequest,
+    route: &'static str,
+    trace: RequestId,
+) -> Result<Vec<Started>, AppError> {
+    let starts = (0..req.n.max(1)).map(|i| {
+        let mut one = req.clone();
+        one.params.seed = one.params.seed.map(|s| s.wrapping_add(i as u64));
+        generate(state, one, route, trace.clone())
+    });
+    futures::future::try_join_all(starts).await
+}
+
+/// A replica names `response_format` when a grammar does not compile: name the field the
+/// client used instead (`guided_regex`, `structured_outputs`, ...).
+fn name_constraint_field(mut e: AppError, field: Option<&'static str>) -> AppError {
+    if let Some(field) = field {
+        if e.field.as_deref() == Some("response_format") && field != "response_format" {
+            e.message = e.message.replacen("response_format", field, 1);
+            e.field = Some(field.to_string());
+        }
+    }
+    e
 }
 
 /// Dispatches `work` and waits until a replica has accepted (or refused) it.

@@ -29,6 +29,7 @@ pub mod request_id;
 pub mod resolve;
 pub mod server;
 pub mod status;
+pub mod structured;
 pub mod validation;
 
 use std::ops::Deref;

@@ -12,6 +12,7 @@ use utoipa::ToSchema;
 use super::chat::{ChatRequest, Message};
 use super::error::AppError;
 use super::openai::{ChatCompletionRequest, CompletionRequest, MessageContent, OpenAiMessage};
+use super::structured::ConstraintFields;
 
 /// Default `max_tokens` of `/chat` and `/v1/chat/completions` (lowered to what the context has
 /// left when the client gives none).
@@ -69,7 +70,14 @@ pub struct GenerationRequest {
     pub logprobs: bool,
     /// Streams end with a usage chunk (`stream_options.include_usage`).
     pub include_usage: bool,
+    /// The request field the structured-output constraint came from (errors name it).
+    pub constraint_field: Option<&'static str>,
+    /// Choices to generate (OpenAI's `n`).
+    pub n: usize,
 }
+
+/// The most choices (`n`) one request may ask for.
+pub const MAX_N: usize = 16;
 
 /// The sampling fields every route has, as given.
 struct Sampling {
@@ -82,13 +90,20 @@ struct Sampling {
     seed: Option<u64>,
     stop: Option<Stop>,
     top_logprobs: usize,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    logit_bias: Option<std::collections::HashMap<String, f64>>,
+    min_tokens: Option<usize>,
+    constraint: ConstraintFields,
 }
 
 impl Sampling {
     /// The parameters with defaults filled in and ranges checked, and whether `max_tokens` is a
     /// default.
-    fn check(self) -> Result<(SamplingParams, bool), AppError> {
+    fn check(self) -> Result<(SamplingParams, bool, Option<&'static str>), AppError> {
         let defaults = SamplingParams::default();
+        let chosen = self.constraint.constraint()?;
+        let logit_bias = logit_bias(self.logit_bias)?;
         let params = SamplingParams {
             max_tokens: self.max_tokens.unwrap_or(self.default_max_tokens),
             temperature: self.temperature.unwrap_or(defaults.temperature),
@@ -100,10 +115,51 @@ impl Sampling {
             seed: self.seed,
             stop: self.stop.map(Stop::into_vec).unwrap_or_default(),
             top_logprobs: self.top_logprobs,
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            logit_bias,
+            min_tokens: self.min_tokens.unwrap_or(0),
+            constraint: chosen.as_ref().map(|(c, _)| c.clone()),
             ..defaults
         };
         check_params(&params)?;
-        Ok((params, self.max_tokens.is_none()))
+        Ok((
+            params,
+            self.max_tokens.is_none(),
+            chosen.map(|(_, field)| field),
+        ))
+    }
+}
+
+/// OpenAI's `logit_bias` (token ids as strings) as the engine's pairs, in token order.
+fn logit_bias(
+    bias: Option<std::collections::HashMap<String, f64>>,
+) -> Result<Vec<(u32, f32)>, AppError> {
+    let mut pairs = Vec::new();
+    for (token, b) in bias.unwrap_or_default() {
+        let id: u32 = token.trim().parse().map_err(|_| {
+            AppError::invalid("logit_bias", format!("keys are token ids, got `{token}`"))
+        })?;
+        if !(-100.0..=100.0).contains(&b) {
+            return Err(AppError::invalid(
+                "logit_bias",
+                format!("biases are in [-100, 100], got {b} for token {id}"),
+            ));
+        }
+        pairs.push((id, b as f32));
+    }
+    pairs.sort_by_key(|p| p.0);
+    Ok(pairs)
+}
+
+/// OpenAI's `n`: 1 when absent, at most [`MAX_N`].
+fn choices(n: Option<usize>) -> Result<usize, AppError> {
+    match n.unwrap_or(1) {
+        n @ 1..=MAX_N => Ok(n),
+        n => Err(AppError::invalid(
+            "n",
+            format!("must be in 1..={MAX_N}, got {n}"),
+        )),
     }
 }
 
@@ -133,7 +189,7 @@ pub fn chat(req: ChatRequest) -> Result<GenerationRequest, AppError> {
         }]),
         (None, Some(m)) => messages_input(m, "messages")?,
     };
-    let (params, clamp_max_tokens) = Sampling {
+    let (params, clamp_max_tokens, constraint_field) = Sampling {
         max_tokens: req.max_tokens,
         default_max_tokens: DEFAULT_CHAT_MAX_TOKENS,
         temperature: req.temperature,
@@ -143,6 +199,15 @@ pub fn chat(req: ChatRequest) -> Result<GenerationRequest, AppError> {
         seed: req.seed,
         stop: req.stop,
         top_logprobs: 0,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+        logit_bias: req.logit_bias,
+        min_tokens: req.min_tokens,
+        constraint: ConstraintFields {
+            response_format: req.response_format,
+            structured_outputs: req.structured_outputs,
+            ..ConstraintFields::default()
+        },
     }
     .check()?;
     Ok(GenerationRequest {
@@ -157,12 +222,14 @@ pub fn chat(req: ChatRequest) -> Result<GenerationRequest, AppError> {
         stream: req.stream,
         logprobs: false,
         include_usage: false,
+        constraint_field,
+        n: 1,
     })
 }
 
 /// `POST /v1/chat/completions`.
 pub fn chat_completion(req: ChatCompletionRequest) -> Result<GenerationRequest, AppError> {
-    check_unsupported(req.n, req.presence_penalty, req.frequency_penalty)?;
+    let n = choices(req.n)?;
     let logprobs = req.logprobs.unwrap_or(false);
     let top_logprobs = req.top_logprobs.unwrap_or(0);
     if top_logprobs > 0 && !logprobs {
@@ -177,7 +244,7 @@ pub fn chat_completion(req: ChatCompletionRequest) -> Result<GenerationRequest, 
             format!("at most {MAX_TOP_LOGPROBS}, got {top_logprobs}"),
         ));
     }
-    let (params, clamp_max_tokens) = Sampling {
+    let (params, clamp_max_tokens, constraint_field) = Sampling {
         max_tokens: req.max_completion_tokens.or(req.max_tokens),
         default_max_tokens: DEFAULT_CHAT_MAX_TOKENS,
         temperature: req.temperature,
@@ -187,6 +254,18 @@ pub fn chat_completion(req: ChatCompletionRequest) -> Result<GenerationRequest, 
         seed: req.seed,
         stop: req.stop,
         top_logprobs,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+        logit_bias: req.logit_bias,
+        min_tokens: req.min_tokens,
+        constraint: ConstraintFields {
+            response_format: req.response_format,
+            structured_outputs: req.structured_outputs,
+            guided_json: req.guided_json,
+            guided_regex: req.guided_regex,
+            guided_choice: req.guided_choice,
+            guided_grammar: req.guided_grammar,
+        },
     }
     .check()
     .map_err(|mut e| {
@@ -209,18 +288,20 @@ pub fn chat_completion(req: ChatCompletionRequest) -> Result<GenerationRequest, 
             .stream_options
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
+        constraint_field,
+        n,
     })
 }
 
 /// `POST /v1/completions`.
 pub fn completion(req: CompletionRequest) -> Result<GenerationRequest, AppError> {
     let prompt = prompt_text(&req.prompt)?;
-    check_unsupported(req.n, req.presence_penalty, req.frequency_penalty)?;
+    let n = choices(req.n)?;
     if let Some(b) = req.best_of {
-        if b != 1 {
+        if b != 1 && b != n {
             return Err(AppError::invalid(
                 "best_of",
-                format!("only 1 is supported, got {b}"),
+                format!("only 1 (or equal to `n`) is supported, got {b}"),
             ));
         }
     }
@@ -237,7 +318,7 @@ pub fn completion(req: CompletionRequest) -> Result<GenerationRequest, AppError>
             format!("at most {MAX_COMPLETION_LOGPROBS}, got {top_logprobs}"),
         ));
     }
-    let (params, clamp_max_tokens) = Sampling {
+    let (params, clamp_max_tokens, constraint_field) = Sampling {
         max_tokens: req.max_tokens,
         default_max_tokens: DEFAULT_COMPLETION_MAX_TOKENS,
         temperature: req.temperature,
@@ -247,6 +328,18 @@ pub fn completion(req: CompletionRequest) -> Result<GenerationRequest, AppError>
         seed: req.seed,
         stop: req.stop,
         top_logprobs,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+        logit_bias: req.logit_bias,
+        min_tokens: req.min_tokens,
+        constraint: ConstraintFields {
+            response_format: req.response_format,
+            structured_outputs: req.structured_outputs,
+            guided_json: req.guided_json,
+            guided_regex: req.guided_regex,
+            guided_choice: req.guided_choice,
+            guided_grammar: req.guided_grammar,
+        },
     }
     .check()?;
     Ok(GenerationRequest {
@@ -261,6 +354,8 @@ pub fn completion(req: CompletionRequest) -> Result<GenerationRequest, AppError>
             .stream_options
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
+        constraint_field,
+        n,
     })
 }
 
@@ -358,36 +453,6 @@ pub fn convert_messages(messages: Vec<OpenAiMessage>) -> Result<Vec<Message>, Ap
             Ok(Message { role, content })
         })
         .collect()
-}
-
-/// Refuses the OpenAI fields Tessera cannot honour.
-fn check_unsupported(
-    n: Option<usize>,
-    presence_penalty: Option<f64>,
-    frequency_penalty: Option<f64>,
-) -> Result<(), AppError> {
-    if let Some(n) = n {
-        if n != 1 {
-            return Err(AppError::invalid(
-                "n",
-                format!("only 1 is supported, got {n}"),
-            ));
-        }
-    }
-    for (field, value) in [
-        ("presence_penalty", presence_penalty),
-        ("frequency_penalty", frequency_penalty),
-    ] {
-        if let Some(v) = value {
-            if v != 0.0 {
-                return Err(AppError::invalid(
-                    field,
-                    format!("only 0 is supported, got {v} (use repetition_penalty)"),
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -517,11 +582,18 @@ mod tests {
             }
             chat_completion(parse(v)).unwrap_err().field.unwrap()
         };
-        assert_eq!(field(json!({"n": 2})), "n");
-        assert_eq!(field(json!({"presence_penalty": 0.5})), "presence_penalty");
+        assert_eq!(field(json!({"n": 0})), "n");
+        assert_eq!(field(json!({"n": MAX_N + 1})), "n");
+        assert_eq!(field(json!({"presence_penalty": 2.5})), "presence_penalty");
         assert_eq!(
-            field(json!({"frequency_penalty": -1.0})),
+            field(json!({"frequency_penalty": -2.5})),
             "frequency_penalty"
+        );
+        assert_eq!(field(json!({"logit_bias": {"x": 1}})), "logit_bias");
+        assert_eq!(field(json!({"min_tokens": 300})), "min_tokens");
+        assert_eq!(
+            field(json!({"guided_regex": "a", "guided_choice": ["b"]})),
+            "guided_choice"
         );
         assert_eq!(field(json!({"top_logprobs": 2})), "top_logprobs");
         assert_eq!(
@@ -534,12 +606,27 @@ mod tests {
         );
         assert_eq!(field(json!({"temperature": -1.0})), "temperature");
         assert_eq!(field(json!({"messages": []})), "messages");
-        // Accepted no-ops.
+        // Accepted, and carried to the engine's parameters.
         let mut v = base.clone();
-        v["n"] = json!(1);
-        v["presence_penalty"] = json!(0);
-        v["frequency_penalty"] = json!(0.0);
-        assert!(chat_completion(parse(v)).is_ok());
+        v["n"] = json!(3);
+        v["presence_penalty"] = json!(0.5);
+        v["frequency_penalty"] = json!(-1.0);
+        v["logit_bias"] = json!({"17": -100, "3": 2.5});
+        v["min_tokens"] = json!(2);
+        v["response_format"] = json!({"type": "json_object"});
+        let r = chat_completion(parse(v)).unwrap();
+        assert_eq!(r.n, 3);
+        assert_eq!(
+            (r.params.presence_penalty, r.params.frequency_penalty),
+            (0.5, -1.0)
+        );
+        assert_eq!(r.params.logit_bias, vec![(3, 2.5), (17, -100.0)]);
+        assert_eq!(r.params.min_tokens, 2);
+        assert_eq!(
+            r.params.constraint,
+            Some(tessera_engine::constraint::Constraint::JsonObject)
+        );
+        assert_eq!(r.constraint_field, Some("response_format"));
     }
 
     #[test]
@@ -560,8 +647,14 @@ mod tests {
         assert_eq!(field(json!({"prompt": "a", "echo": true})), "echo");
         assert_eq!(field(json!({"prompt": "a", "suffix": "z"})), "suffix");
         assert_eq!(field(json!({"prompt": "a", "logprobs": 6})), "logprobs");
-        assert_eq!(field(json!({"prompt": "a", "n": 3})), "n");
+        assert_eq!(field(json!({"prompt": "a", "n": 0})), "n");
         assert_eq!(field(json!({"prompt": "a", "best_of": 2})), "best_of");
+        assert_eq!(
+            completion(parse(json!({"prompt": "a", "n": 2, "best_of": 2})))
+                .unwrap()
+                .n,
+            2
+        );
         assert_eq!(field(json!({"prompt": []})), "prompt");
         assert!(completion(parse(json!({"prompt": "a", "echo": false, "suffix": null}))).is_ok());
     }

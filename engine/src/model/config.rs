@@ -712,7 +712,10 @@ impl ModelConfig {
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
             return Err(invalid("num_attention_heads", "must be at least 1".into()));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(invalid(
                 "num_key_value_heads",
                 format!(
@@ -721,7 +724,7 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return Err(invalid(
                 "head_dim",
                 format!("{} is odd or zero; RoPE needs pairs", self.head_dim),

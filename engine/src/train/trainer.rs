@@ -336,7 +336,8 @@ fn run_job(
             eval_loss: None,
         };
         let at_end = state.step == total_steps;
-        let save = at_end || (h.save_every_steps > 0 && state.step % h.save_every_steps == 0);
+        let save =
+            at_end || (h.save_every_steps > 0 && state.step.is_multiple_of(h.save_every_steps));
         if save && !eval_set.is_empty() {
             progress.eval_loss = Some(evaluate(model, &lora, &eval_set, h.batch_size));
         }

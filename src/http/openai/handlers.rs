@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use serde::Serialize;
 use tessera_engine::FinishReason;
 
@@ -42,11 +42,13 @@ pub async fn chat_completions(
     let req = validation::chat_completion(req)?;
     let (streaming, logprobs, include_usage) = (req.stream, req.logprobs, req.include_usage);
     let created = unix_now();
-    let started = generation::generate(&state, req, "/v1/chat/completions", trace).await?;
-    let model = started.model.clone();
+    let starts = generation::generate_n(&state, req, "/v1/chat/completions", trace).await?;
+    let model = starts[0].model.clone();
+    let id = starts[0].id.clone();
     if streaming {
         return Ok(Sse::new(chat_stream(
-            started,
+            starts,
+            id,
             model,
             created,
             logprobs,
@@ -55,23 +57,31 @@ pub async fn chat_completions(
         .keep_alive(KeepAlive::default())
         .into_response());
     }
-    let id = started.id.clone();
-    let done = started.collect().await?;
-    Ok(Json(ChatCompletion {
-        id,
-        object: "chat.completion".into(),
-        created,
-        model,
-        choices: vec![ChatChoice {
-            index: 0,
+    let done = futures::future::try_join_all(starts.into_iter().map(Started::collect)).await?;
+    let usage = CompletionUsage::new(
+        done[0].prompt_tokens,
+        done.iter().map(|d| d.completion_tokens).sum(),
+    );
+    let choices = done
+        .into_iter()
+        .enumerate()
+        .map(|(index, done)| ChatChoice {
+            index,
             message: AssistantMessage {
                 role: "assistant".into(),
                 content: done.text,
             },
             logprobs: logprobs.then(|| chat_logprobs(&done.tokens)),
             finish_reason: openai_finish_reason(done.finish_reason).into(),
-        }],
-        usage: CompletionUsage::new(done.prompt_tokens, done.completion_tokens),
+        })
+        .collect();
+    Ok(Json(ChatCompletion {
+        id,
+        object: "chat.completion".into(),
+        created,
+        model,
+        choices,
+        usage,
     })
     .into_response())
 }
@@ -80,10 +90,27 @@ fn data<T: Serialize>(value: &T) -> SseEvent {
     SseEvent::default().json_data(value).expect("json")
 }
 
+/// The pieces of every choice as they come, each with its choice's index.
+fn merged(starts: Vec<Started>) -> impl Stream<Item = (usize, Piece)> {
+    futures::stream::select_all(starts.into_iter().enumerate().map(|(index, started)| {
+        Box::pin(futures::stream::unfold(
+            Some(started),
+            move |started| async move {
+                let mut started = started?;
+                let piece = started.next().await?;
+                // After the end (or a failure) this choice yields nothing more.
+                let more = matches!(piece, Piece::Token(_)).then_some(started);
+                Some(((index, piece), more))
+            },
+        ))
+    }))
+}
+
 fn chat_chunk(
     id: &str,
     created: u64,
     model: &str,
+    index: usize,
     delta: ChatDelta,
     logprobs: Option<ChatLogprobs>,
     finish_reason: Option<&str>,
@@ -94,7 +121,7 @@ fn chat_chunk(
         created,
         model: model.to_string(),
         choices: vec![ChatChunkChoice {
-            index: 0,
+            index,
             delta,
             logprobs,
             finish_reason: finish_reason.map(str::to_string),
@@ -104,17 +131,22 @@ fn chat_chunk(
 }
 
 fn chat_stream(
-    mut started: Started,
+    starts: Vec<Started>,
+    id: String,
     model: String,
     created: u64,
     logprobs: bool,
     include_usage: bool,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     async_stream::stream! {
-        let id = started.id.clone();
-        let first = ChatDelta { role: Some("assistant".into()), content: Some(String::new()) };
-        yield Ok(data(&chat_chunk(&id, created, &model, first, None, None)));
-        while let Some(piece) = started.next().await {
+        let n = starts.len();
+        for index in 0..n {
+            let first = ChatDelta { role: Some("assistant".into()), content: Some(String::new()) };
+            yield Ok(data(&chat_chunk(&id, created, &model, index, first, None, None)));
+        }
+        let mut pieces = std::pin::pin!(merged(starts));
+        let (mut ended, mut completion) = (0, 0);
+        while let Some((index, piece)) = pieces.next().await {
             match piece {
                 Piece::Token(t) => {
                     if t.text.is_empty() && !logprobs {
@@ -122,15 +154,20 @@ fn chat_stream(
                     }
                     let lp = logprobs.then(|| chat_logprobs(std::slice::from_ref(&t)));
                     let delta = ChatDelta { role: None, content: Some(t.text) };
-                    yield Ok(data(&chat_chunk(&id, created, &model, delta, lp, None)));
+                    yield Ok(data(&chat_chunk(&id, created, &model, index, delta, lp, None)));
                 }
                 Piece::Finished { text, reason, prompt_tokens, completion_tokens } => {
                     if !text.is_empty() {
                         let delta = ChatDelta { role: None, content: Some(text) };
-                        yield Ok(data(&chat_chunk(&id, created, &model, delta, None, None)));
+                        yield Ok(data(&chat_chunk(&id, created, &model, index, delta, None, None)));
                     }
                     let reason = openai_finish_reason(reason);
-                    yield Ok(data(&chat_chunk(&id, created, &model, ChatDelta::default(), None, Some(reason))));
+                    yield Ok(data(&chat_chunk(&id, created, &model, index, ChatDelta::default(), None, Some(reason))));
+                    completion += completion_tokens;
+                    ended += 1;
+                    if ended < n {
+                        continue;
+                    }
                     if include_usage {
                         let last = ChatCompletionChunk {
                             id: id.clone(),
@@ -138,7 +175,7 @@ fn chat_stream(
                             created,
                             model: model.clone(),
                             choices: Vec::new(),
-                            usage: Some(CompletionUsage::new(prompt_tokens, completion_tokens)),
+                            usage: Some(CompletionUsage::new(prompt_tokens, completion)),
                         };
                         yield Ok(data(&last));
                     }
@@ -169,11 +206,13 @@ pub async fn completions(
     let req = validation::completion(req)?;
     let (streaming, logprobs, include_usage) = (req.stream, req.logprobs, req.include_usage);
     let created = unix_now();
-    let started = generation::generate(&state, req, "/v1/completions", trace).await?;
-    let model = started.model.clone();
+    let starts = generation::generate_n(&state, req, "/v1/completions", trace).await?;
+    let model = starts[0].model.clone();
+    let id = starts[0].id.clone();
     if streaming {
         return Ok(Sse::new(completion_stream(
-            started,
+            starts,
+            id,
             model,
             created,
             logprobs,
@@ -182,23 +221,28 @@ pub async fn completions(
         .keep_alive(KeepAlive::default())
         .into_response());
     }
-    let id = started.id.clone();
-    let done = started.collect().await?;
+    let done = futures::future::try_join_all(starts.into_iter().map(Started::collect)).await?;
+    let usage = CompletionUsage::new(
+        done[0].prompt_tokens,
+        done.iter().map(|d| d.completion_tokens).sum(),
+    );
+    let choices = done
+        .into_iter()
+        .enumerate()
+        .map(|(index, done)| CompletionChoice {
+            text: done.text,
+            index,
+            logprobs: logprobs.then(|| completion_logprobs(&done.tokens, &mut 0)),
+            finish_reason: Some(openai_finish_reason(done.finish_reason).into()),
+        })
+        .collect();
     Ok(Json(Completion {
         id,
         object: "text_completion".into(),
         created,
         model,
-        choices: vec![CompletionChoice {
-            text: done.text,
-            index: 0,
-            logprobs: logprobs.then(|| completion_logprobs(&done.tokens, &mut 0)),
-            finish_reason: Some(openai_finish_reason(done.finish_reason).into()),
-        }],
-        usage: Some(CompletionUsage::new(
-            done.prompt_tokens,
-            done.completion_tokens,
-        )),
+        choices,
+        usage: Some(usage),
     })
     .into_response())
 }
@@ -221,35 +265,43 @@ fn completion_chunk(
 }
 
 fn completion_stream(
-    mut started: Started,
+    starts: Vec<Started>,
+    id: String,
     model: String,
     created: u64,
     logprobs: bool,
     include_usage: bool,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     async_stream::stream! {
-        let id = started.id.clone();
-        let mut offset = 0usize;
-        while let Some(piece) = started.next().await {
+        let n = starts.len();
+        let mut offsets = vec![0usize; n];
+        let mut pieces = std::pin::pin!(merged(starts));
+        let (mut ended, mut completion) = (0, 0);
+        while let Some((index, piece)) = pieces.next().await {
             match piece {
                 Piece::Token(t) => {
                     if t.text.is_empty() && !logprobs {
                         continue;
                     }
-                    let lp = logprobs.then(|| completion_logprobs(std::slice::from_ref(&t), &mut offset));
-                    let choice = CompletionChoice { text: t.text, index: 0, logprobs: lp, finish_reason: None };
+                    let lp = logprobs.then(|| completion_logprobs(std::slice::from_ref(&t), &mut offsets[index]));
+                    let choice = CompletionChoice { text: t.text, index, logprobs: lp, finish_reason: None };
                     yield Ok(data(&completion_chunk(&id, created, &model, Some(choice), None)));
                 }
                 Piece::Finished { text, reason, prompt_tokens, completion_tokens } => {
                     let choice = CompletionChoice {
                         text,
-                        index: 0,
+                        index,
                         logprobs: None,
                         finish_reason: Some(openai_finish_reason(reason).into()),
                     };
                     yield Ok(data(&completion_chunk(&id, created, &model, Some(choice), None)));
+                    completion += completion_tokens;
+                    ended += 1;
+                    if ended < n {
+                        continue;
+                    }
                     if include_usage {
-                        let usage = CompletionUsage::new(prompt_tokens, completion_tokens);
+                        let usage = CompletionUsage::new(prompt_tokens, completion);
                         yield Ok(data(&completion_chunk(&id, created, &model, None, Some(usage))));
                     }
                     yield Ok(SseEvent::default().data("[DONE]"));
@@ -275,6 +327,7 @@ mod tests {
             "chatcmpl-1",
             5,
             "m",
+            0,
             ChatDelta::default(),
             None,
             Some("stop"),

@@ -5,6 +5,7 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 use utoipa::ToSchema;
 
+use crate::http::structured::{ResponseFormat, StructuredOutputs};
 use crate::http::validation::Stop;
 
 // ---------------------------------------------------------------------------------------------
@@ -59,7 +60,7 @@ pub struct ChatCompletionRequest {
     /// Default 1.0; 0 is greedy.
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
-    /// Only 1.
+    /// How many choices to generate (1 to 16); each its own seed (`seed + i` when given).
     pub n: Option<usize>,
     pub stop: Option<Stop>,
     #[serde(default)]
@@ -70,10 +71,29 @@ pub struct ChatCompletionRequest {
     pub logprobs: Option<bool>,
     /// 0..=20 alternatives per position; needs `logprobs: true`.
     pub top_logprobs: Option<usize>,
-    /// Only 0.
+    /// In [-2, 2]: subtracted once from the logit of every token already generated.
     pub presence_penalty: Option<f64>,
-    /// Only 0.
+    /// In [-2, 2]: subtracted from a token's logit once per time it was generated.
     pub frequency_penalty: Option<f64>,
+    /// Structured outputs: `{"type": "json_object"}` or `{"type": "json_schema", "json_schema":
+    /// {"name", "schema", "strict"}}` (`text`: none).
+    pub response_format: Option<ResponseFormat>,
+    /// Extension (vLLM): one of `json`, `regex`, `choice`, `grammar` (Lark), `json_object`.
+    pub structured_outputs: Option<StructuredOutputs>,
+    /// Extension (vLLM, older): a JSON schema.
+    #[schema(value_type = Object)]
+    pub guided_json: Option<serde_json::Value>,
+    /// Extension (vLLM, older): a regular expression.
+    pub guided_regex: Option<String>,
+    /// Extension (vLLM, older): one of these strings.
+    pub guided_choice: Option<Vec<String>>,
+    /// Extension (vLLM, older): a Lark grammar.
+    pub guided_grammar: Option<String>,
+    /// Token id (as a string) to a bias in [-100, 100] added to its logit.
+    pub logit_bias: Option<std::collections::HashMap<String, f64>>,
+    /// Extension (vLLM): end tokens and stop strings count only after this many tokens.
+    pub min_tokens: Option<usize>,
+
     /// Extension (vLLM): 0 is no cut.
     pub top_k: Option<usize>,
     /// Extension (vLLM): 1.0 is none.
@@ -95,9 +115,9 @@ pub struct CompletionRequest {
     pub max_tokens: Option<usize>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
-    /// Only 1.
+    /// How many choices to generate (1 to 16); each its own seed (`seed + i` when given).
     pub n: Option<usize>,
-    /// Only 1.
+    /// Only 1 (or equal to `n`).
     pub best_of: Option<usize>,
     pub stop: Option<Stop>,
     pub stream: Option<bool>,
@@ -109,10 +129,29 @@ pub struct CompletionRequest {
     /// Not supported (only `null`).
     pub suffix: Option<String>,
     pub seed: Option<u64>,
-    /// Only 0.
+    /// In [-2, 2]: subtracted once from the logit of every token already generated.
     pub presence_penalty: Option<f64>,
-    /// Only 0.
+    /// In [-2, 2]: subtracted from a token's logit once per time it was generated.
     pub frequency_penalty: Option<f64>,
+    /// Structured outputs: `{"type": "json_object"}` or `{"type": "json_schema", "json_schema":
+    /// {"name", "schema", "strict"}}` (`text`: none).
+    pub response_format: Option<ResponseFormat>,
+    /// Extension (vLLM): one of `json`, `regex`, `choice`, `grammar` (Lark), `json_object`.
+    pub structured_outputs: Option<StructuredOutputs>,
+    /// Extension (vLLM, older): a JSON schema.
+    #[schema(value_type = Object)]
+    pub guided_json: Option<serde_json::Value>,
+    /// Extension (vLLM, older): a regular expression.
+    pub guided_regex: Option<String>,
+    /// Extension (vLLM, older): one of these strings.
+    pub guided_choice: Option<Vec<String>>,
+    /// Extension (vLLM, older): a Lark grammar.
+    pub guided_grammar: Option<String>,
+    /// Token id (as a string) to a bias in [-100, 100] added to its logit.
+    pub logit_bias: Option<std::collections::HashMap<String, f64>>,
+    /// Extension (vLLM): end tokens and stop strings count only after this many tokens.
+    pub min_tokens: Option<usize>,
+
     /// Extension (vLLM): 0 is no cut.
     pub top_k: Option<usize>,
     /// Extension (vLLM): 1.0 is none.
