@@ -9,7 +9,10 @@ Against a head serving MODEL (and ADAPTER, an adapter directory name under its a
 - the same schema with the adapter, in a batch where half the requests are free text;
 - `guided_regex` and `guided_choice` (vLLM's fields, through `extra_body`) always match;
 - streaming under a schema: the joined deltas parse and validate;
-- `n: 3` answers three choices, each valid.
+- `n: 3` answers three choices, each valid;
+- tool calls: `tool_choice: "required"` and a named function always return a call whose arguments
+  validate against the function's parameters (`finish_reason: "tool_calls"`); with `auto`, a call
+  in the output streams as `delta.tool_calls`; a round trip (call, tool message, answer).
 Prints "structured client: ok" and exits 0 when every check passes.
 """
 
@@ -196,6 +199,89 @@ def check_n(client, model):
     check(r.usage.completion_tokens >= 3, "usage counts every choice")
 
 
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "The weather of a city.",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "add", "description": "Adds two integers.",
+        "parameters": {"type": "object", "properties": {
+            "a": {"type": "integer", "minimum": -1000, "maximum": 1000},
+            "b": {"type": "integer", "minimum": -1000, "maximum": 1000}},
+            "required": ["a", "b"], "additionalProperties": False}}},
+]
+PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def check_call(choice, names):
+    check(choice.finish_reason == "tool_calls", f"finish_reason {choice.finish_reason!r}")
+    calls = choice.message.tool_calls
+    check(calls and len(calls) >= 1, f"no tool_calls in {choice.message}")
+    for call in calls:
+        check(call.type == "function" and call.id.startswith("call_"), f"call {call}")
+        check(call.function.name in names, f"called {call.function.name!r}, allowed {names}")
+        jsonschema.validate(json.loads(call.function.arguments), PARAMS[call.function.name])
+    return calls[0]
+
+
+def check_tools(client, model):
+    def required(seed):
+        r = client.chat.completions.create(model=model, messages=WEATHER, tools=TOOLS, tool_choice="required",
+                                           max_tokens=120, temperature=1.0, seed=seed)
+        check_call(r.choices[0], ["get_weather", "add"])
+
+    def named(seed):
+        r = client.chat.completions.create(
+            model=model, messages=WEATHER, tools=TOOLS, max_tokens=120, temperature=1.0, seed=seed,
+            tool_choice={"type": "function", "function": {"name": "add"}})
+        check_call(r.choices[0], ["add"])
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        for f in [pool.submit(required, s) for s in range(5)] + [pool.submit(named, s) for s in range(5)]:
+            f.result()
+
+    # auto: the model's output is a call (a grammar makes it one here), streamed as tool_calls.
+    forced = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
+    stream = client.chat.completions.create(
+        model=model, messages=WEATHER, tools=TOOLS, tool_choice="auto", max_tokens=120, temperature=0,
+        stream=True, extra_body={"structured_outputs": {"choice": [forced]}})
+    deltas, finish, content = [], None, []
+    for chunk in stream:
+        for c in chunk.choices:
+            if c.delta.tool_calls:
+                deltas.extend(c.delta.tool_calls)
+            if c.delta.content:
+                content.append(c.delta.content)
+            if c.finish_reason:
+                finish = c.finish_reason
+    check(finish == "tool_calls", f"auto stream finish_reason {finish!r}")
+    check(len(deltas) == 1 and deltas[0].index == 0, f"tool_call deltas {deltas}")
+    check(deltas[0].function.name == "get_weather", f"{deltas[0]}")
+    check(json.loads(deltas[0].function.arguments) == {"city": "Paris", "unit": "celsius"}, f"{deltas[0]}")
+    check("".join(content) == "", f"content beside the call: {content}")
+
+    # A full round trip: the call, the tool's answer, the model's final answer.
+    r = client.chat.completions.create(model=model, messages=WEATHER, tools=TOOLS, tool_choice="required",
+                                       max_tokens=120, temperature=0)
+    call = check_call(r.choices[0], ["get_weather", "add"])
+    messages = WEATHER + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.id, "type": "function",
+             "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"},
+    ]
+    r = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, max_tokens=24,
+                                       temperature=0)
+    choice = r.choices[0]
+    check(choice.finish_reason in ("stop", "length", "tool_calls"), f"round trip {choice.finish_reason!r}")
+    check(choice.message.content or choice.message.tool_calls, "round trip: empty answer")
+    check(r.usage.prompt_tokens > 60, f"the tool turns reached the prompt ({r.usage.prompt_tokens} tokens)")
+
+
 def main(argv):
     if len(argv) != 4:
         print(__doc__, file=sys.stderr)
@@ -209,6 +295,7 @@ def main(argv):
         ("regex and choice", lambda: check_regex_and_choice(client, model)),
         ("stream", lambda: check_stream(client, model)),
         ("n", lambda: check_n(client, model)),
+        ("tools", lambda: check_tools(client, model)),
     ]
     for name, step in steps:
         try:

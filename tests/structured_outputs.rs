@@ -84,6 +84,25 @@ fn structured_outputs_and_sampling_fields_over_http() {
         (json!({"n": 0}), "n"),
         (json!({"n": 17}), "n"),
         (json!({"min_tokens": 50, "max_tokens": 10}), "min_tokens"),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (
+            json!({"tools": [{"type": "retrieval", "function": {"name": "a"}}]}),
+            "tools[0].type",
+        ),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "bad name"}}]}),
+            "tools[0].function.name",
+        ),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "a"}}],
+                   "tool_choice": {"type": "function", "function": {"name": "b"}}}),
+            "tool_choice",
+        ),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "a"}}],
+                   "tool_choice": "required", "response_format": {"type": "json_object"}}),
+            "tool_choice",
+        ),
     ] {
         let mut body = body;
         body["model"] = json!(base);

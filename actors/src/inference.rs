@@ -13,6 +13,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tessera_engine::engine::SubmitError;
 use tessera_engine::scheduler::SchedulerStats;
 use tessera_engine::tokenizer::Tokenizer;
+use tessera_engine::tool_calls::{ToolChoice, ToolFormat};
 use tessera_engine::{Engine, EngineConfig, Event, GenerateRequest};
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -185,8 +186,16 @@ async fn serve(
     let submitting = engine.clone();
     let submitted = tokio::task::spawn_blocking(move || submit(&submitting, work)).await;
     match submitted {
-        Ok(Ok((generation, prompt_tokens))) => {
-            forward(generation, tokenizer, sink, replica, prompt_tokens).await
+        Ok(Ok((generation, prompt_tokens, tool_format))) => {
+            forward(
+                generation,
+                tokenizer,
+                sink,
+                replica,
+                prompt_tokens,
+                tool_format,
+            )
+            .await
         }
         Ok(Err(Failure::Request(e))) => {
             let _ = sink.send(StreamEvent::Error(e)).await;
@@ -215,8 +224,13 @@ enum Failure {
     EngineStopped,
 }
 
-/// Renders and encodes the prompt, then queues it on the engine.
-fn submit(engine: &Engine, work: ChatWork) -> Result<(tessera_engine::Generation, usize), Failure> {
+/// What a submitted request becomes: its generation, prompt length, and (with tools offered) the
+/// format its calls are written in.
+type Submitted = (tessera_engine::Generation, usize, Option<ToolFormat>);
+
+/// Renders and encodes the prompt (offering the request's tools), forces a call by a grammar
+/// when `tool_choice` asks for one, then queues it on the engine.
+fn submit(engine: &Engine, work: ChatWork) -> Result<Submitted, Failure> {
     let tokenizer = engine.tokenizer();
     let internal = |what: &str, e: &dyn std::fmt::Display| {
         Failure::Request(ServeError::new(
@@ -230,7 +244,7 @@ fn submit(engine: &Engine, work: ChatWork) -> Result<(tessera_engine::Generation
             .map_err(|e| internal("tokenizing the prompt", &e))?,
         PromptInput::Messages(messages) => {
             let text = tokenizer
-                .apply_chat_template(messages, true)
+                .apply_chat_template_with_tools(messages, &work.tools, true)
                 .map_err(|e| Failure::Request(ServeError::invalid("messages", e.to_string())))?;
             tokenizer
                 .encode(&text, false)
@@ -239,6 +253,15 @@ fn submit(engine: &Engine, work: ChatWork) -> Result<(tessera_engine::Generation
     };
     let prompt_tokens = prompt.len();
     let mut params = work.params;
+    let tool_format = (work.tool_choice != ToolChoice::None).then(|| tokenizer.tool_format());
+    let forced = match &work.tool_choice {
+        ToolChoice::Required => Some(None),
+        ToolChoice::Function(name) => Some(Some(name.as_str())),
+        ToolChoice::None | ToolChoice::Auto => None,
+    };
+    if let (Some(named), Some(format)) = (forced, tool_format) {
+        params.constraint = Some(format.forced_call(&work.tools, named));
+    }
     let context = engine.model_config().max_position_embeddings;
     let room = context.saturating_sub(prompt_tokens);
     if work.clamp_max_tokens {
@@ -260,7 +283,7 @@ fn submit(engine: &Engine, work: ChatWork) -> Result<(tessera_engine::Generation
         adapter: work.adapter,
     };
     match engine.submit(request) {
-        Ok(generation) => Ok((generation, prompt_tokens)),
+        Ok(generation) => Ok((generation, prompt_tokens, tool_format)),
         Err(SubmitError::Invalid(e)) => {
             Err(Failure::Request(ServeError::invalid(e.field, e.message)))
         }
@@ -290,11 +313,13 @@ async fn forward(
     sink: mpsc::Sender<StreamEvent>,
     replica: String,
     prompt_tokens: usize,
+    tool_format: Option<ToolFormat>,
 ) {
     if sink
         .send(StreamEvent::Started {
             replica,
             prompt_tokens,
+            tool_format,
         })
         .await
         .is_err()

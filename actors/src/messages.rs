@@ -36,6 +36,12 @@ pub struct ChatWork {
     pub clamp_max_tokens: bool,
     /// A PEFT adapter directory (canonical path), or `None` for the base model.
     pub adapter: Option<PathBuf>,
+    /// Functions offered to the model (rendered by the chat template).
+    #[serde(default)]
+    pub tools: Vec<tessera_engine::tool_calls::ToolFunction>,
+    /// Whether the model must call one (`required` and a named function force it by a grammar).
+    #[serde(default)]
+    pub tool_choice: tessera_engine::tool_calls::ToolChoice,
 }
 
 /// One of the most likely tokens at a position.
@@ -67,6 +73,9 @@ pub enum StreamEvent {
     Started {
         replica: String,
         prompt_tokens: usize,
+        /// With tools offered: how the model's family writes calls (the answer is parsed so).
+        #[serde(default)]
+        tool_format: Option<tessera_engine::tool_calls::ToolFormat>,
     },
     Token(TokenOut),
     Finished {

@@ -452,6 +452,8 @@ mod tests {
             params: tessera_engine::SamplingParams::default(),
             clamp_max_tokens: false,
             adapter: None,
+            tools: Vec::new(),
+            tool_choice: Default::default(),
         };
         let other = router.dispatch(Some("e"), work.clone()).err().unwrap();
         assert_eq!(other.kind, ServeErrorKind::Unavailable);

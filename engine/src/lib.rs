@@ -37,11 +37,12 @@ pub mod step;
 #[cfg(test)]
 mod test_rng;
 pub mod tokenizer;
+pub mod tool_calls;
 pub mod train;
 pub mod vec_exp;
 pub mod weights;
 
-pub use chat_template::ChatMessage;
+pub use chat_template::{ChatMessage, MessageToolCall};
 pub use engine::{Engine, EngineConfig, GenerateRequest, Generation, SubmitError};
 pub use loader::{load, LoadedModel};
 pub use sampling::SamplingParams;

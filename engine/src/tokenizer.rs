@@ -234,6 +234,28 @@ impl Tokenizer {
         Ok(template.render(messages, add_generation_prompt)?)
     }
 
+    /// Renders `messages` offering `tools` (see [`ChatTemplate::render_with_tools`]).
+    pub fn apply_chat_template_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[crate::tool_calls::ToolFunction],
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
+        let template = self
+            .chat_template
+            .as_ref()
+            .ok_or(ChatTemplateError::Missing)?;
+        Ok(template.render_with_tools(messages, tools, add_generation_prompt)?)
+    }
+
+    /// How the model's family writes tool calls (Hermes without a chat template).
+    pub fn tool_format(&self) -> crate::tool_calls::ToolFormat {
+        self.chat_template.as_ref().map_or(
+            crate::tool_calls::ToolFormat::Hermes,
+            ChatTemplate::tool_format,
+        )
+    }
+
     pub fn has_chat_template(&self) -> bool {
         self.chat_template.is_some()
     }

@@ -27,13 +27,7 @@ fn engine() -> &'static Engine {
 fn chat_prompt(user: &str) -> Vec<u32> {
     let tokenizer = engine().tokenizer();
     let text = tokenizer
-        .apply_chat_template(
-            &[ChatMessage {
-                role: "user".into(),
-                content: user.into(),
-            }],
-            true,
-        )
+        .apply_chat_template(&[ChatMessage::new("user", user)], true)
         .unwrap();
     tokenizer.encode(&text, false).unwrap()
 }
@@ -310,6 +304,62 @@ fn bad_grammars_are_refused_naming_response_format_and_the_engine_serves_on() {
     }
     let ok = submit(&prompt, SamplingParams::greedy(4)).wait().unwrap();
     assert_eq!(ok.completion_tokens, 4);
+}
+
+/// `tool_choice: "required"` as the replica does it: a grammar in the family's format (Hermes for
+/// SmolLM2, whose template knows no tools) whose every output parses as a call of one of the
+/// tools with arguments of its schema.
+#[test]
+fn a_forced_tool_call_always_parses_with_valid_arguments() {
+    use tessera_engine::tool_calls::{ToolFormat, ToolFunction};
+    let tools = [
+        ToolFunction {
+            name: "get_weather".into(),
+            description: Some("The weather of a city".into()),
+            parameters: Some(
+                json!({"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                                    "required": ["city"], "additionalProperties": false}),
+            ),
+        },
+        ToolFunction {
+            name: "add".into(),
+            description: None,
+            parameters: Some(
+                json!({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                    "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+                                    "required": ["a", "b"], "additionalProperties": false}),
+            ),
+        },
+    ];
+    let tokenizer = engine().tokenizer();
+    let format = tokenizer.tool_format();
+    assert_eq!(format, ToolFormat::Hermes);
+    let text = tokenizer
+        .apply_chat_template_with_tools(
+            &[ChatMessage::new("user", "What is the weather in Paris?")],
+            &tools,
+            true,
+        )
+        .unwrap();
+    assert!(text.contains("<tools>"), "{text}");
+    let prompt = tokenizer.encode(&text, false).unwrap();
+    let forced = format.forced_call(&tools, None);
+    let generations: Vec<Generation> = (0..6)
+        .map(|seed| submit(&prompt, sampled(forced.clone(), seed, 96)))
+        .collect();
+    for c in wait_all(generations) {
+        assert_eq!(c.finish_reason, FinishReason::Stop, "{:?}", c.text);
+        let (before, calls) = format
+            .parse(&c.text)
+            .unwrap_or_else(|| panic!("{:?}", c.text));
+        assert_eq!((before.as_str(), calls.len()), ("", 1), "{:?}", c.text);
+        let args: Value = serde_json::from_str(&calls[0].arguments).unwrap();
+        match calls[0].name.as_str() {
+            "get_weather" => assert!(args["city"].is_string(), "{args}"),
+            "add" => assert!(args["a"].is_i64() && args["b"].is_i64(), "{args}"),
+            other => panic!("called {other}"),
+        }
+    }
 }
 
 #[test]

@@ -485,13 +485,7 @@ fn streamed_text_never_splits_a_character() {
     assert_eq!(out, text);
     // The chat template of tokenizer_config.json is the one used.
     let chat = tok
-        .apply_chat_template(
-            &[tessera_engine::ChatMessage {
-                role: "user".into(),
-                content: "hi".into(),
-            }],
-            true,
-        )
+        .apply_chat_template(&[tessera_engine::ChatMessage::new("user", "hi")], true)
         .unwrap();
     assert_eq!(chat, "<|user|>hi</s><|assistant|>");
 }

@@ -27,6 +27,8 @@ pub struct Started {
     /// The adapter serving it (`None`: the base model).
     pub adapter: Option<PathBuf>,
     pub prompt_tokens: usize,
+    /// With tools offered: how the model writes calls.
+    pub tool_format: Option<tessera_engine::tool_calls::ToolFormat>,
     pub started: Instant,
     pub deadline: Instant,
     events: mpsc::Receiver<StreamEvent>,
@@ -77,6 +79,8 @@ pub async fn generate(
         params: req.params,
         clamp_max_tokens: req.clamp_max_tokens,
         adapter: adapter.clone(),
+        tools: req.tools,
+        tool_choice: req.tool_choice,
     };
     let mut started = start(state, &deployment, work, route)
         .await
@@ -133,12 +137,14 @@ async fn start(
         Some(StreamEvent::Started {
             replica,
             prompt_tokens,
+            tool_format,
         }) => Ok(Started {
             id,
             replica,
             model: String::new(),
             adapter: None,
             prompt_tokens,
+            tool_format,
             started,
             deadline,
             events,

@@ -6,10 +6,11 @@
 use serde::{Deserialize, Serialize};
 use tessera_actors::messages::PromptInput;
 use tessera_engine::sampling::{SamplingParams, MAX_TOP_LOGPROBS};
-use tessera_engine::ChatMessage;
+use tessera_engine::tool_calls::{ToolChoice, ToolFunction};
+use tessera_engine::{ChatMessage, MessageToolCall};
 use utoipa::ToSchema;
 
-use super::chat::{ChatRequest, Message};
+use super::chat::ChatRequest;
 use super::error::AppError;
 use super::openai::{ChatCompletionRequest, CompletionRequest, MessageContent, OpenAiMessage};
 use super::structured::ConstraintFields;
@@ -74,6 +75,120 @@ pub struct GenerationRequest {
     pub constraint_field: Option<&'static str>,
     /// Choices to generate (OpenAI's `n`).
     pub n: usize,
+    /// Functions offered to the model, and whether it must call one.
+    pub tools: Vec<ToolFunction>,
+    pub tool_choice: ToolChoice,
+}
+
+/// The most tools one request may offer.
+pub const MAX_TOOLS: usize = 128;
+
+/// `tools` and `tool_choice` checked: names are `[A-Za-z0-9_-]{1,64}` and distinct, parameters
+/// are schema objects, a named choice names one of the tools; `auto` when tools come without a
+/// choice. A forced call and a `response_format` cannot both hold.
+fn tools_of(
+    tools: Option<Vec<super::openai::ToolDef>>,
+    choice: Option<serde_json::Value>,
+    has_constraint: bool,
+) -> Result<(Vec<ToolFunction>, ToolChoice), AppError> {
+    use serde_json::Value;
+    let tools = tools.unwrap_or_default();
+    if tools.len() > MAX_TOOLS {
+        return Err(AppError::invalid(
+            "tools",
+            format!("at most {MAX_TOOLS} tools, got {}", tools.len()),
+        ));
+    }
+    let mut functions: Vec<ToolFunction> = Vec::with_capacity(tools.len());
+    for (i, t) in tools.into_iter().enumerate() {
+        if t.kind != "function" {
+            return Err(AppError::invalid(
+                format!("tools[{i}].type"),
+                format!("only `function`, got `{}`", t.kind),
+            ));
+        }
+        let name = t.function.name;
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !valid {
+            return Err(AppError::invalid(
+                format!("tools[{i}].function.name"),
+                format!("`{name}` is not 1 to 64 of a-z, A-Z, 0-9, _ and -"),
+            ));
+        }
+        if functions.iter().any(|f| f.name == name) {
+            return Err(AppError::invalid(
+                format!("tools[{i}].function.name"),
+                format!("`{name}` is offered twice"),
+            ));
+        }
+        if t.function
+            .parameters
+            .as_ref()
+            .is_some_and(|p| !p.is_object())
+        {
+            return Err(AppError::invalid(
+                format!("tools[{i}].function.parameters"),
+                "a JSON schema is an object",
+            ));
+        }
+        functions.push(ToolFunction {
+            name,
+            description: t.function.description,
+            parameters: t.function.parameters,
+        });
+    }
+    let choice = match choice {
+        None if functions.is_empty() => ToolChoice::None,
+        None => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            other => {
+                return Err(AppError::invalid(
+                    "tool_choice",
+                    format!("`{other}` is not one of none, auto, required"),
+                ))
+            }
+        },
+        Some(v) => {
+            let name = v
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .filter(|_| v.get("type").and_then(Value::as_str) == Some("function"))
+                .ok_or_else(|| {
+                    AppError::invalid(
+                        "tool_choice",
+                        "a string or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                    )
+                })?;
+            if !functions.iter().any(|f| f.name == name) {
+                return Err(AppError::invalid(
+                    "tool_choice",
+                    format!("`{name}` is not among `tools`"),
+                ));
+            }
+            ToolChoice::Function(name.to_string())
+        }
+    };
+    if functions.is_empty() && choice != ToolChoice::None {
+        return Err(AppError::invalid("tool_choice", "needs `tools`"));
+    }
+    if has_constraint && matches!(choice, ToolChoice::Required | ToolChoice::Function(_)) {
+        return Err(AppError::invalid(
+            "tool_choice",
+            "a forced tool call and a structured-output constraint cannot both apply",
+        ));
+    }
+    if choice == ToolChoice::None {
+        functions.clear();
+    }
+    Ok((functions, choice))
 }
 
 /// The most choices (`n`) one request may ask for.
@@ -183,11 +298,13 @@ pub fn chat(req: ChatRequest) -> Result<GenerationRequest, AppError> {
         }
         (None, None) => return Err(AppError::invalid("prompt", "give `prompt` or `messages`")),
         (Some(p), None) if req.raw => PromptInput::Raw(p),
-        (Some(p), None) => PromptInput::Messages(vec![ChatMessage {
-            role: "user".into(),
-            content: p,
-        }]),
-        (None, Some(m)) => messages_input(m, "messages")?,
+        (Some(p), None) => PromptInput::Messages(vec![ChatMessage::new("user", p)]),
+        (None, Some(m)) => messages_input(
+            m.into_iter()
+                .map(|m| ChatMessage::new(m.role, m.content))
+                .collect(),
+            "messages",
+        )?,
     };
     let (params, clamp_max_tokens, constraint_field) = Sampling {
         max_tokens: req.max_tokens,
@@ -224,6 +341,8 @@ pub fn chat(req: ChatRequest) -> Result<GenerationRequest, AppError> {
         include_usage: false,
         constraint_field,
         n: 1,
+        tools: Vec::new(),
+        tool_choice: ToolChoice::None,
     })
 }
 
@@ -276,6 +395,7 @@ pub fn chat_completion(req: ChatCompletionRequest) -> Result<GenerationRequest, 
         e
     })?;
     let input = messages_input(convert_messages(req.messages)?, "messages")?;
+    let (tools, tool_choice) = tools_of(req.tools, req.tool_choice, constraint_field.is_some())?;
     Ok(GenerationRequest {
         id_prefix: "chatcmpl-",
         input,
@@ -290,6 +410,8 @@ pub fn chat_completion(req: ChatCompletionRequest) -> Result<GenerationRequest, 
             .unwrap_or(false),
         constraint_field,
         n,
+        tools,
+        tool_choice,
     })
 }
 
@@ -356,11 +478,13 @@ pub fn completion(req: CompletionRequest) -> Result<GenerationRequest, AppError>
             .unwrap_or(false),
         constraint_field,
         n,
+        tools: Vec::new(),
+        tool_choice: ToolChoice::None,
     })
 }
 
 /// Checks roles and builds the prompt input.
-pub fn messages_input(messages: Vec<Message>, field: &str) -> Result<PromptInput, AppError> {
+pub fn messages_input(messages: Vec<ChatMessage>, field: &str) -> Result<PromptInput, AppError> {
     if messages.is_empty() {
         return Err(AppError::invalid(field, "must hold at least one message"));
     }
@@ -372,15 +496,7 @@ pub fn messages_input(messages: Vec<Message>, field: &str) -> Result<PromptInput
             ));
         }
     }
-    Ok(PromptInput::Messages(
-        messages
-            .into_iter()
-            .map(|m| ChatMessage {
-                role: m.role,
-                content: m.content,
-            })
-            .collect(),
-    ))
+    Ok(PromptInput::Messages(messages))
 }
 
 /// The text of `/v1/completions`' `prompt`: a string, or a list holding exactly one string.
@@ -415,7 +531,7 @@ pub fn prompt_text(prompt: &serde_json::Value) -> Result<String, AppError> {
 }
 
 /// OpenAI messages as Tessera's: text parts joined, `developer` read as `system`.
-pub fn convert_messages(messages: Vec<OpenAiMessage>) -> Result<Vec<Message>, AppError> {
+pub fn convert_messages(messages: Vec<OpenAiMessage>) -> Result<Vec<ChatMessage>, AppError> {
     messages
         .into_iter()
         .enumerate()
@@ -450,7 +566,23 @@ pub fn convert_messages(messages: Vec<OpenAiMessage>) -> Result<Vec<Message>, Ap
             } else {
                 m.role
             };
-            Ok(Message { role, content })
+            let tool_calls = m
+                .tool_calls
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+                .map(|(j, c)| MessageToolCall {
+                    id: c.id.unwrap_or_else(|| format!("call_{i}_{j}")),
+                    name: c.function.name,
+                    arguments: c.function.arguments.unwrap_or_else(|| "{}".into()),
+                })
+                .collect();
+            Ok(ChatMessage {
+                role,
+                content,
+                tool_calls,
+                tool_call_id: m.tool_call_id,
+            })
         })
         .collect()
 }

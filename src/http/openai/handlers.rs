@@ -9,6 +9,8 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures::{Stream, StreamExt};
 use serde::Serialize;
+use tessera_actors::messages::TokenOut;
+use tessera_engine::tool_calls::ToolFormat;
 use tessera_engine::FinishReason;
 
 use super::logprobs::{chat_logprobs, completion_logprobs};
@@ -57,6 +59,7 @@ pub async fn chat_completions(
         .keep_alive(KeepAlive::default())
         .into_response());
     }
+    let formats: Vec<Option<ToolFormat>> = starts.iter().map(|s| s.tool_format).collect();
     let done = futures::future::try_join_all(starts.into_iter().map(Started::collect)).await?;
     let usage = CompletionUsage::new(
         done[0].prompt_tokens,
@@ -64,15 +67,27 @@ pub async fn chat_completions(
     );
     let choices = done
         .into_iter()
+        .zip(formats)
         .enumerate()
-        .map(|(index, done)| ChatChoice {
-            index,
-            message: AssistantMessage {
-                role: "assistant".into(),
-                content: done.text,
-            },
-            logprobs: logprobs.then(|| chat_logprobs(&done.tokens)),
-            finish_reason: openai_finish_reason(done.finish_reason).into(),
+        .map(|(index, (done, format))| {
+            let mut finish_reason = openai_finish_reason(done.finish_reason).to_string();
+            let (content, tool_calls) = match tool_calls_of(format, &done.text) {
+                Some((before, calls)) => {
+                    finish_reason = "tool_calls".into();
+                    (before, Some(calls))
+                }
+                None => (Some(done.text), None),
+            };
+            ChatChoice {
+                index,
+                message: AssistantMessage {
+                    role: "assistant".into(),
+                    content,
+                    tool_calls,
+                },
+                logprobs: logprobs.then(|| chat_logprobs(&done.tokens)),
+                finish_reason,
+            }
         })
         .collect();
     Ok(Json(ChatCompletion {
@@ -84,6 +99,35 @@ pub async fn chat_completions(
         usage,
     })
     .into_response())
+}
+
+/// The calls in a finished answer written in `format` (the text before them as content, `None`
+/// when empty), or `None` when it holds no call.
+fn tool_calls_of(
+    format: Option<ToolFormat>,
+    text: &str,
+) -> Option<(Option<String>, Vec<ToolCallOut>)> {
+    let (before, calls) = format?.parse(text)?;
+    let calls = calls
+        .into_iter()
+        .map(|c| ToolCallOut {
+            index: None,
+            id: format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..24]),
+            kind: "function".into(),
+            function: FunctionCallOut {
+                name: c.name,
+                arguments: c.arguments,
+            },
+        })
+        .collect();
+    Some(((!before.is_empty()).then_some(before), calls))
+}
+
+fn content_delta(text: String) -> ChatDelta {
+    ChatDelta {
+        content: Some(text),
+        ..ChatDelta::default()
+    }
 }
 
 fn data<T: Serialize>(value: &T) -> SseEvent {
@@ -130,6 +174,13 @@ fn chat_chunk(
     }
 }
 
+/// A choice's text held back while it may become a tool call.
+struct Held {
+    format: ToolFormat,
+    text: String,
+    tokens: Vec<TokenOut>,
+}
+
 fn chat_stream(
     starts: Vec<Started>,
     id: String,
@@ -140,8 +191,14 @@ fn chat_stream(
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     async_stream::stream! {
         let n = starts.len();
+        // With tools offered, a choice's text is held back while it may still be a call: a call
+        // is sent as `delta.tool_calls` at the end, anything else as content once it cannot be.
+        let mut held: Vec<Option<Held>> = starts
+            .iter()
+            .map(|s| s.tool_format.map(|format| Held { format, text: String::new(), tokens: Vec::new() }))
+            .collect();
         for index in 0..n {
-            let first = ChatDelta { role: Some("assistant".into()), content: Some(String::new()) };
+            let first = ChatDelta { role: Some("assistant".into()), content: Some(String::new()), tool_calls: None };
             yield Ok(data(&chat_chunk(&id, created, &model, index, first, None, None)));
         }
         let mut pieces = std::pin::pin!(merged(starts));
@@ -149,19 +206,50 @@ fn chat_stream(
         while let Some((index, piece)) = pieces.next().await {
             match piece {
                 Piece::Token(t) => {
+                    if let Some(h) = held[index].as_mut() {
+                        h.text.push_str(&t.text);
+                        h.tokens.push(t);
+                        if h.format.may_be_call(&h.text) {
+                            continue;
+                        }
+                        let h = held[index].take().expect("held");
+                        let lp = logprobs.then(|| chat_logprobs(&h.tokens));
+                        yield Ok(data(&chat_chunk(&id, created, &model, index, content_delta(h.text), lp, None)));
+                        continue;
+                    }
                     if t.text.is_empty() && !logprobs {
                         continue;
                     }
                     let lp = logprobs.then(|| chat_logprobs(std::slice::from_ref(&t)));
-                    let delta = ChatDelta { role: None, content: Some(t.text) };
-                    yield Ok(data(&chat_chunk(&id, created, &model, index, delta, lp, None)));
+                    yield Ok(data(&chat_chunk(&id, created, &model, index, content_delta(t.text), lp, None)));
                 }
                 Piece::Finished { text, reason, prompt_tokens, completion_tokens } => {
-                    if !text.is_empty() {
-                        let delta = ChatDelta { role: None, content: Some(text) };
-                        yield Ok(data(&chat_chunk(&id, created, &model, index, delta, None, None)));
+                    let mut reason = openai_finish_reason(reason);
+                    if let Some(mut h) = held[index].take() {
+                        h.text.push_str(&text);
+                        let lp = logprobs.then(|| chat_logprobs(&h.tokens));
+                        match tool_calls_of(Some(h.format), &h.text) {
+                            Some((before, calls)) => {
+                                if let Some(before) = before {
+                                    yield Ok(data(&chat_chunk(&id, created, &model, index, content_delta(before), None, None)));
+                                }
+                                let calls = calls
+                                    .into_iter()
+                                    .enumerate()
+                                    .map(|(i, c)| ToolCallOut { index: Some(i), ..c })
+                                    .collect();
+                                let delta = ChatDelta { tool_calls: Some(calls), ..ChatDelta::default() };
+                                yield Ok(data(&chat_chunk(&id, created, &model, index, delta, lp, None)));
+                                reason = "tool_calls";
+                            }
+                            None if !h.text.is_empty() || lp.is_some() => {
+                                yield Ok(data(&chat_chunk(&id, created, &model, index, content_delta(h.text), lp, None)));
+                            }
+                            None => {}
+                        }
+                    } else if !text.is_empty() {
+                        yield Ok(data(&chat_chunk(&id, created, &model, index, content_delta(text), None, None)));
                     }
-                    let reason = openai_finish_reason(reason);
                     yield Ok(data(&chat_chunk(&id, created, &model, index, ChatDelta::default(), None, Some(reason))));
                     completion += completion_tokens;
                     ended += 1;

@@ -36,7 +36,7 @@ pub enum MessageContent {
     Parts(Vec<ContentPart>),
 }
 
-/// A chat message as OpenAI takes it (`name`, `tool_calls`, ... are ignored).
+/// A chat message as OpenAI takes it (`name` is ignored).
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct OpenAiMessage {
     /// `system` (or `developer`), `user`, `assistant` or `tool`.
@@ -44,6 +44,49 @@ pub struct OpenAiMessage {
     /// A string or a list of `{"type": "text", "text": ...}` parts; `null` is empty.
     #[serde(default)]
     pub content: Option<MessageContent>,
+    /// An assistant turn's calls, as a completion returned them.
+    pub tool_calls: Option<Vec<ToolCallIn>>,
+    /// A `tool` turn: the id of the call it answers.
+    pub tool_call_id: Option<String>,
+}
+
+/// A function call inside a message (`messages[].tool_calls[].function`).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct FunctionCallIn {
+    pub name: String,
+    /// The arguments as JSON text.
+    pub arguments: Option<String>,
+}
+
+/// `messages[].tool_calls[]`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ToolCallIn {
+    pub id: Option<String>,
+    /// `function`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub function: FunctionCallIn,
+}
+
+/// A function the model may call (`tools[].function`).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct FunctionDef {
+    pub name: String,
+    pub description: Option<String>,
+    /// A JSON schema of the arguments object.
+    #[schema(value_type = Object)]
+    pub parameters: Option<serde_json::Value>,
+    /// Accepted; a forced call's arguments always follow `parameters`.
+    pub strict: Option<bool>,
+}
+
+/// `tools[]`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ToolDef {
+    /// Only `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionDef,
 }
 
 /// `POST /v1/chat/completions`. Unknown fields are ignored.
@@ -93,6 +136,14 @@ pub struct ChatCompletionRequest {
     pub logit_bias: Option<std::collections::HashMap<String, f64>>,
     /// Extension (vLLM): end tokens and stop strings count only after this many tokens.
     pub min_tokens: Option<usize>,
+    /// Functions the model may call (at most 128).
+    pub tools: Option<Vec<ToolDef>>,
+    /// `none`, `auto` (the default with tools), `required`, or `{"type": "function",
+    /// "function": {"name": ...}}`.
+    #[schema(value_type = Object)]
+    pub tool_choice: Option<serde_json::Value>,
+    /// Accepted (a forced call is one call).
+    pub parallel_tool_calls: Option<bool>,
 
     /// Extension (vLLM): 0 is no cut.
     pub top_k: Option<usize>,
@@ -209,7 +260,31 @@ pub struct ChatLogprobs {
 pub struct AssistantMessage {
     /// Always `assistant`.
     pub role: String,
-    pub content: String,
+    /// The text (`null` when the answer is only tool calls).
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+/// `function` of a returned tool call.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct FunctionCallOut {
+    pub name: String,
+    /// The arguments as JSON text.
+    pub arguments: String,
+}
+
+/// A tool call the model made (`message.tool_calls[]`, or `delta.tool_calls[]` with `index`).
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ToolCallOut {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    /// `call_...`.
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCallOut,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -243,6 +318,8 @@ pub struct ChatDelta {
     pub role: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
