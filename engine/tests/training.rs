@@ -197,6 +197,53 @@ fn prompt_completion_and_messages_train_only_the_answer_and_its_end() {
     assert!(!text.supervised.is_empty() && text.supervised.iter().all(|&s| s));
 }
 
+/// A `messages` line with OpenAI's `tools`, an assistant `tool_calls` turn and a `tool` turn: the
+/// template (which knows no tools here) gets the Hermes tool prompt, the call is trained in the
+/// Hermes format, the tool's answer is not trained, the final answer is.
+#[test]
+fn tool_calls_in_messages_train_the_family_format() {
+    let s = setup();
+    let path = write_jsonl(
+        &s.dir.path().join("tools.jsonl"),
+        &[json!({
+            "tools": [{"type": "function", "function": {"name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+            "messages": [
+                {"role": "user", "content": "weather in Paris?"},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+                {"role": "assistant", "content": "It is sunny."},
+            ]
+        })],
+    );
+    let data = dataset::load(&path, &s.tokenizer, 1024, false, &Default::default()).unwrap();
+    let e = &data.examples[0];
+    let part = |train: bool| -> String {
+        let ids: Vec<u32> = e
+            .ids
+            .iter()
+            .zip(&e.supervised)
+            .filter(|(_, s)| **s == train)
+            .map(|(i, _)| *i)
+            .collect();
+        s.tokenizer.decode(&ids, false).unwrap()
+    };
+    let (trained, context) = (part(true), part(false));
+    assert_eq!(
+        trained,
+        "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\":\"Paris\"}}\n</tool_call></s>It is sunny.</s>"
+    );
+    assert!(
+        context.contains("<tools>") && context.contains("get_weather"),
+        "{context}"
+    );
+    assert!(
+        context.contains("<tool_response>\nsunny\n</tool_response>"),
+        "{context}"
+    );
+}
+
 #[test]
 fn bad_lines_are_reported_by_number_or_skipped() {
     let s = setup();

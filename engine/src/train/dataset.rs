@@ -1,5 +1,7 @@
 //! Fine-tuning datasets: JSONL with one example per line, `{"text"}`, `{"prompt", "completion"}`
-//! or `{"messages"}`, tokenized into ids and a loss mask. Loss falls on the text, the completion, or
+//! or `{"messages"}` (with OpenAI's `tools`, assistant `tool_calls` and `tool` turns, rendered by
+//! the model's template as at inference, so an adapter learns the family's own call format),
+//! tokenized into ids and a loss mask. Loss falls on the text, the completion, or
 //! the assistant turns only, and always on the end token that closes them (so the model learns to
 //! stop). Examples are truncated to `max_seq_length`; bad lines fail the job with their line number
 //! unless `skip_invalid` is set.
@@ -15,8 +17,9 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::chat_template::ChatMessage;
+use crate::chat_template::{ChatMessage, MessageToolCall};
 use crate::tokenizer::Tokenizer;
+use crate::tool_calls::ToolFunction;
 
 /// One tokenized example: `ids[i]` and whether the model is trained to predict it.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,9 +88,77 @@ impl Default for ReadLimits {
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum Record {
-    Text { text: String },
-    Completion { prompt: String, completion: String },
-    Chat { messages: Vec<ChatMessage> },
+    Text {
+        text: String,
+    },
+    Completion {
+        prompt: String,
+        completion: String,
+    },
+    Chat {
+        messages: Vec<LineMessage>,
+        #[serde(default)]
+        tools: Vec<LineTool>,
+    },
+}
+
+/// A message of a `messages` line, as OpenAI writes it (`content` may be null beside
+/// `tool_calls`; arguments are JSON text or an object).
+#[derive(Deserialize)]
+struct LineMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    tool_calls: Vec<LineToolCall>,
+    #[serde(default)]
+    tool_call_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct LineToolCall {
+    #[serde(default)]
+    id: Option<String>,
+    function: LineFunctionCall,
+}
+
+#[derive(Deserialize)]
+struct LineFunctionCall {
+    name: String,
+    #[serde(default)]
+    arguments: serde_json::Value,
+}
+
+/// `tools[]`: `{"type": "function", "function": {...}}` or the function alone.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum LineTool {
+    Wrapped { function: ToolFunction },
+    Bare(ToolFunction),
+}
+
+impl LineMessage {
+    fn into_message(self, i: usize) -> ChatMessage {
+        ChatMessage {
+            role: self.role,
+            content: self.content.unwrap_or_default(),
+            tool_calls: self
+                .tool_calls
+                .into_iter()
+                .enumerate()
+                .map(|(j, c)| MessageToolCall {
+                    id: c.id.unwrap_or_else(|| format!("call_{i}_{j}")),
+                    name: c.function.name,
+                    arguments: match c.function.arguments {
+                        serde_json::Value::String(s) => s,
+                        serde_json::Value::Null => "{}".into(),
+                        other => other.to_string(),
+                    },
+                })
+                .collect(),
+            tool_call_id: self.tool_call_id,
+        }
+    }
 }
 
 /// Reads and tokenizes a JSONL dataset within `limits`.
@@ -219,7 +290,18 @@ fn parse_line(raw: &str, tokenizer: &Tokenizer) -> Result<Example, String> {
             push(encode(&completion, false)?, true);
             push(eos.into_iter().collect(), true);
         }
-        Record::Chat { messages } => {
+        Record::Chat { messages, tools } => {
+            let messages: Vec<ChatMessage> = messages
+                .into_iter()
+                .enumerate()
+                .map(|(i, m)| m.into_message(i))
+                .collect();
+            let tools: Vec<ToolFunction> = tools
+                .into_iter()
+                .map(|t| match t {
+                    LineTool::Wrapped { function } | LineTool::Bare(function) => function,
+                })
+                .collect();
             if messages.is_empty() {
                 return Err("`messages` is empty".into());
             }
@@ -228,7 +310,7 @@ fn parse_line(raw: &str, tokenizer: &Tokenizer) -> Result<Example, String> {
             }
             let render = |n: usize, gen: bool| {
                 tokenizer
-                    .apply_chat_template(&messages[..n], gen)
+                    .apply_chat_template_with_tools(&messages[..n], &tools, gen)
                     .map_err(|e| e.to_string())
             };
             // Each turn is the text its message adds to the rendering; an assistant turn splits into
