@@ -6,7 +6,9 @@
 #     greedy), against transformers generating the same prompts as one left-padded static batch;
 #  2. the same spread over 8 random r=16 adapters (PEFT with `adapter_names` per row on the
 #     reference side);
-#  3. requests sharing a ~1,000-token system prompt: TTFT of a new request with the prefix cached
+#  3. structured outputs: the same clients, half of them asking for JSON under a schema
+#     (`response_format`), against the base run: aggregate tok/s ratio and the mean mask time;
+#  4. requests sharing a ~1,000-token system prompt: TTFT of a new request with the prefix cached
 #     (`batching.prefix_cache=true`) vs not (`=false`); prints "prefix cache: not available" where
 #     the head has no such key.
 # Prints a table of figures and ratios with the issue's targets. Not a test. Options (all passed on
@@ -68,7 +70,7 @@ if ! bench_start_head "$work/head.log" "${head_args[@]}" --set batching.prefix_c
         exit 1
     fi
 fi
-for phase in base adapters; do
+for phase in base adapters structured; do
     python scripts/bench_http.py workload "$head_url" --model "$name" --phase "$phase" \
         "${shape[@]}" > "$work/tessera_$phase.json"
 done
@@ -95,6 +97,7 @@ def load(name):
 tb, ta, rb, ra = (load(f) for f in ("tessera_base.json", "tessera_adapters.json",
                                      "ref_base.json", "ref_adapters.json"))
 on, off, chat = load("prefix_on.json"), load("prefix_off.json"), load("chat.json")
+ts = load("tessera_structured.json")
 TODAY = 45.9  # bench-http's 16-client POST /chat tokens/s at commit 51f11e1 (issue 12)
 print(f"threads {os.environ.get('OMP_NUM_THREADS')}, {tb['clients']} streaming clients, "
       f"median of {len(tb['runs'])} runs; reference: transformers static batch (left padding)")
@@ -116,6 +119,12 @@ print(f"{'tessera TTFT p99 / p50 (base)':34} {tb['ttft_p99_ms'] / tb['ttft_p50_m
       f"{'':10} {'':7}  <= 2")
 print(f"{'tessera 8 adapters / base tok/s':34} {ta['tok_s'] / tb['tok_s']:10.2f} {'':10} "
       f"{'':7}  >= 0.8")
+if ts:
+    print(f"{'half JSON schema / base tok/s':34} {ts['tok_s'] / tb['tok_s']:10.2f} {'':10} "
+          f"{'':7}  >= 0.9  ({ts['tok_s']:.1f} vs {tb['tok_s']:.1f} tok/s)")
+    if ts.get("masks"):
+        print(f"{'grammar mask, mean µs (beside fwd)':34} {ts['mask_us']:10.1f} {'':10} {'':7}  "
+              f"({int(ts['masks'])} masks; base ITL p50 {tb['itl_p50_ms']:.1f} ms)")
 if prefix == "available" and off:
     print(f"{'prefix TTFT ms: cached / not':34} {on['ttft_ms']:10.1f} {off['ttft_ms']:10.1f} "
           f"{on['ttft_ms'] / off['ttft_ms']:6.2f}x  <= 0.2x")

@@ -9,7 +9,9 @@
 Python client, each sending a different chat prompt (different lengths, fixed max_tokens per
 prompt between the two bounds, greedy), all at once; aggregate tokens/s, time to first token
 (TTFT) and inter-token latency (ITL) p50/p99, the median of `--runs` runs after a warm-up of the
-same prompts. `--phase adapters` spreads the clients over 8 adapters (`bench_r16_0..7` under the
+same prompts. `--phase structured` sends the same prompts with every other client asking for
+JSON under a schema (`response_format`), and reports the mean time of a grammar mask. `--phase
+adapters` spreads the clients over 8 adapters (`bench_r16_0..7` under the
 head's adapters root); `--phase prefix` sends, one after another, requests that share a
 ~`--prefix-tokens` system prompt and reports the median TTFT of a new request once the prefix was
 seen. `chat` is the older `POST /chat` load test at fixed concurrencies.
@@ -31,12 +33,31 @@ from bench_common import (chat_prompts, load_check, log, median_of, percentile, 
 ADAPTERS = 8
 
 
-async def stream_one(client, model, messages, max_tokens):
+# The schema of `--phase structured`'s constrained half: nested, arrays, enums, bounded strings.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "summary": {"type": "string", "maxLength": 200},
+        "topics": {"type": "array", "items": {"type": "string", "maxLength": 40}, "maxItems": 6},
+        "tone": {"enum": ["neutral", "positive", "negative"]},
+        "details": {"type": "object", "properties": {
+            "points": {"type": "array", "items": {"type": "string", "maxLength": 80}},
+            "confidence": {"type": "integer", "minimum": 0, "maximum": 100}},
+            "required": ["points", "confidence"], "additionalProperties": False},
+    },
+    "required": ["summary", "topics", "tone", "details"],
+    "additionalProperties": False,
+}
+RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
+
+
+async def stream_one(client, model, messages, max_tokens, response_format=None):
     """(start, [arrival time of each content chunk], completion tokens) of one streamed request."""
     t0 = time.perf_counter()
+    extra = {"response_format": response_format} if response_format else {}
     stream = await client.chat.completions.create(
         model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
-        stream_options={"include_usage": True})
+        stream_options={"include_usage": True}, **extra)
     arrivals, tokens = [], None
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
@@ -59,11 +80,11 @@ def summarise(results):
 
 
 async def concurrent(url, requests):
-    """Sends every (model, messages, max_tokens) at once, one client connection each."""
+    """Sends every (model, messages, max_tokens[, response_format]) at once, one connection each."""
     from openai import AsyncOpenAI
     client = AsyncOpenAI(base_url=url + "/v1", api_key="none", timeout=1200, max_retries=0)
     try:
-        return await asyncio.gather(*(stream_one(client, m, msgs, n) for m, msgs, n in requests))
+        return await asyncio.gather(*(stream_one(client, *r) for r in requests))
     finally:
         await client.close()
 
@@ -99,13 +120,33 @@ def workload(args):
         return
     models = ([f"bench_r16_{i % ADAPTERS}" for i in range(len(prompts))]
               if args.phase == "adapters" else [args.model] * len(prompts))
-    requests = [(m, msgs, n) for m, (msgs, n) in zip(models, prompts)]
+    # `structured`: every other client asks for JSON under SCHEMA (the same prompts otherwise).
+    formats = [RESPONSE_FORMAT if args.phase == "structured" and i % 2 == 0 else None
+               for i in range(len(prompts))]
+    requests = [(m, msgs, n, f) for m, (msgs, n), f in zip(models, prompts, formats)]
     log(f"bench: warm-up of {len(requests)} clients ({args.phase})")
-    asyncio.run(concurrent(args.url, [(m, msgs, 4) for m, msgs, _ in requests]))
+    asyncio.run(concurrent(args.url, [(m, msgs, 4, f) for m, msgs, _, f in requests]))
+    masks_before = grammar_masks(args.url)
     out = median_of(args.runs, lambda: summarise(asyncio.run(concurrent(args.url, requests))),
                     f"tessera {len(requests)} streaming clients ({args.phase})")
+    masks_after = grammar_masks(args.url)
+    masks = masks_after["masks"] - masks_before["masks"]
+    if masks:
+        out["mask_us"] = (masks_after["microseconds"] - masks_before["microseconds"]) / masks
+        out["masks"] = masks
     out.update({"phase": args.phase, "clients": len(requests)})
     print(json.dumps(out))
+
+
+def grammar_masks(url):
+    """The head's `grammar_masks_total` figures, summed over its replicas."""
+    totals = {"masks": 0.0, "microseconds": 0.0}
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("grammar_masks_total{"):
+                figure = line.split('figure="', 1)[1].split('"', 1)[0]
+                totals[figure] = totals.get(figure, 0.0) + float(line.rsplit(" ", 1)[1])
+    return totals
 
 
 def chat_one(url, i, max_tokens):
@@ -148,7 +189,7 @@ def main():
     w = sub.add_parser("workload")
     w.add_argument("url")
     w.add_argument("--model", required=True, help="the base model's name")
-    w.add_argument("--phase", default="base", choices=["base", "adapters", "prefix"])
+    w.add_argument("--phase", default="base", choices=["base", "adapters", "prefix", "structured"])
     w.add_argument("--runs", type=int, default=3)
     w.add_argument("--clients", type=int, default=32)
     w.add_argument("--min-tokens", type=int, default=64)

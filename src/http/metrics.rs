@@ -29,6 +29,7 @@ pub struct Metrics {
     adapter_events: IntCounterVec,
     engine_tokens: IntCounterVec,
     prefix_cache: IntCounterVec,
+    grammar_masks: IntCounterVec,
     jobs: IntGaugeVec,
     training_tokens_per_s: Gauge,
     autoscaler: IntGaugeVec,
@@ -107,6 +108,15 @@ impl Metrics {
             &["replica", "event"],
         )
         .expect("metric");
+        let grammar_masks = IntCounterVec::new(
+            Opts::new(
+                "grammar_masks_total",
+                "Structured outputs: token masks computed (`masks`) and the time they took \
+                 (`microseconds`, on a helper thread beside the forward), per replica",
+            ),
+            &["replica", "figure"],
+        )
+        .expect("metric");
         let jobs = IntGaugeVec::new(Opts::new("jobs", "Fine-tune jobs by state"), &["state"])
             .expect("metric");
         let training_tokens_per_s = Gauge::new(
@@ -135,6 +145,7 @@ impl Metrics {
             Box::new(adapter_events.clone()),
             Box::new(engine_tokens.clone()),
             Box::new(prefix_cache.clone()),
+            Box::new(grammar_masks.clone()),
             Box::new(jobs.clone()),
             Box::new(training_tokens_per_s.clone()),
         ] {
@@ -151,6 +162,7 @@ impl Metrics {
             adapter_events,
             engine_tokens,
             prefix_cache,
+            grammar_masks,
             jobs,
             training_tokens_per_s,
             autoscaler,
@@ -175,6 +187,8 @@ impl Metrics {
                 ("tokens", s.generated_tokens),
                 ("prefix_queried", s.prefix_queried_tokens),
                 ("prefix_hit", s.prefix_hit_tokens),
+                ("grammar_masks", s.time.masks),
+                ("grammar_microseconds", s.time.mask_ns / 1000),
             ] {
                 let last = seen.insert((replica.clone(), event), total).unwrap_or(0);
                 // A restarted replica starts again from zero.
@@ -182,6 +196,10 @@ impl Metrics {
                 if event == "tokens" {
                     self.engine_tokens
                         .with_label_values(&[&replica])
+                        .inc_by(delta);
+                } else if let Some(figure) = event.strip_prefix("grammar_") {
+                    self.grammar_masks
+                        .with_label_values(&[&replica, figure])
                         .inc_by(delta);
                 } else if let Some(kind) = event.strip_prefix("prefix_") {
                     self.prefix_cache
