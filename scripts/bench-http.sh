@@ -13,14 +13,16 @@
 #     the head has no such key.
 # Prints a table of figures and ratios with the issue's targets. Not a test. Options (all passed on
 # to the Python sides): --threads N (default: all cores), --runs 3, --clients 32, --min-tokens 64,
-# --max-tokens 128, --prefix-tokens 1000, --prefix-requests 4, and --chat to add the older
-# POST /chat figure at 1 and 16 clients.
+# --max-tokens 128, --prefix-tokens 1000, --prefix-requests 4, --chat to add the older
+# POST /chat figure at 1 and 16 clients, and --structured-only for phase 3 alone (with its base
+# run, no reference).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
 . scripts/setup-reference.sh
 . scripts/bench-lib.sh
 threads=0 runs=3 clients=32 min_tokens=64 max_tokens=128 prefix_tokens=1000 prefix_requests=4 chat=
+structured_only=
 while [ $# -gt 0 ]; do
     case "$1" in
         --threads) threads="$2"; shift 2 ;;
@@ -31,6 +33,7 @@ while [ $# -gt 0 ]; do
         --prefix-tokens) prefix_tokens="$2"; shift 2 ;;
         --prefix-requests) prefix_requests="$2"; shift 2 ;;
         --chat) chat=1; shift ;;
+        --structured-only) structured_only=1; shift ;;
         *) echo "bench-http: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -50,7 +53,9 @@ write_random_adapters(AutoConfig.from_pretrained(d, gguf_file=f), sys.argv[2], n
 PY
 
 # The reference first, with no head running.
-for phase in base adapters; do
+phases="base adapters structured"
+[ -n "$structured_only" ] && phases="base structured"
+for phase in $([ -z "$structured_only" ] && echo base adapters); do
     python scripts/bench_http_reference.py "$model" "$work/adapters" --phase "$phase" \
         --threads "$OMP_NUM_THREADS" "${shape[@]}" > "$work/ref_$phase.json"
 done
@@ -70,13 +75,14 @@ if ! bench_start_head "$work/head.log" "${head_args[@]}" --set batching.prefix_c
         exit 1
     fi
 fi
-for phase in base adapters structured; do
+for phase in $phases; do
     python scripts/bench_http.py workload "$head_url" --model "$name" --phase "$phase" \
         "${shape[@]}" > "$work/tessera_$phase.json"
 done
 prefix_args=(--model "$name" --phase prefix --prefix-tokens "$prefix_tokens"
     --prefix-requests "$prefix_requests")
-python scripts/bench_http.py workload "$head_url" "${prefix_args[@]}" > "$work/prefix_on.json"
+[ -n "$structured_only" ] && prefix=skipped
+[ -z "$structured_only" ] && python scripts/bench_http.py workload "$head_url" "${prefix_args[@]}" > "$work/prefix_on.json"
 if [ -n "$chat" ]; then
     python scripts/bench_http.py chat "$head_url" > "$work/chat.json"
 fi
@@ -98,6 +104,17 @@ tb, ta, rb, ra = (load(f) for f in ("tessera_base.json", "tessera_adapters.json"
                                      "ref_base.json", "ref_adapters.json"))
 on, off, chat = load("prefix_on.json"), load("prefix_off.json"), load("chat.json")
 ts = load("tessera_structured.json")
+if prefix == "skipped":
+    print(f"threads {os.environ.get('OMP_NUM_THREADS')}, {tb['clients']} streaming clients, "
+          f"median of {len(tb['runs'])} runs, load average {os.getloadavg()[0]:.2f}")
+    print(f"base: {tb['tok_s']:.1f} tok/s; half JSON schema: {ts['tok_s']:.1f} tok/s; ratio "
+          f"{ts['tok_s'] / tb['tok_s']:.2f}x (target >= 0.9)")
+    print(f"TTFT p50 {tb['ttft_p50_ms']:.0f} / {ts['ttft_p50_ms']:.0f} ms, ITL p50 "
+          f"{tb['itl_p50_ms']:.1f} / {ts['itl_p50_ms']:.1f} ms (base / structured)")
+    if ts.get("masks"):
+        print(f"grammar mask: mean {ts['mask_us']:.1f} µs over {int(ts['masks'])} masks "
+              f"(on a helper thread beside the forward)")
+    sys.exit(0)
 TODAY = 45.9  # bench-http's 16-client POST /chat tokens/s at commit 51f11e1 (issue 12)
 print(f"threads {os.environ.get('OMP_NUM_THREADS')}, {tb['clients']} streaming clients, "
       f"median of {len(tb['runs'])} runs; reference: transformers static batch (left padding)")
