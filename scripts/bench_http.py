@@ -143,7 +143,7 @@ def grammar_masks(url):
     totals = {"masks": 0.0, "microseconds": 0.0}
     with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
         for line in r.read().decode().splitlines():
-            if line.startswith("grammar_masks_total{"):
+            if "grammar_masks_total{" in line and not line.startswith("#"):
                 figure = line.split('figure="', 1)[1].split('"', 1)[0]
                 totals[figure] = totals.get(figure, 0.0) + float(line.rsplit(" ", 1)[1])
     return totals
