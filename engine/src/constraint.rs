@@ -62,8 +62,8 @@ impl ConstraintError {
 }
 
 impl Constraint {
-    /// The grammar llguidance compiles, after the checks of size that need no compiler.
-    fn grammar(&self) -> Result<TopLevelGrammar, ConstraintError> {
+    /// The checks that need no compiler: sizes, empty values, a schema that is not an object.
+    pub fn check(&self) -> Result<(), ConstraintError> {
         let size = match self {
             Constraint::JsonObject => 0,
             Constraint::JsonSchema { schema } => schema.to_string().len(),
@@ -76,44 +76,45 @@ impl Constraint {
                 "the constraint is {size} bytes; at most {MAX_CONSTRAINT_BYTES}"
             )));
         }
+        match self {
+            Constraint::JsonSchema { schema } if !schema.is_object() => {
+                Err(ConstraintError::new("a JSON schema is an object"))
+            }
+            Constraint::Regex { pattern } if pattern.is_empty() => {
+                Err(ConstraintError::new("the pattern is empty"))
+            }
+            Constraint::Grammar { lark } if lark.trim().is_empty() => {
+                Err(ConstraintError::new("the grammar is empty"))
+            }
+            Constraint::Choice { choices } if choices.is_empty() || choices.len() > MAX_CHOICES => {
+                Err(ConstraintError::new(format!(
+                    "give 1 to {MAX_CHOICES} choices, got {}",
+                    choices.len()
+                )))
+            }
+            Constraint::Choice { choices } if choices.iter().any(String::is_empty) => {
+                Err(ConstraintError::new("choices must not be empty strings"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The grammar llguidance compiles, after [`Constraint::check`].
+    fn grammar(&self) -> Result<TopLevelGrammar, ConstraintError> {
+        self.check()?;
         Ok(match self {
             Constraint::JsonObject => {
                 TopLevelGrammar::from_json_schema(compact(serde_json::json!({"type": "object"})))
             }
             Constraint::JsonSchema { schema } => {
-                if !schema.is_object() {
-                    return Err(ConstraintError::new("a JSON schema is an object"));
-                }
                 TopLevelGrammar::from_json_schema(compact(schema.clone()))
             }
-            Constraint::Regex { pattern } => {
-                if pattern.is_empty() {
-                    return Err(ConstraintError::new("the pattern is empty"));
-                }
-                TopLevelGrammar::from_regex(pattern)
-            }
+            Constraint::Regex { pattern } => TopLevelGrammar::from_regex(pattern),
             Constraint::Choice { choices } => {
-                if choices.is_empty() {
-                    return Err(ConstraintError::new("at least one choice is needed"));
-                }
-                if choices.len() > MAX_CHOICES {
-                    return Err(ConstraintError::new(format!(
-                        "at most {MAX_CHOICES} choices, got {}",
-                        choices.len()
-                    )));
-                }
-                if choices.iter().any(String::is_empty) {
-                    return Err(ConstraintError::new("choices must not be empty strings"));
-                }
                 let alternatives: Vec<String> = choices.iter().map(|c| escape_regex(c)).collect();
                 TopLevelGrammar::from_regex(&format!("({})", alternatives.join("|")))
             }
-            Constraint::Grammar { lark } => {
-                if lark.trim().is_empty() {
-                    return Err(ConstraintError::new("the grammar is empty"));
-                }
-                TopLevelGrammar::from_lark(lark.clone())
-            }
+            Constraint::Grammar { lark } => TopLevelGrammar::from_lark(lark.clone()),
         })
     }
 

@@ -171,40 +171,9 @@ fn schema_value(v: Value, field: &str) -> Result<Value, AppError> {
     Ok(v)
 }
 
-/// The checks that need no compiler (sizes, empty values), with the request's field names.
+/// The engine's checks that need no compiler (sizes, empty values), naming the request's field.
 fn check_shape(c: &Constraint, field: &str) -> Result<(), AppError> {
-    use tessera_engine::constraint::{MAX_CHOICES, MAX_CONSTRAINT_BYTES};
-    let size = match c {
-        Constraint::JsonObject => 0,
-        Constraint::JsonSchema { schema } => schema.to_string().len(),
-        Constraint::Regex { pattern } => pattern.len(),
-        Constraint::Choice { choices } => choices.iter().map(String::len).sum(),
-        Constraint::Grammar { lark } => lark.len(),
-    };
-    if size > MAX_CONSTRAINT_BYTES {
-        return Err(AppError::invalid(
-            field,
-            format!("{size} bytes; at most {MAX_CONSTRAINT_BYTES}"),
-        ));
-    }
-    match c {
-        Constraint::Regex { pattern } if pattern.is_empty() => {
-            Err(AppError::invalid(field, "the pattern is empty"))
-        }
-        Constraint::Grammar { lark } if lark.trim().is_empty() => {
-            Err(AppError::invalid(field, "the grammar is empty"))
-        }
-        Constraint::Choice { choices } if choices.is_empty() || choices.len() > MAX_CHOICES => {
-            Err(AppError::invalid(
-                field,
-                format!("give 1 to {MAX_CHOICES} choices, got {}", choices.len()),
-            ))
-        }
-        Constraint::Choice { choices } if choices.iter().any(String::is_empty) => Err(
-            AppError::invalid(field, "choices must not be empty strings"),
-        ),
-        _ => Ok(()),
-    }
+    c.check().map_err(|e| AppError::invalid(field, e.message))
 }
 
 #[cfg(test)]

@@ -61,10 +61,7 @@ pub async fn chat_completions(
     }
     let formats: Vec<Option<ToolFormat>> = starts.iter().map(|s| s.tool_format).collect();
     let done = futures::future::try_join_all(starts.into_iter().map(Started::collect)).await?;
-    let usage = CompletionUsage::new(
-        done[0].prompt_tokens,
-        done.iter().map(|d| d.completion_tokens).sum(),
-    );
+    let usage = usage_of(&done);
     let choices = done
         .into_iter()
         .zip(formats)
@@ -121,6 +118,14 @@ fn tool_calls_of(
         })
         .collect();
     Some(((!before.is_empty()).then_some(before), calls))
+}
+
+/// The usage of `n` choices of one prompt: the prompt once, every choice's tokens.
+fn usage_of(done: &[generation::Collected]) -> CompletionUsage {
+    CompletionUsage::new(
+        done[0].prompt_tokens,
+        done.iter().map(|d| d.completion_tokens).sum(),
+    )
 }
 
 fn content_delta(text: String) -> ChatDelta {
@@ -310,10 +315,7 @@ pub async fn completions(
         .into_response());
     }
     let done = futures::future::try_join_all(starts.into_iter().map(Started::collect)).await?;
-    let usage = CompletionUsage::new(
-        done[0].prompt_tokens,
-        done.iter().map(|d| d.completion_tokens).sum(),
-    );
+    let usage = usage_of(&done);
     let choices = done
         .into_iter()
         .enumerate()
