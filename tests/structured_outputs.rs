@@ -58,6 +58,11 @@ fn structured_outputs_and_sampling_fields_over_http() {
             json!({"structured_outputs": {"grammar": "start: nowhere"}}),
             "structured_outputs",
         ),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
+                   "tool_choice": "required"}),
+            "tools",
+        ),
     ] {
         let mut body = body;
         body["model"] = json!(base);

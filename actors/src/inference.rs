@@ -287,11 +287,19 @@ fn submit(engine: &Engine, work: ChatWork) -> Result<Submitted, Failure> {
         Err(SubmitError::Invalid(e)) => {
             Err(Failure::Request(ServeError::invalid(e.field, e.message)))
         }
-        Err(SubmitError::Grammar(message)) => Err(Failure::Request(ServeError {
-            kind: ServeErrorKind::Grammar,
-            message,
-            field: Some("response_format".into()),
-        })),
+        Err(SubmitError::Grammar(message)) => {
+            // A forced call's grammar comes from `tools`, not from a field the client wrote.
+            let field = if forced.is_some() {
+                "tools"
+            } else {
+                "response_format"
+            };
+            Err(Failure::Request(ServeError {
+                kind: ServeErrorKind::Grammar,
+                message: message.replacen("response_format", field, 1),
+                field: Some(field.into()),
+            }))
+        }
         Err(SubmitError::Adapter(e)) => Err(Failure::Request(ServeError {
             kind: ServeErrorKind::Adapter,
             message: e.to_string(),
