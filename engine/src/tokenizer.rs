@@ -227,11 +227,7 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
-        let template = self
-            .chat_template
-            .as_ref()
-            .ok_or(ChatTemplateError::Missing)?;
-        Ok(template.render(messages, add_generation_prompt)?)
+        Ok(self.template()?.render(messages, add_generation_prompt)?)
     }
 
     /// Renders `messages` offering `tools` (see [`ChatTemplate::render_with_tools`]).
@@ -241,11 +237,15 @@ impl Tokenizer {
         tools: &[crate::tool_calls::ToolFunction],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
-        let template = self
-            .chat_template
+        Ok(self
+            .template()?
+            .render_with_tools(messages, tools, add_generation_prompt)?)
+    }
+
+    fn template(&self) -> Result<&ChatTemplate, ChatTemplateError> {
+        self.chat_template
             .as_ref()
-            .ok_or(ChatTemplateError::Missing)?;
-        Ok(template.render_with_tools(messages, tools, add_generation_prompt)?)
+            .ok_or(ChatTemplateError::Missing)
     }
 
     /// How the model's family writes tool calls (Hermes without a chat template).

@@ -346,6 +346,36 @@ pub fn chat(req: ChatRequest) -> Result<GenerationRequest, AppError> {
     })
 }
 
+/// The sampling fields of an OpenAI request body (chat and text completions carry the same
+/// ones, in two types as OpenAI declares them), with the route's `max_tokens` and its default.
+macro_rules! openai_sampling {
+    ($req:ident, $max_tokens:expr, $default:expr, $top_logprobs:expr) => {
+        Sampling {
+            max_tokens: $max_tokens,
+            default_max_tokens: $default,
+            temperature: $req.temperature,
+            top_p: $req.top_p,
+            top_k: $req.top_k,
+            repetition_penalty: $req.repetition_penalty,
+            seed: $req.seed,
+            stop: $req.stop,
+            top_logprobs: $top_logprobs,
+            presence_penalty: $req.presence_penalty,
+            frequency_penalty: $req.frequency_penalty,
+            logit_bias: $req.logit_bias,
+            min_tokens: $req.min_tokens,
+            constraint: ConstraintFields {
+                response_format: $req.response_format,
+                structured_outputs: $req.structured_outputs,
+                guided_json: $req.guided_json,
+                guided_regex: $req.guided_regex,
+                guided_choice: $req.guided_choice,
+                guided_grammar: $req.guided_grammar,
+            },
+        }
+    };
+}
+
 /// `POST /v1/chat/completions`.
 pub fn chat_completion(req: ChatCompletionRequest) -> Result<GenerationRequest, AppError> {
     let n = choices(req.n)?;
@@ -363,29 +393,12 @@ pub fn chat_completion(req: ChatCompletionRequest) -> Result<GenerationRequest, 
             format!("at most {MAX_TOP_LOGPROBS}, got {top_logprobs}"),
         ));
     }
-    let (params, clamp_max_tokens, constraint_field) = Sampling {
-        max_tokens: req.max_completion_tokens.or(req.max_tokens),
-        default_max_tokens: DEFAULT_CHAT_MAX_TOKENS,
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        repetition_penalty: req.repetition_penalty,
-        seed: req.seed,
-        stop: req.stop,
-        top_logprobs,
-        presence_penalty: req.presence_penalty,
-        frequency_penalty: req.frequency_penalty,
-        logit_bias: req.logit_bias,
-        min_tokens: req.min_tokens,
-        constraint: ConstraintFields {
-            response_format: req.response_format,
-            structured_outputs: req.structured_outputs,
-            guided_json: req.guided_json,
-            guided_regex: req.guided_regex,
-            guided_choice: req.guided_choice,
-            guided_grammar: req.guided_grammar,
-        },
-    }
+    let (params, clamp_max_tokens, constraint_field) = openai_sampling!(
+        req,
+        req.max_completion_tokens.or(req.max_tokens),
+        DEFAULT_CHAT_MAX_TOKENS,
+        top_logprobs
+    )
     .check()
     .map_err(|mut e| {
         if req.max_completion_tokens.is_some() && e.field.as_deref() == Some("max_tokens") {
@@ -440,29 +453,12 @@ pub fn completion(req: CompletionRequest) -> Result<GenerationRequest, AppError>
             format!("at most {MAX_COMPLETION_LOGPROBS}, got {top_logprobs}"),
         ));
     }
-    let (params, clamp_max_tokens, constraint_field) = Sampling {
-        max_tokens: req.max_tokens,
-        default_max_tokens: DEFAULT_COMPLETION_MAX_TOKENS,
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        repetition_penalty: req.repetition_penalty,
-        seed: req.seed,
-        stop: req.stop,
-        top_logprobs,
-        presence_penalty: req.presence_penalty,
-        frequency_penalty: req.frequency_penalty,
-        logit_bias: req.logit_bias,
-        min_tokens: req.min_tokens,
-        constraint: ConstraintFields {
-            response_format: req.response_format,
-            structured_outputs: req.structured_outputs,
-            guided_json: req.guided_json,
-            guided_regex: req.guided_regex,
-            guided_choice: req.guided_choice,
-            guided_grammar: req.guided_grammar,
-        },
-    }
+    let (params, clamp_max_tokens, constraint_field) = openai_sampling!(
+        req,
+        req.max_tokens,
+        DEFAULT_COMPLETION_MAX_TOKENS,
+        top_logprobs
+    )
     .check()?;
     Ok(GenerationRequest {
         id_prefix: "cmpl-",
