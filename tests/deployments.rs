@@ -552,3 +552,57 @@ fn a_deployment_scales_to_zero_when_idle_and_the_next_request_starts_a_replica()
     assert_eq!(code, 422, "{e}");
     assert_eq!(e["error"]["field"], "min_replicas", "{e}");
 }
+
+#[test]
+fn a_slow_model_load_blocks_neither_restarts_nor_deletes() {
+    // Loads of `slowload` take 12 s longer (a test hook): meanwhile the node restarts a crashed
+    // replica and deletes the deployment at once, and the late load comes back to nothing.
+    std::env::set_var("TESSERA_TEST_HOOKS", "1");
+    std::env::set_var("TESSERA_TEST_LOAD_DELAY", "slowload:12000");
+    let head = support::start(OVERRIDES);
+    support::tiny::write_model(&head.dir.path().join("models").join("slowload"), 11);
+    let started = std::time::Instant::now();
+    let (code, d) = head.post("/models", &json!({"name": "slow", "path": "slowload"}));
+    assert_eq!(code, 202, "{d}");
+    let d = wait_state(&head, "slow", "deploying");
+    let slot = d["replicas"][0].as_str().unwrap().to_string();
+    let serving = head.get("/cluster").1["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["deployment"] != "slow")
+        .unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (code, _) = head.post(&format!("/_test/crash/{serving}"), &json!({}));
+    assert_eq!(code, 202);
+    head.wait_until(
+        "the crashed replica serving again while the other loads",
+        Duration::from_secs(6),
+        |h| chat(h, None, 2).0 == 200,
+    );
+    let (code, d) = head.delete("/models/slow");
+    assert_eq!(code, 202, "{d}");
+    head.wait_until("the loading deployment gone", Duration::from_secs(5), |h| {
+        h.get("/models/slow").0 == 404
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(11),
+        "the load was waited for"
+    );
+    // Once the stopped replica's load would have ended, its slot is still free and only the
+    // default deployment's replica is listed.
+    std::thread::sleep(Duration::from_secs(13).saturating_sub(started.elapsed()));
+    let replicas = head.get("/cluster").1["replicas"].clone();
+    let names: Vec<&str> = replicas
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec![serving.as_str()], "{replicas}");
+    assert!(!names.contains(&slot.as_str()));
+    let (code, r) = chat(&head, None, 2);
+    assert_eq!(code, 200, "{r}");
+}

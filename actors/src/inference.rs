@@ -18,6 +18,7 @@ use tessera_engine::{Engine, EngineConfig, Event, GenerateRequest};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use crate::health::ActorState;
 use crate::messages::{
     ChatWork, PromptInput, ServeError, ServeErrorKind, StreamEvent, TokenOut, TopLogprob,
 };
@@ -34,6 +35,9 @@ pub enum InferenceMsg {
     EngineStopped {
         request_id: String,
     },
+    /// The model load this replica started when it began (off its mailbox, so a stop is taken at
+    /// once, and off its supervisor's handler): its engine starts, or the replica fails.
+    Loaded(Box<Result<tessera_engine::loader::LoadedModel, String>>),
     Stats(RpcReplyPort<SchedulerStats>),
     /// Test hook: make the actor panic (only sent when test hooks are enabled).
     Crash,
@@ -51,11 +55,16 @@ pub struct InferenceArgs {
     pub quantization: tessera_engine::loader::Quantization,
     pub engine: EngineConfig,
     pub router: Router,
+    /// Where it says it serves once loaded (its supervisor says the rest).
+    pub health: crate::health::HealthBoard,
+    /// The router entry's start this replica is ([`Router::add_replica`]).
+    pub generation: u64,
 }
 
 pub struct InferenceState {
-    engine: Engine,
-    name: String,
+    /// `None` while the model loads.
+    engine: Option<Engine>,
+    args: InferenceArgs,
 }
 
 pub struct InferenceActor;
@@ -70,34 +79,25 @@ impl Actor for InferenceActor {
         _myself: ActorRef<Self::Msg>,
         args: InferenceArgs,
     ) -> Result<InferenceState, ActorProcessingErr> {
-        let path = args.model_path.clone();
-        let (devices, kind, quantization) = (args.devices.clone(), args.kind, args.quantization);
-        // On GPUs, fail with the sizes before trying (and failing deep inside) the load.
-        let (check_path, check_devices) = (path.clone(), devices.clone());
-        tokio::task::spawn_blocking(move || device_memory_check(&check_path, &check_devices, kind))
-            .await?
-            .map_err(|e| format!("replica {}: {e}", args.name))?;
-        let started = std::time::Instant::now();
-        // Loading blocks for a while: never on the async runtime's threads.
-        let loaded = tokio::task::spawn_blocking(move || {
-            tessera_engine::loader::load_with(&path, &devices, kind, quantization)
-        })
-        .await?
-        .map_err(|e| format!("loading {}: {e}", args.model_path.display()))?;
-        tracing::info!(
-            replica = %args.name,
-            model = %loaded.name,
-            devices = ?args.devices,
-            seconds = started.elapsed().as_secs_f64(),
-            "inference replica loaded its model"
-        );
-        args.router
-            .set_model(&args.name, &loaded.name, &loaded.dtype, &loaded.weights);
-        let engine = Engine::start(loaded.model, loaded.tokenizer, args.engine);
-        Ok(InferenceState {
-            engine,
-            name: args.name,
-        })
+        Ok(InferenceState { engine: None, args })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut InferenceState,
+    ) -> Result<(), ActorProcessingErr> {
+        // Loading blocks for a while: on a blocking thread, reported back as a message. The actor
+        // (and its supervisor) stays responsive meanwhile; a replica stopped before the load ends
+        // drops what it loaded.
+        let args = state.args.clone();
+        tokio::spawn(async move {
+            let loaded = tokio::task::spawn_blocking(move || load(&args))
+                .await
+                .unwrap_or_else(|panicked| Err(format!("loading panicked: {panicked}")));
+            let _ = myself.cast(InferenceMsg::Loaded(Box::new(loaded)));
+        });
+        Ok(())
     }
 
     async fn handle(
@@ -106,10 +106,41 @@ impl Actor for InferenceActor {
         msg: InferenceMsg,
         state: &mut InferenceState,
     ) -> Result<(), ActorProcessingErr> {
+        let replica = state.args.name.clone();
         match msg {
+            InferenceMsg::Loaded(loaded) => {
+                if state.engine.is_some() {
+                    return Ok(());
+                }
+                let loaded = (*loaded).map_err(|e| format!("replica {replica}: {e}"))?;
+                let args = &state.args;
+                args.router.set_model(
+                    &replica,
+                    args.generation,
+                    &loaded.name,
+                    &loaded.dtype,
+                    &loaded.weights,
+                );
+                state.engine = Some(Engine::start(
+                    loaded.model,
+                    loaded.tokenizer,
+                    args.engine.clone(),
+                ));
+                // Only now does the router send it requests.
+                args.router
+                    .set_actor(&replica, args.generation, Some(myself), ActorState::Running);
+                args.health
+                    .set(&replica, "inference", ActorState::Running, None);
+            }
             InferenceMsg::Generate { work, sink, lease } => {
-                let engine = state.engine.clone();
-                let replica = state.name.clone();
+                let Some(engine) = state.engine.clone() else {
+                    // The router sends nothing before the load ends; a stale sender gets a retry.
+                    let e = ServeError::unavailable(format!(
+                        "replica {replica} is loading its model; retry shortly"
+                    ));
+                    let _ = sink.try_send(StreamEvent::Error(e));
+                    return Ok(());
+                };
                 // The client's request id labels this replica's lines of it, on any node.
                 let span = tracing::info_span!("request", request_id = %work.trace_id, %replica);
                 tokio::spawn(
@@ -125,11 +156,50 @@ impl Actor for InferenceActor {
                 return Err(format!("engine stopped (request {request_id})").into());
             }
             InferenceMsg::Stats(reply) => {
-                let _ = reply.send(state.engine.stats());
+                let stats = state.engine.as_ref().map(|e| e.stats());
+                let _ = reply.send(stats.unwrap_or_default());
             }
-            InferenceMsg::Crash => panic!("test hook: replica {} told to crash", state.name),
+            InferenceMsg::Crash => panic!("test hook: replica {replica} told to crash"),
         }
         Ok(())
+    }
+}
+
+/// Loads the replica's model on its devices (a blocking call): on GPUs, the sizes are checked
+/// first, so that a model that cannot fit fails with them rather than deep inside the load.
+fn load(args: &InferenceArgs) -> Result<tessera_engine::loader::LoadedModel, String> {
+    let path = &args.model_path;
+    device_memory_check(path, &args.devices, args.kind)?;
+    test_hook_load_delay(path);
+    let started = std::time::Instant::now();
+    let loaded =
+        tessera_engine::loader::load_with(path, &args.devices, args.kind, args.quantization)
+            .map_err(|e| format!("loading {}: {e}", path.display()))?;
+    tracing::info!(
+        replica = %args.name,
+        model = %loaded.name,
+        devices = ?args.devices,
+        seconds = started.elapsed().as_secs_f64(),
+        "inference replica loaded its model"
+    );
+    Ok(loaded)
+}
+
+/// Test hook (with `TESSERA_TEST_HOOKS=1` only): `TESSERA_TEST_LOAD_DELAY=PART:MS` makes loads of
+/// paths containing PART take MS milliseconds longer, to test what goes on during a slow load.
+fn test_hook_load_delay(path: &std::path::Path) {
+    if std::env::var("TESSERA_TEST_HOOKS").as_deref() != Ok("1") {
+        return;
+    }
+    let Ok(spec) = std::env::var("TESSERA_TEST_LOAD_DELAY") else {
+        return;
+    };
+    if let Some((part, ms)) = spec.rsplit_once(':') {
+        if path.to_string_lossy().contains(part) {
+            if let Ok(ms) = ms.parse::<u64>() {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
+        }
     }
 }
 

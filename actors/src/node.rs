@@ -286,13 +286,16 @@ impl Node {
         // started); the deployment manager adopts them, and places the rest.
         let initial = default.initial_replicas().min(slots.len());
         for slot in &slots[..initial] {
-            router.add_replica(slot.replica_info(&config.node_name, &default.name));
+            let generation =
+                router.add_replica(slot.replica_info(&config.node_name, &default.name));
             children.push((
                 slot.name.clone(),
                 ChildSpec::Inference(slot.inference_args(
                     config.model_path.clone(),
                     config.kind,
                     &router,
+                    &health,
+                    generation,
                 )),
             ));
         }
@@ -420,12 +423,19 @@ impl Node {
             }
         }
         tracing::info!(replica = %slot, %deployment, path = %path.display(), "starting a replica for the head");
-        self.router
+        let generation = self
+            .router
             .add_replica(s.replica_info(&self.name, deployment));
         self.supervisor
             .cast(SupervisorMsg::Add(
                 s.name.clone(),
-                ChildSpec::Inference(s.inference_args(path, kind, &self.router)),
+                ChildSpec::Inference(s.inference_args(
+                    path,
+                    kind,
+                    &self.router,
+                    &self.health,
+                    generation,
+                )),
             ))
             .map_err(|e| e.to_string())
     }
@@ -433,9 +443,7 @@ impl Node {
     /// Drains replica `slot` (it takes nothing new and finishes what it holds), then stops it.
     pub async fn stop_replica(&self, slot: &str) {
         self.router.set_draining(slot);
-        while self.router.in_flight(slot).unwrap_or(0) > 0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.router.drained(slot).await;
         let name = slot.to_string();
         let _ = self
             .supervisor

@@ -7,7 +7,7 @@
 //! Retry-After) before any work is sent.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use ractor::ActorRef;
@@ -36,8 +36,11 @@ pub enum ReplicaRef {
 /// One replica as the router knows it.
 struct Slot {
     info: ReplicaInfo,
+    /// Which start of the replica this entry is: an actor of an older start (stopped late, or
+    /// finishing a load after it was scaled down) cannot touch the entry of a newer one.
+    generation: u64,
     actor: Option<ReplicaRef>,
-    in_flight: Arc<AtomicUsize>,
+    in_flight: Arc<InFlight>,
     /// Most recently used last; bounded by `adapter_memory`.
     adapters: Vec<PathBuf>,
     /// Takes no new requests (it is being scaled down).
@@ -69,6 +72,19 @@ pub fn pick(candidates: &[Candidate], slack: usize, rotate: usize) -> Option<usi
     }
 }
 
+/// A replica's in-flight count, and a wake-up for whoever waits for it to drain.
+#[derive(Default)]
+struct InFlight {
+    count: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+impl InFlight {
+    fn load(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+}
+
 /// Counts a request as in flight on its replica until every clone is dropped: the client's (the
 /// HTTP side) and the replica's (held from its mailbox until the generation ends), so a request
 /// whose client hung up still counts while the replica works on it.
@@ -78,11 +94,13 @@ pub struct Lease {
     pub replica: String,
 }
 
-struct Counted(Arc<AtomicUsize>);
+struct Counted(Arc<InFlight>);
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
     }
 }
 
@@ -96,6 +114,7 @@ pub struct Dispatched {
 pub struct Router {
     slots: Arc<RwLock<Vec<Slot>>>,
     rotate: Arc<AtomicUsize>,
+    generations: Arc<AtomicU64>,
     /// How many more in-flight requests a replica holding the adapter may have than the least
     /// loaded one and still be preferred.
     pub affinity_slack: usize,
@@ -110,23 +129,53 @@ impl Router {
         Self {
             slots: Arc::default(),
             rotate: Arc::default(),
+            generations: Arc::default(),
             affinity_slack,
             adapter_memory: adapter_memory.max(1),
             max_in_flight: max_in_flight.max(1),
         }
     }
 
-    /// Adds a replica (not yet serving) to the table.
-    pub fn add_replica(&self, info: ReplicaInfo) {
+    /// Adds a replica (not yet serving) to the table; returns the generation of this start, which
+    /// its actor gives when it reports itself serving ([`Router::set_serving`]).
+    pub fn add_replica(&self, info: ReplicaInfo) -> u64 {
+        let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
         let mut slots = self.slots.write().expect("router");
         slots.retain(|s| s.info.name != info.name);
         slots.push(Slot {
             info,
+            generation,
             actor: None,
             in_flight: Arc::default(),
             adapters: Vec::new(),
             draining: false,
         });
+        generation
+    }
+
+    /// Waits until replica `name` holds no request (or is gone from the table). Woken by the last
+    /// lease dropped, not by polling.
+    pub async fn drained(&self, name: &str) {
+        loop {
+            let Some(in_flight) = self
+                .slots
+                .read()
+                .expect("router")
+                .iter()
+                .find(|s| s.info.name == name)
+                .map(|s| s.in_flight.clone())
+            else {
+                return;
+            };
+            let idle = in_flight.idle.notified();
+            tokio::pin!(idle);
+            // Registered before the check, so a lease dropped in between still wakes us.
+            idle.as_mut().enable();
+            if in_flight.load() == 0 {
+                return;
+            }
+            idle.await;
+        }
     }
 
     /// Stops sending new requests to replica `name` (those it holds finish).
@@ -145,7 +194,7 @@ impl Router {
             .expect("router")
             .iter()
             .find(|s| s.info.name == name)
-            .map(|s| s.in_flight.load(Ordering::Acquire))
+            .map(|s| s.in_flight.load())
     }
 
     /// Forgets replica `name`.
@@ -156,14 +205,34 @@ impl Router {
             .retain(|s| s.info.name != name);
     }
 
-    /// The replica's actor is up (`Some`) or down (`None`), with its state for `/cluster`.
-    pub fn set_actor(&self, name: &str, actor: Option<ActorRef<InferenceMsg>>, state: ActorState) {
-        self.set_ref(name, actor.map(ReplicaRef::Local), state)
+    /// The local replica of start `generation` is up (`Some`: loaded and serving) or down
+    /// (`None`), with its state for `/cluster`. Ignored when the entry belongs to a newer start.
+    pub fn set_actor(
+        &self,
+        name: &str,
+        generation: u64,
+        actor: Option<ActorRef<InferenceMsg>>,
+        state: ActorState,
+    ) {
+        self.set_ref_where(name, Some(generation), actor.map(ReplicaRef::Local), state)
     }
 
     pub fn set_ref(&self, name: &str, actor: Option<ReplicaRef>, state: ActorState) {
+        self.set_ref_where(name, None, actor, state)
+    }
+
+    fn set_ref_where(
+        &self,
+        name: &str,
+        generation: Option<u64>,
+        actor: Option<ReplicaRef>,
+        state: ActorState,
+    ) {
         let mut slots = self.slots.write().expect("router");
-        if let Some(slot) = slots.iter_mut().find(|s| s.info.name == name) {
+        if let Some(slot) = slots
+            .iter_mut()
+            .find(|s| s.info.name == name && generation.is_none_or(|g| g == s.generation))
+        {
             if actor.is_none() {
                 // A restarted replica has an empty adapter cache.
                 slot.adapters.clear();
@@ -190,11 +259,14 @@ impl Router {
             .retain(|s| s.info.node != node);
     }
 
-    /// Records what replica `name` loaded: the model's name, its dtype (with how it was chosen)
-    /// and how its weights are held.
-    pub fn set_model(&self, name: &str, model: &str, dtype: &str, weights: &str) {
+    /// Records what replica `name` (start `generation`) loaded: the model's name, its dtype (with
+    /// how it was chosen) and how its weights are held.
+    pub fn set_model(&self, name: &str, generation: u64, model: &str, dtype: &str, weights: &str) {
         let mut slots = self.slots.write().expect("router");
-        if let Some(slot) = slots.iter_mut().find(|s| s.info.name == name) {
+        if let Some(slot) = slots
+            .iter_mut()
+            .find(|s| s.info.name == name && s.generation == generation)
+        {
             slot.info.model = Some(model.to_string());
             slot.info.dtype = Some(dtype.to_string());
             slot.info.weights = Some(weights.to_string());
@@ -207,7 +279,7 @@ impl Router {
             .expect("router")
             .iter()
             .map(|s| ReplicaInfo {
-                in_flight: s.in_flight.load(Ordering::Acquire),
+                in_flight: s.in_flight.load(),
                 adapters: s.adapters.clone(),
                 ..s.info.clone()
             })
@@ -291,7 +363,7 @@ impl Router {
                 let live: Vec<usize> = up
                     .iter()
                     .copied()
-                    .filter(|&i| slots[i].in_flight.load(Ordering::Acquire) < self.max_in_flight)
+                    .filter(|&i| slots[i].in_flight.load() < self.max_in_flight)
                     .collect();
                 if live.is_empty() && !up.is_empty() {
                     return Err(ServeError::new(
@@ -306,7 +378,7 @@ impl Router {
                 let candidates: Vec<Candidate> = live
                     .iter()
                     .map(|&i| Candidate {
-                        in_flight: slots[i].in_flight.load(Ordering::Acquire),
+                        in_flight: slots[i].in_flight.load(),
                         has_adapter: adapter
                             .is_some_and(|a| slots[i].adapters.iter().any(|x| x == a)),
                     })
@@ -325,7 +397,7 @@ impl Router {
                 if let Some(a) = adapter {
                     remember(&mut slot.adapters, a, self.adapter_memory);
                 }
-                slot.in_flight.fetch_add(1, Ordering::AcqRel);
+                slot.in_flight.count.fetch_add(1, Ordering::AcqRel);
                 (
                     slot.actor.clone().expect("live"),
                     slot.in_flight.clone(),
@@ -426,26 +498,24 @@ mod tests {
         }
     }
 
-    #[test]
-    fn admission_refuses_beyond_max_in_flight_until_every_lease_is_dropped() {
-        let router = Router::new(4, 4, 2);
-        router.add_remote(
-            ReplicaInfo {
-                name: "r0".into(),
-                node: "n".into(),
-                devices: vec![],
-                tensor_parallel: 1,
-                state: ActorState::Starting,
-                in_flight: 0,
-                adapters: vec![],
-                model: None,
-                dtype: None,
-                weights: None,
-                deployment: "d".into(),
-            },
-            Arc::new(Accepting),
-        );
-        let work = ChatWork {
+    fn replica_info(name: &str) -> ReplicaInfo {
+        ReplicaInfo {
+            name: name.into(),
+            node: "n".into(),
+            devices: vec![],
+            tensor_parallel: 1,
+            state: ActorState::Starting,
+            in_flight: 0,
+            adapters: vec![],
+            model: None,
+            dtype: None,
+            weights: None,
+            deployment: "d".into(),
+        }
+    }
+
+    fn work() -> ChatWork {
+        ChatWork {
             request_id: "x".into(),
             trace_id: String::new(),
             input: crate::messages::PromptInput::Raw("hi".into()),
@@ -454,7 +524,14 @@ mod tests {
             adapter: None,
             tools: Vec::new(),
             tool_choice: Default::default(),
-        };
+        }
+    }
+
+    #[test]
+    fn admission_refuses_beyond_max_in_flight_until_every_lease_is_dropped() {
+        let router = Router::new(4, 4, 2);
+        router.add_remote(replica_info("r0"), Arc::new(Accepting));
+        let work = work();
         let other = router.dispatch(Some("e"), work.clone()).err().unwrap();
         assert_eq!(other.kind, ServeErrorKind::Unavailable);
         assert!(other.message.contains("deployment `e`"), "{other}");
@@ -470,6 +547,50 @@ mod tests {
         assert!(router.dispatch(None, work.clone()).is_err());
         drop(replica_side);
         assert!(router.dispatch(Some("d"), work).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_drain_is_woken_by_the_last_lease_dropped() {
+        let router = Router::new(4, 4, 4);
+        let mut info = replica_info("r0");
+        info.deployment = "d".into();
+        router.add_remote(info, Arc::new(Accepting));
+        let a = router.dispatch(None, work()).unwrap();
+        let b = router.dispatch(None, work()).unwrap();
+        let replica_side = b.lease.clone();
+        let waiting = {
+            let router = router.clone();
+            tokio::spawn(async move { router.drained("r0").await })
+        };
+        drop(a);
+        drop(b);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "a lease is still held");
+        drop(replica_side);
+        tokio::time::timeout(std::time::Duration::from_secs(1), waiting)
+            .await
+            .expect("woken when the last lease went")
+            .unwrap();
+        // A replica gone from the table is drained.
+        tokio::time::timeout(std::time::Duration::from_secs(1), router.drained("nobody"))
+            .await
+            .unwrap();
+    }
+
+    #[test]
+    fn an_older_start_cannot_touch_a_newer_replica_on_the_same_slot() {
+        let router = Router::new(4, 4, 4);
+        let old = router.add_replica(replica_info("r0"));
+        let new = router.add_replica(replica_info("r0"));
+        assert_ne!(old, new);
+        router.set_model("r0", old, "stale", "f32", "x");
+        assert_eq!(router.replicas()[0].model, None);
+        router.set_model("r0", new, "tiny", "f32", "x");
+        assert_eq!(router.replicas()[0].model.as_deref(), Some("tiny"));
+        router.set_actor("r0", old, None, ActorState::Failed);
+        assert_eq!(router.replicas()[0].state, ActorState::Starting);
+        router.set_actor("r0", new, None, ActorState::Restarting);
+        assert_eq!(router.replicas()[0].state, ActorState::Restarting);
     }
 
     #[test]

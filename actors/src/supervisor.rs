@@ -259,7 +259,10 @@ impl SupervisorState {
     /// Takes a dead child out of the router / directory.
     fn mark_down(&mut self, name: &str) {
         match &self.children[name].spec {
-            ChildSpec::Inference(_) => self.router.set_actor(name, None, ActorState::Restarting),
+            ChildSpec::Inference(args) => {
+                self.router
+                    .set_actor(name, args.generation, None, ActorState::Restarting)
+            }
             ChildSpec::Trainer(_) => {
                 self.directory.set_trainer(name, None);
                 if let Some(jm) = self.directory.job_manager() {
@@ -337,21 +340,22 @@ impl SupervisorState {
                     })
                     .map_err(|e| e.to_string())
             }
+            // It loads its model after this (off this handler) and enters the router once loaded;
+            // a load that fails is a failure of the child like any other.
             ChildSpec::Inference(args) => {
                 InferenceActor::spawn_linked(None, InferenceActor, args, supervisor)
                     .await
-                    .map(|(actor, _)| {
-                        self.router
-                            .set_actor(name, Some(actor.clone()), ActorState::Running);
-                        actor.get_cell()
-                    })
+                    .map(|(actor, _)| actor.get_cell())
                     .map_err(|e| e.to_string())
             }
         };
         match spawned {
             Ok(cell) => {
                 self.children.get_mut(name).expect("child").cell = Some(cell);
-                self.health.set(name, role, ActorState::Running, None);
+                // A replica says it runs itself, once its model is loaded.
+                if role != "inference" {
+                    self.health.set(name, role, ActorState::Running, None);
+                }
                 tracing::info!(actor = %name, role, "actor running");
             }
             Err(e) => {

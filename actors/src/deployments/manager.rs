@@ -57,12 +57,15 @@ impl Slot {
         }
     }
 
-    /// What the inference actor of a replica of `model_path` here starts from.
+    /// What the inference actor of a replica of `model_path` here starts from (`generation`: its
+    /// router entry's, from [`Router::add_replica`]).
     pub fn inference_args(
         &self,
         model_path: std::path::PathBuf,
         kind: Option<tch::Kind>,
         router: &Router,
+        health: &HealthBoard,
+        generation: u64,
     ) -> InferenceArgs {
         InferenceArgs {
             name: self.name.clone(),
@@ -72,6 +75,8 @@ impl Slot {
             quantization: self.quantization,
             engine: self.engine.clone(),
             router: router.clone(),
+            health: health.clone(),
+            generation,
         }
     }
 }
@@ -761,10 +766,17 @@ impl ManagerState {
         };
         let spec = &self.lives[live].spec;
         tracing::info!(deployment = %spec.name, replica = %slot.name, path = %spec.path.display(), "starting a replica");
-        self.args
+        let generation = self
+            .args
             .router
             .add_replica(slot.replica_info(&self.args.node, &spec.name));
-        let args = slot.inference_args(spec.path.clone(), spec.dtype.kind(), &self.args.router);
+        let args = slot.inference_args(
+            spec.path.clone(),
+            spec.dtype.kind(),
+            &self.args.router,
+            &self.args.health,
+            generation,
+        );
         let _ = self.supervisor.cast(SupervisorMsg::Add(
             slot.name.clone(),
             ChildSpec::Inference(args),
@@ -836,9 +848,7 @@ impl ManagerState {
             self.args.deployments.remote(),
         );
         tokio::spawn(async move {
-            while router.in_flight(&slot).unwrap_or(0) > 0 {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            router.drained(&slot).await;
             match (slot.split_once('/'), remote) {
                 (Some((node, local)), Some(remote)) => remote.stop(node, local),
                 (Some(_), None) => {}
