@@ -244,6 +244,9 @@ pub struct ClusterConfig {
     pub tls_ca: String,
     /// Serve the cluster port without TLS on an address other than loopback.
     pub allow_plaintext: bool,
+    /// A worker's name before its process id and suffix (empty: the host name); with TLS, a name
+    /// its certificate is valid for.
+    pub node_name: String,
 }
 
 /// The cookie of `config/default.toml`: fine on loopback, refused on any other address.

@@ -17,7 +17,7 @@ fn unique_name(hostname: &str) -> String {
     let host: String = hostname
         .chars()
         .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
                 c
             } else {
                 '-'
@@ -35,7 +35,19 @@ pub fn run(args: WorkerArgs, config: &Config) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         let hostname = sysinfo::System::host_name().unwrap_or_else(|| "worker".into());
-        let name = unique_name(&hostname);
+        let host = match config.cluster.node_name.as_str() {
+            "" => hostname.clone(),
+            n => n.to_string(),
+        };
+        // With TLS the head accepts only a name this node's certificate bears: say so here.
+        if let Some(tls) = config.cluster.tls() {
+            let skip = std::env::var("TESSERA_TEST_HOOKS").as_deref() == Ok("1")
+                && std::env::var("TESSERA_TEST_SKIP_NAME_CHECK").as_deref() == Ok("1");
+            if !skip {
+                tls.check_name(&host).map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+        }
+        let name = unique_name(&host);
         // A worker with no model of its own (`model.path` unset) serves the head's.
         let model = (!config.model.path.is_empty()).then(|| config.model_path());
         tracing::info!(node = %name, head = %args.join, model = ?model, "tessera worker: joining");

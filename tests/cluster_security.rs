@@ -340,12 +340,19 @@ fn mutual_tls_admits_only_workers_with_a_certificate_from_the_ca() {
     let silent: Vec<TcpStream> = (0..2)
         .map(|_| TcpStream::connect(("127.0.0.1", c.cluster)).unwrap())
         .collect();
-    let good = pki.node(&d.join("pki/good"), "worker");
+    let mut good = pki.node(&d.join("pki/good"), "worker");
+    // Its name starts with a name its certificate bears (`localhost`, not the machine's name).
+    good.push("cluster.node_name=\"localhost\"".into());
     let _w = c.worker("good", &refs(&good));
     c.wait(
         "the worker with a certificate",
         Duration::from_secs(60),
         || c.workers().len() == 1,
+    );
+    assert!(
+        c.workers()[0].starts_with("localhost-"),
+        "{:?}",
+        c.workers()
     );
     for s in &silent {
         s.set_nonblocking(true).unwrap();
@@ -362,6 +369,7 @@ fn mutual_tls_admits_only_workers_with_a_certificate_from_the_ca() {
     let other = Pki::new("someone else's CA");
     let mut bad = other.node(&d.join("pki/bad"), "worker");
     bad[2] = format!("cluster.tls_ca=\"{}\"", d.join("pki/good/ca.crt").display());
+    bad.push("cluster.node_name=\"localhost\"".into());
     let mut intruder = c.worker("intruder", &refs(&bad));
     // No TLS at all.
     let mut plain = c.worker("plain", &[]);
@@ -373,6 +381,42 @@ fn mutual_tls_admits_only_workers_with_a_certificate_from_the_ca() {
     assert_eq!(c.workers().len(), 1, "neither joined");
     let head_log = std::fs::read_to_string(d.join("head.log")).unwrap();
     assert!(head_log.contains("TLS handshake failed"), "{head_log}");
+
+    // A trusted certificate, a name it does not bear: the worker says so before it dials ...
+    let mut misnamed = c.worker(
+        "misnamed",
+        &refs(&[good.clone(), vec!["cluster.node_name=\"gpu-7\"".into()]].concat()),
+    );
+    let status = wait_exit(&mut misnamed, Duration::from_secs(60));
+    assert!(!status.success(), "{}", misnamed.log());
+    assert!(
+        misnamed.log().contains("not valid for `gpu-7`"),
+        "{}",
+        misnamed.log()
+    );
+    // ... and the head refuses one that claims it anyway (its own check skipped by a test hook).
+    let claims = [good, vec!["cluster.node_name=\"gpu-7\"".into()]].concat();
+    let _thief = c.worker_env(
+        "claims-a-name",
+        &refs(&claims),
+        &[
+            ("TESSERA_TEST_HOOKS", "1"),
+            ("TESSERA_TEST_SKIP_NAME_CHECK", "1"),
+        ],
+    );
+    c.wait(
+        "the head refusing the name",
+        Duration::from_secs(60),
+        || {
+            std::fs::read_to_string(d.join("head.log"))
+                .unwrap()
+                .contains("claims a name its certificate does not bear")
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(c.workers().len(), 1, "{:?}", c.workers());
+    let (status, r) = chat(&c);
+    assert_eq!(status, 200, "{r}");
 }
 
 /// Whether the server closes `s` within `within` (EOF or reset).

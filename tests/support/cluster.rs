@@ -75,9 +75,15 @@ impl Cluster {
     }
 
     pub fn spawn(&self, name: &str, args: &[String]) -> Proc {
+        self.spawn_env(name, args, &[])
+    }
+
+    /// Like [`Cluster::spawn`], with `env` set for the process.
+    pub fn spawn_env(&self, name: &str, args: &[String], env: &[(&str, &str)]) -> Proc {
         let log = self.dir.path().join(format!("{name}.log"));
         let child = Command::new(BIN)
             .args(args)
+            .envs(env.iter().copied())
             .env_remove("LD_LIBRARY_PATH")
             .env_remove("TESSERA_MODEL_PATH")
             .stdout(Stdio::null())
@@ -141,8 +147,17 @@ impl Cluster {
         self.worker_with(name, Some(&self.model), extra)
     }
 
+    /// A worker with `env` set for its process.
+    pub fn worker_env(&self, name: &str, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+        self.spawn_env(name, &self.worker_args(Some(&self.model), extra), env)
+    }
+
     /// A worker; `model: None` leaves `model.path` unset, so it loads the head's.
     pub fn worker_with(&self, name: &str, model: Option<&PathBuf>, extra: &[&str]) -> Proc {
+        self.spawn(name, &self.worker_args(model, extra))
+    }
+
+    fn worker_args(&self, model: Option<&PathBuf>, extra: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = vec![
             "--log-format".into(),
             "pretty".into(),
@@ -159,7 +174,7 @@ impl Cluster {
         for e in extra {
             args.extend(["--set".to_string(), e.to_string()]);
         }
-        self.spawn(name, &args)
+        args
     }
 
     pub fn get(&self, path: &str) -> Value {

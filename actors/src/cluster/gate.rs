@@ -33,6 +33,8 @@ pub struct GateConfig {
 /// A connection handed to the node server, until its session closes.
 struct Conn {
     authenticated: bool,
+    /// The client's certificate (mutual TLS), which the node name it claims must bear.
+    cert: Option<tokio_rustls::rustls::pki_types::CertificateDer<'static>>,
     /// A duplicate of the socket, to cut it if it does not authenticate in time.
     cut: Option<std::net::TcpStream>,
 }
@@ -47,6 +49,16 @@ impl Conns {
     /// Whether the session labelled `label` came through the gate.
     pub fn is_ours(&self, label: &str) -> bool {
         self.inner.lock().expect("conns").contains_key(label)
+    }
+
+    /// Whether the node named `node` may speak on `label`: any name without TLS; with it, a name
+    /// whose host part its certificate is valid for.
+    pub fn name_bound(&self, label: &str, node: &str) -> Result<(), String> {
+        let inner = self.inner.lock().expect("conns");
+        match inner.get(label).and_then(|c| c.cert.as_ref()) {
+            None => Ok(()),
+            Some(cert) => super::tls::valid_for(cert, super::tls::node_host(node)),
+        }
     }
 
     pub fn authenticated(&self, label: &str) {
@@ -185,6 +197,7 @@ async fn handshake(
         label.clone(),
         Conn {
             authenticated: false,
+            cert: None,
             cut: Some(cut),
         },
     );
@@ -195,11 +208,22 @@ async fn handshake(
             label: label.clone(),
         }),
         Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(sock)).await {
-            Ok(Ok(stream)) => Box::new(Held {
-                stream,
-                permit,
-                label: label.clone(),
-            }),
+            Ok(Ok(stream)) => {
+                let cert = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .map(|c| c.clone().into_owned());
+                if let Some(c) = conns.inner.lock().expect("conns").get_mut(&label) {
+                    c.cert = cert;
+                }
+                Box::new(Held {
+                    stream,
+                    permit,
+                    label: label.clone(),
+                })
+            }
             Ok(Err(e)) => {
                 conns.closed(&label);
                 tracing::warn!(%label, error = %e, "cluster: TLS handshake failed (a node without a certificate signed by cluster.tls_ca, or not speaking TLS)");

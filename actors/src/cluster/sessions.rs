@@ -186,6 +186,13 @@ impl NodeEventSubscription for SessionEvents {
     }
 
     fn node_session_authenticated(&self, ses: NodeServerSessionInformation) {
+        let peer = peer_of(&ses);
+        if let Err(why) = self.conns.name_bound(&ses.peer_addr, &peer) {
+            tracing::warn!(peer = %ses.peer_addr, node = %peer, %why, "cluster: a node claims a name its certificate does not bear; session stopped");
+            ses.actor
+                .stop(Some("node name not bound to its certificate".into()));
+            return;
+        }
         self.conns.authenticated(&ses.peer_addr);
         self.authenticated
             .lock()
@@ -193,7 +200,7 @@ impl NodeEventSubscription for SessionEvents {
             .insert(ses.node_id);
         let _ = self.head.cast(HeadMsg::SessionUp {
             id: ses.node_id,
-            peer: peer_of(&ses),
+            peer,
         });
     }
 

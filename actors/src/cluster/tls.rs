@@ -102,6 +102,39 @@ impl TlsFiles {
     }
 }
 
+/// The host part of a worker's node name (`HOST-PID-SUFFIX`, see `tessera worker`).
+pub fn node_host(node: &str) -> &str {
+    let mut parts = node.rsplitn(3, '-');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(_), Some(_), Some(host)) => host,
+        _ => node,
+    }
+}
+
+/// Whether `cert` (a node's end-entity certificate) is valid for `host` (a DNS name or an IP in
+/// its subject alternative names): the name a node may claim is bound to its certificate.
+pub fn valid_for(cert: &CertificateDer<'_>, host: &str) -> Result<(), String> {
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|e| format!("`{host}` is not a host name or address: {e}"))?;
+    let cert = webpki::EndEntityCert::try_from(cert).map_err(|e| format!("certificate: {e}"))?;
+    cert.verify_is_valid_for_subject_name(&name)
+        .map_err(|_| format!("the certificate is not valid for `{host}`"))
+}
+
+impl TlsFiles {
+    /// A worker's check of its own certificate before it joins: valid for `host`, the host part
+    /// of its node name (the head refuses a session whose name its certificate does not bear).
+    pub fn check_name(&self, host: &str) -> Result<(), String> {
+        let chain = certs(&self.cert, "cluster.tls_cert")?;
+        valid_for(&chain[0], host).map_err(|e| {
+            format!(
+                "cluster.tls_cert ({}): {e}; a worker's name is its cluster.node_name (else its host name), which must be a DNS name or address of its certificate",
+                self.cert.display()
+            )
+        })
+    }
+}
+
 /// Why a dial failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
@@ -162,4 +195,19 @@ pub async fn dial(
             is_server: false,
         })
         .map_err(|e| Unreachable(format!("cluster node server: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::node_host;
+
+    #[test]
+    fn the_host_part_of_a_node_name_is_what_its_certificate_must_bear() {
+        assert_eq!(node_host("localhost-4242-a1b2c3"), "localhost");
+        assert_eq!(
+            node_host("gpu-node-3.example-17-ffffff"),
+            "gpu-node-3.example"
+        );
+        assert_eq!(node_host("plain"), "plain");
+    }
 }
