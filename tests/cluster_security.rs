@@ -1,6 +1,7 @@
 //! The cluster port under attack, with real processes on loopback: a stranger's bare connections
 //! to a worker, a peer holding the cookie that speaks for another node (and sends garbage) or
-//! takes a live worker's name to receive its prompts, mutual
+//! takes a live worker's name to receive its prompts, a worker whose own model is not the head's
+//! (a member, never routed to as the default deployment), mutual
 //! TLS (a worker without a certificate from the CA is refused, one silent client blocks no
 //! join), and idle connections beyond the cap or past the handshake deadline.
 
@@ -268,10 +269,34 @@ fn a_peer_with_the_cookie_cannot_speak_for_another_node_nor_crash_the_head() {
     let (status, r) = chat(&c);
     assert_eq!(status, 200, "{r}");
     assert!(r["replica"].as_str().unwrap().starts_with(&victim), "{r}");
-    let _w2 = c.worker("second", &[&format!("cluster.cookie=\"{cookie}\"")]);
+    // It joins with a model of its own, not the head's: it is a member, but its replica is not
+    // taken for the default deployment's (the fingerprints differ), so no request goes there.
+    let other = support::tiny::write_model(&c.dir.path().join("other-model"), 99);
+    let _w2 = c.worker_with(
+        "second",
+        Some(&other),
+        &[&format!("cluster.cookie=\"{cookie}\"")],
+    );
     c.wait("a second worker", Duration::from_secs(60), || {
         c.workers().len() == 2
     });
+    c.wait("its replica refused", Duration::from_secs(60), || {
+        std::fs::read_to_string(c.dir.path().join("head.log"))
+            .unwrap()
+            .contains("not the default deployment's model")
+    });
+    let routed: Vec<String> = c.get("/cluster")["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(routed.iter().all(|r| r.starts_with(&victim)), "{routed:?}");
+    for _ in 0..4 {
+        let (status, r) = chat(&c);
+        assert_eq!(status, 200, "{r}");
+        assert!(r["replica"].as_str().unwrap().starts_with(&victim), "{r}");
+    }
 }
 
 /// A CA, and certificates it signs for `localhost` / 127.0.0.1 (server and client use).

@@ -37,7 +37,7 @@ pub enum InferenceMsg {
     },
     /// The model load this replica started when it began (off its mailbox, so a stop is taken at
     /// once, and off its supervisor's handler): its engine starts, or the replica fails.
-    Loaded(Box<Result<tessera_engine::loader::LoadedModel, String>>),
+    Loaded(Box<Result<(tessera_engine::loader::LoadedModel, Option<String>), String>>),
     Stats(RpcReplyPort<SchedulerStats>),
     /// Test hook: make the actor panic (only sent when test hooks are enabled).
     Crash,
@@ -112,14 +112,18 @@ impl Actor for InferenceActor {
                 if state.engine.is_some() {
                     return Ok(());
                 }
-                let loaded = (*loaded).map_err(|e| format!("replica {replica}: {e}"))?;
+                let (loaded, fingerprint) =
+                    (*loaded).map_err(|e| format!("replica {replica}: {e}"))?;
                 let args = &state.args;
                 args.router.set_model(
                     &replica,
                     args.generation,
-                    &loaded.name,
-                    &loaded.dtype,
-                    &loaded.weights,
+                    &crate::router::Loaded {
+                        model: loaded.name.clone(),
+                        dtype: loaded.dtype.clone(),
+                        weights: loaded.weights.clone(),
+                        fingerprint,
+                    },
                 );
                 state.engine = Some(Engine::start(
                     loaded.model,
@@ -167,7 +171,9 @@ impl Actor for InferenceActor {
 
 /// Loads the replica's model on its devices (a blocking call): on GPUs, the sizes are checked
 /// first, so that a model that cannot fit fails with them rather than deep inside the load.
-fn load(args: &InferenceArgs) -> Result<tessera_engine::loader::LoadedModel, String> {
+fn load(
+    args: &InferenceArgs,
+) -> Result<(tessera_engine::loader::LoadedModel, Option<String>), String> {
     let path = &args.model_path;
     device_memory_check(path, &args.devices, args.kind)?;
     test_hook_load_delay(path);
@@ -182,7 +188,12 @@ fn load(args: &InferenceArgs) -> Result<tessera_engine::loader::LoadedModel, Str
         seconds = started.elapsed().as_secs_f64(),
         "inference replica loaded its model"
     );
-    Ok(loaded)
+    let fingerprint = tessera_engine::fingerprint::of(path)
+        .map_err(
+            |e| tracing::warn!(replica = %args.name, error = %e, "cannot fingerprint the model"),
+        )
+        .ok();
+    Ok((loaded, fingerprint))
 }
 
 /// Test hook (with `TESSERA_TEST_HOOKS=1` only): `TESSERA_TEST_LOAD_DELAY=PART:MS` makes loads of

@@ -159,4 +159,7 @@ pub struct ReplicaInfo {
     /// The deployment it serves (requests choose by it).
     #[serde(default)]
     pub deployment: String,
+    /// Which weights it serves ([`tessera_engine::fingerprint`]), once loaded.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
 }

@@ -20,6 +20,15 @@ use crate::messages::{ChatWork, ReplicaInfo, ServeError, ServeErrorKind, StreamE
 /// Events buffered per stream before the replica waits for the client (flow control).
 pub const STREAM_BUFFER: usize = 64;
 
+/// What a replica loaded, for its router entry.
+#[derive(Debug, Clone, Default)]
+pub struct Loaded {
+    pub model: String,
+    pub dtype: String,
+    pub weights: String,
+    pub fingerprint: Option<String>,
+}
+
 /// A replica on another node, reached through the cluster (issue 6).
 pub trait RemoteReplica: Send + Sync {
     /// Sends `work` to the replica; its events arrive on `sink`. Fails when the node is gone.
@@ -260,16 +269,17 @@ impl Router {
     }
 
     /// Records what replica `name` (start `generation`) loaded: the model's name, its dtype (with
-    /// how it was chosen) and how its weights are held.
-    pub fn set_model(&self, name: &str, generation: u64, model: &str, dtype: &str, weights: &str) {
+    /// how it was chosen), how its weights are held, and their fingerprint.
+    pub fn set_model(&self, name: &str, generation: u64, loaded: &Loaded) {
         let mut slots = self.slots.write().expect("router");
         if let Some(slot) = slots
             .iter_mut()
             .find(|s| s.info.name == name && s.generation == generation)
         {
-            slot.info.model = Some(model.to_string());
-            slot.info.dtype = Some(dtype.to_string());
-            slot.info.weights = Some(weights.to_string());
+            slot.info.model = Some(loaded.model.clone());
+            slot.info.dtype = Some(loaded.dtype.clone());
+            slot.info.weights = Some(loaded.weights.clone());
+            slot.info.fingerprint = loaded.fingerprint.clone();
         }
     }
 
@@ -511,6 +521,7 @@ mod tests {
             dtype: None,
             weights: None,
             deployment: "d".into(),
+            fingerprint: None,
         }
     }
 
@@ -583,9 +594,13 @@ mod tests {
         let old = router.add_replica(replica_info("r0"));
         let new = router.add_replica(replica_info("r0"));
         assert_ne!(old, new);
-        router.set_model("r0", old, "stale", "f32", "x");
+        let loaded = |model: &str| Loaded {
+            model: model.into(),
+            ..Default::default()
+        };
+        router.set_model("r0", old, &loaded("stale"));
         assert_eq!(router.replicas()[0].model, None);
-        router.set_model("r0", new, "tiny", "f32", "x");
+        router.set_model("r0", new, &loaded("tiny"));
         assert_eq!(router.replicas()[0].model.as_deref(), Some("tiny"));
         router.set_actor("r0", old, None, ActorState::Failed);
         assert_eq!(router.replicas()[0].state, ActorState::Starting);

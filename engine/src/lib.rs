@@ -16,6 +16,7 @@ mod cpu;
 pub mod dequant;
 pub mod dequant_k;
 pub mod engine;
+pub mod fingerprint;
 pub mod footprint;
 pub mod gguf;
 pub mod gguf_writer;

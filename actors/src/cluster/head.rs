@@ -326,6 +326,8 @@ pub struct ClusterHeadState {
     sessions: Sessions,
     /// When a frame with a bad key was last logged (one line per few seconds).
     last_refusal: Option<Instant>,
+    /// The fingerprint of the head's model (taken at the first worker's report).
+    default_fingerprint: Option<String>,
 }
 
 pub struct ClusterHead;
@@ -347,6 +349,7 @@ impl Actor for ClusterHead {
             asked: HashMap::new(),
             sessions: Sessions::default(),
             last_refusal: None,
+            default_fingerprint: None,
         })
     }
 
@@ -555,10 +558,20 @@ impl ClusterHeadState {
         }
     }
 
-    /// Makes the router's replicas of `node` those of `replicas` that serve: new ones are added
-    /// (labelled with their deployment when the head has it, else the default one), ones that
-    /// stopped serving (draining, stopped, restarting) are removed, the others keep their load.
-    fn sync_replicas(&self, node: &str, agent: &ActorRef<WorkerInbox>, replicas: &[ReplicaInfo]) {
+    /// Makes the router's replicas of `node` those of `replicas` that serve and that the head
+    /// admits ([`admit`]): new ones are added, ones that stopped serving (draining, stopped,
+    /// restarting) are removed, the others keep their load.
+    fn sync_replicas(
+        &mut self,
+        node: &str,
+        agent: &ActorRef<WorkerInbox>,
+        replicas: &[ReplicaInfo],
+    ) {
+        if self.default_fingerprint.is_none() {
+            self.default_fingerprint = tessera_engine::fingerprint::of(&self.args.model_path)
+                .map_err(|e| tracing::warn!(error = %e, path = %self.args.model_path.display(), "cannot fingerprint the head's model"))
+                .ok();
+        }
         let args = &self.args;
         let serving: Vec<&ReplicaInfo> = replicas
             .iter()
@@ -585,11 +598,18 @@ impl ClusterHeadState {
             if known.contains(&name) {
                 continue;
             }
-            let deployment = args
-                .deployments
-                .get(&r.deployment)
-                .map(|d| d.name)
-                .unwrap_or_else(|| args.deployments.default_name());
+            let deployment = match admit(
+                node,
+                r,
+                &args.deployments,
+                self.default_fingerprint.as_deref(),
+            ) {
+                Ok(d) => d,
+                Err(why) => {
+                    tracing::warn!(%node, replica = %name, deployment = %r.deployment, %why, "a worker's replica is not routed");
+                    continue;
+                }
+            };
             tracing::info!(%node, replica = %name, %deployment, "a worker's replica serves");
             args.router.add_remote(
                 ReplicaInfo {
@@ -617,9 +637,9 @@ impl ClusterHeadState {
             tracing::warn!(%node, "registration from a worker whose agent is not visible yet; it will retry");
             return;
         };
-        let args = &self.args;
-        args.router.remove_node(&node);
+        self.args.router.remove_node(&node);
         self.sync_replicas(&node, &agent, &info.replicas);
+        let args = &self.args;
         args.directory.remove_node(&node);
         {
             let mut t = args.table.inner.lock().expect("cluster");
@@ -830,5 +850,79 @@ impl HeadCluster {
             head_port,
             watch,
         })
+    }
+}
+
+/// The deployment a worker's serving replica `r` may take requests for, or why none. A replica
+/// labelled with a deployment made at runtime serves it only where the head placed it; any other
+/// replica of the worker (its own, started with the node, labelled with its own model's name)
+/// serves the default deployment only when it holds the head's model (the same fingerprint).
+fn admit(
+    node: &str,
+    r: &ReplicaInfo,
+    deployments: &crate::deployments::Deployments,
+    default_fingerprint: Option<&str>,
+) -> Result<String, String> {
+    if let Some(d) = deployments.get(&r.deployment).filter(|d| !d.default) {
+        let name = format!("{node}/{}", r.name);
+        return if d.replicas.contains(&name) {
+            Ok(d.name)
+        } else {
+            Err(format!(
+                "deployment `{}` has no replica placed on {name} by this head",
+                r.deployment
+            ))
+        };
+    }
+    let default = deployments.default_name();
+    match (r.fingerprint.as_deref(), default_fingerprint) {
+        (Some(theirs), Some(ours)) if theirs == ours => Ok(default),
+        (Some(theirs), Some(ours)) => Err(format!(
+            "it serves {} (fingerprint {theirs}), not the default deployment's model (fingerprint {ours}); give the worker the head's model (or no model.path, to load the head's)",
+            r.model.as_deref().unwrap_or("another model"),
+        )),
+        (None, _) => Err("it reports no fingerprint of its model".into()),
+        (_, None) => Err("the head cannot fingerprint its own model".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::admit;
+    use crate::deployments::Deployments;
+    use crate::health::ActorState;
+    use crate::messages::ReplicaInfo;
+
+    fn reported(deployment: &str, fingerprint: Option<&str>) -> ReplicaInfo {
+        ReplicaInfo {
+            name: "inference-0".into(),
+            node: "w".into(),
+            devices: vec![],
+            tensor_parallel: 1,
+            state: ActorState::Running,
+            in_flight: 0,
+            adapters: vec![],
+            model: Some("other".into()),
+            dtype: None,
+            weights: None,
+            deployment: deployment.into(),
+            fingerprint: fingerprint.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_workers_own_replica_serves_the_default_only_with_the_heads_model() {
+        let d = Deployments::new("model");
+        // Its own label (its model's name) or the default's: the fingerprint decides.
+        for label in ["model", "its-own-model", ""] {
+            assert_eq!(
+                admit("w", &reported(label, Some("ab")), &d, Some("ab")),
+                Ok("model".into())
+            );
+            let e = admit("w", &reported(label, Some("cd")), &d, Some("ab")).unwrap_err();
+            assert!(e.contains("not the default deployment's model"), "{e}");
+            assert!(admit("w", &reported(label, None), &d, Some("ab")).is_err());
+            assert!(admit("w", &reported(label, Some("ab")), &d, None).is_err());
+        }
     }
 }

@@ -54,6 +54,7 @@ impl Slot {
             dtype: None,
             weights: None,
             deployment: deployment.to_string(),
+            fingerprint: None,
         }
     }
 
