@@ -42,7 +42,9 @@ fn deployments_are_created_served_deleted_and_restored() {
     support::tiny::write_model(&models_root.join("tiny2"), 11);
     std::fs::create_dir_all(models_root.join("not-a-model")).unwrap();
 
-    // The model given at start is the default deployment, on one of the two slots.
+    // The model given at start is the default deployment, on one of the two slots (its view is
+    // published on the manager's next tick after the replica loads).
+    wait_state(&head, "model", "ready");
     let (code, list) = head.get("/models");
     assert_eq!(code, 200, "{list}");
     let all = list["deployments"].as_array().unwrap();
