@@ -775,3 +775,51 @@ fn a_worker_refuses_paths_outside_its_own_roots() {
         "{r}"
     );
 }
+
+#[test]
+fn a_worker_refuses_a_replica_beyond_its_memory_and_the_head_says_why_without_a_loop() {
+    let _serial = serial();
+    let c = Cluster::new();
+    let models = c.dir.path().join("models");
+    let tiny2 = support::tiny::write_model(&models.join("tiny2"), 11);
+    let bytes = tessera_engine::footprint::weight_bytes(&tiny2, tch::Kind::Float).unwrap();
+    // The worker's own replica fits within its limit; a second copy does not.
+    let limit_mb = 1.5 * bytes as f64 / (1u64 << 20) as f64;
+    let _head = c.head_with(0, &[&format!("model.models_root=\"{}\"", models.display())]);
+    let _w = c.worker(
+        "worker",
+        &[
+            "resources.cpu_inference_slots=2",
+            "model.replicas=1",
+            &format!("resources.host_memory_limit_mb={limit_mb}"),
+        ],
+    );
+    c.wait("the worker", Duration::from_secs(60), || {
+        c.workers().len() == 1
+    });
+    let (status, d) = c.post("/models", &json!({"name": "more", "path": "tiny2"}));
+    assert_eq!(status, 202, "{d}");
+    c.wait("the refusal reported", Duration::from_secs(60), || {
+        c.get("/models/more")["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("refused"))
+    });
+    let d = c.get("/models/more");
+    assert_eq!(d["state"], "pending", "{d}");
+    let reason = d["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("resources.host_memory_limit_mb") && reason.contains("MiB"),
+        "{d}"
+    );
+    // Not asked again and again: one refusal within the back-off.
+    std::thread::sleep(Duration::from_secs(3));
+    let log = std::fs::read_to_string(c.dir.path().join("head.log")).unwrap();
+    assert_eq!(
+        log.matches("a worker refused a replica;").count(),
+        1,
+        "{log}"
+    );
+    // The worker serves on.
+    let (status, r) = c.post("/chat", &json!({"prompt": "hi", "max_tokens": 2}));
+    assert_eq!(status, 200, "{r}");
+}

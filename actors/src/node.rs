@@ -100,6 +100,11 @@ pub struct Node {
     pub directory: Directory,
     pub health: HealthBoard,
     supervisor: ActorRef<SupervisorMsg>,
+    /// `resources.host_memory_limit_mb` in bytes (checked by a worker's replica starts).
+    host_memory_limit: Option<u64>,
+    /// Host memory the weights of replicas on this node's CPU slots take, by slot (those started
+    /// with the node and those a head asked for).
+    host_held: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// The job database's lock, held while the node lives (a head only).
     _db_lock: Option<DbLock>,
 }
@@ -285,6 +290,7 @@ impl Node {
         // The default deployment's first replicas start with the node (so that it serves once
         // started); the deployment manager adopts them, and places the rest.
         let initial = default.initial_replicas().min(slots.len());
+        let mut host_held = std::collections::HashMap::new();
         for slot in &slots[..initial] {
             let generation =
                 router.add_replica(slot.replica_info(&config.node_name, &default.name));
@@ -298,6 +304,9 @@ impl Node {
                     generation,
                 )),
             ));
+            if let Some(n) = cpu_weight_bytes(slot, &config.model_path, config.kind) {
+                host_held.insert(slot.name.clone(), n);
+            }
         }
         if config.job_manager {
             // Listed from the start (the manager publishes its own view once it runs).
@@ -371,6 +380,8 @@ impl Node {
             directory,
             health,
             supervisor,
+            host_memory_limit: config.host_memory_limit,
+            host_held: std::sync::Mutex::new(host_held),
             _db_lock: db_lock,
         })
     }
@@ -403,26 +414,46 @@ impl Node {
         if self.router.in_flight(slot).is_some() {
             return Err(format!("inference slot `{slot}` is taken"));
         }
-        // On a CPU slot, the weights must fit in what the host has available (the head checks
+        // On a CPU slot, the weights must fit within `resources.host_memory_limit_mb` with those
+        // of this node's other replicas, and in what the host has available (the head checks
         // its own memory, not this node's).
-        if s.devices.iter().all(|d| matches!(d, Device::Cpu)) {
-            let kind = kind.unwrap_or(tch::Kind::Float);
-            if let Ok(need) = tessera_engine::footprint::weight_bytes(&path, kind) {
-                let mut sys = sysinfo::System::new();
-                sys.refresh_memory();
-                let available = sys.available_memory();
-                if available > 0 && need > available {
+        let need = cpu_weight_bytes(s, &path, kind);
+        if let Some(need) = need {
+            let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+            let held: u64 = self.host_held.lock().expect("host memory").values().sum();
+            if let Some(limit) = self.host_memory_limit {
+                if held + need > limit {
                     return Err(format!(
                         "a replica of {} needs {:.1} MiB of host memory for its weights; this \
-                         node has {:.1} MiB available",
+                         node's replicas hold {:.1} MiB of the {:.1} MiB that \
+                         resources.host_memory_limit_mb allows",
                         path.display(),
-                        need as f64 / (1u64 << 20) as f64,
-                        available as f64 / (1u64 << 20) as f64
+                        mib(need),
+                        mib(held),
+                        mib(limit)
                     ));
                 }
             }
+            let mut sys = sysinfo::System::new();
+            sys.refresh_memory();
+            let available = sys.available_memory();
+            if available > 0 && need > available {
+                return Err(format!(
+                    "a replica of {} needs {:.1} MiB of host memory for its weights; this node \
+                     has {:.1} MiB available",
+                    path.display(),
+                    mib(need),
+                    mib(available)
+                ));
+            }
         }
         tracing::info!(replica = %slot, %deployment, path = %path.display(), "starting a replica for the head");
+        if let Some(need) = need {
+            self.host_held
+                .lock()
+                .expect("host memory")
+                .insert(s.name.clone(), need);
+        }
         let generation = self
             .router
             .add_replica(s.replica_info(&self.name, deployment));
@@ -453,6 +484,7 @@ impl Node {
             )
             .await;
         self.router.remove_replica(slot);
+        self.host_held.lock().expect("host memory").remove(slot);
         tracing::info!(replica = %slot, "replica drained and stopped for the head");
     }
 
@@ -617,4 +649,13 @@ impl Node {
             .call(SupervisorMsg::Shutdown, Some(timeout))
             .await;
     }
+}
+
+/// Bytes the weights of a replica of `path` take on `slot` when it is a CPU slot (`None` on a GPU
+/// slot, or when the file cannot be sized: its load says why).
+fn cpu_weight_bytes(slot: &Slot, path: &std::path::Path, kind: Option<tch::Kind>) -> Option<u64> {
+    if !slot.devices.iter().all(|d| matches!(d, Device::Cpu)) {
+        return None;
+    }
+    tessera_engine::footprint::weight_bytes(path, kind.unwrap_or(tch::Kind::Float)).ok()
 }

@@ -510,6 +510,20 @@ impl ClusterHeadState {
                 }
             }
             ToHead::Leaving => self.evict(&node, "left the cluster", false),
+            ToHead::ReplicaRefused {
+                slot,
+                deployment,
+                why,
+            } => {
+                tracing::warn!(%node, replica = %slot, %deployment, %why, "a worker refused a replica");
+                if let Some(manager) = self.args.deployments.manager() {
+                    let _ = manager.cast(crate::deployments::DeploymentMsg::Refused {
+                        replica: format!("{node}/{slot}"),
+                        deployment,
+                        why,
+                    });
+                }
+            }
             ToHead::Replicas { replicas } => {
                 let agent = {
                     let mut t = self.args.table.inner.lock().expect("cluster");

@@ -81,6 +81,13 @@ pub enum ToHead {
     Replicas {
         replicas: Vec<ReplicaInfo>,
     },
+    /// It did not start the replica of `deployment` the head asked for on `slot`, and why (its
+    /// memory, its roots).
+    ReplicaRefused {
+        slot: String,
+        deployment: String,
+        why: String,
+    },
 }
 
 /// One message to the head: the sending node and the key the head gave that node's session. The

@@ -240,10 +240,21 @@ impl Actor for WorkerAgent {
                 path,
                 dtype,
             } => {
-                if let Err(e) = state.args.roots.model(&path) {
+                let refused = if let Err(e) = state.args.roots.model(&path) {
                     tracing::warn!(replica = %slot, %deployment, error = %e, "the head asked for a replica of a model outside this worker's roots; refused");
+                    Some(e.to_string())
                 } else if let Err(e) = node.start_replica(&slot, &deployment, path, dtype.kind()) {
                     tracing::warn!(replica = %slot, %deployment, error = %e, "the head asked for a replica that cannot start here");
+                    Some(e)
+                } else {
+                    None
+                };
+                if let Some(why) = refused {
+                    link.send(ToHead::ReplicaRefused {
+                        slot,
+                        deployment,
+                        why,
+                    });
                 }
             }
             ToWorker::StopReplica { slot } => {

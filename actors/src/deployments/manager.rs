@@ -29,6 +29,9 @@ use crate::tags::{self, Tags};
 /// How often the manager looks at load and replica states.
 const TICK: Duration = Duration::from_millis(200);
 
+/// How long a worker that refused a replica of a deployment gets no other one of it.
+const REFUSAL_BACKOFF: Duration = Duration::from_secs(60);
+
 /// An inference slot of the node (devices and engine settings), free or serving a deployment.
 #[derive(Clone)]
 pub struct Slot {
@@ -114,6 +117,12 @@ pub enum DeploymentMsg {
     Tick,
     /// A draining replica finished its requests and stopped: its slot is free.
     Drained(String),
+    /// A worker did not start `replica` (`node/slot`) of `deployment`, and why.
+    Refused {
+        replica: String,
+        deployment: String,
+        why: String,
+    },
 }
 
 impl ractor::Message for DeploymentMsg {}
@@ -142,6 +151,8 @@ struct Live {
     failure: Option<String>,
     /// Why not every wanted replica is placed.
     pending: Option<String>,
+    /// Workers that refused a replica of it lately: (node, when, why).
+    refused: Vec<(String, Instant, String)>,
     decider: Decider,
     /// Since when a replica is starting from zero for waiting requests.
     cold_since: Option<Instant>,
@@ -265,6 +276,7 @@ impl Live {
             failure: local_unfit.clone(),
             local_unfit,
             pending: None,
+            refused: Vec::new(),
             decider: Decider::default(),
             cold_since: None,
             stats,
@@ -353,6 +365,25 @@ impl Actor for DeploymentManager {
                 state.autoscale();
                 state.reconcile(&myself);
                 state.publish();
+            }
+            DeploymentMsg::Refused {
+                replica,
+                deployment,
+                why,
+            } => {
+                if let Some(l) = state
+                    .lives
+                    .iter_mut()
+                    .find(|l| l.spec.name == deployment && l.replicas.contains(&replica))
+                {
+                    l.replicas.retain(|r| *r != replica);
+                    let node = replica.split_once('/').map_or("", |(n, _)| n).to_string();
+                    tracing::warn!(%deployment, %replica, %why, backoff_s = REFUSAL_BACKOFF.as_secs(), "a worker refused a replica; placing it elsewhere");
+                    l.refused.retain(|(n, _, _)| *n != node);
+                    l.refused.push((node, Instant::now(), why));
+                    state.reconcile(&myself);
+                    state.publish();
+                }
             }
             DeploymentMsg::Drained(slot) => {
                 for l in &mut state.lives {
@@ -506,6 +537,12 @@ impl ManagerState {
         let tags_here = tags::satisfies(&self.args.tags, required);
         let here = tags_here && self.lives[i].local_unfit.is_none() && !self.args.slots.is_empty();
         // The model given at start runs on the head's slots (workers serve it with their own).
+        let refused = |node: &str| {
+            self.lives[i]
+                .refused
+                .iter()
+                .any(|(n, at, _)| n == node && at.elapsed() < REFUSAL_BACKOFF)
+        };
         let workers: Vec<&RemoteNode> = remote
             .iter()
             .filter(|n| !self.lives[i].default && tags::satisfies(&n.tags, required))
@@ -519,6 +556,7 @@ impl ManagerState {
             for (slot, devices) in &n.slots {
                 let name = format!("{}/{slot}", n.node);
                 if spec.tensor_parallel.is_some_and(|tp| tp != *devices)
+                    || refused(&n.node)
                     || n.busy.contains(slot)
                     || self.used(&name)
                 {
@@ -729,7 +767,18 @@ impl ManagerState {
                         if fatal && self.lives[i].replicas.is_empty() {
                             self.lives[i].failure = Some(why);
                         } else {
-                            self.lives[i].pending = Some(why);
+                            // Say why the workers that could have taken it did not.
+                            let refusals: Vec<String> = self.lives[i]
+                                .refused
+                                .iter()
+                                .filter(|(_, at, _)| at.elapsed() < REFUSAL_BACKOFF)
+                                .map(|(n, _, w)| format!("worker {n} refused one: {w}"))
+                                .collect();
+                            self.lives[i].pending = Some(if refusals.is_empty() {
+                                why
+                            } else {
+                                format!("{why}; {}", refusals.join("; "))
+                            });
                         }
                         break;
                     }
