@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorRef};
 use serde_json::json;
-use tessera_actors::directory::{Directory, TrainerEntry, TrainerRef};
+use tessera_actors::directory::{Directory, TrainerEntry};
 use tessera_actors::jobs::{
     Assignment, JobManager, JobManagerArgs, JobMsg, JobRecord, JobSpec, JobState, Priority,
     RunResult,
 };
-use tessera_actors::trainer::{TrainerActor, TrainerArgs, TrainerMsg};
+use tessera_actors::trainer::{LocalTrainer, TrainerActor, TrainerArgs, TrainerMsg};
 use tessera_engine::train::{Hyperparameters, TrainJob};
 
 fn hyperparameters(epochs: usize) -> Hyperparameters {
@@ -143,7 +143,8 @@ fn a_busy_trainer_does_not_spin_its_stale_job_is_fenced_and_stale_reports_are_ig
         directory.set_trainer(
             "trainer-0",
             Some(TrainerEntry {
-                actor: TrainerRef::Local(trainer.clone()),
+                actor: std::sync::Arc::new(LocalTrainer(trainer.clone())),
+                local: true,
                 node: "test".into(),
                 device: "Cpu".into(),
                 tags: Default::default(),

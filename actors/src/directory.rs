@@ -3,34 +3,36 @@
 //! manager and trainers read it.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use ractor::ActorRef;
 
 use crate::jobs::{Assignment, JobMsg};
 use crate::tags::Tags;
-use crate::trainer::TrainerMsg;
 
-/// A trainer on another node, reached through the cluster (issue 6).
-pub trait RemoteTrainer: Send + Sync {
+/// The job and attempt a trainer runs, when it answers.
+pub type CurrentFuture = Pin<Box<dyn Future<Output = Option<(String, u32)>> + Send>>;
+
+/// A trainer as the job manager reaches it: an actor of this node
+/// ([`crate::trainer::LocalTrainer`]) or a trainer of another node through the cluster
+/// (`cluster/head.rs`). The directory knows nothing else of either.
+pub trait Trainer: Send + Sync {
     fn run(&self, assignment: Assignment) -> Result<(), String>;
+    /// Stop the job after its current step; `checkpoint` saves the steps done first.
     fn cancel(&self, job_id: &str, checkpoint: bool);
     /// `attempt` of `job_id` is stale: stop it without writing anything.
     fn fence(&self, job_id: &str, attempt: u32);
-    /// The job and attempt it runs, as last reported.
-    fn current(&self) -> Option<(String, u32)>;
-}
-
-#[derive(Clone)]
-pub enum TrainerRef {
-    Local(ActorRef<TrainerMsg>),
-    Remote(Arc<dyn RemoteTrainer>),
+    /// The job and attempt it runs.
+    fn current(&self) -> CurrentFuture;
 }
 
 #[derive(Clone)]
 pub struct TrainerEntry {
-    pub actor: TrainerRef,
+    pub actor: Arc<dyn Trainer>,
+    /// It runs on this node (a worker takes jobs for its own trainers only).
+    pub local: bool,
     pub node: String,
     pub device: String,
     /// Its node's tags (jobs with `placement.tags` go only to trainers that satisfy them).
@@ -39,50 +41,20 @@ pub struct TrainerEntry {
 
 impl TrainerEntry {
     pub fn run(&self, assignment: Assignment) -> Result<(), String> {
-        match &self.actor {
-            TrainerRef::Local(a) => a
-                .cast(TrainerMsg::Run(Box::new(assignment)))
-                .map_err(|e| e.to_string()),
-            TrainerRef::Remote(r) => r.run(assignment),
-        }
+        self.actor.run(assignment)
     }
 
     pub fn cancel(&self, job_id: &str, checkpoint: bool) {
-        match &self.actor {
-            TrainerRef::Local(a) => {
-                let _ = a.cast(TrainerMsg::Cancel {
-                    job_id: job_id.to_string(),
-                    checkpoint,
-                });
-            }
-            TrainerRef::Remote(r) => r.cancel(job_id, checkpoint),
-        }
+        self.actor.cancel(job_id, checkpoint)
     }
 
     pub fn fence(&self, job_id: &str, attempt: u32) {
-        match &self.actor {
-            TrainerRef::Local(a) => {
-                let _ = a.cast(TrainerMsg::Fence {
-                    job_id: job_id.to_string(),
-                    attempt,
-                });
-            }
-            TrainerRef::Remote(r) => r.fence(job_id, attempt),
-        }
+        self.actor.fence(job_id, attempt)
     }
 
     /// The job and attempt it runs.
     pub async fn current(&self) -> Option<(String, u32)> {
-        match &self.actor {
-            TrainerRef::Local(a) => match a
-                .call(TrainerMsg::Current, Some(Duration::from_secs(2)))
-                .await
-            {
-                Ok(ractor::rpc::CallResult::Success(job)) => job,
-                _ => None,
-            },
-            TrainerRef::Remote(r) => r.current(),
-        }
+        self.actor.current().await
     }
 }
 
@@ -135,14 +107,14 @@ impl Directory {
     }
 
     /// Trainers of this node only (the worker side).
-    pub fn local_trainer(&self, name: &str) -> Option<ActorRef<TrainerMsg>> {
-        match self.inner.read().expect("directory").trainers.get(name) {
-            Some(TrainerEntry {
-                actor: TrainerRef::Local(a),
-                ..
-            }) => Some(a.clone()),
-            _ => None,
-        }
+    pub fn local_trainer(&self, name: &str) -> Option<TrainerEntry> {
+        self.inner
+            .read()
+            .expect("directory")
+            .trainers
+            .get(name)
+            .filter(|t| t.local)
+            .cloned()
     }
 
     pub fn set_trainer(&self, name: &str, entry: Option<TrainerEntry>) {

@@ -131,8 +131,12 @@ impl Actor for InferenceActor {
                     args.engine.clone(),
                 ));
                 // Only now does the router send it requests.
-                args.router
-                    .set_actor(&replica, args.generation, Some(myself), ActorState::Running);
+                args.router.set_actor(
+                    &replica,
+                    args.generation,
+                    Some(Arc::new(LocalReplica(myself))),
+                    ActorState::Running,
+                );
                 args.health
                     .set(&replica, "inference", ActorState::Running, None);
             }
@@ -166,6 +170,48 @@ impl Actor for InferenceActor {
             InferenceMsg::Crash => panic!("test hook: replica {replica} told to crash"),
         }
         Ok(())
+    }
+}
+
+/// The router's handle on an inference actor of this node.
+pub struct LocalReplica(pub ActorRef<InferenceMsg>);
+
+impl crate::router::Replica for LocalReplica {
+    fn generate(
+        &self,
+        work: ChatWork,
+        sink: mpsc::Sender<StreamEvent>,
+        lease: Lease,
+    ) -> Result<(), (Option<Box<ChatWork>>, String)> {
+        let msg = InferenceMsg::Generate {
+            work: Box::new(work),
+            sink,
+            lease,
+        };
+        match self.0.cast(msg) {
+            Ok(()) => Ok(()),
+            Err(ractor::MessagingErr::SendErr(InferenceMsg::Generate { work, .. })) => {
+                Err((Some(work), "its actor is gone".into()))
+            }
+            Err(e) => Err((None, e.to_string())),
+        }
+    }
+
+    fn stats(&self) -> Option<crate::router::StatsFuture> {
+        let actor = self.0.clone();
+        Some(Box::pin(async move {
+            match actor
+                .call(InferenceMsg::Stats, Some(std::time::Duration::from_secs(2)))
+                .await
+            {
+                Ok(ractor::rpc::CallResult::Success(s)) => Some(s),
+                _ => None,
+            }
+        }))
+    }
+
+    fn crash(&self) -> bool {
+        self.0.cast(InferenceMsg::Crash).is_ok()
     }
 }
 

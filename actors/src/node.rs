@@ -14,7 +14,6 @@ use crate::deployments::{
 };
 use crate::directory::Directory;
 use crate::health::HealthBoard;
-use crate::inference::InferenceMsg;
 use crate::inventory::{self, Device, Inventory};
 use crate::jobs::{
     DbLock, DbLockError, JobError, JobEvent, JobMsg, JobPage, JobQuery, JobRecord, JobSpec,
@@ -601,13 +600,11 @@ impl Node {
     pub async fn replica_stats(&self) -> Vec<(String, tessera_engine::scheduler::SchedulerStats)> {
         let mut out = Vec::new();
         for r in self.router.replicas() {
-            if let Some(actor) = self.router.actor(&r.name) {
-                if let Ok(ractor::rpc::CallResult::Success(s)) = actor
-                    .call(InferenceMsg::Stats, Some(Duration::from_secs(2)))
-                    .await
-                {
-                    out.push((r.name, s));
-                }
+            let Some(stats) = self.router.replica(&r.name).and_then(|x| x.stats()) else {
+                continue;
+            };
+            if let Some(s) = stats.await {
+                out.push((r.name, s));
             }
         }
         out
@@ -615,9 +612,7 @@ impl Node {
 
     /// Test hook: makes a replica's actor panic.
     pub fn crash_replica(&self, name: &str) -> bool {
-        self.router
-            .actor(name)
-            .is_some_and(|actor| actor.cast(InferenceMsg::Crash).is_ok())
+        self.router.replica(name).is_some_and(|r| r.crash())
     }
 
     /// Stops running jobs at a checkpoint (they resume on the next start), waits up to `grace`

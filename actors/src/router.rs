@@ -10,11 +10,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
-use ractor::ActorRef;
+use std::future::Future;
+use std::pin::Pin;
+
+use tessera_engine::scheduler::SchedulerStats;
 use tokio::sync::mpsc;
 
 use crate::health::ActorState;
-use crate::inference::InferenceMsg;
 use crate::messages::{ChatWork, ReplicaInfo, ServeError, ServeErrorKind, StreamEvent};
 
 /// Events buffered per stream before the replica waits for the client (flow control).
@@ -29,17 +31,32 @@ pub struct Loaded {
     pub fingerprint: Option<String>,
 }
 
-/// A replica on another node, reached through the cluster (issue 6).
-pub trait RemoteReplica: Send + Sync {
-    /// Sends `work` to the replica; its events arrive on `sink`. Fails when the node is gone.
-    fn generate(&self, work: ChatWork, sink: mpsc::Sender<StreamEvent>) -> Result<(), ServeError>;
-}
+/// A replica's scheduler figures, when it answers in time.
+pub type StatsFuture = Pin<Box<dyn Future<Output = Option<SchedulerStats>> + Send>>;
 
-/// How the router reaches a replica.
-#[derive(Clone)]
-pub enum ReplicaRef {
-    Local(ActorRef<InferenceMsg>),
-    Remote(Arc<dyn RemoteReplica>),
+/// A replica as the router reaches it: an inference actor of this node
+/// ([`crate::inference::LocalReplica`]) or a replica of another node through the cluster
+/// (`cluster/head.rs`). The router knows nothing else of either.
+pub trait Replica: Send + Sync {
+    /// Hands `work` to the replica: its events arrive on `sink`, and `lease` is held until the
+    /// generation ends there. When the replica is gone: why, and the work back when it can be
+    /// sent elsewhere.
+    fn generate(
+        &self,
+        work: ChatWork,
+        sink: mpsc::Sender<StreamEvent>,
+        lease: Lease,
+    ) -> Result<(), (Option<Box<ChatWork>>, String)>;
+
+    /// Its scheduler's figures (`None`: it has none to give, as a replica of another node).
+    fn stats(&self) -> Option<StatsFuture> {
+        None
+    }
+
+    /// Test hook: makes it fail; false when it cannot.
+    fn crash(&self) -> bool {
+        false
+    }
 }
 
 /// One replica as the router knows it.
@@ -48,7 +65,7 @@ struct Slot {
     /// Which start of the replica this entry is: an actor of an older start (stopped late, or
     /// finishing a load after it was scaled down) cannot touch the entry of a newer one.
     generation: u64,
-    actor: Option<ReplicaRef>,
+    actor: Option<Arc<dyn Replica>>,
     in_flight: Arc<InFlight>,
     /// Most recently used last; bounded by `adapter_memory`.
     adapters: Vec<PathBuf>,
@@ -220,21 +237,17 @@ impl Router {
         &self,
         name: &str,
         generation: u64,
-        actor: Option<ActorRef<InferenceMsg>>,
+        actor: Option<Arc<dyn Replica>>,
         state: ActorState,
     ) {
-        self.set_ref_where(name, Some(generation), actor.map(ReplicaRef::Local), state)
-    }
-
-    pub fn set_ref(&self, name: &str, actor: Option<ReplicaRef>, state: ActorState) {
-        self.set_ref_where(name, None, actor, state)
+        self.set_ref_where(name, Some(generation), actor, state)
     }
 
     fn set_ref_where(
         &self,
         name: &str,
         generation: Option<u64>,
-        actor: Option<ReplicaRef>,
+        actor: Option<Arc<dyn Replica>>,
         state: ActorState,
     ) {
         let mut slots = self.slots.write().expect("router");
@@ -254,10 +267,10 @@ impl Router {
     }
 
     /// Adds (or replaces) a serving replica of another node.
-    pub fn add_remote(&self, info: ReplicaInfo, remote: Arc<dyn RemoteReplica>) {
+    pub fn add_remote(&self, info: ReplicaInfo, remote: Arc<dyn Replica>) {
         let name = info.name.clone();
         self.add_replica(info);
-        self.set_ref(&name, Some(ReplicaRef::Remote(remote)), ActorState::Running);
+        self.set_ref_where(&name, None, Some(remote), ActorState::Running);
     }
 
     /// Forgets every replica of `node` (it left or was evicted).
@@ -296,17 +309,14 @@ impl Router {
             .collect()
     }
 
-    /// The actor of a serving replica.
-    pub fn actor(&self, name: &str) -> Option<ActorRef<InferenceMsg>> {
+    /// A serving replica.
+    pub fn replica(&self, name: &str) -> Option<Arc<dyn Replica>> {
         self.slots
             .read()
             .expect("router")
             .iter()
             .find(|s| s.info.name == name)
-            .and_then(|s| match &s.actor {
-                Some(ReplicaRef::Local(a)) => Some(a.clone()),
-                _ => None,
-            })
+            .and_then(|s| s.actor.clone())
     }
 
     /// The served base model's name, once a replica has loaded it.
@@ -420,35 +430,16 @@ impl Router {
             };
             let (sink, events) = mpsc::channel(STREAM_BUFFER);
             let w = work.take().expect("work");
-            let failed = match actor {
-                ReplicaRef::Local(actor) => match actor.cast(InferenceMsg::Generate {
-                    work: Box::new(w),
-                    sink,
-                    lease: lease.clone(),
-                }) {
-                    Ok(()) => None,
-                    Err(e) => {
-                        let ractor::MessagingErr::SendErr(InferenceMsg::Generate {
-                            work: w, ..
-                        }) = e
-                        else {
-                            return Err(ServeError::unavailable(format!("replica {name}: {e}")));
-                        };
-                        Some((*w, "its actor is gone".to_string()))
-                    }
-                },
-                ReplicaRef::Remote(remote) => match remote.generate(w.clone(), sink) {
-                    Ok(()) => None,
-                    Err(e) => Some((w, e.message)),
-                },
-            };
-            match failed {
-                None => return Ok(Dispatched { events, lease }),
-                Some((w, why)) => {
+            match actor.generate(w, sink, lease.clone()) {
+                Ok(()) => return Ok(Dispatched { events, lease }),
+                Err((Some(w), why)) => {
                     // The replica died between the table update and now: try another.
                     tracing::warn!(replica = %name, %why, "replica unreachable; trying another");
-                    work = Some(w);
+                    work = Some(*w);
                     tried.push(name);
+                }
+                Err((None, why)) => {
+                    return Err(ServeError::unavailable(format!("replica {name}: {why}")))
                 }
             }
         }
@@ -498,12 +489,13 @@ mod tests {
 
     struct Accepting;
 
-    impl RemoteReplica for Accepting {
+    impl Replica for Accepting {
         fn generate(
             &self,
             _work: ChatWork,
             _sink: mpsc::Sender<StreamEvent>,
-        ) -> Result<(), ServeError> {
+            _lease: Lease,
+        ) -> Result<(), (Option<Box<ChatWork>>, String)> {
             Ok(())
         }
     }

@@ -9,13 +9,13 @@ use std::time::Instant;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use crate::deployments::{DeploymentManager, DeploymentManagerArgs};
-use crate::directory::{Directory, TrainerEntry, TrainerRef};
+use crate::directory::{Directory, TrainerEntry};
 use crate::health::{ActorState, HealthBoard};
 use crate::inference::{InferenceActor, InferenceArgs};
 use crate::jobs::{JobManager, JobManagerArgs, JobMsg};
 use crate::restart_policy::{Decision, RestartPolicy, RestartTracker};
 use crate::router::Router;
-use crate::trainer::{TrainerActor, TrainerArgs};
+use crate::trainer::{LocalTrainer, TrainerActor, TrainerArgs};
 
 /// The actor a supervision event says went down, and why; `None` for other events.
 pub(crate) fn went_down(event: SupervisionEvent) -> Option<(ActorCell, String)> {
@@ -316,7 +316,8 @@ impl SupervisorState {
                         self.directory.set_trainer(
                             name,
                             Some(TrainerEntry {
-                                actor: TrainerRef::Local(actor.clone()),
+                                actor: std::sync::Arc::new(LocalTrainer(actor.clone())),
+                                local: true,
                                 node: entry_node,
                                 device: format!("{device:?}"),
                                 tags,

@@ -15,6 +15,44 @@ use crate::directory::Directory;
 use crate::health::now_s;
 use crate::jobs::{Assignment, JobMsg, ProgressPoint, RunResult};
 
+/// The directory's handle on a trainer actor of this node.
+pub struct LocalTrainer(pub ActorRef<TrainerMsg>);
+
+impl crate::directory::Trainer for LocalTrainer {
+    fn run(&self, assignment: Assignment) -> Result<(), String> {
+        self.0
+            .cast(TrainerMsg::Run(Box::new(assignment)))
+            .map_err(|e| e.to_string())
+    }
+
+    fn cancel(&self, job_id: &str, checkpoint: bool) {
+        let _ = self.0.cast(TrainerMsg::Cancel {
+            job_id: job_id.to_string(),
+            checkpoint,
+        });
+    }
+
+    fn fence(&self, job_id: &str, attempt: u32) {
+        let _ = self.0.cast(TrainerMsg::Fence {
+            job_id: job_id.to_string(),
+            attempt,
+        });
+    }
+
+    fn current(&self) -> crate::directory::CurrentFuture {
+        let actor = self.0.clone();
+        Box::pin(async move {
+            match actor
+                .call(TrainerMsg::Current, Some(std::time::Duration::from_secs(2)))
+                .await
+            {
+                Ok(ractor::rpc::CallResult::Success(job)) => job,
+                _ => None,
+            }
+        })
+    }
+}
+
 pub enum TrainerMsg {
     Run(Box<Assignment>),
     /// Stop the job after its current step; `checkpoint` saves the steps done first.

@@ -23,11 +23,11 @@ use super::tls::TlsFiles;
 use super::wire::{
     HeadFrame, HeadInbox, ToHead, ToWorker, WorkerInbox, WorkerInfo, CREDIT_BATCH, STREAM_WINDOW,
 };
-use crate::directory::{Directory, RemoteTrainer, TrainerEntry, TrainerRef};
+use crate::directory::{CurrentFuture, Directory, Trainer, TrainerEntry};
 use crate::health::{now_s, ActorState, HealthBoard};
 use crate::jobs::{Assignment, JobMsg};
-use crate::messages::{ChatWork, ReplicaInfo, ServeError, StreamEvent};
-use crate::router::{RemoteReplica, Router};
+use crate::messages::{ChatWork, ReplicaInfo, StreamEvent};
+use crate::router::{Lease, Replica, Router};
 
 /// A joined worker, for `/cluster`.
 #[derive(Debug, Clone, Serialize)]
@@ -86,8 +86,13 @@ struct RemoteReplicaHandle {
     table: ClusterTable,
 }
 
-impl RemoteReplica for RemoteReplicaHandle {
-    fn generate(&self, work: ChatWork, sink: mpsc::Sender<StreamEvent>) -> Result<(), ServeError> {
+impl Replica for RemoteReplicaHandle {
+    fn generate(
+        &self,
+        work: ChatWork,
+        sink: mpsc::Sender<StreamEvent>,
+        lease: Lease,
+    ) -> Result<(), (Option<Box<ChatWork>>, String)> {
         let request_id = work.request_id.clone();
         let (tx, mut rx) = mpsc::channel::<StreamEvent>(STREAM_WINDOW as usize + 1);
         self.table
@@ -106,7 +111,14 @@ impl RemoteReplica for RemoteReplicaHandle {
                 .expect("cluster")
                 .streams
                 .remove(&request_id);
-            return Err(ServeError::unavailable(format!("node {}: {e}", self.node)));
+            let why = format!("node {}: {e}", self.node);
+            return Err(match e {
+                ractor::MessagingErr::SendErr(WorkerInbox::Frame(ToWorker::Generate {
+                    work,
+                    ..
+                })) => (Some(work), why),
+                _ => (None, why),
+            });
         }
         // Events arrive from the worker into `tx`; this task hands them to the client's bounded
         // channel and tells the worker to stop when the client is gone.
@@ -114,6 +126,8 @@ impl RemoteReplica for RemoteReplicaHandle {
         let table = self.table.clone();
         let node = self.node.clone();
         tokio::spawn(async move {
+            // The request counts as load on this replica until its stream ends here.
+            let _lease = lease;
             let mut delivered = 0;
             while let Some(mut event) = rx.recv().await {
                 if let StreamEvent::Started { replica, .. } = &mut event {
@@ -160,7 +174,7 @@ impl RemoteTrainerHandle {
     }
 }
 
-impl RemoteTrainer for RemoteTrainerHandle {
+impl Trainer for RemoteTrainerHandle {
     fn run(&self, assignment: Assignment) -> Result<(), String> {
         // Recorded before the cast: the worker's report must find it.
         let job = (assignment.job_id.clone(), assignment.attempt);
@@ -204,15 +218,18 @@ impl RemoteTrainer for RemoteTrainerHandle {
         }));
     }
 
-    fn current(&self) -> Option<(String, u32)> {
-        self.table
+    /// As the worker last reported it.
+    fn current(&self) -> CurrentFuture {
+        let job = self
+            .table
             .inner
             .lock()
             .expect("cluster")
             .trainer_jobs
             .get(&self.key())
             .cloned()
-            .flatten()
+            .flatten();
+        Box::pin(std::future::ready(job))
     }
 }
 
@@ -670,12 +687,13 @@ impl ClusterHeadState {
             args.directory.set_trainer(
                 &format!("{node}/{trainer}"),
                 Some(TrainerEntry {
-                    actor: TrainerRef::Remote(Arc::new(RemoteTrainerHandle {
+                    local: false,
+                    actor: Arc::new(RemoteTrainerHandle {
                         node: node.clone(),
                         trainer: trainer.clone(),
                         agent: agent.clone(),
                         table: args.table.clone(),
-                    })),
+                    }),
                     node: node.clone(),
                     device: device.clone(),
                     tags: info.tags.clone(),

@@ -26,7 +26,6 @@ use crate::health::{ActorState, HealthBoard};
 use crate::jobs::JobMsg;
 use crate::messages::StreamEvent;
 use crate::node::Node;
-use crate::trainer::TrainerMsg;
 
 fn head() -> Option<ActorRef<HeadInbox>> {
     ractor::pg::get_members(&HEAD_GROUP.to_string())
@@ -347,7 +346,7 @@ impl Actor for WorkerAgent {
                         });
                     }
                     (Ok(()), Some(t)) if !link.leaving() => {
-                        let _ = t.cast(TrainerMsg::Run(assignment));
+                        let _ = t.run(*assignment);
                     }
                     (_, found) => {
                         let reason = if found.is_some() {
@@ -371,10 +370,10 @@ impl Actor for WorkerAgent {
                 stale_attempt,
             } => {
                 if let Some(t) = node.directory.local_trainer(&trainer) {
-                    let _ = t.cast(match stale_attempt {
-                        Some(attempt) => TrainerMsg::Fence { job_id, attempt },
-                        None => TrainerMsg::Cancel { job_id, checkpoint },
-                    });
+                    match stale_attempt {
+                        Some(attempt) => t.fence(&job_id, attempt),
+                        None => t.cancel(&job_id, checkpoint),
+                    }
                 }
             }
             ToWorker::Evicted => {
