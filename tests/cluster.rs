@@ -198,8 +198,12 @@ fn a_stopped_worker_is_evicted_and_rejoins_when_continued() {
     let (status, r) = chat(&c);
     assert_eq!(status, 200, "{r}");
     assert_eq!(r["replica"], "inference-0");
-    let (status, _) = c.delete(&format!("/jobs/{local}"));
-    assert_eq!(status, 200);
+    // Cancelled to free the head's trainer (on a fast run it may have ended already: 409).
+    let (status, r) = c.delete(&format!("/jobs/{local}"));
+    assert!(
+        status == 200 || (status == 409 && c.job(&local)["status"] == "succeeded"),
+        "{status} {r}"
+    );
     // The worker's job runs again on the head as attempt 2, while attempt 1 is only paused.
     c.wait("attempt 2 on the head", Duration::from_secs(120), || {
         let j = c.job(&moved);

@@ -6,6 +6,7 @@
 //! is seen at once from its closed session; a hung or stopped one by the heartbeat).
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -343,8 +344,6 @@ pub struct ClusterHeadState {
     sessions: Sessions,
     /// When a frame with a bad key was last logged (one line per few seconds).
     last_refusal: Option<Instant>,
-    /// The fingerprint of the head's model (taken at the first worker's report).
-    default_fingerprint: Option<String>,
 }
 
 pub struct ClusterHead;
@@ -366,7 +365,6 @@ impl Actor for ClusterHead {
             asked: HashMap::new(),
             sessions: Sessions::default(),
             last_refusal: None,
-            default_fingerprint: None,
         })
     }
 
@@ -598,11 +596,6 @@ impl ClusterHeadState {
         agent: &ActorRef<WorkerInbox>,
         replicas: &[ReplicaInfo],
     ) {
-        if self.default_fingerprint.is_none() {
-            self.default_fingerprint = tessera_engine::fingerprint::of(&self.args.model_path)
-                .map_err(|e| tracing::warn!(error = %e, path = %self.args.model_path.display(), "cannot fingerprint the head's model"))
-                .ok();
-        }
         let args = &self.args;
         let serving: Vec<&ReplicaInfo> = replicas
             .iter()
@@ -629,12 +622,8 @@ impl ClusterHeadState {
             if known.contains(&name) {
                 continue;
             }
-            let deployment = match admit(
-                node,
-                r,
-                &args.deployments,
-                self.default_fingerprint.as_deref(),
-            ) {
+            let deployment = match admit(node, r, &args.deployments, &args.model_path, &fingerprint)
+            {
                 Ok(d) => d,
                 Err(why) => {
                     tracing::warn!(%node, replica = %name, deployment = %r.deployment, %why, "a worker's replica is not routed");
@@ -885,41 +874,60 @@ impl HeadCluster {
     }
 }
 
+/// The fingerprint of the model at `path` (taken anew at each use: the file may have changed).
+fn fingerprint(path: &Path) -> Option<String> {
+    tessera_engine::fingerprint::of(path)
+        .map_err(
+            |e| tracing::warn!(error = %e, path = %path.display(), "cannot fingerprint a model"),
+        )
+        .ok()
+}
+
 /// The deployment a worker's serving replica `r` may take requests for, or why none. A replica
-/// labelled with a deployment made at runtime serves it only where the head placed it; any other
-/// replica of the worker (its own, started with the node, labelled with its own model's name)
-/// serves the default deployment only when it holds the head's model (the same fingerprint).
+/// labelled with a deployment made at runtime serves it where the head placed it, or (one started
+/// for this head before it restarted) when it holds that deployment's model; any other replica of
+/// the worker (its own, started with the node, labelled with its own model's name) serves the
+/// default deployment only when it holds the head's model (`default_model`). Models are compared
+/// by `fingerprint`.
 fn admit(
     node: &str,
     r: &ReplicaInfo,
     deployments: &crate::deployments::Deployments,
-    default_fingerprint: Option<&str>,
+    default_model: &Path,
+    fingerprint: &dyn Fn(&Path) -> Option<String>,
 ) -> Result<String, String> {
-    if let Some(d) = deployments.get(&r.deployment).filter(|d| !d.default) {
-        let name = format!("{node}/{}", r.name);
-        return if d.replicas.contains(&name) {
-            Ok(d.name)
-        } else {
-            Err(format!(
-                "deployment `{}` has no replica placed on {name} by this head",
-                r.deployment
-            ))
-        };
-    }
-    let default = deployments.default_name();
-    match (r.fingerprint.as_deref(), default_fingerprint) {
-        (Some(theirs), Some(ours)) if theirs == ours => Ok(default),
+    let same = |path: &Path, what: &str| match (r.fingerprint.as_deref(), fingerprint(path)) {
+        (Some(theirs), Some(ours)) if theirs == ours => Ok(()),
         (Some(theirs), Some(ours)) => Err(format!(
-            "it serves {} (fingerprint {theirs}), not the default deployment's model (fingerprint {ours}); give the worker the head's model (or no model.path, to load the head's)",
+            "it serves {} (fingerprint {theirs}), not {what} (fingerprint {ours})",
             r.model.as_deref().unwrap_or("another model"),
         )),
-        (None, _) => Err("it reports no fingerprint of its model".into()),
-        (_, None) => Err("the head cannot fingerprint its own model".into()),
+        (None, _) => Err("it reports no fingerprint of its model".to_string()),
+        (_, None) => Err(format!("the head cannot fingerprint {what}")),
+    };
+    if let Some(d) = deployments.get(&r.deployment).filter(|d| !d.default) {
+        let name = format!("{node}/{}", r.name);
+        if d.replicas.contains(&name) {
+            return Ok(d.name);
+        }
+        return same(
+            &d.spec.path,
+            &format!("the model of deployment `{}`", d.name),
+        )
+        .map(|()| d.name.clone())
+        .map_err(|e| format!("this head did not place it, and {e}"));
     }
+    same(default_model, "the default deployment's model")
+        .map(|()| deployments.default_name())
+        .map_err(|e| {
+            format!("{e}; give the worker the head's model (or no model.path, to load the head's)")
+        })
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::admit;
     use crate::deployments::Deployments;
     use crate::health::ActorState;
@@ -945,16 +953,46 @@ mod tests {
     #[test]
     fn a_workers_own_replica_serves_the_default_only_with_the_heads_model() {
         let d = Deployments::new("model");
+        let head_model = Path::new("/models/head");
+        let known = |p: &Path| (p == head_model).then(|| "ab".to_string());
+        let unknown = |_: &Path| None;
         // Its own label (its model's name) or the default's: the fingerprint decides.
         for label in ["model", "its-own-model", ""] {
-            assert_eq!(
-                admit("w", &reported(label, Some("ab")), &d, Some("ab")),
-                Ok("model".into())
-            );
-            let e = admit("w", &reported(label, Some("cd")), &d, Some("ab")).unwrap_err();
+            let admitted = admit("w", &reported(label, Some("ab")), &d, head_model, &known);
+            assert_eq!(admitted, Ok("model".into()));
+            let e = admit("w", &reported(label, Some("cd")), &d, head_model, &known).unwrap_err();
             assert!(e.contains("not the default deployment's model"), "{e}");
-            assert!(admit("w", &reported(label, None), &d, Some("ab")).is_err());
-            assert!(admit("w", &reported(label, Some("ab")), &d, None).is_err());
+            assert!(admit("w", &reported(label, None), &d, head_model, &known).is_err());
+            assert!(admit("w", &reported(label, Some("ab")), &d, head_model, &unknown).is_err());
         }
+    }
+
+    #[test]
+    fn a_replica_of_a_runtime_deployment_serves_where_placed_or_with_its_model() {
+        let d = Deployments::new("model");
+        let view = serde_json::json!({
+            "name": "pool",
+            "spec": {"name": "pool", "path": "/models/pool", "replicas": 1, "min_replicas": 1,
+                     "max_replicas": 1},
+            "state": "ready", "reason": null, "default": false, "replicas": ["w/inference-1"],
+            "target_replicas": 1, "model": null, "autoscaler": null, "created_at": 0.0
+        });
+        d.publish(vec![serde_json::from_value(view).unwrap()]);
+        let pool = |p: &Path| (p == Path::new("/models/pool")).then(|| "ef".to_string());
+        let head_model = Path::new("/models/head");
+        let mut placed = reported("pool", Some("00"));
+        placed.name = "inference-1".into();
+        assert_eq!(
+            admit("w", &placed, &d, head_model, &pool),
+            Ok("pool".into())
+        );
+        // Not placed by this head (started for it before a restart): its model decides.
+        let other_slot = reported("pool", Some("ef"));
+        assert_eq!(
+            admit("w", &other_slot, &d, head_model, &pool),
+            Ok("pool".into())
+        );
+        let e = admit("w", &reported("pool", Some("00")), &d, head_model, &pool).unwrap_err();
+        assert!(e.contains("did not place it"), "{e}");
     }
 }
