@@ -97,8 +97,16 @@ fn lora_trains_on_the_packed_base_as_on_the_dequantised_one_and_serves_on_both_p
     );
     // The same steps up to rounding: the packed base's projections dequantise to the dequantised
     // base's values exactly, but its Q8_0 head is read by blocks of rows (never whole in float),
-    // so the head's gradient sums in another order. The first step's loss is the same bit for bit.
-    assert_eq!(packed_losses[0], dense_losses[0], "the first loss");
+    // so the head's gradient sums in another order. The first step's loss agrees to float32's
+    // last bits: bit for bit on AVX2 machines, within 2e-7 relative on an AMX Xeon, whose GEMM
+    // blocks the head's row blocks differently from the whole head.
+    let first = (packed_losses[0] - dense_losses[0]).abs();
+    assert!(
+        first <= 1e-6 * dense_losses[0].abs(),
+        "the first loss: {} against {}",
+        packed_losses[0],
+        dense_losses[0]
+    );
     for (p, d) in packed_losses.iter().zip(&dense_losses) {
         assert!(
             (p - d).abs() <= 1e-5 * d.abs(),
