@@ -9,7 +9,8 @@ use std::sync::{Arc, RwLock};
 
 use ractor::ActorRef;
 
-use crate::jobs::{Assignment, JobMsg};
+use crate::jobs::messages::JobMsg;
+use crate::jobs::Assignment;
 use crate::tags::Tags;
 
 /// The job and attempt a trainer runs, when it answers.

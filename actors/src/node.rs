@@ -343,7 +343,7 @@ impl Node {
                     default,
                     max: config.max_deployments,
                     host_memory_limit: config.host_memory_limit,
-                    supervisor: None,
+                    host: None,
                 })),
             ));
         }

@@ -58,6 +58,25 @@ impl ChildSpec {
     }
 }
 
+impl crate::deployments::ReplicaHost for ActorRef<SupervisorMsg> {
+    fn start(&self, name: String, args: InferenceArgs) -> Result<(), String> {
+        self.cast(SupervisorMsg::Add(name, ChildSpec::Inference(args)))
+            .map_err(|e| format!("the node's supervisor: {e}"))
+    }
+
+    fn stop(
+        &self,
+        name: String,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        let supervisor = self.clone();
+        Box::pin(async move {
+            let _ = supervisor
+                .call(|reply| SupervisorMsg::Remove(name, reply), None)
+                .await;
+        })
+    }
+}
+
 pub enum SupervisorMsg {
     Restart(String),
     /// Starts a new child (a replica scaled up) and supervises it like the others.
@@ -331,7 +350,7 @@ impl SupervisorState {
                     .map_err(|e| e.to_string())
             }
             ChildSpec::Deployments(mut args) => {
-                args.supervisor = Some(myself.clone());
+                args.host = Some(std::sync::Arc::new(myself.clone()));
                 let deployments = args.deployments.clone();
                 DeploymentManager::spawn_linked(None, DeploymentManager, *args, supervisor)
                     .await

@@ -8,6 +8,7 @@
 pub mod confine;
 pub mod gate;
 pub mod head;
+pub mod head_msg;
 pub mod sessions;
 pub mod supervision;
 pub mod tls;

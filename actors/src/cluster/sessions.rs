@@ -12,7 +12,7 @@ use ractor_cluster::node::NodeServerSessionInformation;
 use ractor_cluster::NodeEventSubscription;
 
 use super::gate::Conns;
-use super::head::HeadMsg;
+use super::head_msg::HeadMsg;
 use super::wire::{worker_group, HeadInbox, WorkerInbox, HEAD_GROUP};
 
 /// Authenticated sessions and the keys handed to them.

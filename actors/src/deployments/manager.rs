@@ -15,7 +15,7 @@ use tessera_engine::EngineConfig;
 
 use super::{
     DeploymentError, DeploymentSpec, DeploymentState, DeploymentStore, DeploymentView, Deployments,
-    RemoteNode,
+    RemoteNode, ReplicaHost,
 };
 use crate::autoscaler::{self, AutoscalerStats, Decider, Scale};
 use crate::health::{ActorState, HealthBoard};
@@ -23,7 +23,6 @@ use crate::inference::InferenceArgs;
 use crate::inventory::Device;
 use crate::messages::ReplicaInfo;
 use crate::router::Router;
-use crate::supervisor::{ChildSpec, SupervisorMsg};
 use crate::tags::{self, Tags};
 
 /// How often the manager looks at load and replica states.
@@ -101,8 +100,9 @@ pub struct DeploymentManagerArgs {
     /// Bytes the weights of this node's CPU replicas may hold together
     /// (`resources.host_memory_limit_mb`; `None`: no limit but the host's available memory).
     pub host_memory_limit: Option<u64>,
-    /// Set by the supervisor when it starts the manager.
-    pub supervisor: Option<ActorRef<SupervisorMsg>>,
+    /// Where it starts and stops this node's replicas: set by the node's supervisor when it
+    /// starts the manager.
+    pub host: Option<std::sync::Arc<dyn ReplicaHost>>,
 }
 
 pub enum DeploymentMsg {
@@ -161,7 +161,7 @@ struct Live {
 
 pub struct ManagerState {
     args: DeploymentManagerArgs,
-    supervisor: ActorRef<SupervisorMsg>,
+    host: std::sync::Arc<dyn ReplicaHost>,
     store: DeploymentStore,
     lives: Vec<Live>,
 }
@@ -294,8 +294,8 @@ impl Actor for DeploymentManager {
         myself: ActorRef<DeploymentMsg>,
         args: DeploymentManagerArgs,
     ) -> Result<ManagerState, ActorProcessingErr> {
-        let supervisor = args
-            .supervisor
+        let host = args
+            .host
             .clone()
             .ok_or("the deployment manager needs its supervisor")?;
         let db = args.db_path.clone();
@@ -317,7 +317,7 @@ impl Actor for DeploymentManager {
         lives.extend(stored.into_iter().filter(|l| l.spec.name != default_name));
         let mut state = ManagerState {
             args,
-            supervisor,
+            host,
             store,
             lives,
         };
@@ -827,10 +827,7 @@ impl ManagerState {
             &self.args.health,
             generation,
         );
-        let _ = self.supervisor.cast(SupervisorMsg::Add(
-            slot.name.clone(),
-            ChildSpec::Inference(args),
-        ));
+        self.host.start(slot.name.clone(), args)?;
         self.lives[live].replicas.push(slot.name);
         Ok(())
     }
@@ -891,9 +888,9 @@ impl ManagerState {
 
     /// Waits for a draining replica to hold no request, stops it, and reports its slot free.
     fn drain_task(&self, myself: &ActorRef<DeploymentMsg>, slot: String) {
-        let (router, supervisor, myself, remote) = (
+        let (router, host, myself, remote) = (
             self.args.router.clone(),
-            self.supervisor.clone(),
+            self.host.clone(),
             myself.clone(),
             self.args.deployments.remote(),
         );
@@ -903,11 +900,7 @@ impl ManagerState {
                 (Some((node, local)), Some(remote)) => remote.stop(node, local),
                 (Some(_), None) => {}
                 (None, _) => {
-                    let _ = supervisor
-                        .call(
-                            |reply| SupervisorMsg::Remove(slot.clone(), reply),
-                            Some(Duration::from_secs(30)),
-                        )
+                    let _ = tokio::time::timeout(Duration::from_secs(30), host.stop(slot.clone()))
                         .await;
                 }
             }

@@ -12,7 +12,9 @@ pub mod manager;
 pub mod store;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -218,6 +220,15 @@ pub trait RemoteNodes: Send + Sync {
     fn nodes(&self) -> Vec<RemoteNode>;
     fn start(&self, node: &str, slot: &str, spec: &DeploymentSpec) -> Result<(), String>;
     fn stop(&self, node: &str, slot: &str);
+}
+
+/// Where the deployment manager starts and stops this node's replicas: the node's supervisor
+/// (`supervisor.rs`), which supervises them like its other children.
+pub trait ReplicaHost: Send + Sync {
+    /// Starts replica `name` (its router entry already added).
+    fn start(&self, name: String, args: crate::inference::InferenceArgs) -> Result<(), String>;
+    /// Stops replica `name` for good; resolves once it is stopped.
+    fn stop(&self, name: String) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 }
 
 /// The deployments as the manager last published them, and the manager's address.

@@ -15,63 +15,16 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use super::messages::{JobMsg, JobStats};
 use super::store::JobStore;
-use super::types::{
-    Assignment, JobError, JobEvent, JobPage, JobQuery, JobRecord, JobSpec, JobState, ProgressPoint,
-    RunResult,
-};
+use super::types::{Assignment, JobError, JobEvent, JobRecord, JobState, RunResult};
 use crate::directory::Directory;
 use crate::tags;
 
 /// How long a trainer that refused a job (busy) is left alone before it is offered one again.
 const REFUSED_BACKOFF: Duration = Duration::from_secs(2);
-
-type Reply<T> = RpcReplyPort<Result<T, JobError>>;
-
-pub enum JobMsg {
-    Submit(JobSpec, Reply<JobRecord>),
-    Get(String, Reply<JobRecord>),
-    List(JobQuery, Reply<JobPage>),
-    Cancel(String, Reply<JobRecord>),
-    /// Progress and state changes of a job, until it ends.
-    Subscribe(String, mpsc::Sender<JobEvent>, Reply<JobRecord>),
-    Stats(RpcReplyPort<JobStats>),
-    /// From a trainer's thread.
-    Progress {
-        job_id: String,
-        trainer: String,
-        attempt: u32,
-        point: ProgressPoint,
-    },
-    Finished {
-        job_id: String,
-        trainer: String,
-        attempt: u32,
-        result: RunResult,
-    },
-    /// The directory's trainers changed (one started, restarted or was lost).
-    TrainersChanged,
-    /// Assign queued jobs again (a refusal's backoff is over).
-    Dispatch,
-    /// Stop assigning; stop running jobs at a checkpoint (they go back to the queue); end the
-    /// event streams; reply when every trainer has reported.
-    Shutdown(RpcReplyPort<()>),
-}
-
-impl ractor::Message for JobMsg {}
-
-/// For `/metrics` and `/cluster`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct JobStats {
-    pub counts: Vec<(JobState, usize)>,
-    /// Sum over running jobs of their latest tokens/s.
-    pub training_tokens_per_s: f64,
-    /// Trainer name → the job it runs.
-    pub running: Vec<(String, String)>,
-}
 
 pub struct JobManagerArgs {
     pub db_path: PathBuf,
