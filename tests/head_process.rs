@@ -216,13 +216,15 @@ fn a_killed_head_resumes_its_running_job_after_restart() {
 #[test]
 fn a_cancel_survives_a_kill_and_a_job_that_keeps_dying_fails_after_max_attempts() {
     let (dir, model) = tiny_setup();
-    // Steps of hundreds of micro-batches: a kill lands inside one.
-    let lines: Vec<String> = (0..1200)
+    // Steps of 1200 micro-batches (the whole dataset): a kill lands inside one even on a fast CPU
+    // (with 300, an AMX Xeon sometimes ended the first job's step between the cancel and the kill,
+    // and the second job started before the kill).
+    let lines: Vec<String> = (0..4800)
         .map(|i| json!({"text": format!("slow line {i} with words {}", i * 7)}).to_string())
         .collect();
     std::fs::write(dir.path().join("data/slow.jsonl"), lines.join("\n")).unwrap();
     let mut h = quick_hyperparameters(50);
-    h["gradient_accumulation_steps"] = json!(300);
+    h["gradient_accumulation_steps"] = json!(1200);
     let sets = ["jobs.max_attempts=2"];
     let head = spawn_head_with(dir.path(), &model, &sets);
     let submit = |head: &Proc, out: &str| {
