@@ -303,7 +303,7 @@ impl Node {
                     generation,
                 )),
             ));
-            if let Some(n) = cpu_weight_bytes(slot, &config.model_path, config.kind) {
+            if let Some(n) = slot.host_bytes(&config.model_path, config.kind) {
                 host_held.insert(slot.name.clone(), n);
             }
         }
@@ -416,35 +416,11 @@ impl Node {
         // On a CPU slot, the weights must fit within `resources.host_memory_limit_mb` with those
         // of this node's other replicas, and in what the host has available (the head checks
         // its own memory, not this node's).
-        let need = cpu_weight_bytes(s, &path, kind);
+        let need = s.host_bytes(&path, kind);
         if let Some(need) = need {
-            let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
             let held: u64 = self.host_held.lock().expect("host memory").values().sum();
-            if let Some(limit) = self.host_memory_limit {
-                if held + need > limit {
-                    return Err(format!(
-                        "a replica of {} needs {:.1} MiB of host memory for its weights; this \
-                         node's replicas hold {:.1} MiB of the {:.1} MiB that \
-                         resources.host_memory_limit_mb allows",
-                        path.display(),
-                        mib(need),
-                        mib(held),
-                        mib(limit)
-                    ));
-                }
-            }
-            let mut sys = sysinfo::System::new();
-            sys.refresh_memory();
-            let available = sys.available_memory();
-            if available > 0 && need > available {
-                return Err(format!(
-                    "a replica of {} needs {:.1} MiB of host memory for its weights; this node \
-                     has {:.1} MiB available",
-                    path.display(),
-                    mib(need),
-                    mib(available)
-                ));
-            }
+            crate::deployments::check_host_memory(need, held, 0, self.host_memory_limit)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
         }
         tracing::info!(replica = %slot, %deployment, path = %path.display(), "starting a replica for the head");
         if let Some(need) = need {
@@ -644,13 +620,4 @@ impl Node {
             .call(SupervisorMsg::Shutdown, Some(timeout))
             .await;
     }
-}
-
-/// Bytes the weights of a replica of `path` take on `slot` when it is a CPU slot (`None` on a GPU
-/// slot, or when the file cannot be sized: its load says why).
-fn cpu_weight_bytes(slot: &Slot, path: &std::path::Path, kind: Option<tch::Kind>) -> Option<u64> {
-    if !slot.devices.iter().all(|d| matches!(d, Device::Cpu)) {
-        return None;
-    }
-    tessera_engine::footprint::weight_bytes(path, kind.unwrap_or(tch::Kind::Float)).ok()
 }

@@ -60,6 +60,16 @@ impl Slot {
         }
     }
 
+    /// Bytes the weights of a replica of `path` (in `kind`, float32 when unset) take in host
+    /// memory on this slot: `None` on a GPU slot, or when the file cannot be sized (its load says
+    /// why).
+    pub fn host_bytes(&self, path: &std::path::Path, kind: Option<tch::Kind>) -> Option<u64> {
+        if self.devices.iter().any(|d| matches!(d, Device::Cuda(_))) {
+            return None;
+        }
+        tessera_engine::footprint::weight_bytes(path, kind.unwrap_or(tch::Kind::Float)).ok()
+    }
+
     /// What the inference actor of a replica of `model_path` here starts from (`generation`: its
     /// router entry's, from [`Router::add_replica`]).
     pub fn inference_args(
@@ -247,14 +257,45 @@ fn unfit(spec: &DeploymentSpec, slots: &[Slot]) -> Option<String> {
     None
 }
 
-/// Bytes the weights of a replica of `spec` take on the CPU slot `slot` (`None` on a GPU slot, or
-/// when the file cannot be sized: its load says why).
+/// Host memory a replica of `spec` takes on `slot` (see [`Slot::host_bytes`]).
 fn host_need(spec: &DeploymentSpec, slot: &Slot) -> Option<u64> {
-    if slot.devices.iter().any(|d| matches!(d, Device::Cuda(_))) {
-        return None;
+    slot.host_bytes(&spec.path, spec.dtype.kind())
+}
+
+/// The host-memory rule of a CPU replica start, on a head and on a worker alike: `need` more
+/// bytes of weights fit when, with the `held` bytes of the node's other replicas, they stay within
+/// `limit` (`resources.host_memory_limit_mb`), and when the host's available memory holds them and
+/// the `loading` bytes of replicas that have not loaded yet.
+pub fn check_host_memory(
+    need: u64,
+    held: u64,
+    loading: u64,
+    limit: Option<u64>,
+) -> Result<(), String> {
+    if let Some(limit) = limit {
+        if held + need > limit {
+            return Err(format!(
+                "a replica needs {} of host memory for its weights; this node's replicas hold \
+                 {} of the {} that resources.host_memory_limit_mb allows",
+                gib(need),
+                gib(held),
+                gib(limit)
+            ));
+        }
     }
-    let kind = spec.dtype.kind().unwrap_or(tch::Kind::Float);
-    tessera_engine::footprint::weight_bytes(&spec.path, kind).ok()
+    let mut sys = sysinfo::System::new();
+    sys.refresh_memory();
+    let available = sys.available_memory();
+    if available > 0 && need + loading > available {
+        return Err(format!(
+            "a replica needs {} of host memory for its weights; {} is available, {} of it about \
+             to be taken by replicas still loading",
+            gib(need),
+            gib(available),
+            gib(loading)
+        ));
+    }
+    Ok(())
 }
 
 impl Live {
@@ -860,30 +901,7 @@ impl ManagerState {
                 }
             }
         }
-        if let Some(limit) = self.args.host_memory_limit {
-            if held + need > limit {
-                return Err(format!(
-                    "a replica needs {} of host memory for its weights; this node's replicas hold \
-                     {} of the {} that resources.host_memory_limit_mb allows",
-                    gib(need),
-                    gib(held),
-                    gib(limit)
-                ));
-            }
-        }
-        let mut sys = sysinfo::System::new();
-        sys.refresh_memory();
-        let available = sys.available_memory();
-        if available > 0 && need + loading > available {
-            return Err(format!(
-                "a replica needs {} of host memory for its weights; {} is available, {} of it \
-                 about to be taken by replicas still loading",
-                gib(need),
-                gib(available),
-                gib(loading)
-            ));
-        }
-        Ok(())
+        check_host_memory(need, held, loading, self.args.host_memory_limit)
     }
 
     /// Waits for a draining replica to hold no request, stops it, and reports its slot free.

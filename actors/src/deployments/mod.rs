@@ -24,7 +24,9 @@ use serde::{Deserialize, Serialize};
 use crate::autoscaler::{AutoscalerStats, AutoscalingConfig};
 use crate::tags::Tags;
 
-pub use manager::{DeploymentManager, DeploymentManagerArgs, DeploymentMsg, Slot};
+pub use manager::{
+    check_host_memory, DeploymentManager, DeploymentManagerArgs, DeploymentMsg, Slot,
+};
 pub use store::DeploymentStore;
 
 /// The dtype a deployment's replicas load in.
