@@ -123,6 +123,7 @@ pub fn run(args: GenerateArgs, config: &Config) -> anyhow::Result<()> {
     let mut generations = Vec::new();
     for (prompt, adapter) in prompts.iter().zip(adapters) {
         let request = GenerateRequest {
+            resume: Vec::new(),
             prompt: prompt.clone(),
             params: params.clone(),
             adapter: adapter.clone(),
@@ -168,7 +169,7 @@ pub fn run(args: GenerateArgs, config: &Config) -> anyhow::Result<()> {
                     text.push_str(&rest);
                     break (reason, completion_tokens);
                 }
-                Some(Event::Error { message }) => bail!("prompt {i}: {message}"),
+                Some(Event::Error { message, .. }) => bail!("prompt {i}: {message}"),
                 None => bail!("prompt {i}: the engine stopped"),
             }
         };

@@ -14,7 +14,7 @@ use tessera_engine::engine::SubmitError;
 use tessera_engine::scheduler::SchedulerStats;
 use tessera_engine::tokenizer::Tokenizer;
 use tessera_engine::tool_calls::{ToolChoice, ToolFormat};
-use tessera_engine::{Engine, EngineConfig, Event, GenerateRequest};
+use tessera_engine::{Engine, EngineConfig, Event, FailKind, GenerateRequest};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
@@ -405,6 +405,7 @@ fn submit(engine: &Engine, work: ChatWork) -> Result<Submitted, Failure> {
         )));
     }
     let request = GenerateRequest {
+        resume: work.resume,
         prompt,
         params,
         adapter: work.adapter,
@@ -498,11 +499,18 @@ async fn forward(
                     completion_tokens,
                 }
             }
-            // The engine fails a sequence only when its adapter cannot be loaded.
-            Event::Error { message } => StreamEvent::Error(ServeError {
-                kind: ServeErrorKind::Adapter,
-                message,
-                field: Some("adapter_path".into()),
+            Event::Error { message, kind } => StreamEvent::Error(match kind {
+                FailKind::Adapter => ServeError {
+                    kind: ServeErrorKind::Adapter,
+                    message,
+                    field: Some("adapter_path".into()),
+                },
+                FailKind::Grammar => ServeError {
+                    kind: ServeErrorKind::Grammar,
+                    message,
+                    field: Some("response_format".into()),
+                },
+                FailKind::Engine => ServeError::new(ServeErrorKind::Internal, message),
             }),
         };
         if sink.send(out).await.is_err() {

@@ -42,6 +42,10 @@ pub struct ChatWork {
     /// Whether the model must call one (`required` and a named function force it by a grammar).
     #[serde(default)]
     pub tool_choice: tessera_engine::tool_calls::ToolChoice,
+    /// Tokens already generated and streamed for this request by a replica that was lost: the
+    /// replica taking it over goes on after them ([`crate::failover`]). Empty at first.
+    #[serde(default)]
+    pub resume: Vec<u32>,
 }
 
 /// One of the most likely tokens at a position.

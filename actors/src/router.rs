@@ -527,6 +527,7 @@ mod tests {
             adapter: None,
             tools: Vec::new(),
             tool_choice: Default::default(),
+            resume: Vec::new(),
         }
     }
 

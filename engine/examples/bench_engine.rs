@@ -176,6 +176,7 @@ fn main() -> anyhow::Result<()> {
         let gens: Vec<_> = (0..n)
             .map(|i| {
                 engine.submit(GenerateRequest {
+                    resume: Vec::new(),
                     prompt: prompt.clone(),
                     params: params.clone(),
                     adapter: with_adapters.then(|| adapters[i % ADAPTERS].clone()),
@@ -192,7 +193,7 @@ fn main() -> anyhow::Result<()> {
                         first_token.get_or_insert_with(Instant::now);
                     }
                     Event::Finished { .. } => break,
-                    Event::Error { message } => anyhow::bail!(message),
+                    Event::Error { message, .. } => anyhow::bail!(message),
                 }
             }
         }

@@ -42,6 +42,7 @@ fn main() -> anyhow::Result<()> {
         let gens = (0..n)
             .map(|_| {
                 engine.submit(GenerateRequest {
+                    resume: Vec::new(),
                     prompt: prompt.clone(),
                     params: SamplingParams {
                         ignore_eos: true,

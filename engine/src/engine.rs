@@ -48,6 +48,10 @@ pub struct GenerateRequest {
     pub params: SamplingParams,
     /// A PEFT adapter directory, or `None` for the base model.
     pub adapter: Option<PathBuf>,
+    /// Tokens this generation already produced (and streamed) on a replica that was lost: it
+    /// goes on after them, as if it had produced them here ([`Generation`] streams only what
+    /// follows; the counts and `max_tokens` include them). Empty for a new generation.
+    pub resume: Vec<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -212,11 +216,13 @@ impl Engine {
             return Err(invalid("prompt", "the prompt has no tokens".into()));
         }
         let vocab = inner.model_config.vocab_size as u32;
-        if let Some(bad) = request.prompt.iter().find(|&&t| t >= vocab) {
-            return Err(invalid(
-                "prompt",
-                format!("token id {bad} is outside the vocabulary ({vocab})"),
-            ));
+        for (field, tokens) in [("prompt", &request.prompt), ("resume", &request.resume)] {
+            if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
+                return Err(invalid(
+                    field,
+                    format!("token id {bad} is outside the vocabulary ({vocab})"),
+                ));
+            }
         }
         let context = inner.model_config.max_position_embeddings;
         // Checked: a max_tokens near usize::MAX must not wrap past the context check.
@@ -264,16 +270,6 @@ impl Engine {
                 Ok::<_, SubmitError>(key)
             })
             .transpose()?;
-        let max = inner.config.max_waiting;
-        if inner
-            .queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_err()
-        {
-            return Err(SubmitError::QueueFull(max));
-        }
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = Arc::new(AtomicBool::new(false));
         let (events_tx, events) = unbounded_channel();
@@ -286,6 +282,25 @@ impl Engine {
             events_tx,
         );
         seq.grammar = grammar;
+        match seq.resume(&request.resume, &inner.tokenizer) {
+            Ok(None) => {}
+            // The given tokens already end it: only the end is left to say.
+            Ok(Some(reason)) => {
+                seq.finish(reason, &inner.tokenizer);
+                return Ok(Generation { id, events, cancel });
+            }
+            Err(why) => return Err(invalid("resume", message_of(&request.resume, why))),
+        }
+        let max = inner.config.max_waiting;
+        if inner
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(SubmitError::QueueFull(max));
+        }
         let sent = inner
             .tx
             .lock()
@@ -302,6 +317,14 @@ impl Engine {
         }
         Ok(Generation { id, events, cancel })
     }
+}
+
+/// Why tokens to resume cannot be resumed.
+fn message_of(tokens: &[u32], why: String) -> String {
+    format!(
+        "the {} tokens to resume do not continue this request: {why}",
+        tokens.len()
+    )
 }
 
 /// A submitted generation: its events, and cancellation (also on drop).
@@ -361,7 +384,7 @@ impl Generation {
                         completion_tokens,
                     });
                 }
-                Event::Error { message } => return Err(message),
+                Event::Error { message, .. } => return Err(message),
             }
         }
         Err("the engine stopped before the generation finished".into())

@@ -47,4 +47,4 @@ pub use chat_template::{ChatMessage, MessageToolCall};
 pub use engine::{Engine, EngineConfig, GenerateRequest, Generation, SubmitError};
 pub use loader::{load, LoadedModel};
 pub use sampling::SamplingParams;
-pub use sequence::{Event, FinishReason};
+pub use sequence::{Event, FailKind, FinishReason};

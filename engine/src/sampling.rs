@@ -228,6 +228,16 @@ impl Sampler {
         sample_batch(&row, &mut rows).pop().expect("one row")
     }
 
+    /// Skips the draws `tokens` sampled tokens took (one each with a temperature, none when
+    /// greedy), so a generation resumed elsewhere draws what it would have drawn.
+    pub fn skip_draws(&mut self, tokens: usize) {
+        if self.params.temperature != 0.0 {
+            for _ in 0..tokens {
+                self.uniform();
+            }
+        }
+    }
+
     /// The uniform draw of this step (from the sequence's seeded generator).
     fn uniform(&mut self) -> f64 {
         self.rng.gen::<f64>()

@@ -33,7 +33,7 @@ use crate::lora_bank::LoraBank;
 use crate::model::Model;
 use crate::prefix_cache::{AdapterTag, PrefixCache};
 use crate::sampling::{sample_batch, RowSampling};
-use crate::sequence::{FinishReason, Progress, Sequence};
+use crate::sequence::{FailKind, FinishReason, Progress, Sequence};
 use crate::step::{LogitRows, Segment, StepBatch};
 use crate::tokenizer::Tokenizer;
 
@@ -76,7 +76,7 @@ struct Active {
 
 impl Active {
     fn prefilling(&self) -> bool {
-        (self.seq.cached as usize) < self.seq.prompt.len()
+        (self.seq.cached as usize) < self.seq.prefill_len()
     }
 }
 
@@ -265,7 +265,7 @@ impl Scheduler {
             Err(message) => {
                 for w in mine {
                     self.queued.fetch_sub(1, Ordering::Relaxed);
-                    w.seq.fail(message.clone());
+                    w.seq.fail(FailKind::Adapter, message.clone());
                 }
             }
         }
@@ -294,9 +294,10 @@ impl Scheduler {
         tracing::error!(error = %what, sequences = self.active.len(), "engine step failed; its sequences are failed, the engine continues");
         self.bank = None;
         for a in std::mem::take(&mut self.active) {
-            a.seq.fail(format!(
-                "the engine failed while running this request: {what}"
-            ));
+            a.seq.fail(
+                FailKind::Engine,
+                format!("the engine failed while running this request: {what}"),
+            );
             self.slots.free(a.slot);
             self.reserved -= a.seq.reserved_tokens();
         }
@@ -356,7 +357,7 @@ impl Scheduler {
             self.reserved += need;
             if let Some(prefix) = &mut self.prefix {
                 let tag = adapter_tag(&w.seq);
-                let hit = prefix.load_into(tag, &w.seq.prompt, &mut self.cache, slot);
+                let hit = prefix.load_into(tag, &w.seq.prefill_tokens(), &mut self.cache, slot);
                 w.seq.cached = hit as i64;
             }
             self.active.push(Active { seq: w.seq, slot });
@@ -386,7 +387,7 @@ impl Scheduler {
                 break;
             }
             if a.prefilling() {
-                let left = a.seq.prompt.len() - a.seq.cached as usize;
+                let left = a.seq.prefill_len() - a.seq.cached as usize;
                 let chunk = left.min(budget);
                 budget -= chunk;
                 order.push((i, chunk as i64));
@@ -399,11 +400,8 @@ impl Scheduler {
             let start = a.seq.cached;
             if a.prefilling() {
                 let from = start as usize;
-                tokens.extend(
-                    a.seq.prompt[from..from + len as usize]
-                        .iter()
-                        .map(|&t| i64::from(t)),
-                );
+                tokens
+                    .extend((from..from + len as usize).map(|t| i64::from(a.seq.prefill_token(t))));
             } else {
                 tokens.push(i64::from(a.seq.last_token()));
             }
@@ -420,7 +418,7 @@ impl Scheduler {
         let mut grammars: Vec<(usize, GrammarState)> = Vec::new();
         for &(i, len) in &order {
             let a = &mut self.active[i];
-            if a.seq.cached + len >= a.seq.prompt.len() as i64 {
+            if a.seq.cached + len >= a.seq.prefill_len() as i64 {
                 if let Some(g) = a.seq.grammar.take() {
                     grammars.push((i, g));
                 }
@@ -527,7 +525,7 @@ impl Scheduler {
                 continue;
             }
             let a = &mut self.active[i];
-            let first = a.seq.generated.is_empty();
+            let first = a.seq.generated.len() == a.seq.resumed;
             match a.seq.accept(s, &self.tokenizer) {
                 Progress::Continue => {
                     if first {
@@ -594,11 +592,12 @@ impl Scheduler {
         bank.batch(&rows, &self.model.devices(), self.model.kind())
     }
 
-    /// Fails sequence `i` (an error event, no finish) and frees its slot.
+    /// Fails sequence `i` (its grammar cannot go on: an error event, no finish) and frees its
+    /// slot.
     fn fail(&mut self, i: usize, message: String) {
         let a = self.active.remove(i);
         tracing::warn!(sequence = a.seq.id, error = %message, "sequence failed");
-        a.seq.fail(message);
+        a.seq.fail(FailKind::Grammar, message);
         self.slots.free(a.slot);
         self.reserved -= a.seq.reserved_tokens();
     }

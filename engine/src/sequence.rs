@@ -36,8 +36,20 @@ pub enum Event {
         prompt_tokens: usize,
         completion_tokens: usize,
     },
-    /// The sequence failed (e.g. its adapter could not be loaded).
-    Error { message: String },
+    /// The sequence failed: what failed, and how.
+    Error { message: String, kind: FailKind },
+}
+
+/// What made a sequence fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailKind {
+    /// Its adapter could not be loaded.
+    Adapter,
+    /// Its grammar (structured outputs) could not go on.
+    Grammar,
+    /// The step it was part of failed inside the model.
+    Engine,
 }
 
 pub(crate) struct Sequence {
@@ -57,6 +69,12 @@ pub(crate) struct Sequence {
     pub stop_ids: Vec<u32>,
     /// The grammar the output follows (structured outputs); out while a step computes its mask.
     pub grammar: Option<GrammarState>,
+    /// The first `resumed` tokens of `generated` were given (a generation resumed on this engine
+    /// after the replica serving it was lost), not sampled here: they are prefilled with the
+    /// prompt.
+    pub resumed: usize,
+    /// Events are not sent (while the given tokens are replayed).
+    silent: bool,
 }
 
 /// The outcome of adding one token.
@@ -94,6 +112,73 @@ impl Sequence {
             pending: String::new(),
             stop_ids,
             grammar: None,
+            resumed: 0,
+            silent: false,
+        }
+    }
+
+    /// Continues a generation begun elsewhere: `tokens` were generated and streamed there. They
+    /// are taken as this sequence's first output without a word sent (the decoder, the text held
+    /// back for stop strings, the grammar and the counts end where the lost sequence's were, so
+    /// stop strings are found across the seam), the seeded generator skips the draws they took,
+    /// and they are prefilled after the prompt. `Some` when they already end the generation
+    /// (the lost replica's last event was lost with it): the reason; `Err` when they cannot be this
+    /// request's output.
+    pub fn resume(
+        &mut self,
+        tokens: &[u32],
+        tokenizer: &Tokenizer,
+    ) -> Result<Option<FinishReason>, String> {
+        self.silent = true;
+        let mut end = Ok(None);
+        for (i, &token) in tokens.iter().enumerate() {
+            let sampled = Sampled {
+                token,
+                logprob: 0.0,
+                top_logprobs: Vec::new(),
+            };
+            match self.accept(sampled, tokenizer) {
+                Progress::Continue => {}
+                Progress::Finished(reason) if i + 1 == tokens.len() => end = Ok(Some(reason)),
+                Progress::Finished(_) => {
+                    end = Err(format!("the generation ends at the {}th of them", i + 1));
+                    break;
+                }
+                Progress::Failed(why) => {
+                    end = Err(why);
+                    break;
+                }
+            }
+        }
+        self.silent = false;
+        self.resumed = self.generated.len();
+        self.sampler.skip_draws(self.resumed);
+        end
+    }
+
+    /// Tokens prefilled before the first token is sampled: the prompt, and the resumed tokens.
+    pub fn prefill_len(&self) -> usize {
+        self.prompt.len() + self.resumed
+    }
+
+    /// The `i`th token of the prefill.
+    pub fn prefill_token(&self, i: usize) -> u32 {
+        match i.checked_sub(self.prompt.len()) {
+            None => self.prompt[i],
+            Some(j) => self.generated[j],
+        }
+    }
+
+    /// Every token of the prefill, in order.
+    pub fn prefill_tokens(&self) -> Vec<u32> {
+        let mut all = self.prompt.clone();
+        all.extend_from_slice(&self.generated[..self.resumed]);
+        all
+    }
+
+    fn emit(&self, event: Event) {
+        if !self.silent {
+            let _ = self.events.send(event);
         }
     }
 
@@ -145,7 +230,7 @@ impl Sequence {
         let token = sampled.token;
         self.generated.push(token);
         if self.stop_ids.contains(&token) {
-            let _ = self.events.send(Event::Token {
+            self.emit(Event::Token {
                 sampled,
                 text: String::new(),
             });
@@ -171,7 +256,7 @@ impl Sequence {
         {
             self.pending.truncate(at);
             let text = std::mem::take(&mut self.pending);
-            let _ = self.events.send(Event::Token { sampled, text });
+            self.emit(Event::Token { sampled, text });
             return Progress::Finished(FinishReason::Stop);
         }
         // Keep back the longest suffix that could still grow into a stop string.
@@ -182,7 +267,7 @@ impl Sequence {
             .unwrap_or(0);
         let text = self.pending[..self.pending.len() - keep].to_string();
         self.pending.drain(..self.pending.len() - keep);
-        let _ = self.events.send(Event::Token { sampled, text });
+        self.emit(Event::Token { sampled, text });
         if self.generated.len() >= self.params().max_tokens {
             Progress::Finished(FinishReason::Length)
         } else if self.grammar.as_ref().is_some_and(GrammarState::is_done) {
@@ -209,8 +294,8 @@ impl Sequence {
         });
     }
 
-    pub fn fail(&self, message: String) {
-        let _ = self.events.send(Event::Error { message });
+    pub fn fail(&self, kind: FailKind, message: String) {
+        let _ = self.events.send(Event::Error { message, kind });
     }
 }
 

@@ -174,6 +174,7 @@ fn greedy_steps(model: &Model, prompt: &[i64], n: usize, adapter: Option<&Path>)
 /// `n` greedy tokens after `prompt` (past any end-of-sequence), with `adapter`.
 fn request(prompt: &[i64], n: usize, adapter: Option<&Path>) -> GenerateRequest {
     GenerateRequest {
+        resume: Vec::new(),
         prompt: prompt.iter().map(|&t| t as u32).collect(),
         params: SamplingParams {
             ignore_eos: true,

@@ -166,6 +166,7 @@ fn lora_trains_on_the_packed_base_as_on_the_dequantised_one_and_serves_on_both_p
         let generate = |adapter: Option<std::path::PathBuf>| {
             engine
                 .submit(GenerateRequest {
+                    resume: Vec::new(),
                     prompt: prompt.clone(),
                     params: SamplingParams::greedy(answer_len),
                     adapter,

@@ -158,6 +158,7 @@ fn check_greedy(cases: &Value, adapter: Option<&str>) {
                 ..SamplingParams::greedy(20)
             };
             let request = GenerateRequest {
+                resume: Vec::new(),
                 prompt: input_ids(tokenizer, case),
                 params,
                 adapter: adapter.map(|rel| common::reference_dir().join(rel)),

@@ -49,6 +49,7 @@ fn a_trained_adapter_is_served_and_reproduces_what_it_learned() {
     let generate = |adapter: Option<std::path::PathBuf>| {
         engine
             .submit(GenerateRequest {
+                resume: Vec::new(),
                 prompt: prompt.clone(),
                 params: SamplingParams {
                     top_logprobs: 5,

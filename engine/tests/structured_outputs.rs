@@ -35,6 +35,7 @@ fn chat_prompt(user: &str) -> Vec<u32> {
 fn submit(prompt: &[u32], params: SamplingParams) -> Generation {
     engine()
         .submit(GenerateRequest {
+            resume: Vec::new(),
             prompt: prompt.to_vec(),
             params,
             adapter: None,
@@ -218,6 +219,7 @@ fn a_cut_by_max_tokens_is_length_and_an_adapter_row_follows_its_schema() {
     );
     let adapted = engine()
         .submit(GenerateRequest {
+            resume: Vec::new(),
             prompt: prompt.clone(),
             params: sampled(
                 Constraint::JsonSchema {
@@ -277,6 +279,7 @@ fn bad_grammars_are_refused_naming_response_format_and_the_engine_serves_on() {
     ] {
         let started = std::time::Instant::now();
         let result = engine().submit(GenerateRequest {
+            resume: Vec::new(),
             prompt: prompt.clone(),
             params: SamplingParams {
                 constraint: Some(bad.clone()),

@@ -54,6 +54,7 @@ fn request(
     adapter: Option<&Path>,
 ) -> GenerateRequest {
     GenerateRequest {
+        resume: Vec::new(),
         prompt: engine.tokenizer().encode(text, false).unwrap(),
         params,
         adapter: adapter.map(Path::to_path_buf),
@@ -396,6 +397,7 @@ fn bad_requests_are_refused_naming_the_field() {
         ),
         (
             GenerateRequest {
+                resume: Vec::new(),
                 prompt: vec![tiny::VOCAB as u32 + 5],
                 params: greedy(4),
                 adapter: None,
@@ -527,7 +529,7 @@ fn a_failing_step_fails_its_sequences_and_the_engine_goes_on() {
         last = Some(ev);
     }
     match last {
-        Some(Event::Error { message }) => {
+        Some(Event::Error { message, .. }) => {
             assert!(message.contains("engine failed"), "{message}")
         }
         other => panic!("expected an error event, got {other:?}"),
@@ -582,4 +584,130 @@ fn a_cached_prefix_gives_the_tokens_of_a_full_prefill() {
         "the second turn reused the shared prefix: {s:?}"
     );
     assert_eq!(without.stats().prefix_hit_tokens, 0);
+}
+
+/// A generation's events as a client sees them: each token with the text it released, then the
+/// end (its held-back text, reason and counts).
+struct Streamed {
+    tokens: Vec<(u32, String)>,
+    end: (String, FinishReason, usize, usize),
+}
+
+fn stream(e: &Engine, req: GenerateRequest) -> Streamed {
+    let mut g = e.submit(req).unwrap();
+    let mut tokens = Vec::new();
+    loop {
+        match g.blocking_next().expect("an end event") {
+            Event::Token { sampled, text } => tokens.push((sampled.token, text)),
+            Event::Finished {
+                text,
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                return Streamed {
+                    tokens,
+                    end: (text, reason, prompt_tokens, completion_tokens),
+                }
+            }
+            Event::Error { message, .. } => panic!("{message}"),
+        }
+    }
+}
+
+impl Streamed {
+    /// The whole text a client would have read.
+    fn text(&self) -> String {
+        self.tokens
+            .iter()
+            .map(|(_, t)| t.as_str())
+            .collect::<String>()
+            + &self.end.0
+    }
+}
+
+/// Resuming after any number of streamed tokens (issue 29: a replica lost mid-stream) gives the
+/// rest of the very same stream: the same tokens and text after the seam (stop strings found
+/// across it, the text held back there released), the same end and counts; a seeded sample
+/// continues its draws; tokens that already end it give only the end; tokens that cannot be
+/// this request's output are refused naming `resume`.
+#[test]
+fn a_generation_resumed_after_any_token_ends_as_the_whole_one() {
+    let m = models();
+    let e = engine(&m.model, &[Device::Cpu], EngineConfig::default());
+    let full = stream(&e, request(&e, PROMPTS[0], greedy(30), None));
+    let chars: Vec<char> = full.text().chars().collect();
+    let stop: String = chars[6..9].iter().collect();
+    let seeded = SamplingParams {
+        temperature: 1.0,
+        top_k: 50,
+        seed: Some(11),
+        ignore_eos: true,
+        max_tokens: 24,
+        ..SamplingParams::default()
+    };
+    let cases = [
+        greedy(30),
+        SamplingParams {
+            stop: vec![stop.clone()],
+            ..greedy(30)
+        },
+        seeded,
+    ];
+    for params in cases {
+        let whole = stream(&e, request(&e, PROMPTS[0], params.clone(), None));
+        let n = whole.tokens.len();
+        assert!(n >= 5, "{params:?}: {n} tokens");
+        for k in 1..=n {
+            let mut req = request(&e, PROMPTS[0], params.clone(), None);
+            req.resume = whole.tokens[..k].iter().map(|(t, _)| *t).collect();
+            let rest = stream(&e, req);
+            assert_eq!(
+                rest.tokens[..],
+                whole.tokens[k..],
+                "{params:?}, resumed after {k}"
+            );
+            assert_eq!(rest.end, whole.end, "{params:?}, resumed after {k}");
+            let sent: String = whole.tokens[..k].iter().map(|(_, t)| t.as_str()).collect();
+            assert_eq!(sent + &rest.text(), whole.text());
+        }
+    }
+    // The stop string case did stop inside the text, so seams fell inside and before it.
+    let stopped = stream(
+        &e,
+        request(
+            &e,
+            PROMPTS[0],
+            SamplingParams {
+                stop: vec![stop],
+                ..greedy(30)
+            },
+            None,
+        ),
+    );
+    assert_eq!(stopped.end.1, FinishReason::Stop);
+    assert!(stopped.tokens.len() < 30);
+
+    let ids: Vec<u32> = full.tokens.iter().map(|(t, _)| *t).collect();
+    let refused = |resume: Vec<u32>, params: SamplingParams| {
+        let mut req = request(&e, PROMPTS[0], params, None);
+        req.resume = resume;
+        let err = e.submit(req).err().expect("refused");
+        assert!(matches!(err, SubmitError::Invalid(_)), "{err}");
+        assert!(err.to_string().contains("resume"), "{err}");
+    };
+    refused(ids.clone(), greedy(20));
+    refused(vec![tiny::VOCAB as u32 + 1], greedy(20));
+    refused(
+        ids[..6].to_vec(),
+        SamplingParams {
+            stop_token_ids: vec![ids[2]],
+            ..greedy(30)
+        },
+    );
+    // The engine serves on.
+    e.submit(request(&e, "hi", greedy(4), None))
+        .unwrap()
+        .wait()
+        .unwrap();
 }

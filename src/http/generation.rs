@@ -81,6 +81,7 @@ pub async fn generate(
         adapter: adapter.clone(),
         tools: req.tools,
         tool_choice: req.tool_choice,
+        resume: Vec::new(),
     };
     let mut started = start(state, &deployment, work, route)
         .await
