@@ -119,6 +119,8 @@ pub struct ServerConfig {
     pub auth_token: String,
     pub max_body_bytes: u64,
     pub request_timeout_secs: u64,
+    /// Moves a request may make to another replica when the one serving it is lost.
+    pub request_retries: u32,
     pub allow_unauthenticated: bool,
     pub shutdown_grace_secs: u64,
     pub max_connections: u32,
@@ -596,6 +598,7 @@ impl Config {
                 0 => None,
                 n => Some(n as usize),
             },
+            step_delay: None,
         }
     }
 

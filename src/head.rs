@@ -107,6 +107,7 @@ pub async fn start(config: &Config) -> anyhow::Result<AppState> {
         max_dataset_bytes: config.training.max_dataset_bytes,
         cold_start_queue: config.autoscaling.cold_start_queue as usize,
         request_timeout: Duration::from_secs(config.server.request_timeout_secs),
+        failover: tessera_actors::failover::Failover::new(config.server.request_retries as usize),
         max_body_bytes: config.server.max_body_bytes as usize,
         body_read_timeout: Duration::from_secs(config.server.body_read_timeout_secs),
         header_read_timeout: Duration::from_secs(config.server.header_read_timeout_secs),

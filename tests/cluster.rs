@@ -273,8 +273,11 @@ fn a_wrong_cookie_is_refused_a_worker_may_start_first_and_a_restarted_head_heals
     assert!(head_log.contains("cookie"), "the head logs the refusal too");
 }
 
+/// With `server.request_retries = 0` a stream cut by a lost worker ends with an error, as before
+/// requests could move (`tests/failover.rs` tests the moves).
 #[test]
-fn a_worker_killed_mid_stream_ends_the_stream_with_an_error_and_the_next_request_succeeds() {
+fn without_retries_a_worker_killed_mid_stream_ends_the_stream_with_an_error_and_the_next_request_succeeds(
+) {
     let _serial = serial();
     let mut c = Cluster::new();
     c.model = smollm2();
@@ -283,7 +286,7 @@ fn a_worker_killed_mid_stream_ends_the_stream_with_an_error_and_the_next_request
         "{} missing: run scripts/fetch-model.sh",
         c.model.display()
     );
-    let _head = c.head(0);
+    let _head = c.head_with(0, &["server.request_retries=0"]);
     let mut a = c.worker("worker-a", &[]);
     let mut b = c.worker("worker-b", &[]);
     c.wait("two workers", Duration::from_secs(120), || {

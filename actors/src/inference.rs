@@ -39,8 +39,11 @@ pub enum InferenceMsg {
     /// once, and off its supervisor's handler): its engine starts, or the replica fails.
     Loaded(Box<Result<(tessera_engine::loader::LoadedModel, Option<String>), String>>),
     Stats(RpcReplyPort<SchedulerStats>),
-    /// Test hook: make the actor panic (only sent when test hooks are enabled).
-    Crash,
+    /// Test hook: make the actor panic (only sent when test hooks are enabled); `engine`: its
+    /// engine thread dies first, ending the streams it serves.
+    Crash {
+        engine: bool,
+    },
 }
 
 impl ractor::Message for InferenceMsg {}
@@ -125,11 +128,11 @@ impl Actor for InferenceActor {
                         fingerprint,
                     },
                 );
-                state.engine = Some(Engine::start(
-                    loaded.model,
-                    loaded.tokenizer,
-                    args.engine.clone(),
-                ));
+                let config = tessera_engine::EngineConfig {
+                    step_delay: test_hook_step_delay(),
+                    ..args.engine.clone()
+                };
+                state.engine = Some(Engine::start(loaded.model, loaded.tokenizer, config));
                 // Only now does the router send it requests.
                 args.router.set_actor(
                     &replica,
@@ -167,7 +170,15 @@ impl Actor for InferenceActor {
                 let stats = state.engine.as_ref().map(|e| e.stats());
                 let _ = reply.send(stats.unwrap_or_default());
             }
-            InferenceMsg::Crash => panic!("test hook: replica {replica} told to crash"),
+            InferenceMsg::Crash { engine } => {
+                if engine {
+                    if let Some(e) = &state.engine {
+                        e.inject_thread_death();
+                    }
+                    return Err(format!("test hook: replica {replica}'s engine crashed").into());
+                }
+                panic!("test hook: replica {replica} told to crash")
+            }
         }
         Ok(())
     }
@@ -210,8 +221,8 @@ impl crate::router::Replica for LocalReplica {
         }))
     }
 
-    fn crash(&self) -> bool {
-        self.0.cast(InferenceMsg::Crash).is_ok()
+    fn crash(&self, engine: bool) -> bool {
+        self.0.cast(InferenceMsg::Crash { engine }).is_ok()
     }
 }
 
@@ -258,6 +269,17 @@ fn test_hook_load_delay(path: &std::path::Path) {
             }
         }
     }
+}
+
+/// Test hook (with `TESSERA_TEST_HOOKS=1` only): `TESSERA_TEST_STEP_DELAY_MS=MS` makes each
+/// engine step take MS milliseconds longer, so that a test can lose a replica while its
+/// sequences are being generated.
+fn test_hook_step_delay() -> Option<std::time::Duration> {
+    if std::env::var("TESSERA_TEST_HOOKS").as_deref() != Ok("1") {
+        return None;
+    }
+    let ms = std::env::var("TESSERA_TEST_STEP_DELAY_MS").ok()?;
+    ms.parse().ok().map(std::time::Duration::from_millis)
 }
 
 /// Memory a replica keeps free on each device beyond its weights' share: CUDA context,

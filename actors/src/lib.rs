@@ -8,6 +8,7 @@ pub mod autoscaler;
 pub mod cluster;
 pub mod deployments;
 pub mod directory;
+pub mod failover;
 pub mod health;
 pub mod inference;
 pub mod inventory;

@@ -19,10 +19,9 @@ use crate::jobs::{
     DbLock, DbLockError, JobError, JobEvent, JobMsg, JobPage, JobQuery, JobRecord, JobSpec,
     JobStats,
 };
-use crate::messages::{ChatWork, ServeError};
 use crate::placement::{place, Placement, PlacementError, Resources};
 use crate::restart_policy::RestartPolicy;
-use crate::router::{Dispatched, Router};
+use crate::router::Router;
 use crate::supervisor::{ChildSpec, NodeSupervisor, SupervisorArgs, SupervisorMsg};
 use crate::tags::Tags;
 use crate::trainer::TrainerArgs;
@@ -385,17 +384,6 @@ impl Node {
         })
     }
 
-    /// Sends a generation to a replica of the cluster (the least loaded, or one that holds its
-    /// adapter), after admission control: refused with `unavailable` when every replica is full.
-    /// Its events arrive on the returned receiver; dropping it cancels the sequence.
-    pub fn generate(
-        &self,
-        deployment: Option<&str>,
-        work: ChatWork,
-    ) -> Result<Dispatched, ServeError> {
-        self.router.dispatch(deployment, work)
-    }
-
     /// Starts a replica of `deployment` on the free slot `slot` (a worker doing what its head's
     /// deployment manager asked).
     pub fn start_replica(
@@ -586,9 +574,9 @@ impl Node {
         out
     }
 
-    /// Test hook: makes a replica's actor panic.
-    pub fn crash_replica(&self, name: &str) -> bool {
-        self.router.replica(name).is_some_and(|r| r.crash())
+    /// Test hook: makes a replica's actor fail (`engine`: its engine thread dies first).
+    pub fn crash_replica(&self, name: &str, engine: bool) -> bool {
+        self.router.replica(name).is_some_and(|r| r.crash(engine))
     }
 
     /// Stops running jobs at a checkpoint (they resume on the next start), waits up to `grace`

@@ -53,8 +53,9 @@ pub trait Replica: Send + Sync {
         None
     }
 
-    /// Test hook: makes it fail; false when it cannot.
-    fn crash(&self) -> bool {
+    /// Test hook: makes it fail (`engine`: its engine first, so its streams are lost); false
+    /// when it cannot.
+    fn crash(&self, _engine: bool) -> bool {
         false
     }
 }
@@ -116,8 +117,19 @@ impl InFlight {
 /// whose client hung up still counts while the replica works on it.
 #[derive(Clone)]
 pub struct Lease {
-    _count: Arc<Counted>,
+    /// `None`: counts nothing (the relay of [`crate::failover`] holds the counting leases).
+    _count: Option<Arc<Counted>>,
     pub replica: String,
+}
+
+impl Lease {
+    /// A lease that only names `replica`.
+    pub fn detached(replica: String) -> Self {
+        Self {
+            _count: None,
+            replica,
+        }
+    }
 }
 
 struct Counted(Arc<InFlight>);
@@ -347,24 +359,55 @@ impl Router {
         let of = deployment
             .map(|d| format!(" of deployment `{d}`"))
             .unwrap_or_default();
-        self.dispatch_where(|r| deployment.is_none_or(|d| r.deployment == d), &of, work)
+        self.dispatch_where(
+            |r| deployment.is_none_or(|d| r.deployment == d),
+            &of,
+            work,
+            Vec::new(),
+            true,
+        )
+    }
+
+    /// Sends `work`, which a lost replica was serving, to another replica of `deployment`: none
+    /// of `lost`, and past `max_in_flight` if need be (the request was admitted already; the
+    /// engine's waiting queue still bounds it).
+    pub fn dispatch_move(
+        &self,
+        deployment: &str,
+        work: ChatWork,
+        lost: &[String],
+    ) -> Result<Dispatched, ServeError> {
+        self.dispatch_where(
+            |r| r.deployment == deployment,
+            &format!(" of deployment `{deployment}` besides the one lost"),
+            work,
+            lost.to_vec(),
+            false,
+        )
     }
 
     /// Sends `work` to replica `name` (a worker does what its head chose).
     pub fn dispatch_named(&self, name: &str, work: ChatWork) -> Result<Dispatched, ServeError> {
-        self.dispatch_where(|r| r.name == name, &format!(" `{name}`"), work)
+        self.dispatch_where(
+            |r| r.name == name,
+            &format!(" `{name}`"),
+            work,
+            Vec::new(),
+            true,
+        )
     }
 
     /// Sends `work` to the chosen one of the replicas `eligible` accepts (`what` names them in
-    /// errors).
+    /// errors), none of `tried`; `admit`: refuse it when every replica is full.
     fn dispatch_where(
         &self,
         eligible: impl Fn(&ReplicaInfo) -> bool,
         what: &str,
         work: ChatWork,
+        mut tried: Vec<String>,
+        admit: bool,
     ) -> Result<Dispatched, ServeError> {
         let mut work = Some(work);
-        let mut tried: Vec<String> = Vec::new();
         loop {
             let (actor, in_flight, name) = {
                 let mut slots = self.slots.write().expect("router");
@@ -383,7 +426,7 @@ impl Router {
                 let live: Vec<usize> = up
                     .iter()
                     .copied()
-                    .filter(|&i| slots[i].in_flight.load() < self.max_in_flight)
+                    .filter(|&i| !admit || slots[i].in_flight.load() < self.max_in_flight)
                     .collect();
                 if live.is_empty() && !up.is_empty() {
                     return Err(ServeError::new(
@@ -425,7 +468,7 @@ impl Router {
                 )
             };
             let lease = Lease {
-                _count: Arc::new(Counted(in_flight)),
+                _count: Some(Arc::new(Counted(in_flight))),
                 replica: name.clone(),
             };
             let (sink, events) = mpsc::channel(STREAM_BUFFER);

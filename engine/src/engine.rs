@@ -29,6 +29,9 @@ pub struct EngineConfig {
     pub max_waiting: usize,
     /// Intra-op threads of the engine thread's torch pool (`None`: torch's default).
     pub threads: Option<usize>,
+    /// Tests only: each step takes this much longer (so a test can lose a replica while its
+    /// sequences are still being generated). `None` in service.
+    pub step_delay: Option<std::time::Duration>,
 }
 
 impl Default for EngineConfig {
@@ -37,6 +40,7 @@ impl Default for EngineConfig {
             scheduler: SchedulerConfig::default(),
             max_waiting: 256,
             threads: None,
+            step_delay: None,
         }
     }
 }
@@ -75,6 +79,9 @@ enum Command {
     AdapterLoaded(AdapterKey, Result<Arc<PlacedAdapter>, String>),
     /// Tests: make the next step panic inside, as a model fault would.
     FailNextStep,
+    /// Tests: the engine thread dies (a fault outside a step): every open generation ends with
+    /// no end event.
+    Die,
     /// The last handle is gone: stop now (open generations end with an error).
     Shutdown,
 }
@@ -133,6 +140,7 @@ impl Engine {
         );
         let thread_stats = stats.clone();
         let threads = config.threads;
+        let step_delay = config.step_delay;
         let thread = std::thread::Builder::new()
             .name("tessera-engine".into())
             .spawn(move || {
@@ -140,7 +148,7 @@ impl Engine {
                     // OpenMP's thread count is per calling thread: this sets the engine's pool.
                     tch::set_num_threads(n.max(1) as i32);
                 }
-                run(scheduler, rx, loader, thread_stats)
+                run(scheduler, rx, loader, thread_stats, step_delay)
             })
             .expect("spawn engine thread");
         Self {
@@ -203,6 +211,15 @@ impl Engine {
     pub fn inject_step_failure(&self) {
         if let Some(tx) = self.inner.tx.lock().expect("engine mailbox").as_ref() {
             let _ = tx.send(Command::FailNextStep);
+        }
+    }
+
+    /// Makes the engine thread die, as a fault outside a step would (for tests of what a lost
+    /// replica does to its requests).
+    #[doc(hidden)]
+    pub fn inject_thread_death(&self) {
+        if let Some(tx) = self.inner.tx.lock().expect("engine mailbox").as_ref() {
+            let _ = tx.send(Command::Die);
         }
     }
 
@@ -465,6 +482,7 @@ fn run(
     rx: mpsc::Receiver<Command>,
     mut loader: ChannelLoader,
     stats: Arc<Mutex<SchedulerStats>>,
+    step_delay: Option<std::time::Duration>,
 ) {
     let _guard = tch::no_grad_guard();
     // Returns false on shutdown.
@@ -481,6 +499,7 @@ fn run(
             scheduler.fail_next_step();
             true
         }
+        Command::Die => panic!("test hook: the engine thread dies"),
         Command::Shutdown => false,
     };
     loop {
@@ -508,5 +527,8 @@ fn run(
         }
         scheduler.step(&mut loader);
         *stats.lock().expect("stats") = scheduler.stats();
+        if let Some(delay) = step_delay {
+            std::thread::sleep(delay);
+        }
     }
 }

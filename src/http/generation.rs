@@ -130,7 +130,12 @@ async fn start(
     let deadline = started + state.request_timeout;
     let id = work.request_id.clone();
     cold_start(state, deployment, deadline).await?;
-    let Dispatched { mut events, lease } = state.node.generate(Some(deployment), work)?;
+    // Admission control picks a replica (503 when all are full); the failover relay moves the
+    // request if that replica is lost before it ends.
+    let Dispatched { mut events, lease } =
+        state
+            .failover
+            .dispatch(&state.node.router, deployment, work, deadline)?;
     let first = tokio::time::timeout_at(deadline.into(), events.recv())
         .await
         .map_err(|_| AppError::timeout(state.request_timeout.as_secs()))?;

@@ -14,6 +14,7 @@ use prometheus::{
     Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
+use tessera_actors::failover::Failover;
 use tessera_actors::Node;
 
 use super::AppState;
@@ -33,6 +34,7 @@ pub struct Metrics {
     jobs: IntGaugeVec,
     training_tokens_per_s: Gauge,
     autoscaler: IntGaugeVec,
+    failovers: IntCounterVec,
     /// Last adapter counters seen per (replica, event), to turn engine totals into increments.
     seen: Mutex<HashMap<(String, &'static str), u64>>,
 }
@@ -134,8 +136,18 @@ impl Metrics {
             &["deployment", "figure"],
         )
         .expect("metric");
+        let failovers = IntCounterVec::new(
+            Opts::new(
+                "request_failovers_total",
+                "Requests moved to another replica because the one serving them was lost, per \
+                 deployment",
+            ),
+            &["deployment"],
+        )
+        .expect("metric");
         for m in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(failovers.clone()),
             Box::new(autoscaler.clone()),
             Box::new(latency.clone()),
             Box::new(generated_tokens.clone()),
@@ -166,12 +178,25 @@ impl Metrics {
             jobs,
             training_tokens_per_s,
             autoscaler,
+            failovers,
             seen: Mutex::default(),
         }
     }
 
-    /// Refreshes the gauges from the actors, then renders the text format.
-    pub async fn render(&self, node: &Node) -> String {
+    /// Refreshes the gauges from the actors and the failover relay, then renders the text
+    /// format.
+    pub async fn render(&self, node: &Node, failover: &Failover) -> String {
+        {
+            let mut seen = self.seen.lock().expect("metrics");
+            for (deployment, total) in failover.moves() {
+                let last = seen
+                    .insert((deployment.clone(), "failovers"), total)
+                    .unwrap_or(0);
+                self.failovers
+                    .with_label_values(&[&deployment])
+                    .inc_by(total.saturating_sub(last));
+            }
+        }
         for (replica, s) in node.replica_stats().await {
             self.queue_depth
                 .with_label_values(&[&replica])

@@ -69,6 +69,8 @@ pub struct Shared {
     pub allowed_hosts: Vec<String>,
     /// A generation running longer than this ends with 504 (or an SSE error event).
     pub request_timeout: Duration,
+    /// Moves a request may make when the replica serving it is lost (`server.request_retries`).
+    pub failover: tessera_actors::failover::Failover,
     pub max_body_bytes: usize,
     /// A request body must arrive whole within this (else 408).
     pub body_read_timeout: Duration,

@@ -199,7 +199,7 @@ pub async fn cluster(State(state): State<AppState>) -> Json<ClusterView> {
 
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", body = String)))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let text = state.metrics.render(&state.node).await;
+    let text = state.metrics.render(&state.node, &state.failover).await;
     (
         [(
             header::CONTENT_TYPE,
@@ -210,12 +210,22 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-/// Test hook (TESSERA_TEST_HOOKS=1 only): makes a replica's actor panic.
+/// What `POST /_test/crash/{replica}` crashes.
+#[derive(serde::Deserialize)]
+pub struct CrashBody {
+    /// The replica's engine thread dies first, ending the streams it serves (else only its
+    /// actor panics, and its engine finishes them).
+    #[serde(default)]
+    engine: bool,
+}
+
+/// Test hook (TESSERA_TEST_HOOKS=1 only): makes a replica's actor fail.
 pub async fn crash(
     State(state): State<AppState>,
     Path(replica): Path<String>,
+    axum::Json(body): axum::Json<CrashBody>,
 ) -> Result<StatusCode, AppError> {
-    if state.node.crash_replica(&replica) {
+    if state.node.crash_replica(&replica, body.engine) {
         Ok(StatusCode::ACCEPTED)
     } else {
         Err(AppError::not_found(format!(

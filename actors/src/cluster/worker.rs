@@ -290,26 +290,38 @@ impl Actor for WorkerAgent {
                                     event: StreamEvent::Error(e),
                                 });
                             }
-                            Ok(mut d) => {
-                                while let Some(event) = d.events.recv().await {
-                                    // Wait for credit: the head has not delivered enough yet.
-                                    match window.acquire().await {
-                                        Ok(permit) => permit.forget(),
-                                        Err(_) => break,
-                                    }
-                                    let last = matches!(
-                                        event,
-                                        StreamEvent::Finished { .. } | StreamEvent::Error(_)
-                                    );
-                                    if !link.send(ToHead::Stream {
+                            Ok(mut d) => loop {
+                                let Some(event) = d.events.recv().await else {
+                                    // The replica's stream ended with no end event (its engine
+                                    // stopped): the head hears it now and may move the request.
+                                    link.send(ToHead::Stream {
                                         request_id: id.clone(),
-                                        event,
-                                    }) || last
-                                    {
-                                        break;
-                                    }
+                                        event: StreamEvent::Error(
+                                            crate::messages::ServeError::unavailable(format!(
+                                                "replica {} stopped while serving this request",
+                                                d.lease.replica
+                                            )),
+                                        ),
+                                    });
+                                    break;
+                                };
+                                // Wait for credit: the head has not delivered enough yet.
+                                match window.acquire().await {
+                                    Ok(permit) => permit.forget(),
+                                    Err(_) => break,
                                 }
-                            }
+                                let last = matches!(
+                                    event,
+                                    StreamEvent::Finished { .. } | StreamEvent::Error(_)
+                                );
+                                if !link.send(ToHead::Stream {
+                                    request_id: id.clone(),
+                                    event,
+                                }) || last
+                                {
+                                    break;
+                                }
+                            },
                         }
                         let _ = finished.send(id);
                     }
