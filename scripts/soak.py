@@ -8,8 +8,10 @@ and the previous one deleted every two minutes. Failures: a worker is SIGKILLed 
 every `KILL_EVERY` seconds (alternating), and the head is restarted once (SIGTERM, then started on
 the same database) halfway through.
 
-Prints requests ok / refused with a retryable answer (429, 503, 504) / not connected (the head
-restarting; clients retry every 0.5 s) / failed otherwise; jobs submitted / succeeded / failed / lost (never found again,
+Prints requests ok / moved to another replica when the one serving them was lost (the head's
+`tessera_request_failovers_total`, summed over its two lives; those requests count as ok too) /
+refused with a retryable answer (429, 503, 504) / not connected (the head restarting; clients
+retry every 0.5 s) / failed otherwise (lost); jobs submitted / succeeded / failed / lost (never found again,
 or not ended 10 minutes after the load stops: must be 0); and each process's RSS and open file
 descriptors at start and end.
 """
@@ -73,6 +75,8 @@ class Soak:
         self.workers = {name: self.start_worker(name) for name in ("w1", "w2")}
         self.lock = threading.Lock()
         self.counts = {"ok": 0, "retryable": 0, "unreachable": 0, "failed": 0}
+        # Failovers counted by the head's earlier lives (its counters start again at a restart).
+        self.moved_before = 0
         self.failures = []
         self.jobs = []
         self.stop = threading.Event()
@@ -125,13 +129,13 @@ class Soak:
             adapter = self.adapter if n % 3 == 0 else None
             try:
                 if n % 2:
-                    body = {"prompt": f"Client {i} asks question {n}.", "max_tokens": 24, "temperature": 0}
+                    body = {"prompt": f"Client {i} asks question {n}.", "max_tokens": 64, "temperature": 0}
                     if adapter:
                         body["adapter_path"] = adapter
                     status, raw = call(self.url + "/chat", body)
                     ok = status == 200 and json.loads(raw).get("text") is not None
                 else:
-                    body = {"model": adapter or "default", "stream": n % 4 == 0, "max_tokens": 24,
+                    body = {"model": adapter or "default", "stream": n % 4 == 0, "max_tokens": 64,
                             "messages": [{"role": "user", "content": f"Client {i}, turn {n}."}]}
                     if not adapter:
                         body.pop("model")
@@ -142,9 +146,16 @@ class Soak:
                         ok = False
                 self.count("ok" if ok else "failed", None if ok else f"{status} {raw[:200]!r}")
             except urllib.error.HTTPError as e:
-                retryable = e.code in (429, 503, 504)
+                raw = e.read()
+                # A request cut by its replica's loss is lost, whatever its status says.
+                cut = b"while serving this request" in raw
+                retryable = e.code in (429, 503, 504) and not cut
                 self.count("retryable" if retryable else "failed",
-                           None if retryable else f"{e.code} {e.read()[:200]!r}")
+                           None if retryable else f"{e.code} {raw[:200]!r}")
+                if retryable:
+                    # As a client honouring Retry-After would (not a tight loop while no replica
+                    # is ready yet).
+                    time.sleep(0.5)
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 # No connection: the head is restarting.
                 self.count("unreachable")
@@ -203,6 +214,7 @@ class Soak:
                 next_kill += KILL_EVERY
             if not restarted and time.time() - t0 >= minutes * 30:
                 restarted = True
+                self.moved_before += self.moved()
                 self.head.send_signal(signal.SIGTERM)
                 self.head.wait(60)
                 self.head = self.start_head()
@@ -223,12 +235,13 @@ class Soak:
                 break
             time.sleep(5)
         end_stats = self.stats()
+        moved = self.moved_before + self.moved()
         jobs = {s: sum(1 for v in states.values() if v == s) for s in ("succeeded", "failed", "cancelled")}
         lost = len(self.jobs) - sum(jobs.values())
         print(f"soak: {minutes} min, head + 2 workers, a worker killed every {KILL_EVERY} s, one head restart")
-        print(f"requests: ok {self.counts['ok']}, refused retryable (429/503/504) "
-              f"{self.counts['retryable']}, no connection (head restarting, tries 0.5 s apart) "
-              f"{self.counts['unreachable']}, failed {self.counts['failed']}")
+        print(f"requests: ok {self.counts['ok']} (moved to another replica {moved}), refused retryable "
+              f"(429/503/504) {self.counts['retryable']}, no connection (head restarting, tries 0.5 s "
+              f"apart) {self.counts['unreachable']}, failed (lost) {self.counts['failed']}")
         print(f"jobs: submitted {len(self.jobs)}, succeeded {jobs['succeeded']}, failed {jobs['failed']}, "
               f"cancelled {jobs['cancelled']}, lost {lost}")
         for name in start_stats:
@@ -236,6 +249,15 @@ class Soak:
         for f in self.failures:
             print("failed request:", f)
         return lost
+
+    def moved(self):
+        """The head's `tessera_request_failovers_total`, summed over deployments."""
+        try:
+            text = call(self.url + "/metrics", timeout=30)[1].decode()
+        except Exception:
+            return 0
+        return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+                   if line.startswith("tessera_request_failovers_total{"))
 
     def stats(self):
         procs = {"head": self.head, **self.workers}
