@@ -64,10 +64,10 @@ fn running() -> Running {
 fn body(i: usize) -> Value {
     let mut b =
         json!({"prompt": format!("story number {i}:"), "max_tokens": 120, "temperature": 0});
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         b["min_tokens"] = json!(120);
     }
-    if i % 3 == 0 {
+    if i.is_multiple_of(3) {
         b["adapter_path"] = json!("one");
     }
     b

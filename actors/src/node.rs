@@ -423,13 +423,13 @@ impl Node {
         self.supervisor
             .cast(SupervisorMsg::Add(
                 s.name.clone(),
-                ChildSpec::Inference(s.inference_args(
+                Box::new(ChildSpec::Inference(s.inference_args(
                     path,
                     kind,
                     &self.router,
                     &self.health,
                     generation,
-                )),
+                ))),
             ))
             .map_err(|e| e.to_string())
     }

@@ -60,8 +60,11 @@ impl ChildSpec {
 
 impl crate::deployments::ReplicaHost for ActorRef<SupervisorMsg> {
     fn start(&self, name: String, args: InferenceArgs) -> Result<(), String> {
-        self.cast(SupervisorMsg::Add(name, ChildSpec::Inference(args)))
-            .map_err(|e| format!("the node's supervisor: {e}"))
+        self.cast(SupervisorMsg::Add(
+            name,
+            Box::new(ChildSpec::Inference(args)),
+        ))
+        .map_err(|e| format!("the node's supervisor: {e}"))
     }
 
     fn stop(
@@ -80,7 +83,7 @@ impl crate::deployments::ReplicaHost for ActorRef<SupervisorMsg> {
 pub enum SupervisorMsg {
     Restart(String),
     /// Starts a new child (a replica scaled up) and supervises it like the others.
-    Add(String, ChildSpec),
+    Add(String, Box<ChildSpec>),
     /// Stops a child for good (a replica scaled down, already drained) and forgets it.
     Remove(String, RpcReplyPort<()>),
     /// Stop every child (no restarts), then the supervisor itself.
@@ -184,7 +187,7 @@ impl Actor for NodeSupervisor {
                     state.children.insert(
                         name.clone(),
                         Child {
-                            spec,
+                            spec: *spec,
                             tracker: RestartTracker::default(),
                             cell: None,
                         },
