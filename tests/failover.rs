@@ -4,12 +4,12 @@
 //! serving go on on the other worker (`server.request_retries`), and each client reads the very
 //! answer a run without the kill gives (greedy, float32): same text, end and usage. With no
 //! replica left the client hears why at once; the official `openai` client sees the same on the
-//! OpenAI streaming route.
+//! OpenAI streaming route; a local replica whose engine thread dies hands its streams over too.
 
 mod support;
 
 use std::io::BufRead;
-use std::sync::{Arc, Barrier};
+use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -28,7 +28,7 @@ struct Running {
     workers: Vec<Proc>,
 }
 
-/// A head with no replica of its own and two float32 workers (stream delay hook on), with an
+/// A head with no replica of its own and two float32 workers (step delay hook on), with an
 /// adapter `one` for the tiny model.
 fn running() -> Running {
     let c = Cluster::new();
@@ -73,50 +73,33 @@ fn body(i: usize) -> Value {
     b
 }
 
-/// Each replica's node and requests in flight.
-fn in_flight(c: &Cluster) -> Vec<(String, u64)> {
-    c.get("/cluster")["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["node"].as_str().unwrap().to_string(),
-                r["in_flight"].as_u64().unwrap(),
-            )
-        })
-        .collect()
+/// What the first `n` requests answer, without streaming (asked together).
+fn answers(url: &str, n: usize) -> Vec<Value> {
+    std::thread::scope(|s| {
+        let asks: Vec<_> = (0..n)
+            .map(|i| {
+                s.spawn(move || {
+                    let mut r = Head::agent()
+                        .post(format!("{url}/chat"))
+                        .send_json(body(i))
+                        .unwrap();
+                    let answer: Value = r.body_mut().read_json().unwrap();
+                    assert_eq!(r.status().as_u16(), 200, "{answer}");
+                    assert!(answer["usage"]["completion_tokens"].as_u64() > Some(0));
+                    answer
+                })
+            })
+            .collect();
+        asks.into_iter().map(|h| h.join().unwrap()).collect()
+    })
 }
 
-/// The worker process whose node is `node`.
-fn process_of<'a>(workers: &'a mut [Proc], node: &str) -> &'a mut Proc {
-    workers
-        .iter_mut()
-        .find(|w| w.log().contains(node))
-        .expect("a worker process logs its node name")
-}
-
-/// `tessera_request_failovers_total`, summed over deployments.
-fn failovers(c: &Cluster) -> u64 {
-    let text = Head::agent()
-        .get(format!("{}/metrics", c.url()))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with("tessera_request_failovers_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
-/// Opens a `/chat` stream and reads it up to its first token event.
-fn open_stream(c: &Cluster, body: &Value) -> impl BufRead {
-    let mut b = body.clone();
+/// Opens a `/chat` stream of request `i` and reads it up to its first token event.
+fn open_stream(url: &str, i: usize) -> impl BufRead {
+    let mut b = body(i);
     b["stream"] = json!(true);
     let resp = Head::agent()
-        .post(format!("{}/chat", c.url()))
+        .post(format!("{url}/chat"))
         .send_json(b)
         .unwrap();
     let mut reader = std::io::BufReader::new(resp.into_body().into_reader());
@@ -128,72 +111,46 @@ fn open_stream(c: &Cluster, body: &Value) -> impl BufRead {
     reader
 }
 
-#[test]
-fn streams_cut_by_a_killed_worker_end_as_they_would_have_on_another() {
-    let _serial = serial();
-    // (`_head` bound: a field left to `..` would be dropped, and the head killed, at once.)
-    let Running {
-        c,
-        _head,
-        mut workers,
-    } = running();
-    // What each request answers without a kill.
-    let baseline: Vec<Value> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..STREAMS)
+/// Streams the first `n` requests at once; when every client has its first token, `lose` runs
+/// (it loses a replica and returns how many streams that replica held); then each client reads
+/// its stream to the end. The streams' events, and what `lose` returned.
+fn streams_across(
+    url: &str,
+    n: usize,
+    lose: impl FnOnce() -> u64,
+) -> (Vec<Vec<(String, String)>>, u64) {
+    let (started, lost) = (Barrier::new(n + 1), Barrier::new(n + 1));
+    std::thread::scope(|s| {
+        let clients: Vec<_> = (0..n)
             .map(|i| {
-                let c = &c;
+                let (started, lost) = (&started, &lost);
                 s.spawn(move || {
-                    let (status, r) = c.post("/chat", &body(i));
-                    assert_eq!(status, 200, "{r}");
-                    r
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    for r in &baseline {
-        assert!(r["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{r}");
-    }
-
-    // The same requests streamed; once every client has its first token, the worker serving the
-    // most of them is killed.
-    let first_tokens = Arc::new(Barrier::new(STREAMS + 1));
-    let killed = Arc::new(Barrier::new(STREAMS + 1));
-    let (victim_streams, streamed) = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..STREAMS)
-            .map(|i| {
-                let (c, first_tokens, killed) = (&c, first_tokens.clone(), killed.clone());
-                s.spawn(move || {
-                    let reader = open_stream(c, &body(i));
-                    first_tokens.wait();
-                    killed.wait();
+                    let reader = open_stream(url, i);
+                    started.wait();
+                    lost.wait();
                     read_sse(reader, usize::MAX)
                 })
             })
             .collect();
-        first_tokens.wait();
-        let load = in_flight(&c);
-        let (node, n) = load.iter().max_by_key(|(_, n)| *n).unwrap().clone();
-        assert_eq!(
-            load.iter().map(|(_, n)| n).sum::<u64>(),
-            STREAMS as u64,
-            "{load:?}"
-        );
-        let _ = process_of(&mut workers, &node).child.kill();
-        killed.wait();
-        let streamed: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        (n, streamed)
-    });
-    assert!(victim_streams > 0);
-    for (i, (events, want)) in streamed.iter().zip(&baseline).enumerate() {
+        started.wait();
+        let held = lose();
+        lost.wait();
+        let events = clients.into_iter().map(|h| h.join().unwrap()).collect();
+        (events, held)
+    })
+}
+
+/// Each stream ended as its uncut answer: `done` with the same text, end and usage, and the text
+/// its token events carried is that answer too.
+fn assert_whole(streamed: &[Vec<(String, String)>], answers: &[Value]) {
+    for (i, (events, want)) in streamed.iter().zip(answers).enumerate() {
         let (last, data) = events.last().expect("events");
         assert_eq!(last, "done", "stream {i}: {events:?}");
         let done: Value = serde_json::from_str(data).unwrap();
-        assert_eq!(done["text"], want["text"], "stream {i}");
-        assert_eq!(done["finish_reason"], want["finish_reason"], "stream {i}");
-        assert_eq!(done["usage"], want["usage"], "stream {i}");
-        // The text the client read token by token is the whole answer too (the first token's
-        // data comes without its name: `open_stream` read that line).
+        for field in ["text", "finish_reason", "usage"] {
+            assert_eq!(done[field], want[field], "stream {i}: {field}");
+        }
+        // (The first token's data comes without its name: `open_stream` read that line.)
         let tokens: String = events
             .iter()
             .filter(|(e, _)| e == "token" || e.is_empty())
@@ -211,8 +168,75 @@ fn streams_cut_by_a_killed_worker_end_as_they_would_have_on_another() {
             "stream {i}: token texts {tokens:?} of {whole:?}"
         );
     }
+}
+
+/// Each replica's node and requests in flight.
+fn in_flight(c: &Cluster) -> Vec<(String, u64)> {
+    c.get("/cluster")["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["node"].as_str().unwrap().to_string(),
+                r["in_flight"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Kills the worker serving the most requests; how many it held.
+fn kill_the_busiest(c: &Cluster, workers: &mut [Proc]) -> u64 {
+    let load = in_flight(c);
+    let (node, n) = load.iter().max_by_key(|(_, n)| *n).unwrap().clone();
+    let _ = workers
+        .iter_mut()
+        .find(|w| w.log().contains(&node))
+        .expect("a worker process logs its node name")
+        .child
+        .kill();
+    n
+}
+
+/// `tessera_request_failovers_total` at `url`, summed over deployments.
+fn failovers(url: &str) -> u64 {
+    let text = Head::agent()
+        .get(format!("{url}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("tessera_request_failovers_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn streams_cut_by_a_killed_worker_end_as_they_would_have_on_another() {
+    let _serial = serial();
+    // (`_head` bound: a field left to `..` would be dropped, and the head killed, at once.)
+    let Running {
+        c,
+        _head,
+        mut workers,
+    } = running();
+    let url = c.url();
+    let want = answers(&url, STREAMS);
+    let (streamed, held) = streams_across(&url, STREAMS, || {
+        let load = in_flight(&c);
+        assert_eq!(
+            load.iter().map(|(_, n)| n).sum::<u64>(),
+            STREAMS as u64,
+            "{load:?}"
+        );
+        kill_the_busiest(&c, &mut workers)
+    });
+    assert!(held > 0);
+    assert_whole(&streamed, &want);
     // One move per stream the killed worker held, counted and logged.
-    assert_eq!(failovers(&c), victim_streams);
+    assert_eq!(failovers(&url), held);
     let log = std::fs::read_to_string(c.dir.path().join("head.log")).unwrap();
     assert!(log.contains("request moved to another replica"));
 
@@ -221,9 +245,8 @@ fn streams_cut_by_a_killed_worker_end_as_they_would_have_on_another() {
     c.wait("one replica", Duration::from_secs(30), || {
         in_flight(&c).len() == 1
     });
-    let reader = open_stream(&c, &body(1));
-    let node = in_flight(&c)[0].0.clone();
-    let _ = process_of(&mut workers, &node).child.kill();
+    let reader = open_stream(&url, 1);
+    kill_the_busiest(&c, &mut workers);
     let t0 = Instant::now();
     let events = read_sse(reader, usize::MAX);
     assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
@@ -239,21 +262,10 @@ fn streams_cut_by_a_killed_worker_end_as_they_would_have_on_another() {
 /// (`tests/failover_client.py` streams, says when each stream has begun, and waits for the kill).
 #[test]
 fn the_openai_client_streams_across_a_killed_worker() {
-    let python = std::env::var("TESSERA_PYTHON").unwrap_or_else(|_| "python3".into());
-    let has_openai = std::process::Command::new(&python)
-        .args(["-c", "import openai"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_openai {
-        assert!(
-            std::env::var_os("TESSERA_REQUIRE_OPENAI").is_none(),
-            "the openai package is required (TESSERA_REQUIRE_OPENAI) but {python} cannot import it"
-        );
-        eprintln!("skipping: {python} has no `openai` package");
+    let Some(python) = support::python_with("openai") else {
         return;
-    }
+    };
     let _serial = serial();
-    // (`_head` bound: a field left to `..` would be dropped, and the head killed, at once.)
     let Running {
         c,
         _head,
@@ -283,10 +295,8 @@ fn the_openai_client_streams_across_a_killed_worker() {
             "the client ended before streaming"
         );
     }
-    let load = in_flight(&c);
-    let (node, n) = load.iter().max_by_key(|(_, n)| *n).unwrap().clone();
-    assert!(n > 0, "{load:?}");
-    let _ = process_of(&mut workers, &node).child.kill();
+    let held = kill_the_busiest(&c, &mut workers);
+    assert!(held > 0);
     {
         use std::io::Write;
         let mut stdin = client.stdin.take().unwrap();
@@ -300,7 +310,7 @@ fn the_openai_client_streams_across_a_killed_worker() {
         "the client failed:\n{rest}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert_eq!(failovers(&c), n);
+    assert_eq!(failovers(&c.url()), held);
 }
 
 /// A local replica whose engine thread dies (a test hook; its supervisor restarts it): the
@@ -312,45 +322,8 @@ fn streams_of_a_local_replica_whose_engine_died_go_on_on_another() {
     let head = support::start(&["resources.cpu_inference_slots=2", "model.dtype=\"f32\""]);
     tiny::write_adapter(&head.adapters.join("one"), 4, 8.0, &["q_proj", "v_proj"], 3);
     let n = 4;
-    let baseline: Vec<Value> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..n)
-            .map(|i| {
-                let head = &head;
-                s.spawn(move || {
-                    let (status, r) = head.post("/chat", &body(i));
-                    assert_eq!(status, 200, "{r}");
-                    r
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let first_tokens = Arc::new(Barrier::new(n + 1));
-    let crashed = Arc::new(Barrier::new(n + 1));
-    let (lost, streamed) = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..n)
-            .map(|i| {
-                let (head, first_tokens, crashed) = (&head, first_tokens.clone(), crashed.clone());
-                s.spawn(move || {
-                    let mut b = body(i);
-                    b["stream"] = json!(true);
-                    let resp = Head::agent()
-                        .post(format!("{}/chat", head.url))
-                        .send_json(b)
-                        .unwrap();
-                    let mut reader = std::io::BufReader::new(resp.into_body().into_reader());
-                    let mut line = String::new();
-                    while !line.starts_with("event: token") {
-                        line.clear();
-                        assert!(reader.read_line(&mut line).unwrap() > 0);
-                    }
-                    first_tokens.wait();
-                    crashed.wait();
-                    read_sse(reader, usize::MAX)
-                })
-            })
-            .collect();
-        first_tokens.wait();
+    let want = answers(&head.url, n);
+    let (streamed, held) = streams_across(&head.url, n, || {
         let (_, cluster) = head.get("/cluster");
         let busiest = cluster["replicas"]
             .as_array()
@@ -362,26 +335,11 @@ fn streams_of_a_local_replica_whose_engine_died_go_on_on_another() {
         let name = busiest["name"].as_str().unwrap();
         let (code, _) = head.post(&format!("/_test/crash/{name}"), &json!({"engine": true}));
         assert_eq!(code, 202);
-        crashed.wait();
-        let streamed: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        (busiest["in_flight"].as_u64().unwrap(), streamed)
+        busiest["in_flight"].as_u64().unwrap()
     });
-    assert!(lost > 0);
-    for (i, (events, want)) in streamed.iter().zip(&baseline).enumerate() {
-        let (last, data) = events.last().expect("events");
-        assert_eq!(last, "done", "stream {i}: {events:?}");
-        let done: Value = serde_json::from_str(data).unwrap();
-        assert_eq!(done["text"], want["text"], "stream {i}");
-        assert_eq!(done["finish_reason"], want["finish_reason"], "stream {i}");
-        assert_eq!(done["usage"], want["usage"], "stream {i}");
-    }
-    let (_, metrics) = head.get_text("/metrics");
-    let moved: u64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("tessera_request_failovers_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum();
-    assert_eq!(moved, lost);
+    assert!(held > 0);
+    assert_whole(&streamed, &want);
+    assert_eq!(failovers(&head.url), held);
     // The replica was restarted and serves again.
     head.wait_until("the restart", Duration::from_secs(30), |h| {
         let (_, health) = h.get("/health");

@@ -152,19 +152,9 @@ fn openai_routes_answer_in_openai_shapes() {
     assert_eq!(e["error"]["field"], "model");
 
     // The official Python client, unchanged, when the test environment has it.
-    let python = std::env::var("TESSERA_PYTHON").unwrap_or_else(|_| "python3".into());
-    let has_openai = std::process::Command::new(&python)
-        .args(["-c", "import openai"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_openai {
-        assert!(
-            std::env::var_os("TESSERA_REQUIRE_OPENAI").is_none(),
-            "the openai package is required (TESSERA_REQUIRE_OPENAI) but {python} cannot import it"
-        );
-        eprintln!("skipping the openai client check: {python} has no `openai` package");
+    let Some(python) = support::python_with("openai") else {
         return;
-    }
+    };
     write_adapter(&head, "named", 5);
     let out = std::process::Command::new(&python)
         .arg(concat!(

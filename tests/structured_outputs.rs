@@ -229,19 +229,9 @@ fn structured_outputs_and_sampling_fields_over_http() {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), target.join(entry.file_name())).unwrap();
     }
-    let python = std::env::var("TESSERA_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ready = std::process::Command::new(&python)
-        .args(["-c", "import openai, jsonschema"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ready {
-        assert!(
-            std::env::var_os("TESSERA_REQUIRE_OPENAI").is_none(),
-            "openai and jsonschema are required (TESSERA_REQUIRE_OPENAI) but {python} lacks them"
-        );
-        eprintln!("skipping the openai client check: {python} lacks openai or jsonschema");
+    let Some(python) = support::python_with("openai, jsonschema") else {
         return;
-    }
+    };
     let started = std::time::Instant::now();
     let out = std::process::Command::new(&python)
         .arg(concat!(

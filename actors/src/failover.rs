@@ -186,7 +186,6 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::health::ActorState;
     use crate::messages::{PromptInput, ReplicaInfo, TokenOut};
     use crate::router::Replica;
     use tessera_engine::FinishReason;
@@ -291,18 +290,8 @@ mod tests {
         for (i, (tokens, end)) in scripts.iter().enumerate() {
             let name = format!("r{i}");
             let info = ReplicaInfo {
-                name: name.clone(),
                 node: format!("n{i}"),
-                devices: vec![],
-                tensor_parallel: 1,
-                state: ActorState::Running,
-                in_flight: 0,
-                adapters: vec![],
-                model: None,
-                dtype: None,
-                weights: None,
-                deployment: "d".into(),
-                fingerprint: None,
+                ..ReplicaInfo::for_test(&name)
             };
             let replica = Scripted {
                 name,

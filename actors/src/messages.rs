@@ -167,3 +167,24 @@ pub struct ReplicaInfo {
     #[serde(default)]
     pub fingerprint: Option<String>,
 }
+
+#[cfg(test)]
+impl ReplicaInfo {
+    /// A replica `name` of deployment `d` on node `n`, starting, with nothing loaded (unit tests).
+    pub(crate) fn for_test(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            node: "n".into(),
+            devices: vec![],
+            tensor_parallel: 1,
+            state: ActorState::Starting,
+            in_flight: 0,
+            adapters: vec![],
+            model: None,
+            dtype: None,
+            weights: None,
+            deployment: "d".into(),
+            fingerprint: None,
+        }
+    }
+}

@@ -544,20 +544,7 @@ mod tests {
     }
 
     fn replica_info(name: &str) -> ReplicaInfo {
-        ReplicaInfo {
-            name: name.into(),
-            node: "n".into(),
-            devices: vec![],
-            tensor_parallel: 1,
-            state: ActorState::Starting,
-            in_flight: 0,
-            adapters: vec![],
-            model: None,
-            dtype: None,
-            weights: None,
-            deployment: "d".into(),
-            fingerprint: None,
-        }
+        ReplicaInfo::for_test(name)
     }
 
     fn work() -> ChatWork {

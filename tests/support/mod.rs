@@ -272,6 +272,26 @@ pub fn quick_hyperparameters(epochs: usize) -> Value {
     })
 }
 
+/// The test environment's Python (`TESSERA_PYTHON`, else `python3`) when it can import every one
+/// of `modules` (`"openai, jsonschema"`); `None` otherwise, which fails the test when the test
+/// command asks for them (`TESSERA_REQUIRE_OPENAI`) and else tells why it skips.
+pub fn python_with(modules: &str) -> Option<String> {
+    let python = std::env::var("TESSERA_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ready = std::process::Command::new(&python)
+        .args(["-c", &format!("import {modules}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    if ready {
+        return Some(python);
+    }
+    assert!(
+        std::env::var_os("TESSERA_REQUIRE_OPENAI").is_none(),
+        "{modules} required (TESSERA_REQUIRE_OPENAI) but {python} cannot import them"
+    );
+    eprintln!("skipping the Python client check: {python} cannot import {modules}");
+    None
+}
+
 /// A loopback port free at the time of asking.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
