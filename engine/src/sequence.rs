@@ -169,11 +169,14 @@ impl Sequence {
         }
     }
 
-    /// Every token of the prefill, in order.
-    pub fn prefill_tokens(&self) -> Vec<u32> {
+    /// Every token of the prefill, in order (the prompt itself unless resumed).
+    pub fn prefill_tokens(&self) -> std::borrow::Cow<'_, [u32]> {
+        if self.resumed == 0 {
+            return std::borrow::Cow::Borrowed(&self.prompt);
+        }
         let mut all = self.prompt.clone();
         all.extend_from_slice(&self.generated[..self.resumed]);
-        all
+        std::borrow::Cow::Owned(all)
     }
 
     fn emit(&self, event: Event) {
