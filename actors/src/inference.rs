@@ -128,7 +128,7 @@ impl Actor for InferenceActor {
                         fingerprint,
                     },
                 );
-                let config = tessera_engine::EngineConfig {
+                let config = EngineConfig {
                     step_delay: test_hook_step_delay(),
                     ..args.engine.clone()
                 };

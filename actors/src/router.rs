@@ -543,10 +543,6 @@ mod tests {
         }
     }
 
-    fn replica_info(name: &str) -> ReplicaInfo {
-        ReplicaInfo::for_test(name)
-    }
-
     fn work() -> ChatWork {
         ChatWork {
             request_id: "x".into(),
@@ -564,7 +560,7 @@ mod tests {
     #[test]
     fn admission_refuses_beyond_max_in_flight_until_every_lease_is_dropped() {
         let router = Router::new(4, 4, 2);
-        router.add_remote(replica_info("r0"), Arc::new(Accepting));
+        router.add_remote(ReplicaInfo::for_test("r0"), Arc::new(Accepting));
         let work = work();
         let other = router.dispatch(Some("e"), work.clone()).err().unwrap();
         assert_eq!(other.kind, ServeErrorKind::Unavailable);
@@ -586,7 +582,7 @@ mod tests {
     #[tokio::test]
     async fn a_drain_is_woken_by_the_last_lease_dropped() {
         let router = Router::new(4, 4, 4);
-        let mut info = replica_info("r0");
+        let mut info = ReplicaInfo::for_test("r0");
         info.deployment = "d".into();
         router.add_remote(info, Arc::new(Accepting));
         let a = router.dispatch(None, work()).unwrap();
@@ -614,8 +610,8 @@ mod tests {
     #[test]
     fn an_older_start_cannot_touch_a_newer_replica_on_the_same_slot() {
         let router = Router::new(4, 4, 4);
-        let old = router.add_replica(replica_info("r0"));
-        let new = router.add_replica(replica_info("r0"));
+        let old = router.add_replica(ReplicaInfo::for_test("r0"));
+        let new = router.add_replica(ReplicaInfo::for_test("r0"));
         assert_ne!(old, new);
         let loaded = |model: &str| Loaded {
             model: model.into(),
