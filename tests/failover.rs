@@ -151,16 +151,7 @@ fn assert_whole(streamed: &[Vec<(String, String)>], answers: &[Value]) {
             assert_eq!(done[field], want[field], "stream {i}: {field}");
         }
         // (The first token's data comes without its name: `open_stream` read that line.)
-        let tokens: String = events
-            .iter()
-            .filter(|(e, _)| e == "token" || e.is_empty())
-            .map(|(_, d)| {
-                serde_json::from_str::<Value>(d).unwrap()["text"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            })
-            .collect();
+        let tokens = support::sse_text(events.iter().filter(|(e, _)| e == "token" || e.is_empty()));
         // (The end's text may hold the bytes of a last partial character.)
         let whole = want["text"].as_str().unwrap();
         assert!(

@@ -68,15 +68,7 @@ fn chat_with_and_without_adapters_and_streaming() {
         base["usage"]["completion_tokens"].as_u64().unwrap()
     );
     let done: Value = serde_json::from_str(&last.1).unwrap();
-    let joined: String = tokens
-        .iter()
-        .map(|(_, d)| {
-            serde_json::from_str::<Value>(d).unwrap()["text"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let joined = support::sse_text(tokens);
     assert_eq!(done["text"], base["text"]);
     assert!(
         base["text"].as_str().unwrap().starts_with(&joined),

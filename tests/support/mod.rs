@@ -263,6 +263,19 @@ pub fn read_sse(reader: impl std::io::Read, max: usize) -> Vec<(String, String)>
     events
 }
 
+/// The `text` fields of SSE events' JSON data, joined (a stream's token texts).
+pub fn sse_text<'a>(events: impl IntoIterator<Item = &'a (String, String)>) -> String {
+    events
+        .into_iter()
+        .map(|(_, d)| {
+            serde_json::from_str::<Value>(d).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
 /// Quick LoRA hyperparameters for the tiny model.
 pub fn quick_hyperparameters(epochs: usize) -> Value {
     json!({
