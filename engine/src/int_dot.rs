@@ -11,12 +11,10 @@
 //!
 //! The work is split by weight rows over torch's own OpenMP threads ([`split_rows`]).
 
-use std::os::raw::{c_char, c_int, c_uint, c_void};
-use std::sync::OnceLock;
-
 use tch::{Device, Kind, Tensor};
 
 use crate::cpu::simd;
+use crate::threads::split_rows;
 
 /// The largest quantised activation: 16-bit activations keep ~15 bits per group of 32 (8-bit
 /// ones, llama.cpp's, moved SmolLM2's decode perplexity by 1.2% and its argmax at 5% of
@@ -100,150 +98,6 @@ impl OutPtr {
     pub(crate) fn at(self, i: usize) -> *mut f32 {
         // SAFETY (of the callers' writes): `i` is inside the buffer this points into.
         self.0.wrapping_add(i)
-    }
-}
-
-/// torch's own OpenMP runtime (libgomp), found in the process at run time: splitting our kernels
-/// over its team of threads keeps one set of threads on the cores, the one torch's ops use (a
-/// second pool would compete with its spinning threads).
-struct Omp {
-    parallel: GompParallel,
-    thread_num: OmpInt,
-    num_threads: OmpInt,
-}
-
-/// `GOMP_parallel(fn, data, num_threads, flags)`.
-type GompParallel = unsafe extern "C" fn(extern "C" fn(*mut c_void), *mut c_void, c_uint, c_uint);
-/// `omp_get_thread_num()`, `omp_get_num_threads()`.
-type OmpInt = unsafe extern "C" fn() -> c_int;
-
-fn omp() -> Option<&'static Omp> {
-    static OMP: OnceLock<Option<Omp>> = OnceLock::new();
-    OMP.get_or_init(|| {
-        extern "C" {
-            fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
-        }
-        let find = |name: &std::ffi::CStr| {
-            // SAFETY: RTLD_DEFAULT (null) searches the process' global symbols.
-            let p = unsafe { dlsym(std::ptr::null_mut(), name.as_ptr()) };
-            (!p.is_null()).then_some(p)
-        };
-        let (parallel, thread_num, num_threads) = (
-            find(c"GOMP_parallel")?,
-            find(c"omp_get_thread_num")?,
-            find(c"omp_get_num_threads")?,
-        );
-        // SAFETY: libgomp's ABI for these three functions.
-        unsafe {
-            Some(Omp {
-                parallel: std::mem::transmute::<*mut c_void, GompParallel>(parallel),
-                thread_num: std::mem::transmute::<*mut c_void, OmpInt>(thread_num),
-                num_threads: std::mem::transmute::<*mut c_void, OmpInt>(num_threads),
-            })
-        }
-    })
-    .as_ref()
-}
-
-/// The pool that takes all but the first share of a split where no OpenMP runtime is found
-/// (torch's thread count − 1 threads; `None` with one thread).
-fn pool() -> Option<&'static rayon::ThreadPool> {
-    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
-    POOL.get_or_init(|| {
-        let threads = torch_threads();
-        (threads > 1)
-            .then(|| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads - 1)
-                    .thread_name(|i| format!("tessera-intdot-{i}"))
-                    .build()
-                    .ok()
-            })
-            .flatten()
-    })
-    .as_ref()
-}
-
-fn torch_threads() -> usize {
-    (tch::get_num_threads().max(1) as usize).min(256)
-}
-
-/// What one OpenMP thread of [`split_rows`] runs.
-struct Shares<'a> {
-    f: &'a (dyn Fn(usize, usize) + Sync),
-    rows: usize,
-    align: usize,
-    omp: &'static Omp,
-    /// The first panic of a share: caught on its OpenMP thread (unwinding out of an `extern "C"`
-    /// function aborts the process) and resumed on the caller's once all shares are done.
-    panic: std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>,
-}
-
-extern "C" fn run_share(data: *mut c_void) {
-    // SAFETY: `split_rows` passes a `Shares` that outlives the parallel region.
-    let s = unsafe { &*(data as *const Shares) };
-    let (t, n) = unsafe {
-        (
-            (s.omp.thread_num)() as usize,
-            (s.omp.num_threads)() as usize,
-        )
-    };
-    let per = s.rows.div_ceil(n.max(1)).div_ceil(s.align) * s.align;
-    let first = (t * per).min(s.rows);
-    let k = per.min(s.rows - first);
-    if k > 0 {
-        let run = std::panic::AssertUnwindSafe(|| (s.f)(first, k));
-        if let Err(payload) = std::panic::catch_unwind(run) {
-            let mut slot = s.panic.lock().unwrap_or_else(|e| e.into_inner());
-            slot.get_or_insert(payload);
-        }
-    }
-}
-
-/// Runs `f(first, n)` over `0..rows` in one share per thread (shares are multiples of `align`
-/// rows) and returns when all are done: on torch's OpenMP team (the calling thread takes the
-/// first share), else on a small pool.
-pub fn split_rows(rows: usize, align: usize, f: impl Fn(usize, usize) + Sync) {
-    let threads = torch_threads();
-    if threads <= 1 || rows < 2 * align {
-        return f(0, rows);
-    }
-    if let Some(omp) = omp() {
-        let shares = Shares {
-            f: &f,
-            rows,
-            align,
-            omp,
-            panic: std::sync::Mutex::new(None),
-        };
-        // SAFETY: libgomp runs `run_share` on `threads` threads, the caller among them, and
-        // returns after all of them; `shares` lives until then. `run_share` never unwinds.
-        unsafe {
-            (omp.parallel)(
-                run_share,
-                &shares as *const Shares as *mut c_void,
-                threads as c_uint,
-                0,
-            )
-        };
-        let panic = shares.panic.into_inner().unwrap_or_else(|e| e.into_inner());
-        if let Some(payload) = panic {
-            // A fault in a share is the caller's (the engine thread's step fails, the process
-            // lives).
-            std::panic::resume_unwind(payload);
-        }
-        return;
-    }
-    let per = rows.div_ceil(threads).div_ceil(align) * align;
-    match pool() {
-        Some(pool) if per < rows => pool.in_place_scope(|scope| {
-            let f = &f;
-            for first in (per..rows).step_by(per) {
-                scope.spawn(move |_| f(first, per.min(rows - first)));
-            }
-            f(0, per);
-        }),
-        _ => f(0, rows),
     }
 }
 
@@ -825,32 +679,6 @@ mod tests {
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
         crate::test_rng::Lcg::new(seed).units(n)
-    }
-
-    #[test]
-    fn a_panic_in_any_share_reaches_the_caller_and_the_process_lives() {
-        tch::set_num_threads(2);
-        for bad in [0, 60] {
-            let caught = std::panic::catch_unwind(|| {
-                split_rows(64, 4, |first, n| {
-                    if (first..first + n).contains(&bad) {
-                        panic!("share with row {bad}");
-                    }
-                })
-            });
-            let payload = caught.expect_err("the panic reaches the caller");
-            let message = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .unwrap_or_default();
-            assert_eq!(message, format!("share with row {bad}"));
-        }
-        // The team still works afterwards.
-        let sum = std::sync::atomic::AtomicUsize::new(0);
-        split_rows(64, 4, |_, n| {
-            sum.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        });
-        assert_eq!(sum.into_inner(), 64);
     }
 
     #[test]

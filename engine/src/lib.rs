@@ -17,6 +17,7 @@ pub mod dequant;
 pub mod dequant_k;
 pub mod engine;
 pub mod fingerprint;
+pub mod float_dot;
 pub mod footprint;
 pub mod gguf;
 pub mod gguf_writer;
@@ -37,6 +38,7 @@ pub mod sequence;
 pub mod step;
 #[cfg(test)]
 mod test_rng;
+pub mod threads;
 pub mod tokenizer;
 pub mod tool_calls;
 pub mod train;

@@ -112,11 +112,23 @@ impl Linear {
 
     /// `x · Wᵀ + b` for `m` rows of float32 values on the CPU (`x` `[m, in]`, `out` `[m, out]`,
     /// row-major), as [`Linear::apply`] computes it: the integer kernels without making a tensor,
-    /// any other weight through `apply` on a copy (the fused decode step's matmul).
+    /// a float32 matrix by [`crate::float_dot::dense_rows`] (split over the step's threads; sums
+    /// in another order than BLAS'), any other weight through `apply` on a copy (the fused decode
+    /// step's matmul).
     pub fn apply_rows(&self, x: &[f32], m: usize, out: &mut [f32]) {
         match &self.held {
             Held::Int4Dot(w) if m as i64 <= INT_DOT_ROWS => w.kernel_rows(x, m, out),
             Held::Int8(w) if w.kernel_takes(m) => w.kernel_rows(x, m, out),
+            Held::Dense(w)
+                if m as i64 <= INT_DOT_ROWS
+                    && w.kind() == Kind::Float
+                    && w.device() == Device::Cpu
+                    && w.is_contiguous() =>
+            {
+                // SAFETY: a contiguous float32 CPU tensor owned by the layer, never written
+                // after load.
+                crate::float_dot::dense_rows(unsafe { crate::int_dot::floats(w) }, x, m, out)
+            }
             _ => {
                 let xt = Tensor::from_slice(x).view([m as i64, -1]);
                 let y = self.apply(&xt).to_kind(Kind::Float).contiguous();

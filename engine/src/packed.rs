@@ -381,21 +381,32 @@ impl Probe {
     }
 }
 
-/// Measures [`Probe`] (a few ms).
+/// Measures [`Probe`] (a few ms): each candidate as a fused decode step runs it
+/// ([`Linear::apply_rows`] on one row, inside one parallel region of torch's threads, where a
+/// split of Tessera's kernel is cheap and torch's own kernels run on one thread), the best of
+/// five rounds (the small CPUs here are noisy from one millisecond to the next).
 pub fn probe() -> Probe {
     let (rows, cols) = (1536i64, 576i64);
     let w = Int4Weight {
         q: Tensor::randint(256, [rows, cols / 2], (Kind::Uint8, Device::Cpu)),
         sm: Tensor::rand([rows, cols / GROUP, 2], (Kind::Float, Device::Cpu)),
     };
-    let x = Tensor::randn([1, cols], (Kind::Float, Device::Cpu));
+    let x = Vec::<f32>::try_from(Tensor::randn([cols], (Kind::Float, Device::Cpu)))
+        .expect("float32 values");
     let time = |lin: &Linear| {
-        let _ = lin.apply(&x);
-        let t = std::time::Instant::now();
-        for _ in 0..20 {
-            let _ = lin.apply(&x);
-        }
-        t.elapsed().as_secs_f64() / 20.0
+        let mut out = vec![0f32; rows as usize];
+        crate::threads::one_region(|| {
+            lin.apply_rows(&x, 1, &mut out);
+            (0..5)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    for _ in 0..10 {
+                        lin.apply_rows(&x, 1, &mut out);
+                    }
+                    t.elapsed().as_secs_f64() / 10.0
+                })
+                .fold(f64::INFINITY, f64::min)
+        })
     };
     let p = Probe {
         dense_f32_s: time(&Linear::dense(w.dequantize(Kind::Float))),

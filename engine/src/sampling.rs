@@ -381,7 +381,7 @@ fn greedy_on_host(logits: &Tensor) -> Option<Vec<Sampled>> {
     let values = unsafe { crate::int_dot::floats(&logits) };
     let mut picks = vec![(u32::MAX, f32::NAN); rows];
     let out = PickPtr(picks.as_mut_ptr());
-    crate::int_dot::split_rows(rows, 1, |first, n| {
+    crate::threads::split_rows(rows, 1, |first, n| {
         for r in first..first + n {
             let row = &values[r * vocab..(r + 1) * vocab];
             let max = row_max(row);

@@ -165,6 +165,37 @@ fn fused_decode_steps_compute_what_the_op_by_op_path_computes() {
 }
 
 #[test]
+fn fused_decode_steps_take_a_float_projection_among_packed_ones() {
+    // Layer 0's q|k|v held as one float32 matrix (its v is float32 in the file, as a Q4_K_M
+    // file's Q6_K tensors are dequantised): the fused step multiplies it over its threads
+    // (`float_dot::dense_rows`), the op-by-op path with torch's matmul.
+    let dir = tempfile::tempdir().unwrap();
+    let hf = tiny::write_model(&dir.path().join("m"), 7);
+    let gguf = dir.path().join("m.gguf");
+    write_gguf(&hf, &gguf, Some(0));
+    let packed = load_with(
+        &gguf,
+        &[Device::Cpu],
+        Some(Kind::Float),
+        Quantization::Packed,
+    )
+    .unwrap()
+    .weights;
+    let projections = (tiny::LAYERS * 4) as usize;
+    assert!(
+        packed.contains(&format!(
+            "{}/{projections} projections 4-bit",
+            projections - 1
+        )),
+        "{packed}"
+    );
+    for threads in [1, 2] {
+        tch::set_num_threads(threads);
+        compare_paths(&gguf, &|_| None, [None; 3]);
+    }
+}
+
+#[test]
 fn fused_decode_steps_apply_each_rows_adapter() {
     let dir = tempfile::tempdir().unwrap();
     let hf = tiny::write_model(&dir.path().join("m"), 7);

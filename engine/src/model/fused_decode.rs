@@ -22,6 +22,7 @@ use tch::{Device, Kind, Tensor};
 use super::config::Activation;
 use super::norm::RmsNorm;
 use super::Model;
+use crate::float_dot::dot;
 use crate::int_dot::{self, OutPtr};
 use crate::kv_cache::KvCache;
 use crate::lora::Proj;
@@ -47,8 +48,18 @@ impl Model {
     }
 
     /// One decode step the fused way (`step` and `lora` as [`Llama::fuses`] takes): the logits of
-    /// its rows, `[rows, vocab]` float32.
+    /// its rows, `[rows, vocab]` float32. The step runs inside one parallel region of torch's
+    /// threads ([`crate::threads::one_region`]): its ~200 splits wake no thread.
     pub(super) fn fused_decode_step(
+        &self,
+        step: &StepBatch,
+        cache: &mut KvCache,
+        lora: Option<&LoraBatch>,
+    ) -> Tensor {
+        crate::threads::one_region(|| self.fused_decode_layers(step, cache, lora))
+    }
+
+    fn fused_decode_layers(
         &self,
         step: &StepBatch,
         cache: &mut KvCache,
@@ -313,7 +324,7 @@ fn add_lora(slices: &[(&LoraSlice, usize)], x: &[f32], rows: usize, out: &mut [f
         })
         .collect();
     let out_ptr = OutPtr(out.as_mut_ptr());
-    int_dot::split_rows(rows, 1, |first, n| {
+    crate::threads::split_rows(rows, 1, |first, n| {
         let mut xa = Vec::new();
         for row in first..first + n {
             let x = &x[row * inputs..(row + 1) * inputs];
@@ -411,7 +422,7 @@ fn attend(
     let (heads, kv_heads, d) = (dims.heads, dims.kv_heads, dims.d);
     let group = heads / kv_heads;
     let out_ptr = OutPtr(out.as_mut_ptr());
-    int_dot::split_rows(rows.len() * kv_heads, 1, |first, n| {
+    crate::threads::split_rows(rows.len() * kv_heads, 1, |first, n| {
         let mut scores = Vec::new();
         for unit in first..first + n {
             let (r, g) = (unit / kv_heads, unit % kv_heads);
@@ -493,23 +504,4 @@ fn attend_head_portable(
     for o in out.iter_mut() {
         *o *= inv;
     }
-}
-
-/// `a · b` in eight independent lanes (so it vectorises), then their sum.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }

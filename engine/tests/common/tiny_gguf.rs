@@ -13,7 +13,8 @@ use super::tiny;
 /// dimensions, Q/K rows permuted for interleaved RoPE). `other_type` gives one tensor another ggml
 /// type: 9 (Q8_1, which Tessera does not dequantise) or 12 (Q4_K, random blocks with sane scales);
 /// 8 writes every projection as Q8_0, 2 every projection as Q4_0 and the embedding and `lm_head`
-/// as Q8_0 (an Ollama-style file: all of it kept compact when packed), their values quantised.
+/// as Q8_0 (an Ollama-style file: all of it kept compact when packed), their values quantised; 0
+/// as 2 but layer 0's `attn_v` left float32 (so its q|k|v are held as one float matrix).
 pub fn write_gguf(dir: &Path, out: &Path, other_type: Option<u32>) {
     let tensors = read_safetensors(&dir.join("model.safetensors")).unwrap();
     let mut w = GgufWriter::new();
@@ -70,6 +71,12 @@ pub fn write_gguf(dir: &Path, out: &Path, other_type: Option<u32>) {
         let values: Vec<f32> = t.contiguous().view([-1]).try_into().unwrap();
         let projection = !gguf_name.ends_with("norm.weight") && gguf_name.starts_with("blk.");
         let table = gguf_name == "token_embd.weight" || gguf_name == "output.weight";
+        let kept_float = other_type == Some(0) && gguf_name == "blk.0.attn_v.weight";
+        let other_type = match other_type {
+            Some(0) if kept_float => None,
+            Some(0) => Some(2),
+            other => other,
+        };
         if (other_type == Some(8) && projection) || (other_type == Some(2) && table) {
             w.tensor(RawTensor {
                 name: gguf_name,
