@@ -187,6 +187,8 @@ pub struct ResourcesConfig {
 #[serde(deny_unknown_fields)]
 pub struct BatchingConfig {
     pub max_batch_size: u32,
+    pub auto_batch_size: bool,
+    pub max_step_ms: u32,
     pub max_kv_tokens: u64,
     pub prefill_token_budget: u32,
     pub max_waiting: u32,
@@ -423,6 +425,7 @@ impl Config {
         let b = &self.batching;
         for (key, v) in [
             ("batching.max_batch_size", u64::from(b.max_batch_size)),
+            ("batching.max_step_ms", u64::from(b.max_step_ms)),
             ("batching.max_kv_tokens", b.max_kv_tokens),
             (
                 "batching.prefill_token_budget",
@@ -583,6 +586,8 @@ impl Config {
         tessera_engine::EngineConfig {
             scheduler: tessera_engine::scheduler::SchedulerConfig {
                 max_batch_size: b.max_batch_size as usize,
+                auto_batch_size: b.auto_batch_size,
+                max_step: std::time::Duration::from_millis(u64::from(b.max_step_ms)),
                 max_kv_tokens: b.max_kv_tokens as i64,
                 prefill_token_budget: b.prefill_token_budget as usize,
                 adapter_cache_size: self.adapters.cache_size as usize,

@@ -192,6 +192,8 @@ fn bad_values_name_the_key() {
         ("log.format=xml", "log.format"),
         ("server.bind=localhost:80", "server.bind"),
         ("batching.max_batch_size=0", "batching.max_batch_size"),
+        ("batching.max_step_ms=0", "batching.max_step_ms"),
+        ("batching.auto_batch_size=maybe", "batching.auto_batch_size"),
         (
             "autoscaling.cold_start_queue=0",
             "autoscaling.cold_start_queue",

@@ -148,6 +148,8 @@ impl Engine {
                     // OpenMP's thread count is per calling thread: this sets the engine's pool.
                     tch::set_num_threads(n.max(1) as i32);
                 }
+                let mut scheduler = scheduler;
+                scheduler.size_batch();
                 run(scheduler, rx, loader, thread_stats, step_delay)
             })
             .expect("spawn engine thread");

@@ -10,6 +10,7 @@
 
 pub mod adapter_cache;
 pub mod allocator;
+pub mod batch_size;
 pub mod chat_template;
 pub mod constraint;
 mod cpu;

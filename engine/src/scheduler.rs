@@ -26,6 +26,7 @@ use tch::Tensor;
 use llguidance::toktrie::SimpleVob;
 
 use crate::adapter_cache::AdapterCache;
+use crate::batch_size::{BatchSizing, Calibration};
 use crate::constraint::GrammarState;
 use crate::kv_cache::{KvCache, SlotAllocator};
 use crate::lora::{AdapterKey, PlacedAdapter};
@@ -40,7 +41,11 @@ use crate::tokenizer::Tokenizer;
 /// Limits of one engine's batch.
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
+    /// The batch's size, or with `auto_batch_size` its upper bound ([`Scheduler::size_batch`]).
     pub max_batch_size: usize,
+    pub auto_batch_size: bool,
+    /// The longest decode step `auto_batch_size` allows.
+    pub max_step: std::time::Duration,
     pub max_kv_tokens: i64,
     pub prefill_token_budget: usize,
     pub adapter_cache_size: usize,
@@ -53,6 +58,8 @@ impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
             max_batch_size: 32,
+            auto_batch_size: false,
+            max_step: std::time::Duration::from_millis(100),
             max_kv_tokens: 65536,
             prefill_token_budget: 512,
             adapter_cache_size: 16,
@@ -83,6 +90,8 @@ impl Active {
 /// A snapshot of the scheduler, for metrics and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SchedulerStats {
+    /// The most sequences decoded together (`max_batch_size`, or what `auto_batch_size` chose).
+    pub batch_size: usize,
     pub waiting: usize,
     pub prefilling: usize,
     pub running: usize,
@@ -216,6 +225,44 @@ impl Scheduler {
         !self.active.is_empty() || !self.waiting.is_empty()
     }
 
+    /// With `auto_batch_size`, chooses the batch's size from measured decode steps
+    /// ([`BatchSizing`]) and runs at most that many sequences from now on. Run on the engine's
+    /// thread (its torch threads) before any sequence.
+    pub fn size_batch(&mut self) -> Option<Calibration> {
+        if !self.config.auto_batch_size {
+            return None;
+        }
+        let sizing = BatchSizing {
+            cap: self.config.max_batch_size,
+            max_step: self.config.max_step,
+            max_kv_tokens: self.config.max_kv_tokens,
+        };
+        let calibration = match sizing.candidates().as_slice() {
+            [only] => Calibration {
+                chosen: *only,
+                steps: Vec::new(),
+                why: "no other size to measure".into(),
+            },
+            _ => sizing.calibrate(&self.model),
+        };
+        let n = calibration.chosen;
+        self.config.max_batch_size = n;
+        self.slots = SlotAllocator::new(n);
+        self.cache = self.model.new_cache(n as i64, 0);
+        let steps: Vec<String> = calibration
+            .steps
+            .iter()
+            .map(|(n, t)| format!("{n}: {:.1} ms", t.as_secs_f64() * 1e3))
+            .collect();
+        tracing::info!(
+            batch_size = n,
+            steps = %steps.join(", "),
+            why = %calibration.why,
+            "decode batch size chosen from measured steps"
+        );
+        Some(calibration)
+    }
+
     pub fn stats(&self) -> SchedulerStats {
         let prefilling = self.active.iter().filter(|a| a.prefilling()).count();
         let prefix = self
@@ -224,6 +271,7 @@ impl Scheduler {
             .map(PrefixCache::stats)
             .unwrap_or_default();
         SchedulerStats {
+            batch_size: self.config.max_batch_size,
             waiting: self.waiting.len() + self.awaiting_adapter.len(),
             prefilling,
             running: self.active.len() - prefilling,

@@ -711,3 +711,46 @@ fn a_generation_resumed_after_any_token_ends_as_the_whole_one() {
         .wait()
         .unwrap();
 }
+
+#[test]
+fn an_auto_sized_batch_is_chosen_from_measured_steps_and_bounds_the_running_batch() {
+    let m = models();
+    // No decode step meets a bound of 0 ms: of the sizes measured (8, 16, 32, 64) the smallest
+    // runs, and the 12 requests take turns in it.
+    let config = EngineConfig {
+        scheduler: SchedulerConfig {
+            max_batch_size: 64,
+            auto_batch_size: true,
+            max_step: Duration::ZERO,
+            ..SchedulerConfig::default()
+        },
+        step_delay: Some(Duration::from_millis(2)),
+        ..EngineConfig::default()
+    };
+    let e = engine(&m.model, &[Device::Cpu], config);
+    eventually("the batch size to be chosen", || e.stats().batch_size == 8);
+    let drains: Vec<_> = (0..12)
+        .map(|i| {
+            let g = e
+                .submit(request(&e, PROMPTS[i % 4], greedy(60), None))
+                .unwrap();
+            std::thread::spawn(move || g.wait())
+        })
+        .collect();
+    let (mut most_active, mut waited) = (0, false);
+    while !drains.iter().all(|d| d.is_finished()) {
+        let s = e.stats();
+        most_active = most_active.max(s.running + s.prefilling);
+        waited |= s.running + s.prefilling == 8 && s.waiting > 0;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for d in drains {
+        let c = d.join().unwrap().unwrap();
+        assert_eq!(c.tokens.len(), 60);
+    }
+    assert_eq!(most_active, 8, "never more than the chosen batch");
+    assert!(waited, "the others waited for a slot");
+    // Without auto_batch_size the batch is max_batch_size, unmeasured.
+    let e = engine(&m.model, &[Device::Cpu], EngineConfig::default());
+    eventually("the engine to start", || e.stats().batch_size == 32);
+}

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub time_to_first_token: HistogramVec,
     queue_depth: IntGaugeVec,
     batch_size: IntGaugeVec,
+    max_batch_size: IntGaugeVec,
     adapter_events: IntCounterVec,
     engine_tokens: IntCounterVec,
     prefix_cache: IntCounterVec,
@@ -83,6 +84,15 @@ impl Metrics {
         .expect("metric");
         let batch_size = IntGaugeVec::new(
             Opts::new("batch_size", "Sequences in the running batch, per replica"),
+            &["replica"],
+        )
+        .expect("metric");
+        let max_batch_size = IntGaugeVec::new(
+            Opts::new(
+                "max_batch_size",
+                "The most sequences a replica decodes together (batching.max_batch_size, or the \
+                 size batching.auto_batch_size chose from measured steps)",
+            ),
             &["replica"],
         )
         .expect("metric");
@@ -154,6 +164,7 @@ impl Metrics {
             Box::new(time_to_first_token.clone()),
             Box::new(queue_depth.clone()),
             Box::new(batch_size.clone()),
+            Box::new(max_batch_size.clone()),
             Box::new(adapter_events.clone()),
             Box::new(engine_tokens.clone()),
             Box::new(prefix_cache.clone()),
@@ -171,6 +182,7 @@ impl Metrics {
             time_to_first_token,
             queue_depth,
             batch_size,
+            max_batch_size,
             adapter_events,
             engine_tokens,
             prefix_cache,
@@ -204,6 +216,9 @@ impl Metrics {
             self.batch_size
                 .with_label_values(&[&replica])
                 .set(s.running as i64);
+            self.max_batch_size
+                .with_label_values(&[&replica])
+                .set(s.batch_size as i64);
             let mut seen = self.seen.lock().expect("metrics");
             for (event, total) in [
                 ("hit", s.adapter_hits),

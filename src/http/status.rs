@@ -102,6 +102,9 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 #[derive(Serialize)]
 pub struct ReplicaQueue {
     pub replica: String,
+    /// The most sequences it decodes together (`batching.auto_batch_size` may choose fewer than
+    /// `batching.max_batch_size`).
+    pub max_batch_size: usize,
     pub waiting: usize,
     pub prefilling: usize,
     pub running: usize,
@@ -189,6 +192,7 @@ pub async fn cluster(State(state): State<AppState>) -> Json<ClusterView> {
             .into_iter()
             .map(|(replica, s)| ReplicaQueue {
                 replica,
+                max_batch_size: s.batch_size,
                 waiting: s.waiting,
                 prefilling: s.prefilling,
                 running: s.running,
