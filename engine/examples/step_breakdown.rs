@@ -3,7 +3,7 @@
 //!
 //! `cargo run --release --workspace --example step_breakdown -- MODEL [STREAMS] [NEW_TOKENS]
 //!     [dequantize|packed|auto] [unfused]` (`unfused`: decode steps through torch's ops, not
-//!     the fused path of a packed model)
+//!     the fused path of a packed model); `STEP_DTYPE=bfloat16` loads the model in bfloat16
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -25,7 +25,11 @@ fn main() -> anyhow::Result<()> {
     let loaded = tessera_engine::loader::load_with(
         &model,
         &[tch::Device::Cpu],
-        Some(tch::Kind::Float),
+        // `STEP_DTYPE=bfloat16`: the model in bfloat16 (float32 otherwise).
+        match std::env::var("STEP_DTYPE").as_deref() {
+            Ok("bfloat16") => Some(tch::Kind::BFloat16),
+            _ => Some(tch::Kind::Float),
+        },
         quantization,
     )?;
     let prompt = loaded.tokenizer.encode(
