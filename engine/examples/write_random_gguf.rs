@@ -116,6 +116,9 @@ fn main() -> anyhow::Result<()> {
     let mut tokens = byte_tokens();
     tokens.push("<|bos|>".into());
     tokens.push("<|eos|>".into());
+    // One merge (llama.cpp reads `merges` only as an array of strings, which an empty array
+    // written here is not), its token in the vocabulary.
+    tokens.push("Āā".into());
     while tokens.len() < shape.vocab {
         tokens.push(format!("<pad{}>", tokens.len()));
     }
@@ -127,7 +130,10 @@ fn main() -> anyhow::Result<()> {
         Value::Array(tokens.into_iter().map(Value::String).collect()),
     )
     .metadata("tokenizer.ggml.token_type", Value::Array(types))
-    .metadata("tokenizer.ggml.merges", Value::Array(vec![]))
+    .metadata(
+        "tokenizer.ggml.merges",
+        Value::Array(vec![Value::String("Ā ā".into())]),
+    )
     .metadata("tokenizer.ggml.bos_token_id", Value::U32(256))
     .metadata("tokenizer.ggml.eos_token_id", Value::U32(257));
 
