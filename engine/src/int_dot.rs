@@ -127,8 +127,13 @@ pub fn int4_matmul_into(q: &[u8], sm: &[f32], rows: usize, x: &QuantRows, out: &
                     &q[r * cols / 2..(r + WEIGHT_ROWS_AT_ONCE) * cols / 2],
                     &sm[r * groups * 2..(r + WEIGHT_ROWS_AT_ONCE) * groups * 2],
                 );
-                // SAFETY: the CPU has AVX2 and FMA (`simd`).
-                unsafe { int4_weight_rows_avx2(wq, wsm, x, v) };
+                if crate::cpu::avx512() {
+                    // SAFETY: the CPU has AVX-512 F/BW/DQ/VNNI, AVX2 and FMA (`avx512`).
+                    unsafe { int4_weight_rows_avx512(wq, wsm, x, v) };
+                } else {
+                    // SAFETY: the CPU has AVX2 and FMA (`simd`).
+                    unsafe { int4_weight_rows_avx2(wq, wsm, x, v) };
+                }
                 return true;
             }
             let _ = (r, v);
@@ -205,8 +210,13 @@ pub fn int8_matmul_into(q: &[i8], d: &[f32], rows: usize, x: &QuantRows, out: &m
                     &q[r * cols..(r + WEIGHT_ROWS_AT_ONCE) * cols],
                     &d[r * groups..(r + WEIGHT_ROWS_AT_ONCE) * groups],
                 );
-                // SAFETY: the CPU has AVX2 and FMA (`simd`).
-                unsafe { int8_weight_rows_avx2(wq, wd, x, v) };
+                if crate::cpu::avx512() {
+                    // SAFETY: the CPU has AVX-512 F/BW/DQ/VNNI, AVX2 and FMA (`avx512`).
+                    unsafe { int8_weight_rows_avx512(wq, wd, x, v) };
+                } else {
+                    // SAFETY: the CPU has AVX2 and FMA (`simd`).
+                    unsafe { int8_weight_rows_avx2(wq, wd, x, v) };
+                }
                 return true;
             }
             let _ = (r, v);
@@ -494,6 +504,88 @@ unsafe fn int4_weight_rows_avx2(
     }
 }
 
+/// [`int4_weight_rows_avx2`] on 512-bit registers: each register holds a pair of groups, the
+/// even one in its low half and the odd one in its high half, so the halves are the AVX2 kernel's
+/// two chains; VNNI's `vpdpwssd` sums the int16 products into the int32 lanes `madd` + `add`
+/// give. The same integers, the same float operations in the same order: the same sums, bit for
+/// bit.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma")]
+#[allow(clippy::needless_range_loop)]
+unsafe fn int4_weight_rows_avx512(
+    wq: &[u8],
+    wsm: &[f32],
+    x: &QuantRows,
+    out: &mut [f32; WEIGHT_ROWS_AT_ONCE],
+) {
+    use std::arch::x86_64::*;
+    let (cols, groups) = (x.cols, x.cols / GROUP);
+    let n = WEIGHT_ROWS_AT_ONCE;
+    assert!(wq.len() * 2 == n * cols && wsm.len() == 2 * n * groups && cols <= x.q.len());
+    let mut acc = [_mm512_setzero_ps(); WEIGHT_ROWS_AT_ONCE];
+    let (mut mins0, mut mins1) = ([0f32; WEIGHT_ROWS_AT_ONCE], [0f32; WEIGHT_ROWS_AT_ONCE]);
+    let low = _mm256_set1_epi8(0x0f);
+    let mut g = 0;
+    while g + 1 < groups {
+        let xp = x.q.as_ptr().add(g * GROUP);
+        // Values 0..16 of groups g and g + 1, then their values 16..32.
+        let x0 = _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm256_loadu_si256(xp as *const __m256i)),
+            _mm256_loadu_si256(xp.add(GROUP) as *const __m256i),
+        );
+        let x1 = _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm256_loadu_si256(xp.add(16) as *const __m256i)),
+            _mm256_loadu_si256(xp.add(GROUP + 16) as *const __m256i),
+        );
+        let (xd0, xs0) = (*x.d.get_unchecked(g), *x.sum.get_unchecked(g));
+        let (xd1, xs1) = (*x.d.get_unchecked(g + 1), *x.sum.get_unchecked(g + 1));
+        // The next four rows' same groups (as in `int4_group_weight_rows`).
+        for k in n..2 * n {
+            prefetch(wq.as_ptr().wrapping_add(k * cols / 2 + g * 16));
+            prefetch(wsm.as_ptr().wrapping_add(2 * (k * groups + g)));
+        }
+        for k in 0..n {
+            // Groups g and g + 1 of row k: 32 bytes.
+            let b = _mm256_loadu_si256(wq.as_ptr().add(k * cols / 2 + g * 16) as *const __m256i);
+            let w0 = _mm512_cvtepu8_epi16(_mm256_and_si256(b, low));
+            let w1 = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 4), low));
+            let p =
+                _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, x0), w1, x1);
+            let at = 2 * (k * groups + g);
+            let (scale0, min0) = (*wsm.get_unchecked(at), *wsm.get_unchecked(at + 1));
+            let (scale1, min1) = (*wsm.get_unchecked(at + 2), *wsm.get_unchecked(at + 3));
+            let s = _mm512_insertf32x8::<1>(
+                _mm512_castps256_ps512(_mm256_set1_ps(scale0 * xd0)),
+                _mm256_set1_ps(scale1 * xd1),
+            );
+            acc[k] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(p), acc[k]);
+            mins0[k] += min0 * xs0;
+            mins1[k] += min1 * xs1;
+        }
+        g += 2;
+    }
+    for k in 0..n {
+        let mut acc0 = _mm512_castps512_ps256(acc[k]);
+        let acc1 = _mm512_extractf32x8_ps::<1>(acc[k]);
+        if g < groups {
+            // An odd last group goes to the even chain, as in the AVX2 kernel.
+            let b = _mm_loadu_si128(wq.as_ptr().add(k * cols / 2 + g * 16) as *const __m128i);
+            let l = _mm_set1_epi8(0x0f);
+            let w0 = _mm256_cvtepu8_epi16(_mm_and_si128(b, l));
+            let w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), l));
+            let xp = x.q.as_ptr().add(g * GROUP);
+            let x0 = _mm256_loadu_si256(xp as *const __m256i);
+            let x1 = _mm256_loadu_si256(xp.add(16) as *const __m256i);
+            let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+            let at = 2 * (k * groups + g);
+            let s = _mm256_set1_ps(*wsm.get_unchecked(at) * *x.d.get_unchecked(g));
+            acc0 = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p), acc0);
+            mins0[k] += *wsm.get_unchecked(at + 1) * *x.sum.get_unchecked(g);
+        }
+        out[k] = hsum(_mm256_add_ps(acc0, acc1)) + (mins0[k] + mins1[k]);
+    }
+}
+
 /// One activation row (row 0 of `x`) against four 8-bit weight rows (`wq`, `wd`: theirs, one
 /// after the other), each row's sum the one [`int8_rows_avx2`] gives.
 #[cfg(target_arch = "x86_64")]
@@ -525,6 +617,44 @@ unsafe fn int8_weight_rows_avx2(
             let w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
             let w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1));
             let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+            let s = _mm256_set1_ps(*wd.get_unchecked(k * groups + g) * xd);
+            acc[k] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p), acc[k]);
+        }
+    }
+    for k in 0..n {
+        out[k] = hsum(acc[k]);
+    }
+}
+
+/// [`int8_weight_rows_avx2`] with a group's 32 values widened in one 512-bit register and its
+/// products summed by VNNI's `vpdpwssd`: the register's two halves, added, are the int32 lanes
+/// the AVX2 kernel's two `madd`s and `add` give, and the float work is the same: the same sums,
+/// bit for bit.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma")]
+#[allow(clippy::needless_range_loop)]
+unsafe fn int8_weight_rows_avx512(
+    wq: &[i8],
+    wd: &[f32],
+    x: &QuantRows,
+    out: &mut [f32; WEIGHT_ROWS_AT_ONCE],
+) {
+    use std::arch::x86_64::*;
+    let (cols, groups) = (x.cols, x.cols / GROUP);
+    let n = WEIGHT_ROWS_AT_ONCE;
+    assert!(wq.len() == n * cols && wd.len() == n * groups && cols <= x.q.len());
+    let mut acc = [_mm256_setzero_ps(); WEIGHT_ROWS_AT_ONCE];
+    for g in 0..groups {
+        let xs = _mm512_loadu_si512(x.q.as_ptr().add(g * GROUP) as *const __m512i);
+        let xd = *x.d.get_unchecked(g);
+        for k in n..2 * n {
+            prefetch(wq.as_ptr().wrapping_add(k * cols + g * GROUP));
+            prefetch(wd.as_ptr().wrapping_add(k * groups + g));
+        }
+        for k in 0..n {
+            let w = _mm256_loadu_si256(wq.as_ptr().add(k * cols + g * GROUP) as *const __m256i);
+            let p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_cvtepi8_epi16(w), xs);
+            let p = _mm256_add_epi32(_mm512_castsi512_si256(p), _mm512_extracti64x4_epi64::<1>(p));
             let s = _mm256_set1_ps(*wd.get_unchecked(k * groups + g) * xd);
             acc[k] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p), acc[k]);
         }
@@ -782,6 +912,47 @@ mod tests {
             int8_matmul_into(&q8, &d8, rows, &one, &mut got8);
             assert_eq!(got4, all4[i * rows..(i + 1) * rows], "int4 row {i}");
             assert_eq!(got8, all8[i * rows..(i + 1) * rows], "int8 row {i}");
+        }
+    }
+
+    /// Where the CPU has AVX-512 VNNI: its kernels give the AVX2 kernels' sums bit for bit,
+    /// with an even and an odd number of groups (elsewhere there is nothing to compare).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx512_kernels_sum_as_the_avx2_ones() {
+        if !crate::cpu::avx512() {
+            eprintln!("skipping: no AVX-512 VNNI here");
+            return;
+        }
+        for groups in [1usize, 2, 5, 18, 48] {
+            let cols = groups * GROUP;
+            let n = WEIGHT_ROWS_AT_ONCE;
+            let x = QuantRows::quantize(&values(cols, 11 + groups as u64), 1, cols);
+            let q4: Vec<u8> = values(n * cols / 2, 12)
+                .iter()
+                .map(|v| ((v + 1.0) * 127.9) as u8)
+                .collect();
+            let sm = values(n * groups * 2, 13);
+            let (mut a, mut b) = ([0f32; WEIGHT_ROWS_AT_ONCE], [0f32; WEIGHT_ROWS_AT_ONCE]);
+            // SAFETY: `avx512` says the CPU has every feature both kernels use.
+            unsafe {
+                int4_weight_rows_avx2(&q4, &sm, &x, &mut a);
+                int4_weight_rows_avx512(&q4, &sm, &x, &mut b);
+            }
+            assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits), "{groups} groups");
+            let q8: Vec<i8> = q4.iter().chain(&q4).map(|&b| b as i8).collect();
+            let d8 = &sm[..n * groups];
+            let (mut a, mut b) = ([0f32; WEIGHT_ROWS_AT_ONCE], [0f32; WEIGHT_ROWS_AT_ONCE]);
+            // SAFETY: as above.
+            unsafe {
+                int8_weight_rows_avx2(&q8, d8, &x, &mut a);
+                int8_weight_rows_avx512(&q8, d8, &x, &mut b);
+            }
+            assert_eq!(
+                a.map(f32::to_bits),
+                b.map(f32::to_bits),
+                "int8, {groups} groups"
+            );
         }
     }
 
