@@ -1,8 +1,8 @@
 //! Which of Tessera's own CPU kernels run on this machine: the AVX-512 VNNI ones where the CPU has
-//! it, the AVX2 + FMA ones where it has both, the portable scalar loops elsewhere, or where `TESSERA_CPU_KERNELS=scalar` asks for them
-//! (the test command runs the numerically sensitive tests a second time that way, beside torch's
-//! `ATEN_CPU_CAPABILITY=default`, so a result that holds only on one code path shows up on any
-//! machine). Decided once per process.
+//! it, the AVX2 + FMA ones where it has both, the portable scalar loops elsewhere, or where
+//! `TESSERA_CPU_KERNELS=scalar` asks for them (the test command runs the numerically sensitive
+//! tests a second time that way, beside torch's `ATEN_CPU_CAPABILITY=default`, so a result that
+//! holds only on one code path shows up on any machine). Decided once per process.
 
 use std::sync::OnceLock;
 
